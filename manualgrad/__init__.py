@@ -2,12 +2,26 @@
 
 * :mod:`manualgrad.functions`: the ``torch.autograd.Function`` subclasses;
 * :mod:`manualgrad.functional`: ``torch.nn.functional``-style wrappers;
-* :mod:`manualgrad.nn`: drop-in twins of ``torch.nn`` modules.
+* :mod:`manualgrad.nn`: drop-in twins of ``torch.nn`` modules;
+* :func:`convert` switches a torch.nn model's layers to those twins in place;
+* :func:`manual_coverage` shows which backward nodes behind a tensor are ours.
 """
 
 from . import functional, functions, nn
 from ._checks import InputError
+from .convert import ConversionWarning, convert
+from .coverage import Coverage, manual_coverage
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "functions", "nn", "InputError", "__version__"]
+__all__ = [
+    "functional",
+    "functions",
+    "nn",
+    "convert",
+    "manual_coverage",
+    "Coverage",
+    "ConversionWarning",
+    "InputError",
+    "__version__",
+]

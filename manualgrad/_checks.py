@@ -49,31 +49,31 @@ def choice(layer: str, name: str, value, allowed) -> None:
         raise InputError(f"{layer}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
-def linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    tensor("linear", "input", input)
-    tensor("linear", "weight", weight)
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None, layer: str = "linear") -> None:
+    tensor(layer, "input", input)
+    tensor(layer, "weight", weight)
     if weight.dim() != 2:
-        raise InputError(f"linear: weight must be 2-D (out_features, in_features), got shape {shape(weight)}")
+        raise InputError(f"{layer}: weight must be 2-D (out_features, in_features), got shape {shape(weight)}")
     out_features, in_features = weight.shape
     if input.dim() == 0:
-        raise InputError(f"linear: input must have at least 1 dimension (*, {in_features}), got a 0-d tensor")
+        raise InputError(f"{layer}: input must have at least 1 dimension (*, {in_features}), got a 0-d tensor")
     if input.shape[-1] != in_features:
         raise InputError(
-            f"linear: input has {input.shape[-1]} features (shape {shape(input)}), "
+            f"{layer}: input has {input.shape[-1]} features (shape {shape(input)}), "
             f"weight expects {in_features} (weight shape {shape(weight)})"
         )
-    floating("linear", "input", input)
-    same_device("linear", "input", input, "weight", weight)
-    same_dtype("linear", "input", input, "weight", weight)
+    floating(layer, "input", input)
+    same_device(layer, "input", input, "weight", weight)
+    same_dtype(layer, "input", input, "weight", weight)
     if bias is not None:
-        tensor("linear", "bias", bias)
+        tensor(layer, "bias", bias)
         if bias.dim() != 1 or bias.shape[0] != out_features:
             raise InputError(
-                f"linear: bias has shape {shape(bias)}, weight has {out_features} output features "
+                f"{layer}: bias has shape {shape(bias)}, weight has {out_features} output features "
                 f"(expected bias shape ({out_features},))"
             )
-        same_device("linear", "bias", bias, "weight", weight)
-        same_dtype("linear", "bias", bias, "weight", weight)
+        same_device(layer, "bias", bias, "weight", weight)
+        same_dtype(layer, "bias", bias, "weight", weight)
 
 
 def reduction(layer: str, value: str) -> None:
@@ -179,3 +179,26 @@ def dropout_p(layer: str, p) -> None:
             f"{layer}: p is the probability of zeroing an element and must be in [0, 1), got {p!r} "
             "(p = 1 would zero everything; its gradient scale 1/(1 - p) is undefined)"
         )
+
+
+def class_indices(layer: str, input: Tensor, target: Tensor, classes: int) -> None:
+    """A 1-D integer target of one class index in [0, classes) per row of a 2-D input."""
+    tensor(layer, "target", target)
+    if input.dim() != 2:
+        raise InputError(f"{layer}: input must be (N, features), got shape {shape(input)}")
+    if target.dtype != torch.int64 or target.shape != input.shape[:1]:
+        raise InputError(
+            f"{layer}: target must be class indices of dtype int64 and shape ({input.shape[0]},), "
+            f"got dtype {target.dtype} and shape {shape(target)}"
+        )
+    same_device(layer, "input", input, "target", target)
+    if target.numel() == 0 or _traced(target):
+        return
+    low, high = torch.aminmax(target)
+    message = f"{layer}: target holds class indices outside [0, {classes})"
+    if target.device.type != "cpu":  # no host sync: a device-side assert
+        torch._assert_async((low >= 0) & (high < classes), message)
+        return
+    low, high = low.item(), high.item()
+    if low < 0 or high >= classes:
+        raise InputError(f"{message} (min {low}, max {high}); the allowed range is 0..{classes - 1}")

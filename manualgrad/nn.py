@@ -9,12 +9,44 @@ whole port.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from . import _checks
 from . import functional as F
+from .functions import (
+    ELUFunction,
+    GELUFunction,
+    LeakyReLUFunction,
+    MLPCrossEntropyFunction,
+    MLPFunction,
+    MLPSpec,
+    ReLUFunction,
+    SigmoidFunction,
+    SiLUFunction,
+    SoftplusFunction,
+    TanhFunction,
+)
 
-__all__ = ["Linear", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU", "SiLU", "ELU", "Softplus"]
+__all__ = [
+    "Linear",
+    "ReLU",
+    "LeakyReLU",
+    "Sigmoid",
+    "Tanh",
+    "GELU",
+    "SiLU",
+    "ELU",
+    "Softplus",
+    "Dropout",
+    "CrossEntropyLoss",
+    "MSELoss",
+    "MLP",
+    "ACTIVATIONS",
+]
 
 
 class Linear(torch.nn.Linear):
@@ -129,3 +161,191 @@ class Softplus(torch.nn.Softplus):
 
     def forward(self, input: Tensor) -> Tensor:
         return F.softplus(input, self.beta, self.threshold)
+
+
+class Dropout(torch.nn.Dropout):
+    r"""Zeroes each element with probability :math:`p` in training, scaling the rest by :math:`1/(1-p)`.
+
+    Backward :math:`G_X = G_Y \odot K/(1-p)`. Identity in eval mode. Args: p in
+    ``[0, 1)`` (default ``0.5``), inplace (default ``False``). Shape: input
+    :math:`(*)`, output :math:`(*)`. On the CPU the same seed draws the same mask
+    as ``torch.nn.Dropout``.
+    """
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        _checks.dropout_p("Dropout", p)
+        super().__init__(p, inplace)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.dropout(input, self.p, self.training, self.inplace)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    r"""Softmax cross-entropy, :math:`\ell_n = -\log\operatorname{softmax}(x_n)_{t_n}`, reduced.
+
+    Backward :math:`G_X = (\operatorname{softmax}(X) - \mathrm{onehot}(t))/N` (unweighted,
+    unsmoothed); weights, ``ignore_index`` and label smoothing as in torch.nn, see
+    :func:`manualgrad.functional.cross_entropy`. Shape: input :math:`(N, C)`
+    (or :math:`(C)`, :math:`(N, C, d_1, ...)`), target :math:`(N)` class indices
+    or :math:`(N, C)` probabilities.
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+class MSELoss(torch.nn.MSELoss):
+    r"""Mean squared error :math:`\frac1M\sum(\hat y - t)^2`; backward :math:`G = 2(\hat y - t)/M`.
+
+    Shape: input :math:`(*)`, target :math:`(*)`, output scalar (or :math:`(*)` for ``"none"``).
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(input, target, reduction=self.reduction)
+
+
+#: The activation names :class:`MLP` (and the training program) accept, with the module each one builds.
+ACTIVATIONS = {
+    "relu": ReLU,
+    "leaky_relu": LeakyReLU,
+    "sigmoid": Sigmoid,
+    "tanh": Tanh,
+    "gelu": GELU,
+    "silu": SiLU,
+    "elu": ELU,
+    "softplus": Softplus,
+}
+
+# For the fused MLP: each activation module's Function and its positional parameters (inplace aside).
+_FUNCTIONS = {
+    torch.nn.ReLU: (ReLUFunction, lambda m: ()),
+    torch.nn.LeakyReLU: (LeakyReLUFunction, lambda m: (m.negative_slope,)),
+    torch.nn.Sigmoid: (SigmoidFunction, lambda m: ()),
+    torch.nn.Tanh: (TanhFunction, lambda m: ()),
+    torch.nn.GELU: (GELUFunction, lambda m: (m.approximate,)),
+    torch.nn.SiLU: (SiLUFunction, lambda m: ()),
+    torch.nn.ELU: (ELUFunction, lambda m: (m.alpha,)),
+    torch.nn.Softplus: (SoftplusFunction, lambda m: (m.beta, m.threshold)),
+}
+
+
+def _activation_function(module: torch.nn.Module):
+    for cls in type(module).__mro__:
+        if cls in _FUNCTIONS:
+            function, args = _FUNCTIONS[cls]
+            return function, args(module)
+    raise _checks.InputError(f"MLP: activation {module!r} is not one of {', '.join(ACTIVATIONS)}")
+
+
+class MLP(torch.nn.Sequential):
+    r"""A multilayer perceptron whose forward and backward are ONE autograd Function.
+
+    .. math::
+
+        Z_l = A_{l-1} W_l^\top + b_l, \quad A_l = \text{dropout}(h(Z_l)) \ (l < L), \quad \text{output } Z_L
+
+    Backward: the notes' chain :math:`G \leftarrow (G W_l) \odot M_{l-1} \odot h'(Z_{l-1})`
+    with :math:`G_{W_l} = G^\top A_{l-1}`, :math:`G_{b_l} = \sum_n G[n]` on the way
+    down (:class:`~manualgrad.functions.MLPFunction`). :meth:`loss` fuses the
+    softmax cross-entropy too.
+
+    It *is* the ``nn.Sequential`` a per-layer MLP would be, ``Linear,
+    activation, [Dropout,] Linear, ...``: same children, same parameters, same
+    ``state_dict`` keys (``"0.weight", "0.bias", "2.weight", ...`` without
+    dropout, ``"0.weight", "3.weight", ...`` with it), so checkpoints move
+    between the two. Only ``forward`` differs; ``per_layer()`` gives the same
+    modules run one by one. The fused path is first-order only (a double
+    backward raises) and eager only: for ``torch.func``, ``torch.compile`` or
+    forward-mode AD use ``per_layer()``.
+
+    Args:
+        sizes: layer widths, input first, e.g. ``(784, 512, 256, 10)``
+        activation: a name in :data:`ACTIVATIONS` or an activation module (copied
+            after every hidden layer). Default: ``"relu"``
+        dropout: dropout probability after every hidden activation. Default: ``0.0``
+        bias: whether the Linear layers have biases. Default: ``True``
+        device, dtype: factory arguments for the parameters
+
+    Shape:
+        - Input: :math:`(*, \text{sizes}[0])`; output: :math:`(*, \text{sizes}[-1])`
+
+    Examples::
+
+        >>> import manualgrad.nn as mnn
+        >>> model = mnn.MLP([784, 512, 256, 10], activation="relu", dropout=0.1)
+        >>> logits = model(torch.randn(128, 784))
+        >>> loss = model.loss(torch.randn(128, 784), torch.randint(0, 10, (128,)))
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        activation: str | torch.nn.Module = "relu",
+        dropout: float = 0.0,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        sizes = tuple(int(s) for s in sizes)
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise _checks.InputError(f"MLP: sizes needs an input and an output width, all positive, got {sizes}")
+        if isinstance(activation, str):
+            _checks.choice("MLP", "activation", activation, tuple(ACTIVATIONS))
+            activation = ACTIVATIONS[activation]()
+        _activation_function(activation)  # raises for an unsupported module
+        _checks.dropout_p("MLP", dropout)
+        layers = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+            layers.append(Linear(fan_in, fan_out, bias=bias, device=device, dtype=dtype))
+            if i < len(sizes) - 2:
+                layers.append(copy.deepcopy(activation))
+                if dropout > 0:
+                    layers.append(Dropout(dropout))
+        super().__init__(*layers)
+        self.sizes = sizes
+        self.dropout = float(dropout)
+        self._linears = [m for m in self if isinstance(m, torch.nn.Linear)]
+        self._activation = _activation_function(activation)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):  # a slice is a plain Sequential of the same modules
+            return torch.nn.Sequential(*list(self._modules.values())[idx])
+        return super().__getitem__(idx)
+
+    def _spec(self, label_smoothing: float = 0.0) -> MLPSpec:
+        function, args = self._activation
+        return MLPSpec(function, args, self.dropout, self.training, float(label_smoothing))
+
+    def _params(self) -> list:
+        return [t for m in self._linears for t in (m.weight, m.bias)]
+
+    def forward(self, input: Tensor) -> Tensor:
+        first = self._linears[0]
+        _checks.linear(input, first.weight, first.bias, layer="MLP")
+        return MLPFunction.apply(input, self._spec(), *self._params())[0]
+
+    def loss(self, input: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Mean softmax cross-entropy of ``self(input)`` against class indices, fused into the same Function.
+
+        Equal to ``manualgrad.functional.cross_entropy(self(input), target,
+        label_smoothing=label_smoothing)``. When autograd will want gradients
+        it computes them right here, in the forward; ``loss.backward()`` then
+        only hands them over. Shape: input ``(N, sizes[0])``, target ``(N,)``.
+        """
+        first = self._linears[0]
+        _checks.linear(input, first.weight, first.bias, layer="MLP.loss")
+        _checks.class_indices("MLP.loss", input, target, self.sizes[-1])
+        params = self._params()
+        eager = torch.is_grad_enabled() and (input.requires_grad or any(p is not None and p.requires_grad for p in params))
+        return MLPCrossEntropyFunction.apply(input, target, self._spec(label_smoothing), eager, *params)[0]
+
+    def per_layer(self) -> torch.nn.Sequential:
+        """The same modules (shared parameters) as a plain ``nn.Sequential``: one Function per layer."""
+        return torch.nn.Sequential(*self._modules.values())

@@ -15,6 +15,7 @@ from .base import ManualFunction
 from .dropout import DropoutFunction
 from .linear import LinearFunction
 from .losses import CrossEntropyFunction, MSELossFunction
+from .mlp import MLPCrossEntropyFunction, MLPFunction, MLPSpec
 
 __all__ = [
     "ManualFunction",
@@ -31,4 +32,7 @@ __all__ = [
     "CrossEntropyFunction",
     "MSELossFunction",
     "DropoutFunction",
+    "MLPSpec",
+    "MLPFunction",
+    "MLPCrossEntropyFunction",
 ]

@@ -41,12 +41,15 @@ class DropoutFunction(ManualFunction):
         if ctx.inplace:
             ctx.mark_dirty(input)
         ctx.mark_non_differentiable(mask)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the mask
         ctx.save_for_backward(mask)
         ctx.save_for_forward(mask)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mask):
         (mask,) = ctx.saved_tensors
+        if grad_output is None:
+            return None, None, None
         return grad_output * mask, None, None  # G_X = G_Y ⊙ K/(1-p)
 
     @staticmethod
