@@ -117,7 +117,7 @@ class Elementwise(ManualFunction):
 
 def _positive(s: Tensor) -> Tensor:
     """1[s > 0] in the dtype of ``s``: sign gives -1, 0, 1; the clamp folds -1 into 0."""
-    return s.sign().clamp_(min=0)
+    return s.sign().clamp(min=0)
 
 
 def _select(positive: Tensor, where_positive: float, elsewhere: Tensor) -> Tensor:
@@ -169,7 +169,7 @@ class LeakyReLUFunction(Elementwise):
     @staticmethod
     def derivative(s, negative_slope=0.01, *_):
         if 0 <= negative_slope <= 1:  # s = y: sign(y) in {-1, 0, 1} clamps to {a, a, 1}
-            return s.sign().clamp_(min=negative_slope)
+            return s.sign().clamp(min=negative_slope)
         return _select(_positive(s), 1.0, torch.full_like(s, negative_slope))
 
 

@@ -47,6 +47,13 @@ from .base import ManualFunction
 __all__ = ["CrossEntropyFunction", "MSELossFunction"]
 
 
+def _autocast_float32(t: Tensor | None) -> Tensor | None:
+    """torch runs its losses in float32 under autocast; so do we (the inputs stay as they are)."""
+    if t is not None and t.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(t.device.type):
+        return t.float()
+    return t
+
+
 def _class_dim(input: Tensor) -> int:
     return 0 if input.dim() == 1 else 1
 
@@ -159,6 +166,9 @@ class CrossEntropyFunction(ManualFunction):
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing):
+        input = _autocast_float32(input)
+        if target.is_floating_point():
+            target = target.to(input.dtype)
         targets = _Targets(input, target, weight, ignore_index, label_smoothing)
         logp = torch.log_softmax(input, targets.dim)
         return _reduce(targets.row_losses(logp), reduction, targets.divisor)
@@ -169,27 +179,32 @@ class CrossEntropyFunction(ManualFunction):
         ctx.save_for_backward(input, target, weight)
         ctx.save_for_forward(input, target, weight)
         ctx.options = (ignore_index, reduction, label_smoothing)
+        ctx.dtype = output.dtype  # the compute dtype: float32 under autocast
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, target, weight = ctx.saved_tensors
+        saved_input, saved_target, weight = ctx.saved_tensors
+        input, target = saved_input.to(ctx.dtype), saved_target.to(ctx.dtype) if saved_target.is_floating_point() else saved_target
         ignore_index, reduction, label_smoothing = ctx.options
         targets = _Targets(input, target, weight, ignore_index, label_smoothing)
         rows = input.shape[: targets.dim] + input.shape[targets.dim + 1 :]
         scale = _row_scale(grad_output, reduction, targets.divisor, rows)
         grad_input = grad_target = None
         if ctx.needs_input_grad[0]:
-            grad_input = targets.dloss_dlogits(_softmax(input, targets.dim), scale)
+            grad_input = targets.dloss_dlogits(_softmax(input, targets.dim), scale).to(saved_input.dtype)
         if ctx.needs_input_grad[1]:  # probability targets only: G_T = -(1 - ε) w ⊙ log P · scale
             logp = _log_softmax(input, targets.dim)
             if targets.w is not None:
                 logp = logp * targets.w
-            grad_target = logp * (-(1 - label_smoothing) * scale).unsqueeze(targets.dim)
+            grad_target = (logp * (-(1 - label_smoothing) * scale).unsqueeze(targets.dim)).to(saved_target.dtype)
         return grad_input, grad_target, None, None, None, None
 
     @staticmethod
     def jvp(ctx, input_tangent, target_tangent, *_):
         input, target, weight = ctx.saved_tensors
+        input = input.to(ctx.dtype)
+        if target.is_floating_point():
+            target = target.to(ctx.dtype)
         ignore_index, reduction, label_smoothing = ctx.options
         targets = _Targets(input, target, weight, ignore_index, label_smoothing)
         rows = input.shape[: targets.dim] + input.shape[targets.dim + 1 :]
@@ -197,12 +212,12 @@ class CrossEntropyFunction(ManualFunction):
         tangent = None
         if input_tangent is not None:  # ℓ̇_n = Σ_c (s_n P_nc - q_nc) Ż_nc
             dl = targets.dloss_dlogits(torch.softmax(input, targets.dim), ones)
-            tangent = (dl * input_tangent).sum(targets.dim)
+            tangent = (dl * input_tangent.to(ctx.dtype)).sum(targets.dim)
         if target_tangent is not None:  # ℓ̇_n = -(1 - ε) Σ_c w_c log P_nc Ṫ_nc
             logp = torch.log_softmax(input, targets.dim)
             if targets.w is not None:
                 logp = logp * targets.w
-            term = -(1 - label_smoothing) * (logp * target_tangent).sum(targets.dim)
+            term = -(1 - label_smoothing) * (logp * target_tangent.to(ctx.dtype)).sum(targets.dim)
             tangent = term if tangent is None else tangent + term
         return _reduce(tangent, reduction, targets.divisor)
 
@@ -222,7 +237,7 @@ class MSELossFunction(ManualFunction):
 
     @staticmethod
     def forward(input, target, weight, reduction):
-        diff = input - target
+        diff = _autocast_float32(input) - _autocast_float32(target)
         squares = diff * diff if weight is None else diff * diff * weight
         return _reduce(squares, reduction, _mse_divisor(diff, weight))
 
@@ -232,15 +247,16 @@ class MSELossFunction(ManualFunction):
         ctx.save_for_backward(input, target, weight)
         ctx.save_for_forward(input, target, weight)
         ctx.reduction = reduction
+        ctx.dtype = output.dtype  # the compute dtype: float32 under autocast
 
     @staticmethod
     def backward(ctx, grad_output):
         input, target, weight = ctx.saved_tensors
-        diff = input - target
+        diff = input.to(ctx.dtype) - target.to(ctx.dtype)
         scale = grad_output / _mse_divisor(diff, weight) if ctx.reduction == "mean" else grad_output
         grad = 2 * diff * scale if weight is None else 2 * diff * weight * scale  # G_Ŷ = 2 w (Ŷ - T) g / M
-        grad_input = grad.sum_to_size(input.shape) if ctx.needs_input_grad[0] else None
-        grad_target = (-grad).sum_to_size(target.shape) if ctx.needs_input_grad[1] else None
+        grad_input = grad.sum_to_size(input.shape).to(input.dtype) if ctx.needs_input_grad[0] else None
+        grad_target = (-grad).sum_to_size(target.shape).to(target.dtype) if ctx.needs_input_grad[1] else None
         return grad_input, grad_target, None, None
 
     @staticmethod
@@ -252,7 +268,8 @@ class MSELossFunction(ManualFunction):
             diff_tangent = input_tangent
         else:
             diff_tangent = input_tangent - target_tangent
-        diff = input - target
+        diff = input.to(ctx.dtype) - target.to(ctx.dtype)
+        diff_tangent = diff_tangent.to(ctx.dtype)
         terms = 2 * diff * diff_tangent if weight is None else 2 * diff * weight * diff_tangent
         return _reduce(terms, ctx.reduction, _mse_divisor(diff, weight))
 

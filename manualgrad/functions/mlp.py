@@ -148,6 +148,8 @@ class MLPFunction(ManualFunction):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logits, *_):
+        if grad_logits is None:  # the logits got no gradient (materialize_grads is off)
+            return (None,) * (2 + 2 * ctx.layers)
         input, *rest = ctx.saved_tensors
         params, kept = rest[: 2 * ctx.layers], _unflatten(ctx.spec, rest[2 * ctx.layers :])
         needs = (ctx.needs_input_grad[0],) + ctx.needs_input_grad[2:]
@@ -201,6 +203,8 @@ class MLPCrossEntropyFunction(ManualFunction):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_):
+        if grad_loss is None:
+            return (None,) * (3 + len(ctx.present))
         if not ctx.eager:
             raise RuntimeError("MLPCrossEntropyFunction: gradients were not computed in forward (eager=False)")
         grads = iter(ctx.saved_tensors)

@@ -1,0 +1,120 @@
+"""Bad input: a clear error naming the layer and the offending shapes, dtypes, devices or values."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch.func import grad, vmap
+
+import manualgrad
+import manualgrad.functional as MF
+import manualgrad.nn as mnn
+from manualgrad import InputError
+
+
+def test_linear_feature_mismatch_names_both_shapes():
+    with pytest.raises(InputError, match=r"linear: input has 6 features \(shape \(2, 6\)\), weight expects 5"):
+        MF.linear(torch.randn(2, 6), torch.randn(3, 5))
+    with pytest.raises(RuntimeError):  # also what torch raises, for code written against torch
+        mnn.Linear(5, 3)(torch.randn(2, 6))
+
+
+@pytest.mark.parametrize("bias_shape", [(4,), (3, 1), ()])
+def test_linear_bias_of_the_wrong_length(bias_shape):
+    with pytest.raises(InputError, match=re.escape(f"linear: bias has shape {bias_shape}, weight has 3 output features")):
+        MF.linear(torch.randn(2, 5), torch.randn(3, 5), torch.randn(bias_shape))
+
+
+def test_linear_weight_not_2d():
+    with pytest.raises(InputError, match=r"weight must be 2-D .*got shape \(3, 5, 1\)"):
+        MF.linear(torch.randn(2, 5), torch.randn(3, 5, 1))
+
+
+def test_linear_dtype_mismatch_names_both_dtypes():
+    with pytest.raises(InputError, match="linear: input has dtype torch.float64 but weight has dtype torch.float32"):
+        MF.linear(torch.randn(2, 5, dtype=torch.float64), torch.randn(3, 5))
+    with pytest.raises(InputError, match="must be a floating-point tensor, got dtype torch.int64"):
+        MF.linear(torch.ones(2, 5, dtype=torch.long), torch.randn(3, 5))
+
+
+def test_linear_device_mismatch_names_both_devices():
+    with pytest.raises(InputError, match="linear: input is on cpu but weight is on meta"):
+        MF.linear(torch.randn(2, 5), torch.randn(3, 5, device="meta"))
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="relu: input must be a Tensor, got list"):
+        MF.relu([1.0, -1.0])
+
+
+def test_gelu_approximate_choice():
+    with pytest.raises(InputError, match="gelu: approximate must be one of 'none', 'tanh', got 'fast'"):
+        MF.gelu(torch.randn(3), approximate="fast")
+
+
+@pytest.mark.parametrize("bad", [5, -1, 17])
+def test_cross_entropy_class_out_of_range(bad):
+    target = torch.tensor([0, bad, 1])
+    with pytest.raises(InputError, match=rf"target holds class indices outside \[0, 5\) \(e.g. {bad}\).*0..4"):
+        MF.cross_entropy(torch.randn(3, 5), target)
+
+
+def test_cross_entropy_ignore_index_is_allowed():
+    loss = MF.cross_entropy(torch.randn(3, 5), torch.tensor([0, -100, 4]))
+    assert torch.isfinite(loss)
+
+
+def test_cross_entropy_target_shape_and_dtype():
+    with pytest.raises(InputError, match=r"target has shape \(2,\), expected \(3,\) for input of shape \(3, 5\)"):
+        MF.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1]))
+    with pytest.raises(InputError, match=r"class-probability target has shape \(3, 4\), input has shape \(3, 5\)"):
+        MF.cross_entropy(torch.randn(3, 5), torch.rand(3, 4))
+    with pytest.raises(InputError, match="got dtype torch.bool"):
+        MF.cross_entropy(torch.randn(3, 5), torch.tensor([True, False, True]))
+    with pytest.raises(InputError, match=r"weight has shape \(4,\), input has 5 classes"):
+        MF.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), weight=torch.ones(4))
+    with pytest.raises(InputError, match="label_smoothing must be in"):
+        MF.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), label_smoothing=1.5)
+    with pytest.raises(InputError, match="reduction must be one of 'none', 'mean', 'sum', got 'avg'"):
+        MF.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), reduction="avg")
+
+
+def test_mse_loss_shapes():
+    with pytest.raises(InputError, match=r"target shape \(4,\) does not broadcast to input shape \(3, 5\)"):
+        MF.mse_loss(torch.randn(3, 5), torch.randn(4))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_probability(p):
+    with pytest.raises(InputError, match=rf"dropout: p .* must be in \[0, 1\), got {p}"):
+        MF.dropout(torch.randn(3), p)
+    with pytest.raises(InputError, match=rf"Dropout: p .* got {p}"):
+        mnn.Dropout(p)
+
+
+def test_mlp_errors():
+    with pytest.raises(InputError, match="MLP: activation must be one of"):
+        mnn.MLP([3, 2], activation="swish")
+    model = mnn.MLP([3, 4, 2])
+    with pytest.raises(InputError, match=r"MLP: input has 5 features \(shape \(2, 5\)\), weight expects 3"):
+        model(torch.randn(2, 5))
+    with pytest.raises(InputError, match=r"MLP.loss: target holds class indices outside \[0, 2\)"):
+        model.loss(torch.randn(2, 3), torch.tensor([0, 2]))
+    with pytest.raises(InputError, match=r"target must be class indices of dtype int64 and shape \(2,\)"):
+        model.loss(torch.randn(2, 3), torch.tensor([0.0, 1.0]))
+
+
+def test_checks_do_not_break_vmap_or_compile():
+    """The value check on class indices reads data: it stands aside under torch.func and torch.compile."""
+    x, y = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    per_sample = vmap(grad(lambda xi, yi: MF.cross_entropy(xi, yi)))(x, y)
+    assert per_sample.shape == (4, 5)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda a, b: MF.cross_entropy(MF.linear(a, torch.eye(5)), b))(x, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_input_error_is_exported():
+    assert manualgrad.InputError is InputError and issubclass(InputError, ValueError)

@@ -1,0 +1,144 @@
+"""torch.func (vmap per-sample gradients, jvp, jacrev), torch.compile (no graph breaks, same
+gradients) and autocast (dtypes like torch.nn) on models built from manualgrad modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+import manualgrad.functional as MF
+import manualgrad.nn as mnn
+from conftest import CUDA
+
+
+def small_model(activation=mnn.GELU):
+    return torch.nn.Sequential(mnn.Linear(6, 8), activation(), mnn.Linear(8, 8), mnn.Tanh(), mnn.Linear(8, 3)).double()
+
+
+def torch_twin(model):
+    twin = torch.nn.Sequential(*[torch.nn.Linear(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear)
+                                 else type(m).__mro__[1]() for m in model]).double()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("activation", [mnn.GELU, mnn.ReLU, mnn.SiLU, mnn.ELU, mnn.Softplus, mnn.LeakyReLU, mnn.Sigmoid])
+def test_vmap_per_sample_gradients(activation):
+    model = small_model(activation)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    def loss(p, xi, yi):
+        return MF.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(5):
+        model.zero_grad()
+        loss({k: v for k, v in model.named_parameters()}, x[i], y[i]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad)
+
+
+def test_jvp_matches_torch():
+    model = small_model()
+    twin = torch_twin(model)
+    x, t = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    out, tangent = jvp(model, (x,), (t,))
+    ref_out, ref_tangent = jvp(twin, (x,), (t,))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(tangent, ref_tangent)
+
+
+def test_forward_ad_through_parameters_and_loss():
+    import torch.autograd.forward_ad as fwAD
+
+    w, b = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    wt, bt = torch.randn_like(w), torch.randn_like(b)
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    tangents = []
+    for linear, ce, relu in ((MF.linear, MF.cross_entropy, MF.relu), (torch.nn.functional.linear, torch.nn.functional.cross_entropy, torch.relu)):
+        with fwAD.dual_level():
+            out = ce(relu(linear(x, fwAD.make_dual(w, wt), fwAD.make_dual(b, bt))), y, label_smoothing=0.1)
+            tangents.append(fwAD.unpack_dual(out).tangent)
+    torch.testing.assert_close(*tangents)
+
+
+def test_jacrev_matches_torch():
+    model = small_model(mnn.Softplus)
+    twin = torch_twin(model)
+    x = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(jacrev(model)(x), jacrev(twin)(x))
+
+
+def _count_graph_breaks(fn, *args):
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(*args)
+    return explanation.graph_break_count, explanation.break_reasons
+
+
+@pytest.mark.parametrize("activation", [mnn.ReLU, mnn.GELU, mnn.ELU, mnn.Softplus])
+def test_compile_has_no_graph_breaks_and_same_gradients(activation):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(mnn.Linear(6, 8), activation(), mnn.Dropout(0.0), mnn.Linear(8, 3)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    def step(x, y):
+        return MF.cross_entropy(model(x), y, label_smoothing=0.1)
+
+    breaks, reasons = _count_graph_breaks(step, x, y)
+    assert breaks == 0, reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    eager_grads = torch.autograd.grad(step(x, y), list(model.parameters()))
+    compiled_grads = torch.autograd.grad(compiled(x, y), list(model.parameters()))
+    for a, b in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_with_inductor():
+    """The default backend, end to end: generated code, same loss and gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(mnn.Linear(6, 8), mnn.SiLU(), mnn.Linear(8, 3))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    loss = MF.cross_entropy(compiled(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_loss = MF.cross_entropy(model(x), y)
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    torch.testing.assert_close(loss, ref_loss)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _autocast_pair(device):
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(mnn.Linear(10, 16), mnn.ReLU(), mnn.Linear(16, 16), mnn.GELU(), mnn.Linear(16, 4)).to(device)
+    theirs = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(device)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=CUDA),
+    pytest.param("cuda", torch.bfloat16, marks=CUDA),
+])
+def test_autocast_behaves_like_torch_nn(device, dtype):
+    ours, theirs = _autocast_pair(device)
+    x, y = torch.randn(8, 10, device=device), torch.randint(0, 4, (8,), device=device)
+    results = []
+    for model, ce in ((ours, MF.cross_entropy), (theirs, torch.nn.functional.cross_entropy)):
+        with torch.autocast(device, dtype=dtype):
+            logits = model(x)
+            loss = ce(logits, y)
+        loss.backward()
+        results.append((logits, loss, [p.grad for p in model.parameters()]))
+    (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = results
+    assert logits.dtype == ref_logits.dtype == dtype
+    assert loss.dtype == ref_loss.dtype
+    torch.testing.assert_close(logits, ref_logits, rtol=2e-2, atol=2e-2)
+    for g, r, p in zip(grads, ref_grads, ours.parameters()):
+        assert g.dtype == r.dtype == p.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-3)
