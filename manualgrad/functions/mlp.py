@@ -46,6 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from .activations import Elementwise
 from .base import ManualFunction
+from .losses import _autocast_float32
 
 __all__ = ["MLPSpec", "MLPFunction", "MLPCrossEntropyFunction"]
 
@@ -101,20 +102,22 @@ def _unflatten(spec: MLPSpec, flat) -> list[tuple]:
 def _backward(spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[tuple], params: tuple, needs: tuple) -> list:
     """The chain: G_W = G^T A, G_b = Σ rows G, G ← (G W) ⊙ M ⊙ h'; ``needs`` flags (input, W1, b1, ...)."""
     derivative, args = spec.activation.derivative, spec.activation_args
+    dtype = grad.dtype  # the forward's compute dtype (the autocast dtype under autocast)
     grads = [None] * (1 + len(params))
     for l in range(len(params) // 2 - 1, -1, -1):
-        a = kept[l - 1][2] if l else input.reshape(-1, input.shape[-1])
+        weight, bias = params[2 * l], params[2 * l + 1]
+        a = kept[l - 1][2] if l else input.reshape(-1, input.shape[-1]).to(dtype)
         if needs[1 + 2 * l]:
-            grads[1 + 2 * l] = grad.t().mm(a)  # G_W = G^T A
+            grads[1 + 2 * l] = grad.t().mm(a).to(weight.dtype)  # G_W = G^T A
         if needs[2 + 2 * l]:
-            grads[2 + 2 * l] = grad.sum(0)  # G_b = Σ rows G
+            grads[2 + 2 * l] = grad.sum(0).to(bias.dtype)  # G_b = Σ rows G
         if l == 0:
             if needs[0]:
-                grads[0] = grad.mm(params[0]).reshape(input.shape)  # G_X = G W_1
+                grads[0] = grad.mm(weight.to(dtype)).reshape(input.shape).to(input.dtype)  # G_X = G W_1
             break
         if not any(needs[: 1 + 2 * l]):
             break  # nothing below needs a gradient
-        grad = grad.mm(params[2 * l])  # G_A = G W
+        grad = grad.mm(weight.to(dtype))  # G_A = G W
         s, mask, _ = kept[l - 1]
         if mask is not None:
             grad.mul_(mask)  # ⊙ M
@@ -174,8 +177,8 @@ class MLPCrossEntropyFunction(ManualFunction):
         logits, kept = _forward(spec, input, params)
         rows, classes = logits.shape
         eps = spec.label_smoothing
-        # R = -(1/N) Σ_n [(1 - ε) log P[n, t_n] + (ε/C) Σ_c log P[n, c]]
-        logp = torch.log_softmax(logits, 1)
+        # R = -(1/N) Σ_n [(1 - ε) log P[n, t_n] + (ε/C) Σ_c log P[n, c]], in float32 under autocast
+        logp = torch.log_softmax(_autocast_float32(logits), 1)
         loss = torch.nn.functional.nll_loss(logp, target)
         if eps:
             loss = loss * (1 - eps) - logp.sum() * (eps / (classes * rows))
@@ -185,7 +188,7 @@ class MLPCrossEntropyFunction(ManualFunction):
         grad_logits = logp.exp_().scatter_(1, target.unsqueeze(1), -(1 - eps), reduce="add")
         if eps:
             grad_logits.sub_(eps / classes)
-        grad_logits.mul_(1 / rows)
+        grad_logits = grad_logits.mul_(1 / rows).to(logits.dtype)
         needs = (input.requires_grad,) + tuple(p is not None and p.requires_grad for p in params)
         grads = _backward(spec, grad_logits, input, kept, params, needs)
         return (loss, *[g for g in grads if g is not None])

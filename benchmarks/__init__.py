@@ -1,0 +1,1 @@
+"""Benchmarks: manualgrad against native PyTorch, in the same process; ``python -m benchmarks``."""

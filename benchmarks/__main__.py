@@ -1,0 +1,124 @@
+"""``python -m benchmarks``: manualgrad against torch.nn in the same process, interleaved.
+
+Prints tables of ratios (ours / native; below 1 is better) and writes
+``benchmarks/results/<device>.json`` and ``.md`` (the README's tables).
+
+    python -m benchmarks                  # CPU: 1 thread and all cores (a few minutes)
+    python -m benchmarks --device cuda    # CUDA, float32 and bf16 autocast
+    python -m benchmarks --quick          # tiny sizes: checks the code runs (the test suite does this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import suites
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table of ``rows``: columns are (header, key, format)."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [format(row[key], fmt) if key in row else "" for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+MLP_COLUMNS = [("MLP", "sizes", "s"), ("batch", "batch", "d"), ("dtype", "dtype", "s"), ("native µs", "native_us", ".0f"),
+               ("per-layer / native", "layers_ratio", ".3f"), ("fused MLP / native", "mlp_ratio", ".3f"),
+               ("fused MLP+loss / native", "mlp.loss_ratio", ".3f"), ("native / GEMMs", "native_over_gemm", ".2f"),
+               ("per-layer / GEMMs", "layers_over_gemm", ".2f"), ("fused+loss / GEMMs", "mlp.loss_over_gemm", ".2f")]
+FUNCTION_COLUMNS = [("Function", "function", "s"), ("shape", "shape", "s"), ("native µs", "native_us", ".1f"),
+                    ("ours µs", "ours_us", ".1f"), ("ours / native", "ratio", ".3f")]
+MEMORY_COLUMNS = [("kind", "kind", "s"), ("native bytes", "native_bytes", ",d"), ("ours bytes", "ours_bytes", ",d"),
+                  ("ours / native", "ratio", ".3f"), ("per-layer / native", "layers_ratio", ".3f")]
+
+
+def run(device: str, threads: list[int], quick: bool, rounds: int) -> dict:
+    report = {"machine": machine(device), "device": device, "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "quick": quick, "runs": []}
+    thread_counts = threads if device == "cpu" else [torch.get_num_threads()]
+    for n in thread_counts:
+        torch.set_num_threads(n)
+        dtypes = [None] if device == "cpu" else [None, torch.bfloat16]
+        run_report = {"threads": n, "mlp_steps": [], "functions": None}
+        for dtype in dtypes:
+            print(f"[{device}, {n} thread(s), {dtype or 'float32'}] MLP training steps ...", flush=True)
+            run_report["mlp_steps"] += suites.mlp_steps(device, quick, rounds, dtype)
+        print(f"[{device}, {n} thread(s)] Functions alone ...", flush=True)
+        run_report["functions"] = suites.functions(device, quick, rounds)
+        report["runs"].append(run_report)
+    print(f"[{device}] saved memory ...", flush=True)
+    report["memory"] = suites.saved_memory(device, quick)
+    return report
+
+
+def markdown(report: dict) -> str:
+    parts = [f"Machine: {report['machine']}; torch {report['torch']}; {report['date']}. "
+             "Ratios are ours / native (below 1 is better); medians of interleaved runs."]
+    for r in report["runs"]:
+        parts.append(f"\n**Training step (forward, loss, backward), {r['threads']} thread(s)**\n")
+        parts.append(table(r["mlp_steps"], MLP_COLUMNS))
+        parts.append(f"\n**Each Function alone (forward + backward), {r['threads']} thread(s)**\n")
+        parts.append(table(r["functions"], FUNCTION_COLUMNS))
+    parts.append("\n**Bytes saved for backward** (distinct storages; parameters and input excluded)\n")
+    parts.append(table(report["memory"], MEMORY_COLUMNS))
+    return "\n".join(parts) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--threads", default=f"1,{os.cpu_count()}",
+                        help="comma-separated CPU thread counts (default: 1 and all cores)")
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds per case (default: 30)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds: checks that the code runs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write <name>.json and <name>.md (default: benchmarks/results/<device>)")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    threads = sorted({int(t) for t in args.threads.split(",")})
+    report = run(args.device, threads, args.quick, args.rounds)
+    text = markdown(report)
+    print("\n" + text)
+    out = args.out or RESULTS / args.device.split(":")[0]
+    write_atomically(out.with_suffix(".json"), json.dumps(report, indent=1))
+    write_atomically(out.with_suffix(".md"), text)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

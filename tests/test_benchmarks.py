@@ -1,0 +1,41 @@
+"""The benchmark code runs (tiny sizes, once); the saved-memory property holds for every activation kind."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from benchmarks import suites
+from benchmarks.__main__ import main
+
+
+def test_benchmark_suite_runs_and_writes_results(tmp_path):
+    report = main(["--quick", "--threads", "1", "--out", str(tmp_path / "quick")])
+    written = json.loads((tmp_path / "quick.json").read_text())
+    assert written["quick"] and written["runs"][0]["threads"] == 1
+    step = written["runs"][0]["mlp_steps"][0]
+    assert {"native_us", "layers_ratio", "mlp_ratio", "mlp.loss_ratio", "gemm_us"} <= set(step)
+    assert all(math.isfinite(v) and v > 0 for k, v in step.items() if k.endswith(("_us", "_ratio")))
+    functions = {row["function"] for row in report["runs"][0]["functions"]}
+    assert {"linear", "relu", "gelu", "softplus", "cross_entropy", "mse_loss"} <= functions
+    assert "| MLP |" in (tmp_path / "quick.md").read_text()
+
+
+def test_saved_memory_never_exceeds_native():
+    for row in suites.saved_memory("cpu", quick=False):
+        assert row["ours_bytes"] <= row["native_bytes"], row
+    by_kind = {row["kind"]: row for row in suites.saved_memory("cpu", quick=True)}
+    # LeakyReLU and ELU are differentiated from their output: they keep nothing beyond the next layer's input
+    assert by_kind["leaky_relu"]["ratio"] < 1 and by_kind["elu"]["ratio"] < 1
+
+
+def test_saved_bytes_counts_distinct_storages():
+    from benchmarks.memory import saved_bytes
+
+    w = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+    # x @ w saves x and w (both excluded); relu saves its output: 3 x 4 float32 = 48 bytes
+    assert saved_bytes(lambda: torch.relu(x @ w), [w, x]) == 48
+    assert saved_bytes(lambda: torch.relu(x @ w), []) == 48 + 64 + 48
