@@ -97,7 +97,8 @@ def _traced(t: Tensor) -> bool:
     return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing) -> None:
+def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing):
+    """Validate; return ``ignore_index``, or None once the data show that no target equals it."""
     layer = "cross_entropy"
     tensor(layer, "input", input)
     tensor(layer, "target", target)
@@ -123,7 +124,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothi
                 f"{layer}: class-probability target has shape {shape(target)}, input has shape {shape(input)} "
                 "(they must match; class indices need an integer target)"
             )
-        return
+        return ignore_index
     expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if target.dtype in (torch.bool, torch.uint8) or target.is_complex():
         raise InputError(f"{layer}: target must hold class indices (int64) or class probabilities (float), got dtype {target.dtype}")
@@ -133,14 +134,20 @@ def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothi
             f"for input of shape {shape(input)} (class indices) or {shape(input)} (class probabilities)"
         )
     if target.numel() == 0 or _traced(target):
-        return
-    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+        return ignore_index
     message = f"{layer}: target holds class indices outside [0, {classes})"
     if target.device.type != "cpu":  # no host sync: a device-side assert
+        bad = (target != ignore_index) & ((target < 0) | (target >= classes))
         torch._assert_async(~bad.any(), message)
-    elif bad.any():
+        return ignore_index
+    low, high = (v.item() for v in torch.aminmax(target))
+    if 0 <= low and high < classes:  # the common case, from two numbers
+        return None if not low <= ignore_index <= high else ignore_index
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bad.any():
         value = target[bad][0].item()
         raise InputError(f"{message} (e.g. {value}); the allowed range is 0..{classes - 1} or ignore_index={ignore_index}")
+    return ignore_index
 
 
 def mse_loss(input, target, weight, reduction_) -> None:

@@ -135,7 +135,7 @@ def cross_entropy(
     ``[0, C)`` raises (on CUDA, a device-side assert, to avoid a host sync).
     """
     reduction = _checks.legacy_reduction("cross_entropy", size_average, reduce, reduction)
-    _checks.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    ignore_index = _checks.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
     return _cross_entropy(input, target, weight, ignore_index, reduction, float(label_smoothing))
 
 

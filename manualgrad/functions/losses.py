@@ -81,28 +81,33 @@ class _Targets:
     """The pieces of q_n (see the module docstring) for one call.
 
     Class indices: ``a`` (coefficient of onehot(t)), ``b`` (coefficient of w),
-    ``s`` = rowsum(q), all of the target's shape. Probabilities: ``q`` and ``s``.
-    ``divisor`` is D of the ``mean`` reduction.
+    ``s`` = rowsum(q), each a tensor of the target's shape or a number.
+    Probabilities: ``q`` and ``s``. ``divisor`` is D of the ``mean`` reduction.
+    ``ignore_index=None`` means the caller has checked that no row is ignored,
+    which with no class weights makes every row's q the same simple form.
     """
 
     def __init__(self, input, target, weight, ignore_index, label_smoothing):
         dim = _class_dim(input)
         classes = input.shape[dim]
         eps = label_smoothing
-        self.dim, self.eps, self.classes = dim, eps, classes
+        self.dim, self.eps, self.classes, self.target = dim, eps, classes, target
         self.w = None if weight is None else _along(weight.to(input.dtype), dim, input.dim())
+        self.index = None
         if target.is_floating_point():  # class probabilities, the input's shape
-            t = target.to(input.dtype)
-            q = t if eps == 0 else t * (1 - eps) + eps / classes
+            q = target if eps == 0 else target * (1 - eps) + eps / classes
             self.q = q if self.w is None else q * self.w
             self.s = self.q.sum(dim)
             self.divisor = input.numel() // classes if classes else 0
-            self.index = None
             return
-        valid = target != ignore_index
-        index = target.masked_fill(~valid, 0)
-        w_t = valid.to(input.dtype) if weight is None else weight.to(input.dtype)[index] * valid
-        self.index = index.unsqueeze(dim)
+        self.index = target.unsqueeze(dim)
+        if weight is None and ignore_index is None:  # q_n = (1 - ε) onehot(t_n) + ε/C
+            self.a, self.b, self.s = 1 - eps, eps / classes, 1.0
+            self.divisor = target.numel()
+            return
+        valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        w_t = valid.to(input.dtype) if weight is None else weight.to(input.dtype)[target.masked_fill(~valid, 0)] * valid
+        self.index = target.masked_fill(~valid, 0).unsqueeze(dim)
         self.a = w_t * (1 - eps) if eps else w_t
         self.b = valid.to(input.dtype) * (eps / classes)
         w_sum = classes if weight is None else weight.to(input.dtype).sum()
@@ -123,13 +128,16 @@ class _Targets:
     def dloss_dlogits(self, p: Tensor, scale: Tensor) -> Tensor:
         """(s P - q) ⊙ scale, scale per row (broadcast along the class dimension)."""
         dim = self.dim
-        grad = p * (self.s * scale).unsqueeze(dim)
+        scale = scale.unsqueeze(dim)
         if self.index is None:
-            return grad - self.q * scale.unsqueeze(dim)
-        grad = grad.scatter_add(dim, self.index, -(self.a * scale).unsqueeze(dim))
+            return (p * self.s.unsqueeze(dim) - self.q) * scale
+        if isinstance(self.a, float):  # no weights, no ignored rows: P - (1 - ε) onehot - ε/C
+            grad = p.scatter_add(dim, self.index, p.new_full((), -self.a).expand(self.index.shape))
+            return (grad - self.b if self.eps else grad) * scale
+        a, b, s = (t.unsqueeze(dim) for t in (self.a, self.b, self.s))
+        grad = (p * (s * scale)).scatter_add(dim, self.index, -(a * scale))
         if self.eps:
-            w = 1.0 if self.w is None else self.w
-            grad = grad - (self.b * scale).unsqueeze(dim) * w
+            grad = grad - (b * scale) * (1.0 if self.w is None else self.w)
         return grad
 
 
@@ -141,11 +149,11 @@ def _reduce(rows: Tensor, reduction: str, divisor) -> Tensor:
 
 
 def _row_scale(grad: Tensor, reduction: str, divisor, shape) -> Tensor:
-    """∂R/∂ℓ_n for every row: g/D (mean), g (sum), or g_n itself (none)."""
+    """∂R/∂ℓ_n for every row: g/D (mean), g (sum), or g_n itself (none); shaped like the rows."""
     if reduction == "none":
         return grad
     scale = grad / divisor if reduction == "mean" else grad
-    return scale.expand(shape)
+    return scale.reshape((1,) * len(shape)) if len(shape) else scale
 
 
 class CrossEntropyFunction(ManualFunction):
@@ -169,8 +177,11 @@ class CrossEntropyFunction(ManualFunction):
         input = _autocast_float32(input)
         if target.is_floating_point():
             target = target.to(input.dtype)
+        logp = torch.log_softmax(input, _class_dim(input))
+        if not target.is_floating_point() and not label_smoothing:  # -Σ w_t log P[t] (/ Σ w_t): torch's nll_loss forward
+            ignore = -100 if ignore_index is None else ignore_index
+            return torch.nn.functional.nll_loss(logp, target, weight, ignore_index=ignore, reduction=reduction)
         targets = _Targets(input, target, weight, ignore_index, label_smoothing)
-        logp = torch.log_softmax(input, targets.dim)
         return _reduce(targets.row_losses(logp), reduction, targets.divisor)
 
     @staticmethod

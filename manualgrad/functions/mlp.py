@@ -185,7 +185,8 @@ class MLPCrossEntropyFunction(ManualFunction):
         if not eager:
             return (loss,)
         # G_Z = (P - q) / N with q = (1 - ε) onehot(t) + ε/C
-        grad_logits = logp.exp_().scatter_(1, target.unsqueeze(1), -(1 - eps), reduce="add")
+        index = target.unsqueeze(1)
+        grad_logits = logp.exp_().scatter_add_(1, index, logp.new_full((), -(1 - eps)).expand(index.shape))
         if eps:
             grad_logits.sub_(eps / classes)
         grad_logits = grad_logits.mul_(1 / rows).to(logits.dtype)
