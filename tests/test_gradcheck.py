@@ -165,3 +165,31 @@ def test_mlp_is_first_order_only():
     (gx,) = torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
         gx.sum().backward()
+
+
+def test_user_subclasses_get_the_mechanism():
+    """The README's recipe: a new activation is a forward and a derivative; a subclass can change h'."""
+    from manualgrad.functions import Elementwise, ReLUFunction
+    from manualgrad.functions.base import applier
+
+    class SquarePlusFunction(Elementwise):
+        @staticmethod
+        def forward(z, b=4.0):
+            return (z + torch.sqrt(z * z + b)) / 2
+
+        @staticmethod
+        def derivative(z, b=4.0):
+            return (1 + z / torch.sqrt(z * z + b)) / 2
+
+    squareplus = applier(SquarePlusFunction)
+    check(squareplus, (torch.randn(6, dtype=F64, requires_grad=True),))
+    assert SquarePlusFunction.traceable is not SquarePlusFunction and issubclass(SquarePlusFunction.traceable, SquarePlusFunction)
+
+    class LeakyGradReLU(ReLUFunction):  # a "straight-through"-style rule: let 10% through where y = 0
+        @staticmethod
+        def derivative(y, *_):
+            return y.sign() * 0.9 + 0.1
+
+    z = torch.tensor([-1.0, 2.0], requires_grad=True)
+    (grad,) = torch.autograd.grad(LeakyGradReLU.apply(z).sum(), z)
+    assert grad.tolist() == pytest.approx([0.1, 1.0])
