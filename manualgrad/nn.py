@@ -313,6 +313,7 @@ class MLP(torch.nn.Sequential):
         self.dropout = float(dropout)
         self._linears = [m for m in self if isinstance(m, torch.nn.Linear)]
         self._activation = _activation_function(activation)
+        self._specs = {}  # (training, label_smoothing) -> MLPSpec
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):  # a slice is a plain Sequential of the same modules
@@ -320,8 +321,12 @@ class MLP(torch.nn.Sequential):
         return super().__getitem__(idx)
 
     def _spec(self, label_smoothing: float = 0.0) -> MLPSpec:
-        function, args = self._activation
-        return MLPSpec(function, args, self.dropout, self.training, float(label_smoothing))
+        key = (self.training, label_smoothing)
+        spec = self._specs.get(key)
+        if spec is None:
+            function, args = self._activation
+            spec = self._specs[key] = MLPSpec(function, args, self.dropout, self.training, float(label_smoothing))
+        return spec
 
     def _params(self) -> list:
         return [t for m in self._linears for t in (m.weight, m.bias)]

@@ -99,6 +99,11 @@ def _unflatten(spec: MLPSpec, flat) -> list[tuple]:
     return [(flat[i], None, flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call when it is already that dtype (the usual case, outside autocast)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _backward(spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[tuple], params: tuple, needs: tuple) -> list:
     """The chain: G_W = G^T A, G_b = Σ rows G, G ← (G W) ⊙ M ⊙ h'; ``needs`` flags (input, W1, b1, ...)."""
     derivative, args = spec.activation.derivative, spec.activation_args
@@ -106,18 +111,18 @@ def _backward(spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[tuple], par
     grads = [None] * (1 + len(params))
     for l in range(len(params) // 2 - 1, -1, -1):
         weight, bias = params[2 * l], params[2 * l + 1]
-        a = kept[l - 1][2] if l else input.reshape(-1, input.shape[-1]).to(dtype)
+        a = kept[l - 1][2] if l else _as(input.reshape(-1, input.shape[-1]), dtype)
         if needs[1 + 2 * l]:
-            grads[1 + 2 * l] = grad.t().mm(a).to(weight.dtype)  # G_W = G^T A
+            grads[1 + 2 * l] = _as(grad.t().mm(a), weight.dtype)  # G_W = G^T A
         if needs[2 + 2 * l]:
-            grads[2 + 2 * l] = grad.sum(0).to(bias.dtype)  # G_b = Σ rows G
+            grads[2 + 2 * l] = _as(grad.sum(0), bias.dtype)  # G_b = Σ rows G
         if l == 0:
             if needs[0]:
-                grads[0] = grad.mm(weight.to(dtype)).reshape(input.shape).to(input.dtype)  # G_X = G W_1
+                grads[0] = _as(grad.mm(_as(weight, dtype)).reshape(input.shape), input.dtype)  # G_X = G W_1
             break
         if not any(needs[: 1 + 2 * l]):
             break  # nothing below needs a gradient
-        grad = grad.mm(weight.to(dtype))  # G_A = G W
+        grad = grad.mm(_as(weight, dtype))  # G_A = G W
         s, mask, _ = kept[l - 1]
         if mask is not None:
             grad.mul_(mask)  # ⊙ M
@@ -185,11 +190,10 @@ class MLPCrossEntropyFunction(ManualFunction):
         if not eager:
             return (loss,)
         # G_Z = (P - q) / N with q = (1 - ε) onehot(t) + ε/C
-        index = target.unsqueeze(1)
-        grad_logits = logp.exp_().scatter_add_(1, index, logp.new_full((), -(1 - eps)).expand(index.shape))
+        grad_logits = logp.exp_().scatter_(1, target.unsqueeze(1), -(1 - eps), reduce="add")
         if eps:
             grad_logits.sub_(eps / classes)
-        grad_logits = grad_logits.mul_(1 / rows).to(logits.dtype)
+        grad_logits = _as(grad_logits.mul_(1 / rows), logits.dtype)
         needs = (input.requires_grad,) + tuple(p is not None and p.requires_grad for p in params)
         grads = _backward(spec, grad_logits, input, kept, params, needs)
         return (loss, *[g for g in grads if g is not None])
