@@ -9,6 +9,7 @@ Swapping ``import torch.nn.functional as F`` for
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import _checks
@@ -57,6 +58,24 @@ _mse_loss = applier(MSELossFunction)
 _dropout = applier(DropoutFunction)
 
 
+def _maybe_inplace(function, apply, input: Tensor, *args, inplace: bool) -> Tensor:
+    """``apply(input, *args, inplace)``, with two exceptions for ``inplace=True``:
+
+    * under ``torch.compile``, which cannot trace a Function that marks its
+      input dirty, it computes out of place and writes the result back;
+    * when the derivative needs the input (SiLU) and autograd records, it
+      differentiates a copy of the input and writes the result back, as
+      PyTorch's own ``silu_`` keeps a copy (also under ``torch.compile``).
+    """
+    if not inplace:
+        return apply(input, *args, False)
+    from_output = function.saves_output(*args)
+    if torch.compiler.is_compiling() or not from_output and input.requires_grad and torch.is_grad_enabled():
+        kept = input if from_output else input.clone()  # the Function keeps its input: not the one overwritten
+        return input.copy_(apply(kept, *args, False))
+    return apply(input, *args, True)
+
+
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     r""":math:`y = x W^\top + b`; see :class:`~manualgrad.functions.LinearFunction`.
 
@@ -70,13 +89,13 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
     r""":math:`\max(x, 0)`; see :class:`~manualgrad.functions.ReLUFunction`."""
     _checks.tensor("relu", "input", input)
-    return _relu(input, inplace)
+    return _maybe_inplace(ReLUFunction, _relu, input, inplace=inplace)
 
 
 def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     r""":math:`x` if :math:`x > 0` else ``negative_slope`` :math:`\cdot x`; see :class:`~manualgrad.functions.LeakyReLUFunction`."""
     _checks.tensor("leaky_relu", "input", input)
-    return _leaky_relu(input, negative_slope, inplace)
+    return _maybe_inplace(LeakyReLUFunction, _leaky_relu, input, negative_slope, inplace=inplace)
 
 
 def sigmoid(input: Tensor) -> Tensor:
@@ -101,13 +120,13 @@ def gelu(input: Tensor, approximate: str = "none") -> Tensor:
 def silu(input: Tensor, inplace: bool = False) -> Tensor:
     r""":math:`x\,\sigma(x)`; see :class:`~manualgrad.functions.SiLUFunction`."""
     _checks.tensor("silu", "input", input)
-    return _silu(input, inplace)
+    return _maybe_inplace(SiLUFunction, _silu, input, inplace=inplace)
 
 
 def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
     r""":math:`x` if :math:`x > 0` else :math:`\alpha(e^x - 1)`; see :class:`~manualgrad.functions.ELUFunction`."""
     _checks.tensor("elu", "input", input)
-    return _elu(input, alpha, inplace)
+    return _maybe_inplace(ELUFunction, _elu, input, alpha, inplace=inplace)
 
 
 def softplus(input: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
@@ -168,4 +187,6 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     _checks.dropout_p("dropout", p)
     if not training or p == 0:
         return input
+    if inplace and torch.compiler.is_compiling():  # see _maybe_inplace
+        return input.copy_(_dropout(input, float(p), False)[0])
     return _dropout(input, float(p), inplace)[0]

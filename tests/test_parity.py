@@ -98,24 +98,36 @@ def test_activation(device, dtype, name, ours, theirs, kwargs, kink):
     ("relu", MF.relu, torch.nn.functional.relu, {}),
     ("leaky_relu", MF.leaky_relu, torch.nn.functional.leaky_relu, {"negative_slope": 0.1}),
     ("elu", MF.elu, torch.nn.functional.elu, {"alpha": 0.7}),
+    ("silu", MF.silu, torch.nn.functional.silu, {}),
 ])
-def test_inplace_activation(name, ours, theirs, kwargs):
-    """inplace=True overwrites the input (a non-leaf) and still differentiates correctly."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_inplace_activation(name, ours, theirs, kwargs, compiled):
+    """inplace=True overwrites the input (a non-leaf) and still differentiates correctly, eager and compiled."""
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     results = []
     for fn in (ours, theirs):
-        z = x * 1.5  # non-leaf
-        out = fn(z, inplace=True, **kwargs)
-        assert out.data_ptr() == z.data_ptr()
+        def step(x):
+            z = x * 1.5  # non-leaf
+            out = fn(z, inplace=True, **kwargs)
+            return out, z
+
+        if compiled and fn is ours:
+            torch._dynamo.reset()
+            step = torch.compile(step, backend="aot_eager", fullgraph=True)
+        out, z = step(x)
+        torch.testing.assert_close(z, out)  # the input now holds the result
         results.append((out.detach().clone(), *torch.autograd.grad(out.sum(), x)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
 
 
-def test_inplace_silu_needs_its_input():
+def test_inplace_silu_function_refuses_to_lose_its_input():
+    """The Function itself cannot overwrite what its derivative needs; the functional wrapper keeps a copy."""
+    from manualgrad.functions import SiLUFunction
+
     z = torch.randn(3, requires_grad=True) * 1
     with pytest.raises(RuntimeError, match="inplace"):
-        MF.silu(z, inplace=True)
+        SiLUFunction.apply(z, True)
     with torch.no_grad():  # without autograd there is nothing to keep
         y = torch.randn(3)
         expected = torch.nn.functional.silu(y)
