@@ -1,0 +1,119 @@
+"""Several processes (``torchrun --nproc_per_node=N -m train``): set-up and gradient averaging.
+
+Every process holds the whole model and the whole dataset, draws the same
+global batch (same seeded generator) and takes its own contiguous share of it.
+After the backward pass one ``all_reduce`` sums the gradients, each scaled by
+its share of the global batch, so the update is the gradient of the mean loss
+over the global batch, as in one process (up to float32 summation order).
+The same ``all_reduce`` carries the batch loss and a stop flag (Ctrl-C seen
+by any process), so that all processes agree on both at every step.
+
+Rank 0 alone logs, evaluates and writes files. Without torchrun this is one
+process of a world of one and every collective is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_size: int = 1  # processes on this machine (they share its cores)
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def setup(requested_device: str) -> World:
+    """Join the process group when started by torchrun (gloo on CPU, nccl on CUDA)."""
+    device = pick_device(requested_device)
+    if not launched_by_torchrun():
+        return World(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_size=local_size, device=device)
+
+
+def teardown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share(batch: Tensor, world: World) -> Tensor:
+    """This process's contiguous part of a global batch (of indices or of per-image parameters)."""
+    return batch.tensor_split(world.size)[world.rank] if world.distributed else batch
+
+
+def broadcast_parameters(module: torch.nn.Module, world: World) -> None:
+    """Make every process start from rank 0's weights (they are equal already when seeded alike)."""
+    if world.distributed:
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
+def reduce_step(params: list, loss: Tensor, weight: float, stop: bool, world: World) -> tuple[float, bool]:
+    """Average gradients over the global batch; return the global batch's mean loss and the agreed stop flag.
+
+    ``weight`` is this process's share of the global batch (its rows / global rows): each process's
+    gradient is of its own mean loss, so ``sum_r weight_r * grad_r`` is the gradient of the global mean.
+    """
+    if not world.distributed:
+        return loss.item(), stop
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1), torch.ones(1, device=loss.device) * stop])
+    flat[:-1].mul_(weight)
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[-2].item(), bool(flat[-1].item() > 0)
+
+
+def gather_objects(obj, world: World) -> list:
+    """Every process's ``obj`` (e.g. RNG states for a checkpoint), in rank order."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, world: World):
+    """Rank 0's ``obj`` on every process."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
