@@ -262,8 +262,8 @@ class MLP(torch.nn.Sequential):
     dropout, ``"0.weight", "3.weight", ...`` with it), so checkpoints move
     between the two. Only ``forward`` differs; ``per_layer()`` gives the same
     modules run one by one. The fused path is first-order only (a double
-    backward raises) and eager only: for ``torch.func``, ``torch.compile`` or
-    forward-mode AD use ``per_layer()``.
+    backward raises); ``torch.compile`` traces it without a graph break. For
+    ``torch.func`` or forward-mode AD use ``per_layer()``.
 
     Args:
         sizes: layer widths, input first, e.g. ``(784, 512, 256, 10)``

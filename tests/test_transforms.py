@@ -96,6 +96,24 @@ def test_compile_has_no_graph_breaks_and_same_gradients(activation):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["mlp", "mlp_loss"])
+def test_compile_fused_mlp(fused_loss):
+    torch.manual_seed(0)
+    model = mnn.MLP([6, 8, 8, 3], activation="gelu").double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    def step(x, y):
+        return model.loss(x, y) if fused_loss else MF.cross_entropy(model(x), y)
+
+    breaks, reasons = _count_graph_breaks(step, x, y)
+    assert breaks == 0, reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for a, b in zip(torch.autograd.grad(compiled(x, y), list(model.parameters())),
+                    torch.autograd.grad(step(x, y), list(model.parameters()))):
+        torch.testing.assert_close(a, b)
+
+
 def test_compile_with_inductor():
     """The default backend, end to end: generated code, same loss and gradients."""
     torch.manual_seed(0)

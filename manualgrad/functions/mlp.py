@@ -33,7 +33,7 @@ gradients; its backward only scales them by the incoming scalar gradient.
 
 Both are first-order only (``once_differentiable``: a double backward raises)
 and define no jvp: use the per-layer modules for higher-order or forward-mode
-AD, ``torch.func`` and ``torch.compile``.
+AD and ``torch.func``. ``torch.compile`` traces both without a graph break.
 """
 
 from __future__ import annotations
@@ -216,6 +216,7 @@ class MLPCrossEntropyFunction(ManualFunction):
         if not ctx.eager:
             raise RuntimeError("MLPCrossEntropyFunction: gradients were not computed in forward (eager=False)")
         grads = iter(ctx.saved_tensors)
-        one = grad_loss.device.type == "cpu" and grad_loss.item() == 1.0  # loss.backward(): nothing to scale
+        # loss.backward() hands over exactly 1: nothing to scale (read on the CPU only: no device sync, no trace)
+        one = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and grad_loss.item() == 1.0
         scaled = [(next(grads) if one else next(grads) * grad_loss) if present else None for present in ctx.present]
         return scaled[0], None, None, None, *scaled[1:]
