@@ -160,3 +160,27 @@ def test_autocast_behaves_like_torch_nn(device, dtype):
     for g, r, p in zip(grads, ref_grads, ours.parameters()):
         assert g.dtype == r.dtype == p.dtype == torch.float32
         torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=CUDA),
+    pytest.param("cuda", torch.bfloat16, marks=CUDA),
+])
+def test_autocast_fused_mlp(device, dtype):
+    torch.manual_seed(0)
+    model = mnn.MLP([10, 16, 16, 4], activation="gelu").to(device)
+    twin = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.GELU(),
+                               torch.nn.Linear(16, 4)).to(device)
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 10, device=device), torch.randint(0, 4, (8,), device=device)
+    with torch.autocast(device, dtype=dtype):
+        logits, ref_logits = model(x), twin(x)
+        loss, ref_loss = model.loss(x, y), torch.nn.functional.cross_entropy(twin(x), y)
+    assert logits.dtype == ref_logits.dtype == dtype and loss.dtype == ref_loss.dtype == torch.float32
+    torch.testing.assert_close(logits, ref_logits, rtol=2e-2, atol=2e-2)
+    loss.backward()
+    ref_loss.backward()
+    for p, r in zip(model.parameters(), twin.parameters()):
+        assert p.grad.dtype == r.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, r.grad, rtol=5e-2, atol=5e-3)
