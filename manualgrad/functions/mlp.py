@@ -27,9 +27,11 @@ every weight gradient taken on the way down. One autograd node replaces the
 calls, which is what dominates small networks.
 
 :class:`MLPCrossEntropyFunction` also fuses the softmax cross-entropy on top
-(:math:`G_{Z_L} = (\operatorname{softmax}(Z_L) - q)/N`, ``losses.py``). When
-gradients are wanted it runs the whole chain inside the forward and keeps the
-gradients; its backward only scales them by the incoming scalar gradient.
+(:math:`G_{Z_L} = (\operatorname{softmax}(Z_L) - q)/N`, ``losses.py``): the
+forward forms :math:`G_{Z_L}` next to the loss, and the backward scales it by
+the incoming scalar gradient and runs the chain, so a training step is one
+autograd node. (Running the chain inside the forward instead was measured
+slower: the gradients it keeps cannot be handed to ``.grad`` without a copy.)
 
 Both are first-order only (``once_differentiable``: a double backward raises)
 and define no jvp: use the per-layer modules for higher-order or forward-mode
@@ -167,18 +169,18 @@ class MLPFunction(ManualFunction):
 
 
 class MLPCrossEntropyFunction(ManualFunction):
-    r"""``apply(input, target, spec, eager, W1, b1, ...)`` → mean softmax cross-entropy of the MLP's logits.
+    r"""``apply(input, target, spec, wants_grad, W1, b1, ...)`` → mean softmax cross-entropy of the MLP's logits.
 
     Loss and gradient as :class:`~manualgrad.functions.CrossEntropyFunction`
     with ``reduction="mean"`` and ``spec.label_smoothing``, for class indices in
-    ``[0, C)`` (no class weights, no ``ignore_index``), written out directly. Shape: input ``(N, sizes[0])``, target ``(N,)``. With ``eager`` (the caller wants gradients)
-    the forward runs :math:`G_{Z_L} = (\operatorname{softmax}(Z_L) - q)/N` and
-    the whole chain at once; the backward returns those gradients times the
-    incoming scalar :math:`g`. Without it, only the loss is computed.
+    ``[0, C)`` (no class weights, no ``ignore_index``), written out directly.
+    With ``wants_grad`` the forward also forms :math:`G_{Z_L} = (\operatorname{softmax}(Z_L) - q)/N`
+    and keeps it with the layers' tensors; the backward scales it by the
+    incoming scalar :math:`g` and runs the chain. Shape: input ``(N, sizes[0])``, target ``(N,)``.
     """
 
     @staticmethod
-    def forward(input, target, spec, eager, *params):
+    def forward(input, target, spec, wants_grad, *params):
         logits, kept = _forward(spec, input, params)
         rows, classes = logits.shape
         eps = spec.label_smoothing
@@ -187,36 +189,36 @@ class MLPCrossEntropyFunction(ManualFunction):
         loss = torch.nn.functional.nll_loss(logp, target)
         if eps:
             loss = loss * (1 - eps) - logp.sum() * (eps / (classes * rows))
-        if not eager:
+        if not wants_grad:
             return (loss,)
         # G_Z = (P - q) / N with q = (1 - ε) onehot(t) + ε/C
         grad_logits = logp.exp_().scatter_(1, target.unsqueeze(1), -(1 - eps), reduce="add")
         if eps:
             grad_logits.sub_(eps / classes)
         grad_logits = _as(grad_logits.mul_(1 / rows), logits.dtype)
-        needs = (input.requires_grad,) + tuple(p is not None and p.requires_grad for p in params)
-        grads = _backward(spec, grad_logits, input, kept, params, needs)
-        return (loss, *[g for g in grads if g is not None])
+        return (loss, grad_logits, *_flatten(kept))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        loss, *grads = output
-        ctx.mark_non_differentiable(*grads)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept gradients
-        ctx.save_for_backward(*grads)
-        input, _, _, eager, *params = inputs
-        ctx.eager = eager
-        ctx.present = [t is not None and t.requires_grad for t in (input, *params)]
+        loss, *kept = output
+        input, _, spec, wants_grad, *params = inputs
+        ctx.mark_non_differentiable(*kept)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept tensors
+        ctx.save_for_backward(input, *params, *kept)
+        ctx.spec, ctx.layers, ctx.wants_grad = spec, len(params) // 2, wants_grad
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
-            return (None,) * (3 + len(ctx.present))
-        if not ctx.eager:
-            raise RuntimeError("MLPCrossEntropyFunction: gradients were not computed in forward (eager=False)")
-        grads = iter(ctx.saved_tensors)
+            return (None,) * (4 + 2 * ctx.layers)
+        if not ctx.wants_grad:
+            raise RuntimeError("MLPCrossEntropyFunction: called with wants_grad=False, so no gradient was prepared")
+        input, *rest = ctx.saved_tensors
+        params, (grad_logits, *kept) = rest[: 2 * ctx.layers], rest[2 * ctx.layers :]
         # loss.backward() hands over exactly 1: nothing to scale (read on the CPU only: no device sync, no trace)
-        one = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and grad_loss.item() == 1.0
-        scaled = [(next(grads) if one else next(grads) * grad_loss) if present else None for present in ctx.present]
-        return scaled[0], None, None, None, *scaled[1:]
+        if grad_loss.device.type != "cpu" or torch.compiler.is_compiling() or grad_loss.item() != 1.0:
+            grad_logits = grad_logits * grad_loss
+        needs = (ctx.needs_input_grad[0],) + ctx.needs_input_grad[4:]
+        grads = _backward(ctx.spec, grad_logits, input, _unflatten(ctx.spec, kept), tuple(params), needs)
+        return grads[0], None, None, None, *grads[1:]
