@@ -25,9 +25,10 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch import Tensor
 from torch.autograd import Function
 
-__all__ = ["ManualFunction", "applier"]
+__all__ = ["ManualFunction", "applier", "cast"]
 
 _DEFAULT_JVP = Function.jvp
 
@@ -62,3 +63,8 @@ def applier(function: type[ManualFunction]):
 
     apply.__name__ = apply.__qualname__ = f"{function.__name__}.apply"
     return apply
+
+
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call when ``t`` already has it (always, outside autocast)."""
+    return t if t.dtype == dtype else t.to(dtype)

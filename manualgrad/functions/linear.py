@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ManualFunction
+from .base import ManualFunction, cast
 
 __all__ = ["LinearFunction"]
 
@@ -58,14 +58,14 @@ class LinearFunction(ManualFunction):
         dtype = grad_output.dtype  # the forward's compute dtype (not the inputs' under autocast)
         grad_input = grad_weight = grad_bias = None
         if needs_input:  # G_X = G_Z W
-            grad_input = grad_output.matmul(weight.to(dtype)).to(input_dtype)
+            grad_input = cast(grad_output.matmul(cast(weight, dtype)), input_dtype)
         if needs_weight or needs_bias:
             grad_z = grad_output.reshape(-1, grad_output.shape[-1])  # rows of G_Z, N x p
         if needs_weight:  # G_W = G_Z^T X
-            x = input.reshape(-1, input.shape[-1]).to(dtype)
-            grad_weight = grad_z.t().mm(x).to(weight_dtype)
+            x = cast(input.reshape(-1, input.shape[-1]), dtype)
+            grad_weight = cast(grad_z.t().mm(x), weight_dtype)
         if needs_bias:  # G_b = sum over rows of G_Z
-            grad_bias = grad_z.sum(0).to(bias_dtype)
+            grad_bias = cast(grad_z.sum(0), bias_dtype)
         return grad_input, grad_weight, grad_bias
 
     @staticmethod
@@ -74,11 +74,11 @@ class LinearFunction(ManualFunction):
         dtype = ctx.compute_dtype
         tangent = None
         if input_tangent is not None:  # Ẋ W^T
-            tangent = input_tangent.to(dtype).matmul(weight.to(dtype).t())
+            tangent = cast(input_tangent, dtype).matmul(cast(weight, dtype).t())
         if weight_tangent is not None:  # + X Ẇ^T
-            term = input.to(dtype).matmul(weight_tangent.to(dtype).t())
+            term = cast(input, dtype).matmul(cast(weight_tangent, dtype).t())
             tangent = term if tangent is None else tangent + term
         if bias_tangent is not None:  # + ḃ
-            term = bias_tangent.to(dtype).expand(*input.shape[:-1], weight.shape[0])
+            term = cast(bias_tangent, dtype).expand(*input.shape[:-1], weight.shape[0])
             tangent = term if tangent is None else tangent + term
         return tangent

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ManualFunction
+from .base import ManualFunction, cast
 
 __all__ = ["CrossEntropyFunction", "MSELossFunction"]
 
@@ -195,27 +195,27 @@ class CrossEntropyFunction(ManualFunction):
     @staticmethod
     def backward(ctx, grad_output):
         saved_input, saved_target, weight = ctx.saved_tensors
-        input, target = saved_input.to(ctx.dtype), saved_target.to(ctx.dtype) if saved_target.is_floating_point() else saved_target
+        input, target = cast(saved_input, ctx.dtype), cast(saved_target, ctx.dtype) if saved_target.is_floating_point() else saved_target
         ignore_index, reduction, label_smoothing = ctx.options
         targets = _Targets(input, target, weight, ignore_index, label_smoothing)
         rows = input.shape[: targets.dim] + input.shape[targets.dim + 1 :]
         scale = _row_scale(grad_output, reduction, targets.divisor, rows)
         grad_input = grad_target = None
         if ctx.needs_input_grad[0]:
-            grad_input = targets.dloss_dlogits(_softmax(input, targets.dim), scale).to(saved_input.dtype)
+            grad_input = cast(targets.dloss_dlogits(_softmax(input, targets.dim), scale), saved_input.dtype)
         if ctx.needs_input_grad[1]:  # probability targets only: G_T = -(1 - ε) w ⊙ log P · scale
             logp = _log_softmax(input, targets.dim)
             if targets.w is not None:
                 logp = logp * targets.w
-            grad_target = (logp * (-(1 - label_smoothing) * scale).unsqueeze(targets.dim)).to(saved_target.dtype)
+            grad_target = cast(logp * (-(1 - label_smoothing) * scale).unsqueeze(targets.dim), saved_target.dtype)
         return grad_input, grad_target, None, None, None, None
 
     @staticmethod
     def jvp(ctx, input_tangent, target_tangent, *_):
         input, target, weight = ctx.saved_tensors
-        input = input.to(ctx.dtype)
+        input = cast(input, ctx.dtype)
         if target.is_floating_point():
-            target = target.to(ctx.dtype)
+            target = cast(target, ctx.dtype)
         ignore_index, reduction, label_smoothing = ctx.options
         targets = _Targets(input, target, weight, ignore_index, label_smoothing)
         rows = input.shape[: targets.dim] + input.shape[targets.dim + 1 :]
@@ -223,12 +223,12 @@ class CrossEntropyFunction(ManualFunction):
         tangent = None
         if input_tangent is not None:  # ℓ̇_n = Σ_c (s_n P_nc - q_nc) Ż_nc
             dl = targets.dloss_dlogits(torch.softmax(input, targets.dim), ones)
-            tangent = (dl * input_tangent.to(ctx.dtype)).sum(targets.dim)
+            tangent = (dl * cast(input_tangent, ctx.dtype)).sum(targets.dim)
         if target_tangent is not None:  # ℓ̇_n = -(1 - ε) Σ_c w_c log P_nc Ṫ_nc
             logp = torch.log_softmax(input, targets.dim)
             if targets.w is not None:
                 logp = logp * targets.w
-            term = -(1 - label_smoothing) * (logp * target_tangent.to(ctx.dtype)).sum(targets.dim)
+            term = -(1 - label_smoothing) * (logp * cast(target_tangent, ctx.dtype)).sum(targets.dim)
             tangent = term if tangent is None else tangent + term
         return _reduce(tangent, reduction, targets.divisor)
 
@@ -263,11 +263,11 @@ class MSELossFunction(ManualFunction):
     @staticmethod
     def backward(ctx, grad_output):
         input, target, weight = ctx.saved_tensors
-        diff = input.to(ctx.dtype) - target.to(ctx.dtype)
+        diff = cast(input, ctx.dtype) - cast(target, ctx.dtype)
         scale = grad_output / _mse_divisor(diff, weight) if ctx.reduction == "mean" else grad_output
         grad = 2 * diff * scale if weight is None else 2 * diff * weight * scale  # G_Ŷ = 2 w (Ŷ - T) g / M
-        grad_input = grad.sum_to_size(input.shape).to(input.dtype) if ctx.needs_input_grad[0] else None
-        grad_target = (-grad).sum_to_size(target.shape).to(target.dtype) if ctx.needs_input_grad[1] else None
+        grad_input = cast(grad.sum_to_size(input.shape), input.dtype) if ctx.needs_input_grad[0] else None
+        grad_target = cast((-grad).sum_to_size(target.shape), target.dtype) if ctx.needs_input_grad[1] else None
         return grad_input, grad_target, None, None
 
     @staticmethod
@@ -279,8 +279,8 @@ class MSELossFunction(ManualFunction):
             diff_tangent = input_tangent
         else:
             diff_tangent = input_tangent - target_tangent
-        diff = input.to(ctx.dtype) - target.to(ctx.dtype)
-        diff_tangent = diff_tangent.to(ctx.dtype)
+        diff = cast(input, ctx.dtype) - cast(target, ctx.dtype)
+        diff_tangent = cast(diff_tangent, ctx.dtype)
         terms = 2 * diff * diff_tangent if weight is None else 2 * diff * weight * diff_tangent
         return _reduce(terms, ctx.reduction, _mse_divisor(diff, weight))
 

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .activations import Elementwise
-from .base import ManualFunction
+from .base import ManualFunction, cast
 from .losses import _autocast_float32
 
 __all__ = ["MLPSpec", "MLPFunction", "MLPCrossEntropyFunction"]
@@ -101,11 +101,6 @@ def _unflatten(spec: MLPSpec, flat) -> list[tuple]:
     return [(flat[i], None, flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)``, without the call when it is already that dtype (the usual case, outside autocast)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _backward(spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[tuple], params: tuple, needs: tuple) -> list:
     """The chain: G_W = G^T A, G_b = Σ rows G, G ← (G W) ⊙ M ⊙ h'; ``needs`` flags (input, W1, b1, ...)."""
     derivative, args = spec.activation.derivative, spec.activation_args
@@ -113,18 +108,18 @@ def _backward(spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[tuple], par
     grads = [None] * (1 + len(params))
     for l in range(len(params) // 2 - 1, -1, -1):
         weight, bias = params[2 * l], params[2 * l + 1]
-        a = kept[l - 1][2] if l else _as(input.reshape(-1, input.shape[-1]), dtype)
+        a = kept[l - 1][2] if l else cast(input.reshape(-1, input.shape[-1]), dtype)
         if needs[1 + 2 * l]:
-            grads[1 + 2 * l] = _as(grad.t().mm(a), weight.dtype)  # G_W = G^T A
+            grads[1 + 2 * l] = cast(grad.t().mm(a), weight.dtype)  # G_W = G^T A
         if needs[2 + 2 * l]:
-            grads[2 + 2 * l] = _as(grad.sum(0), bias.dtype)  # G_b = Σ rows G
+            grads[2 + 2 * l] = cast(grad.sum(0), bias.dtype)  # G_b = Σ rows G
         if l == 0:
             if needs[0]:
-                grads[0] = _as(grad.mm(_as(weight, dtype)).reshape(input.shape), input.dtype)  # G_X = G W_1
+                grads[0] = cast(grad.mm(cast(weight, dtype)).reshape(input.shape), input.dtype)  # G_X = G W_1
             break
         if not any(needs[: 1 + 2 * l]):
             break  # nothing below needs a gradient
-        grad = grad.mm(_as(weight, dtype))  # G_A = G W
+        grad = grad.mm(cast(weight, dtype))  # G_A = G W
         s, mask, _ = kept[l - 1]
         if mask is not None:
             grad.mul_(mask)  # ⊙ M
@@ -195,7 +190,7 @@ class MLPCrossEntropyFunction(ManualFunction):
         grad_logits = logp.exp_().scatter_(1, target.unsqueeze(1), -(1 - eps), reduce="add")
         if eps:
             grad_logits.sub_(eps / classes)
-        grad_logits = _as(grad_logits.mul_(1 / rows), logits.dtype)
+        grad_logits = cast(grad_logits.mul_(1 / rows), logits.dtype)
         return (loss, grad_logits, *_flatten(kept))
 
     @staticmethod
