@@ -9,10 +9,10 @@ It adds two things to :class:`torch.autograd.Function`:
   defines a custom ``jvp`` (it graph-breaks with "Unsupported custom jvp"),
   yet forward-mode AD needs one. Every subclass that defines ``jvp`` therefore
   gets ``cls.traceable``: a subclass of itself whose ``jvp`` is the default
-  one. :func:`applier` returns an ``apply`` that picks the twin while Dynamo is
-  tracing and the class itself otherwise, so eager code keeps forward-mode AD and compiled
-  code has no graph break. (Compiled code does not support forward-mode AD,
-  just as for any Function without a jvp.)
+  one. :func:`applier` returns an ``apply`` that picks the twin while Dynamo
+  is tracing and the class itself otherwise, so eager code keeps forward-mode
+  AD and compiled code has no graph break. (Compiled code does not support
+  forward-mode AD, just as for any Function without a jvp.)
 
 It also caches ``forward.__signature__``: for a Function with
 ``setup_context``, ``apply`` binds the call's arguments to ``forward``'s
