@@ -65,7 +65,7 @@ def load(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume: no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
     except Exception as e:
         raise CheckpointError(f"--resume: cannot read {path}: {e}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from manualgrad.nn import ACTIVATIONS
 
 
@@ -22,16 +24,16 @@ class Config:
     preset: str = "default"
     data_dir: str = "data/"
     download: bool = True
-    epochs: int = 20
+    epochs: int = 15
     batch_size: int = 128
-    hidden: tuple = (1024, 512)
+    hidden: tuple = (512, 256)
     activation: str = "relu"
-    dropout: float = 0.2
-    label_smoothing: float = 0.0
+    dropout: float = 0.1
+    label_smoothing: float = 0.1
     optimizer: str = "adamw"
     lr: float = 2e-3
     momentum: float = 0.9
-    weight_decay: float = 0.01
+    weight_decay: float = 0.05
     schedule: str = "onecycle"
     augment: str = "none"
     impl: str = "fused"
@@ -61,14 +63,13 @@ class Config:
 # A preset only lists what differs from the Config defaults above (which are the `default` preset).
 PRESETS: dict[str, dict] = {
     "default": {},
+    # ~99.4% in ~6-10 min on 2 CPU cores: a wider MLP that sees a new elastic distortion of every image
+    # in every epoch (Simard et al. 2003), so it trains longer without overfitting.
     "best": dict(
-        epochs=40,
-        hidden=(2048, 2048),
+        epochs=50,
+        hidden=(1024, 1024),
         dropout=0.2,
-        optimizer="adamw",
         lr=1e-3,
-        weight_decay=0.05,
-        schedule="onecycle",
         augment="elastic",
     ),
 }
@@ -97,8 +98,11 @@ def positive_int(text: str) -> int:
     return value
 
 
-def int_(text: str) -> int:
-    return _number(int, text)
+def nonnegative_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -162,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), default=d.preset,
-                   help="named set of defaults; explicit options override it. "
-                   "default: ~98.7%% in ~40 s on 2 CPU cores; best: ~99.3%%+, augmented, ~10 min")
+                   help="named set of defaults; explicit options override it. default: 784-512-256-10, "
+                   "15 epochs, ~98.8%% in ~25-40 s on 2 CPU cores; best: 784-1024-1024-10 on elastically distorted "
+                   "images, 50 epochs, ~99.4%% in ~6-10 min")
     g.add_argument("--data-dir", default=d.data_dir,
                    help="folder with the MNIST IDX files (torchvision layout <dir>/MNIST/raw/, or the four files "
                    "directly in <dir>); downloaded there when missing")
@@ -173,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: runs/<timestamp>; when resuming: the checkpoint's folder)")
     g.add_argument("--resume", default=d.resume, metavar="PATH",
                    help="continue from a checkpoint.pt (or a run folder holding one)")
-    g.add_argument("--seed", type=int_, default=d.seed, help="seed for initial weights, batch order, "
+    g.add_argument("--seed", type=nonnegative_int, default=d.seed, help="seed for initial weights, batch order, "
                    "dropout and augmentation")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                    help="auto: cuda when available, else cpu")
@@ -232,6 +237,8 @@ def parse_args(argv=None) -> Config:
     cfg = Config(**vars(args))
     if cfg.compare_native and cfg.resume:
         parser.error("--compare-native cannot be combined with --resume")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
     if cfg.resume:
         cfg = _resumed(parser, cfg, explicit)
     return cfg

@@ -43,8 +43,7 @@ def launched_by_torchrun() -> bool:
 
 
 def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
+    """``auto``: CUDA when available; under torchrun each process takes the GPU of its LOCAL_RANK."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":

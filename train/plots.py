@@ -6,11 +6,15 @@ import os
 import tempfile
 
 
-def plot_curves(epochs: list[dict], path: str, title: str = "", native: list[dict] | None = None) -> None:
+def plot_curves(epochs: list[dict], path: str, title: str = "", native: list[dict] | None = None,
+                label_smoothing: float = 0.0) -> None:  # fmt: skip
     """Two panels: train and test loss (log scale), and test accuracy in percent.
 
     ``epochs`` are the per-epoch records of metrics.json; ``native``, when given, the torch.nn run's.
+    The train loss is the training objective (label-smoothed when ``label_smoothing`` > 0, which keeps
+    it well above the test loss); the test loss is the plain cross-entropy.
     """
+    train_name = f"train, smoothed {label_smoothing:g}" if label_smoothing else "train"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +25,7 @@ def plot_curves(epochs: list[dict], path: str, title: str = "", native: list[dic
     for label, records, style in runs:
         x = [r["epoch"] for r in records]
         ax_loss.plot(x, [r["train_loss"] for r in records], style, color="tab:blue", marker="o", ms=3,
-                     label=f"train ({label})")  # fmt: skip
+                     label=f"{train_name} ({label})")  # fmt: skip
         ax_loss.plot(x, [r["test_loss"] for r in records], style, color="tab:orange", marker="o", ms=3,
                      label=f"test ({label})")  # fmt: skip
         ax_acc.plot(x, [100 * r["test_accuracy"] for r in records], style, color="tab:green", marker="o", ms=3,

@@ -90,6 +90,10 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
                f"thread{'s' if threads > 1 else ''}, "
                f"{world.size} process{'es' if world.distributed else ''}")  # fmt: skip
 
+    log(world, f"training: {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g} "
+               f"weight decay {cfg.weight_decay:g}, schedule {cfg.schedule}, label smoothing {cfg.label_smoothing:g}, "
+               f"augment {cfg.augment}, seed {cfg.seed}")  # fmt: skip
+
     if cfg.check_grads and world.main:
         batch = data.epoch_order(len(mnist.train_y), torch.Generator().manual_seed(cfg.seed))[: cfg.batch_size]
         x, y = mnist.train_x[batch.to(device)], mnist.train_y[batch.to(device)]
@@ -149,13 +153,19 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
             checkpoint.write_json(metrics, os.path.join(out, "metrics.json"))
             if history:
                 title = f"MLP {sizes} ({cfg.activation}, {cfg.impl}), {cfg.optimizer} lr {cfg.lr:g}, seed {cfg.seed}"
-                plots.plot_curves(history, os.path.join(out, "curves.png"), title, native_history or None)
+                plots.plot_curves(history, os.path.join(out, "curves.png"), title, native_history or None,
+                                  cfg.label_smoothing)  # fmt: skip
         return metrics
 
     # ---- the epochs
     with StopRequest(world) as stop:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            result = trainer.train_epoch(epoch, stop, resume=position, on_step=on_step)
+            try:
+                result = trainer.train_epoch(epoch, stop, resume=position, on_step=on_step)
+            except TrainingError as e:  # a non-finite loss: the checkpoint on disk stays the last good one
+                path = os.path.join(out, checkpoint.FILENAME)
+                last = f"the last good checkpoint is {path}" if os.path.exists(path) else "no checkpoint was written"
+                raise TrainingError(f"{e}; {last}. A lower --lr may help.") from None
             position = None
             rngs = distributed.gather_objects(trainer.torch_rng, world)
             if result.interrupted is not None:
