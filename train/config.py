@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -158,8 +160,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
+    script = os.path.basename(sys.argv[0])
     p = argparse.ArgumentParser(
-        prog="python -m train",
+        prog="python -m train" if script in ("__main__.py", "-m", "-c", "") else script,  # or manualgrad-train
         description="Train an MLP built only from manualgrad modules (hand-written backward passes) on MNIST.",
         epilog="Several processes: torchrun --nproc_per_node=2 -m train [options] (same results as one process).",
         formatter_class=_HelpFormatter,
