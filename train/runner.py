@@ -153,6 +153,7 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
             checkpoint.write_json(metrics, os.path.join(out, "metrics.json"))
             if history:
                 title = f"MLP {sizes} ({cfg.activation}, {cfg.impl}), {cfg.optimizer} lr {cfg.lr:g}, seed {cfg.seed}"
+                title += f", {cfg.augment} augmentation" if cfg.augment != "none" else ""
                 plots.plot_curves(history, os.path.join(out, "curves.png"), title, native_history or None,
                                   cfg.label_smoothing)  # fmt: skip
         return metrics
