@@ -297,6 +297,7 @@ def test_missing_files_without_download(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert str(tmp_path / "empty") in result.stderr and "IDX files" in result.stderr
+    assert not (tmp_path / "run").exists(), "the run folder is made only once the data is there"
 
 
 def test_failed_download_gives_a_short_message(tmp_path, monkeypatch):

@@ -87,7 +87,8 @@ def locate(data_dir: str, download: bool = True) -> str:
             return folder
     if not download:
         missing = [n for n in FILES.values() if n not in _present(raw)]
-        raise _error(raw, f"missing {', '.join(missing)} (and downloading is off)")
+        what = "the files are missing" if len(missing) == len(FILES) else f"missing {', '.join(missing)}"
+        raise _error(raw, f"{what} (and downloading is off)")
     try:
         fetch(raw)
     except Exception as e:  # no network, a proxy, a bad mirror: all end the same way for the user

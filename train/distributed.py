@@ -64,8 +64,13 @@ def setup(requested_device: str) -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_size=local_size, device=device)
 
 
-def teardown(world: World) -> None:
+def teardown(world: World, finished: bool = True) -> None:
+    """Leave the process group. After a normal end, wait for every process first: rank 0 finishes later
+    (it evaluates and writes files), and gloo may abort a process that leaves while a peer is still
+    connected ("terminate called without an active exception")."""
     if world.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -50,10 +50,16 @@ def run(cfg: Config, on_step=None) -> dict:
     than 0 only the config). ``on_step(epoch, step, trainer)``, if given, is called after every step
     (``step`` counts from 1) and may inspect or change the trainer: tests use it."""
     world = distributed.setup(cfg.device)
+    together = False  # whether every process got here alike, so that they can leave together
     try:
-        return _run(cfg, world, on_step)
+        metrics = _run(cfg, world, on_step)
+        together = True
+        return metrics
+    except (data.DataError, checkpoint.CheckpointError, TrainingError):
+        together = True  # these are raised in every process at the same point
+        raise
     finally:
-        distributed.teardown(world)
+        distributed.teardown(world, together)
 
 
 def _run(cfg: Config, world: distributed.World, on_step) -> dict:
@@ -61,7 +67,7 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // world.local_size)
     torch.set_num_threads(threads)
 
-    # ---- the run folder, and the checkpoint to continue from
+    # ---- the checkpoint to continue from
     resumed = None
     if cfg.resume:
         resumed = checkpoint.load(cfg.resume)
@@ -71,13 +77,14 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
             raise TrainingError(f"--resume: the checkpoint was trained with other {', '.join(changed)}")
         if cfg.out is None:
             cfg = dataclasses.replace(cfg, out=os.path.dirname(os.path.abspath(checkpoint.checkpoint_path(cfg.resume))))
-    cfg = dataclasses.replace(cfg, out=on_main(world, lambda: _run_folder(cfg)))
-    out = cfg.out
 
     # ---- data: rank 0 finds or downloads the files, then every process loads them onto its device
     folder = on_main(world, lambda: data.locate(cfg.data_dir, cfg.download))
     mnist = data.load(folder, device, download=False)
     log(world, f"data: {len(mnist.train_y):,} training and {len(mnist.test_y):,} test images from {mnist.folder}")
+
+    cfg = dataclasses.replace(cfg, out=on_main(world, lambda: _run_folder(cfg)))  # created once the data is there
+    out = cfg.out
 
     # ---- model: seeded initial weights, equal in every process
     torch.manual_seed(cfg.seed)
@@ -86,23 +93,26 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
     net = Net(mlp, cfg.impl, cfg.label_smoothing)
     sizes = "-".join(str(s) for s in mlp.sizes)
     log(world, f"model: MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}, impl {cfg.impl}, "
-               f"{sum(p.numel() for p in mlp.parameters()):,} parameters; device {device}, {threads} "
-               f"thread{'s' if threads > 1 else ''}, "
-               f"{world.size} process{'es' if world.distributed else ''}")  # fmt: skip
+               f"{sum(p.numel() for p in mlp.parameters()):,} parameters; device {device}, {_plural(threads, 'thread')}, "
+               f"{_plural(world.size, 'process', 'processes')}")  # fmt: skip
 
-    log(world, f"training: {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g} "
+    log(world, f"training: {_plural(cfg.epochs, 'epoch')}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g} "
                f"weight decay {cfg.weight_decay:g}, schedule {cfg.schedule}, label smoothing {cfg.label_smoothing:g}, "
                f"augment {cfg.augment}, seed {cfg.seed}")  # fmt: skip
 
-    if cfg.check_grads and world.main:
-        batch = data.epoch_order(len(mnist.train_y), torch.Generator().manual_seed(cfg.seed))[: cfg.batch_size]
-        x, y = mnist.train_x[batch.to(device)], mnist.train_y[batch.to(device)]
-        for impl in dict.fromkeys((cfg.impl, "fused", "layers")):
-            result = check_grads(mlp, impl, cfg.label_smoothing, x, y)
-            log(world, result)
-            if not result.ok:
-                raise TrainingError(f"--check-grads: the {impl} gradients differ from torch autograd's "
-                                    f"by {result.worst_relative:.2e} (relative) in {result.worst_parameter}")  # fmt: skip
+    if cfg.check_grads:  # on rank 0; a mismatch stops every process
+
+        def check():
+            batch = data.epoch_order(len(mnist.train_y), torch.Generator().manual_seed(cfg.seed))[: cfg.batch_size]
+            x, y = mnist.train_x[batch.to(device)], mnist.train_y[batch.to(device)]
+            for impl in dict.fromkeys((cfg.impl, "fused", "layers")):
+                result = check_grads(mlp, impl, cfg.label_smoothing, x, y)
+                log(world, result)
+                if not result.ok:
+                    raise TrainingError(f"--check-grads: the {impl} gradients differ from torch autograd's "
+                                        f"by {result.worst_relative:.2e} (relative) in {result.worst_parameter}")  # fmt: skip
+
+        on_main(world, check)
 
     trainer = Trainer(net, cfg, mnist, world)
     native = None
@@ -202,7 +212,7 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
         log(world, "the checkpoint had finished all its epochs; nothing to do")
         metrics = write_metrics(completed=True)
     if world.main and history:
-        log(world, f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {len(history)} epochs, "
+        log(world, f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {_plural(len(history), 'epoch')}, "
                    f"{metrics['train_seconds']:.1f} s of training; files in {out}")  # fmt: skip
         if native is not None:
             metrics["native"]["time_ratio"] = _print_comparison(world, cfg, history, native_history)
@@ -222,6 +232,10 @@ def _run_folder(cfg: Config) -> str:
         raise TrainingError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
     os.makedirs(out, exist_ok=True)
     return out
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _summary(r: dict, epochs: int) -> str:
