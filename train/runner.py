@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import checkpoint, data, distributed, plots
 from .checks import check_grads
 from .config import TRAINING_OPTIONS, Config
-from .engine import Position, StopRequest, Trainer, TrainingError, rng_state, set_rng_state
+from .engine import Position, StopRequest, Trainer, TrainingError
 from .model import Net, build_mlp, torch_twin
 
 
