@@ -72,7 +72,7 @@ def tiny(tmp_path) -> Path:
 
 def tiny_config(data_dir: Path, out: Path, **changes) -> Config:
     base = Config(data_dir=str(data_dir), out=str(out), download=False, epochs=1, batch_size=16, hidden=(32, 16),
-                  dropout=0.0, progress=False, threads=1, lr=3e-3)  # fmt: skip
+                  dropout=0.0, progress=False, threads=1, lr=3e-3, device="cpu")  # fmt: skip
     return dataclasses.replace(base, **changes)
 
 
@@ -355,7 +355,7 @@ def test_two_processes_match_one(tiny, tmp_path):
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "train",
                "--data-dir", str(tiny), "--no-download", "--out", str(out), "--epochs", "2", "--batch-size", "15",
                "--hidden", "32,16", "--dropout", "0", "--lr", "3e-3", "--augment", "affine", "--threads", "1",
-               "--no-progress"]  # fmt: skip
+               "--device", "cpu", "--no-progress"]  # fmt: skip  (gloo on loopback)
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "2 processes" in result.stdout

@@ -9,6 +9,7 @@ import sys
 from .checkpoint import CheckpointError
 from .config import parse_args
 from .data import DataError
+from .distributed import SetupError
 from .engine import TrainingError
 from .runner import run
 
@@ -18,7 +19,7 @@ def main(argv=None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         metrics = run(cfg)
-    except (DataError, CheckpointError, TrainingError) as e:
+    except (DataError, CheckpointError, TrainingError, SetupError) as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)
         return 1

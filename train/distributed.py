@@ -22,6 +22,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+class SetupError(Exception):
+    """The processes cannot be set up as asked; the message is meant for the user."""
+
+
 @dataclass
 class World:
     rank: int = 0
@@ -47,7 +51,11 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise SetupError(f"process {local_rank} of this machine has no GPU of its own "
+                             f"({torch.cuda.device_count()} visible); start fewer processes or use --device cpu")  # fmt: skip
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 

@@ -51,6 +51,7 @@ def run(cfg: Config, on_step=None) -> dict:
     (``step`` counts from 1) and may inspect or change the trainer: tests use it."""
     world = distributed.setup(cfg.device)
     together = False  # whether every process got here alike, so that they can leave together
+    threads = torch.get_num_threads()  # restored on the way out, for callers in the same process
     try:
         metrics = _run(cfg, world, on_step)
         together = True
@@ -59,6 +60,7 @@ def run(cfg: Config, on_step=None) -> dict:
         together = True  # these are raised in every process at the same point
         raise
     finally:
+        torch.set_num_threads(threads)
         distributed.teardown(world, together)
 
 
