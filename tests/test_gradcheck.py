@@ -193,3 +193,29 @@ def test_user_subclasses_get_the_mechanism():
     z = torch.tensor([-1.0, 2.0], requires_grad=True)
     (grad,) = torch.autograd.grad(LeakyGradReLU.apply(z).sum(), z)
     assert grad.tolist() == pytest.approx([0.1, 1.0])
+
+
+def test_a_derivative_returning_the_saved_tensor_is_not_overwritten():
+    """The backward writes G_Z into h' only when h' is its own new tensor: exp' = exp, kept as the output."""
+    from manualgrad.functions import Elementwise
+
+    class ExpFunction(Elementwise):
+        @staticmethod
+        def forward(z):
+            return torch.exp(z)
+
+        @staticmethod
+        def saves_output(*_):
+            return True
+
+        @staticmethod
+        def derivative(y):
+            return y  # the saved output itself
+
+    z = torch.randn(5, dtype=F64, requires_grad=True)
+    y = ExpFunction.apply(z)
+    g = torch.randn(5, dtype=F64)
+    first = torch.autograd.grad(y, z, g, retain_graph=True)[0]
+    second = torch.autograd.grad(y, z, g)[0]
+    torch.testing.assert_close(first, g * torch.exp(z.detach()))
+    torch.testing.assert_close(second, first)
