@@ -2,8 +2,8 @@
 
 A step: take the next slice of the epoch's random order (this process's share
 of it under torchrun), distort the images (``--augment``), compute the loss,
-``backward()`` (for ``--impl fused`` the gradients were already computed inside
-the fused forward; backward only hands them over), average the gradients over
+``backward()`` (for ``--impl fused`` one autograd node: the whole MLP and its
+loss), average the gradients over
 the processes, check the loss is finite, ``optimizer.step()``,
 ``scheduler.step()``.
 
