@@ -3,9 +3,8 @@
 A step: take the next slice of the epoch's random order (this process's share
 of it under torchrun), distort the images (``--augment``), compute the loss,
 ``backward()`` (for ``--impl fused`` one autograd node: the whole MLP and its
-loss), average the gradients over
-the processes, check the loss is finite, ``optimizer.step()``,
-``scheduler.step()``.
+loss), average the gradients over the processes, check the loss is finite,
+``optimizer.step()``, ``scheduler.step()``.
 
 A :class:`Trainer` owns its model, optimizer, scheduler and random streams
 (the data generator, and a saved torch RNG state for dropout that it swaps in
