@@ -134,24 +134,66 @@ def _owned(h_prime: Tensor, grad_output: Tensor, saved: Tensor) -> bool:
 # than these, and a float * bool product converts the mask first.
 
 
-def _positive(s: Tensor) -> Tensor:
+class _Fresh:
+    """A tensor a derivative has just made, transformed step by step: ``_Fresh(z * z).mul(-0.5).exp()``.
+
+    Each step runs in place when no graph is being recorded, sparing a tensor-sized allocation (for
+    GELU's derivative on 1M elements, half the time); under ``create_graph`` it runs out of place,
+    since autograd needs every intermediate intact, and ``sigmoid``/``tanh`` go through our own
+    Functions, so that second derivatives are our formulas too. ``.t`` is the result.
+    """
+
+    __slots__ = ("t", "inplace")
+
+    def __init__(self, t: Tensor):
+        self.t, self.inplace = t, not torch.is_grad_enabled()
+
+    def _step(self, name: str, *args) -> "_Fresh":
+        args = tuple(a.t if isinstance(a, _Fresh) else a for a in args)
+        self.t = getattr(self.t, name + "_" if self.inplace else name)(*args)
+        return self
+
+    def add(self, other):
+        return self._step("add", other)
+
+    def mul(self, other):
+        return self._step("mul", other)
+
+    def neg(self):
+        return self._step("neg")
+
+    def exp(self):
+        return self._step("exp")
+
+    def erf(self):
+        return self._step("erf")
+
+    def sign(self):
+        return self._step("sign")
+
+    def clamp(self, min=None, max=None):
+        return self._step("clamp", min, max)
+
+    def select(self, positive: "_Fresh", where_positive: float = 1.0):
+        """``where_positive`` where ``positive`` is 1, this tensor where it is 0 (lerp is exact at both ends)."""
+        return self._step("lerp", self.t.new_full((), where_positive).expand_as(self.t), positive)
+
+    def sigmoid(self):
+        if self.inplace:
+            return self._step("sigmoid")
+        self.t = SigmoidFunction.apply(self.t)
+        return self
+
+    def tanh(self):
+        if self.inplace:
+            return self._step("tanh")
+        self.t = TanhFunction.apply(self.t)
+        return self
+
+
+def _positive(s: Tensor) -> _Fresh:
     """1[s > 0] in the dtype of ``s``: sign gives -1, 0, 1; the clamp folds -1 into 0."""
-    return s.sign().clamp(min=0)
-
-
-def _select(positive: Tensor, where_positive: float, elsewhere: Tensor) -> Tensor:
-    """``where_positive`` where ``positive`` is 1, ``elsewhere`` where it is 0 (lerp is exact at both ends)."""
-    return torch.lerp(elsewhere, elsewhere.new_full((), where_positive).expand_as(elsewhere), positive)
-
-
-def _sigmoid(z: Tensor) -> Tensor:
-    """σ(z) inside a derivative: our Function when a double backward records the graph."""
-    return SigmoidFunction.apply(z) if torch.is_grad_enabled() else torch.sigmoid(z)
-
-
-def _tanh(z: Tensor) -> Tensor:
-    """tanh(z) inside a derivative: our Function when a double backward records the graph."""
-    return TanhFunction.apply(z) if torch.is_grad_enabled() else torch.tanh(z)
+    return _Fresh(s.sign()).clamp(min=0)
 
 
 class ReLUFunction(Elementwise):
@@ -188,8 +230,8 @@ class LeakyReLUFunction(Elementwise):
     @staticmethod
     def derivative(s, negative_slope=0.01, *_):
         if 0 <= negative_slope <= 1:  # s = y: sign(y) in {-1, 0, 1} clamps to {a, a, 1}
-            return s.sign().clamp(min=negative_slope)
-        return _select(_positive(s), 1.0, torch.full_like(s, negative_slope))
+            return _Fresh(s.sign()).clamp(min=negative_slope).t
+        return _Fresh(torch.full_like(s, negative_slope)).select(_positive(s)).t
 
 
 class SigmoidFunction(Elementwise):
@@ -205,7 +247,7 @@ class SigmoidFunction(Elementwise):
 
     @staticmethod
     def derivative(y):
-        return y * (1 - y)
+        return _Fresh(1 - y).mul(y).t  # y (1 - y)
 
 
 class TanhFunction(Elementwise):
@@ -221,7 +263,7 @@ class TanhFunction(Elementwise):
 
     @staticmethod
     def derivative(y):
-        return 1 - y * y
+        return _Fresh(y * y).neg().add(1).t  # 1 - y²
 
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -247,11 +289,13 @@ class GELUFunction(Elementwise):
     @staticmethod
     def derivative(z, approximate="none"):
         if approximate == "tanh":
-            t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_K * z * z * z))
-            return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_K * z * z)
-        cdf = 0.5 * (1 + torch.erf(z * _SQRT_HALF))
-        pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-        return cdf + z * pdf
+            t = _Fresh(z * z).mul(_GELU_K).add(1).mul(z).mul(_SQRT_2_OVER_PI).tanh().t  # tanh(c (z + k z³))
+            slope = _Fresh(z * z).mul(3 * _GELU_K).add(1).mul(z).mul(0.5 * _SQRT_2_OVER_PI)  # ½ z c (1 + 3k z²)
+            slope.mul(_Fresh(t * t).neg().add(1))  # × (1 - t²)
+            return slope.add(_Fresh(t + 1).mul(0.5)).t  # + ½ (1 + t)
+        cdf = _Fresh(z * _SQRT_HALF).erf().add(1).mul(0.5)  # Φ(z) = ½ (1 + erf(z / √2))
+        z_pdf = _Fresh(z * z).mul(-0.5).exp().mul(_INV_SQRT_2PI).mul(z)  # z φ(z) = z e^(-z²/2) / √(2π)
+        return cdf.add(z_pdf).t
 
 
 class SiLUFunction(Elementwise):
@@ -263,8 +307,8 @@ class SiLUFunction(Elementwise):
 
     @staticmethod
     def derivative(z, *_):
-        s = _sigmoid(z)
-        return s * (1 + z * (1 - s))
+        s = SigmoidFunction.apply(z) if torch.is_grad_enabled() else torch.sigmoid(z)  # σ(z), ours under create_graph
+        return _Fresh(1 - s).mul(z).add(1).mul(s).t  # σ (1 + z (1 - σ))
 
 
 class ELUFunction(Elementwise):
@@ -286,8 +330,8 @@ class ELUFunction(Elementwise):
     @staticmethod
     def derivative(s, alpha=1.0, *_):
         if alpha > 0:  # s is the output y: y + alpha where y <= 0
-            return _select(_positive(s), 1.0, s.clamp(max=0) + alpha)
-        return _select(_positive(s), 1.0, alpha * torch.exp(s.clamp(max=0)))
+            return _Fresh(s.clamp(max=0)).add(alpha).select(_positive(s)).t
+        return _Fresh(s.clamp(max=0)).exp().mul(alpha).select(_positive(s)).t
 
 
 class SoftplusFunction(Elementwise):
@@ -305,5 +349,5 @@ class SoftplusFunction(Elementwise):
 
     @staticmethod
     def derivative(z, beta=1.0, threshold=20.0):
-        bz = z * beta
-        return _select(_positive(bz - threshold), 1.0, _sigmoid(bz))
+        beyond = _Fresh(z * beta).add(-threshold).sign().clamp(min=0)  # 1[βz > threshold]
+        return _Fresh(z * beta).sigmoid().select(beyond).t  # σ(βz), or 1 beyond the threshold
