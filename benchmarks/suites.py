@@ -106,9 +106,8 @@ def _mlp_variants(sizes, batch, device, dtype, activation="relu"):
         "native": step(native, lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y)),
         "layers": step(per_layer, lambda m, x, y: MF.cross_entropy(m(x), y)),
         "mlp": step(fused, lambda m, x, y: MF.cross_entropy(m(x), y)),
+        "mlp.loss": step(fused, lambda m, x, y: m.loss(x, y)),
     }
-    if dtype is None:  # the fused loss runs in the parameters' dtype (no autocast inside one Function)
-        variants["mlp.loss"] = step(fused, lambda m, x, y: m.loss(x, y))
     return variants, native, x
 
 
