@@ -119,13 +119,14 @@ def _owned(h_prime: Tensor, grad_output: Tensor, saved: Tensor) -> bool:
     gradcheck's batched check), and h' is a new tensor of the result's shape and dtype, not a
     view of the saved one."""
     return (
-        not torch.is_grad_enabled()
+        h_prime is not saved
+        and h_prime._base is None  # not a view (of the saved tensor or anything else)
+        and h_prime.dtype == grad_output.dtype
+        and h_prime.shape == grad_output.shape
+        and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()  # (the compiler fuses the product anyway)
         and not torch._C._are_functorch_transforms_active()
         and not torch._C._functorch.is_legacy_batchedtensor(grad_output)
-        and h_prime.shape == grad_output.shape
-        and h_prime.dtype == grad_output.dtype
-        and h_prime.untyped_storage().data_ptr() != saved.untyped_storage().data_ptr()
     )
 
 
