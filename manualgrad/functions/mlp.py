@@ -211,7 +211,7 @@ class MLPCrossEntropyFunction(ManualFunction):
             raise RuntimeError("MLPCrossEntropyFunction: called with wants_grad=False, so no gradient was prepared")
         input, *rest = ctx.saved_tensors
         params, (grad_logits, *kept) = rest[: 2 * ctx.layers], rest[2 * ctx.layers :]
-        # loss.backward() hands over exactly 1: nothing to scale (read on the CPU only: no device sync, no trace)
+        # a plain backward of the loss hands over exactly 1: nothing to scale (read on the CPU only: no device sync, no trace)
         if grad_loss.device.type != "cpu" or torch.compiler.is_compiling() or grad_loss.item() != 1.0:
             grad_logits = grad_logits * grad_loss
         needs = (ctx.needs_input_grad[0],) + ctx.needs_input_grad[4:]
