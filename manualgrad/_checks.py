@@ -11,6 +11,9 @@ import torch
 from torch import Tensor
 
 
+_REDUCTIONS = ("none", "mean", "sum")
+
+
 class InputError(ValueError, RuntimeError):
     """Bad input to a manualgrad layer.
 
@@ -50,6 +53,25 @@ def choice(layer: str, name: str, value, allowed) -> None:
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None, layer: str = "linear") -> None:
+    # The common case in one expression: after a large matrix product the interpreter's caches are
+    # cold, and each further Python step of a check costs several times what it does in a loop.
+    try:
+        if (
+            weight.dim() == 2
+            and input.shape[-1] == weight.shape[1]
+            and input.dtype == weight.dtype
+            and input.is_floating_point()
+            and input.device == weight.device
+            and (bias is None or bias.shape == weight.shape[:1] and bias.dtype == weight.dtype and bias.device == weight.device)
+        ):
+            return
+    except (AttributeError, IndexError, TypeError):
+        pass
+    _linear(input, weight, bias, layer)
+
+
+def _linear(input, weight, bias, layer) -> None:
+    """Each check in turn, with its message (and autocast's allowance for mixed dtypes)."""
     tensor(layer, "input", input)
     tensor(layer, "weight", weight)
     if weight.dim() != 2:
@@ -77,7 +99,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None, layer: str = "lin
 
 
 def reduction(layer: str, value: str) -> None:
-    choice(layer, "reduction", value, ("none", "mean", "sum"))
+    choice(layer, "reduction", value, _REDUCTIONS)
 
 
 def legacy_reduction(layer: str, size_average, reduce, reduction: str) -> str:
@@ -99,6 +121,29 @@ def _traced(t: Tensor) -> bool:
 
 def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing):
     """Validate; return ``ignore_index``, or None once the data show that no target equals it."""
+    try:  # the common case in one expression (see linear)
+        plain = (
+            weight is None
+            and input.dim() == 2
+            and target.dtype == torch.int64
+            and target.shape == input.shape[:1]
+            and input.is_floating_point()
+            and input.device == target.device
+            and reduction_ in _REDUCTIONS
+            and 0.0 <= label_smoothing <= 1.0
+        )
+    except (AttributeError, TypeError):
+        plain = False
+    if not plain:
+        _cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing)
+        if target.is_floating_point():
+            return ignore_index
+    return _class_values("cross_entropy", input, target, ignore_index)
+
+
+
+def _cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing) -> None:
+    """Each check on shapes, dtypes and options in turn, with its message."""
     layer = "cross_entropy"
     tensor(layer, "input", input)
     tensor(layer, "target", target)
@@ -133,12 +178,20 @@ def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothi
             f"{layer}: target has shape {shape(target)}, expected {tuple(expected)} "
             f"for input of shape {shape(input)} (class indices) or {shape(input)} (class probabilities)"
         )
+
+
+def _class_values(layer: str, input: Tensor, target: Tensor, ignore_index: int):
+    """Class indices in [0, C) or ``ignore_index``; return None when none equals ``ignore_index``.
+
+    Reads the data: on the CPU (two numbers, min and max); on CUDA as a device-side assert (no
+    host sync); not at all under torch.compile or torch.func.
+    """
+    classes = input.shape[0 if input.dim() == 1 else 1]
     if target.numel() == 0 or _traced(target):
         return ignore_index
-    message = f"{layer}: target holds class indices outside [0, {classes})"
-    if target.device.type != "cpu":  # no host sync: a device-side assert
+    if target.device.type != "cpu":
         bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-        torch._assert_async(~bad.any(), message)
+        torch._assert_async(~bad.any(), f"{layer}: target holds class indices outside [0, {classes})")
         return ignore_index
     low, high = (v.item() for v in torch.aminmax(target))
     if 0 <= low and high < classes:  # the common case, from two numbers
@@ -146,7 +199,10 @@ def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothi
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     if bad.any():
         value = target[bad][0].item()
-        raise InputError(f"{message} (e.g. {value}); the allowed range is 0..{classes - 1} or ignore_index={ignore_index}")
+        raise InputError(
+            f"{layer}: target holds class indices outside [0, {classes}) (e.g. {value}); "
+            f"the allowed range is 0..{classes - 1} or ignore_index={ignore_index}"
+        )
     return ignore_index
 
 
