@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import ManualFunction
+from .base import ManualFunction, save_for_forward
 
 __all__ = [
     "Elementwise",
@@ -89,7 +89,7 @@ class Elementwise(ManualFunction):
                 ctx.mark_dirty(z)
             saved = output if from_output else z
             ctx.save_for_backward(saved)
-            ctx.save_for_forward(saved)
+            save_for_forward(ctx, saved)
 
         def backward(ctx, grad_output):
             (saved,) = ctx.saved_tensors

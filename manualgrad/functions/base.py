@@ -25,10 +25,11 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 from torch.autograd import Function
 
-__all__ = ["ManualFunction", "applier", "cast"]
+__all__ = ["ManualFunction", "applier", "cast", "save_for_forward"]
 
 _DEFAULT_JVP = Function.jvp
 
@@ -68,3 +69,11 @@ def applier(function: type[ManualFunction]):
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)``, skipping the call when ``t`` already has it (always, outside autocast)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def save_for_forward(ctx, *tensors) -> None:
+    """``ctx.save_for_forward(*tensors)``, but only when forward-mode AD can call the jvp: inside a
+    ``torch.autograd.forward_ad.dual_level`` or a ``torch.func`` transform. Outside them the call
+    does nothing useful and costs ~2% of a small MLP's training step."""
+    if _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        ctx.save_for_forward(*tensors)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ManualFunction
+from .base import ManualFunction, save_for_forward
 
 __all__ = ["DropoutFunction"]
 
@@ -43,7 +43,7 @@ class DropoutFunction(ManualFunction):
         ctx.mark_non_differentiable(mask)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the mask
         ctx.save_for_backward(mask)
-        ctx.save_for_forward(mask)
+        save_for_forward(ctx, mask)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mask):

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ManualFunction, cast
+from .base import ManualFunction, cast, save_for_forward
 
 __all__ = ["CrossEntropyFunction", "MSELossFunction"]
 
@@ -188,7 +188,7 @@ class CrossEntropyFunction(ManualFunction):
     def setup_context(ctx, inputs, output):
         input, target, weight, ignore_index, reduction, label_smoothing = inputs
         ctx.save_for_backward(input, target, weight)
-        ctx.save_for_forward(input, target, weight)
+        save_for_forward(ctx, input, target, weight)
         ctx.options = (ignore_index, reduction, label_smoothing)
         ctx.dtype = output.dtype  # the compute dtype: float32 under autocast
 
@@ -256,7 +256,7 @@ class MSELossFunction(ManualFunction):
     def setup_context(ctx, inputs, output):
         input, target, weight, reduction = inputs
         ctx.save_for_backward(input, target, weight)
-        ctx.save_for_forward(input, target, weight)
+        save_for_forward(ctx, input, target, weight)
         ctx.reduction = reduction
         ctx.dtype = output.dtype  # the compute dtype: float32 under autocast
 
