@@ -73,7 +73,8 @@ def test_backward_runs_no_derivative_kernel(name, order):
     else:  # the double backward differentiates our backward: its ops must be ours or plain arithmetic too
         grads = torch.autograd.grad(out, leaves, create_graph=True)
         if not any(g.requires_grad for g in grads):
-            pytest.skip(f"{name}'s gradient is constant: nothing to differentiate twice")
+            assert name == "dropout", f"{name}'s gradient should depend on its input"  # G_X = G_Y ⊙ K/(1-p) is constant
+            return
         second = sum((g * torch.randn_like(g)).sum() for g in grads if g.requires_grad)
         with RecordOps() as recorder:
             torch.autograd.grad(second, leaves, allow_unused=True)
