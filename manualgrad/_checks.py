@@ -138,7 +138,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothi
         _cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing)
         if target.is_floating_point():
             return ignore_index
-    return _class_values("cross_entropy", input, target, ignore_index)
+    return _class_values("cross_entropy", target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
 
 
 
@@ -180,28 +180,32 @@ def _cross_entropy(input, target, weight, ignore_index, reduction_, label_smooth
         )
 
 
-def _class_values(layer: str, input: Tensor, target: Tensor, ignore_index: int):
-    """Class indices in [0, C) or ``ignore_index``; return None when none equals ``ignore_index``.
+def _class_values(layer: str, target: Tensor, classes: int, ignore_index: int | None = None):
+    """Class indices in [0, classes), or ``ignore_index`` (None: no row may be ignored).
 
-    Reads the data: on the CPU (two numbers, min and max); on CUDA as a device-side assert (no
-    host sync); not at all under torch.compile or torch.func.
+    Returns ``ignore_index``, or None when the data show that no target equals it. Reads the data
+    on the CPU (two numbers, min and max), on CUDA as a device-side assert (no host sync), and
+    not at all under torch.compile or torch.func.
     """
-    classes = input.shape[0 if input.dim() == 1 else 1]
     if target.numel() == 0 or _traced(target):
         return ignore_index
+
+    def bad():
+        outside = (target < 0) | (target >= classes)
+        return outside if ignore_index is None else outside & (target != ignore_index)
+
     if target.device.type != "cpu":
-        bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-        torch._assert_async(~bad.any(), f"{layer}: target holds class indices outside [0, {classes})")
+        torch._assert_async(~bad().any(), f"{layer}: target holds class indices outside [0, {classes})")
         return ignore_index
     low, high = (v.item() for v in torch.aminmax(target))
     if 0 <= low and high < classes:  # the common case, from two numbers
-        return None if not low <= ignore_index <= high else ignore_index
-    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-    if bad.any():
-        value = target[bad][0].item()
+        return ignore_index if ignore_index is not None and low <= ignore_index <= high else None
+    outside = bad()
+    if outside.any():
+        allowed = f"0..{classes - 1}" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise InputError(
-            f"{layer}: target holds class indices outside [0, {classes}) (e.g. {value}); "
-            f"the allowed range is 0..{classes - 1} or ignore_index={ignore_index}"
+            f"{layer}: target holds class indices outside [0, {classes}) (e.g. {target[outside][0].item()}); "
+            f"the allowed range is {allowed}"
         )
     return ignore_index
 
@@ -255,13 +259,4 @@ def class_indices(layer: str, input: Tensor, target: Tensor, classes: int) -> No
             f"got dtype {target.dtype} and shape {shape(target)}"
         )
     same_device(layer, "input", input, "target", target)
-    if target.numel() == 0 or _traced(target):
-        return
-    low, high = torch.aminmax(target)
-    message = f"{layer}: target holds class indices outside [0, {classes})"
-    if target.device.type != "cpu":  # no host sync: a device-side assert
-        torch._assert_async((low >= 0) & (high < classes), message)
-        return
-    low, high = low.item(), high.item()
-    if low < 0 or high >= classes:
-        raise InputError(f"{message} (min {low}, max {high}); the allowed range is 0..{classes - 1}")
+    _class_values(layer, target, classes)
