@@ -48,19 +48,43 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-MLP_COLUMNS = [("MLP", "sizes", "s"), ("batch", "batch", "d"), ("dtype", "dtype", "s"), ("native µs", "native_us", ".0f"),
-               ("per-layer / native", "layers_ratio", ".3f"), ("fused MLP / native", "mlp_ratio", ".3f"),
-               ("fused MLP+loss / native", "mlp.loss_ratio", ".3f"), ("native / GEMMs", "native_over_gemm", ".2f"),
-               ("per-layer / GEMMs", "layers_over_gemm", ".2f"), ("fused+loss / GEMMs", "mlp.loss_over_gemm", ".2f")]
-FUNCTION_COLUMNS = [("Function", "function", "s"), ("shape", "shape", "s"), ("native µs", "native_us", ".1f"),
-                    ("ours µs", "ours_us", ".1f"), ("ours / native", "ratio", ".3f")]
-MEMORY_COLUMNS = [("kind", "kind", "s"), ("native bytes", "native_bytes", ",d"), ("ours bytes", "ours_bytes", ",d"),
-                  ("ours / native", "ratio", ".3f"), ("per-layer / native", "layers_ratio", ".3f")]
+MLP_COLUMNS = [
+    ("MLP", "sizes", "s"),
+    ("batch", "batch", "d"),
+    ("dtype", "dtype", "s"),
+    ("native µs", "native_us", ".0f"),
+    ("per-layer / native", "layers_ratio", ".3f"),
+    ("fused MLP / native", "mlp_ratio", ".3f"),
+    ("fused MLP+loss / native", "mlp.loss_ratio", ".3f"),
+    ("native / GEMMs", "native_over_gemm", ".2f"),
+    ("per-layer / GEMMs", "layers_over_gemm", ".2f"),
+    ("fused+loss / GEMMs", "mlp.loss_over_gemm", ".2f"),
+]
+FUNCTION_COLUMNS = [
+    ("Function", "function", "s"),
+    ("shape", "shape", "s"),
+    ("native µs", "native_us", ".1f"),
+    ("ours µs", "ours_us", ".1f"),
+    ("ours / native", "ratio", ".3f"),
+]
+MEMORY_COLUMNS = [
+    ("kind", "kind", "s"),
+    ("native bytes", "native_bytes", ",d"),
+    ("ours bytes", "ours_bytes", ",d"),
+    ("ours / native", "ratio", ".3f"),
+    ("per-layer / native", "layers_ratio", ".3f"),
+]
 
 
 def run(device: str, threads: list[int], quick: bool, rounds: int) -> dict:
-    report = {"machine": machine(device), "device": device, "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "quick": quick, "runs": []}
+    report = {
+        "machine": machine(device),
+        "device": device,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "quick": quick,
+        "runs": [],
+    }
     thread_counts = threads if device == "cpu" else [torch.get_num_threads()]
     for n in thread_counts:
         torch.set_num_threads(n)
@@ -78,8 +102,10 @@ def run(device: str, threads: list[int], quick: bool, rounds: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    parts = [f"Machine: {report['machine']}; torch {report['torch']}; {report['date']}. "
-             "Ratios are ours / native (below 1 is better); medians of interleaved runs."]
+    parts = [
+        f"Machine: {report['machine']}; torch {report['torch']}; {report['date']}. "
+        "Ratios are ours / native (below 1 is better); medians of interleaved runs."
+    ]
     for r in report["runs"]:
         parts.append(f"\n**Training step (forward, loss, backward), {r['threads']} thread(s)**\n")
         parts.append(table(r["mlp_steps"], MLP_COLUMNS))
@@ -100,12 +126,17 @@ def write_atomically(path: Path, text: str) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--threads", default=f"1,{os.cpu_count()}",
-                        help="comma-separated CPU thread counts (default: 1 and all cores)")
+    parser.add_argument(
+        "--threads", default=f"1,{os.cpu_count()}", help="comma-separated CPU thread counts (default: 1 and all cores)"
+    )
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per case (default: 30)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds: checks that the code runs")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write <name>.json and <name>.md (default: benchmarks/results/<device>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write <name>.json and <name>.md (default: benchmarks/results/<device>)",
+    )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")

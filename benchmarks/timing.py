@@ -20,8 +20,14 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict[str, Callable[[], object]], *, device: str = "cpu", warmup: int = 3,
-                rounds: int = 30, min_time: float = 0.02) -> dict[str, float]:
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    device: str = "cpu",
+    warmup: int = 3,
+    rounds: int = 30,
+    min_time: float = 0.02,
+) -> dict[str, float]:
     """Median seconds per call of each function, timed in alternation.
 
     Each round times every function once (a run of ``inner`` back-to-back
@@ -42,7 +48,7 @@ def interleaved(fns: dict[str, Callable[[], object]], *, device: str = "cpu", wa
         inner[name] = max(1, min(1000, int(min_time / once)))
     samples = {name: [] for name in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             fn, n = fns[name], inner[name]
             synchronize(device)

@@ -15,13 +15,13 @@ from .coverage import Coverage, manual_coverage
 __version__ = "0.1.0"
 
 __all__ = [
-    "functional",
-    "functions",
-    "nn",
-    "convert",
-    "manual_coverage",
-    "Coverage",
     "ConversionWarning",
+    "Coverage",
     "InputError",
     "__version__",
+    "convert",
+    "functional",
+    "functions",
+    "manual_coverage",
+    "nn",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -62,7 +61,12 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None, layer: str = "lin
             and input.dtype == weight.dtype
             and input.is_floating_point()
             and input.device == weight.device
-            and (bias is None or bias.shape == weight.shape[:1] and bias.dtype == weight.dtype and bias.device == weight.device)
+            and (
+                bias is None
+                or (bias.shape == weight.shape[:1]
+                and bias.dtype == weight.dtype
+                and bias.device == weight.device)
+            )
         ):
             return
     except (AttributeError, IndexError, TypeError):
@@ -141,7 +145,6 @@ def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothi
     return _class_values("cross_entropy", target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
 
 
-
 def _cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing) -> None:
     """Each check on shapes, dtypes and options in turn, with its message."""
     layer = "cross_entropy"
@@ -159,7 +162,9 @@ def _cross_entropy(input, target, weight, ignore_index, reduction_, label_smooth
     if weight is not None:
         tensor(layer, "weight", weight)
         if weight.dim() != 1 or weight.shape[0] != classes:
-            raise InputError(f"{layer}: weight has shape {shape(weight)}, input has {classes} classes (shape {shape(input)})")
+            raise InputError(
+                f"{layer}: weight has shape {shape(weight)}, input has {classes} classes (shape {shape(input)})"
+            )
         same_device(layer, "input", input, "weight", weight)
         if weight.requires_grad and torch.is_grad_enabled():
             raise InputError(f"{layer}: the class weight is not differentiated; pass weight.detach()")
@@ -172,7 +177,9 @@ def _cross_entropy(input, target, weight, ignore_index, reduction_, label_smooth
         return ignore_index
     expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if target.dtype in (torch.bool, torch.uint8) or target.is_complex():
-        raise InputError(f"{layer}: target must hold class indices (int64) or class probabilities (float), got dtype {target.dtype}")
+        raise InputError(
+            f"{layer}: target must hold class indices (int64) or class probabilities (float), got dtype {target.dtype}"
+        )
     if target.shape != expected:
         raise InputError(
             f"{layer}: target has shape {shape(target)}, expected {tuple(expected)} "
@@ -221,7 +228,9 @@ def mse_loss(input, target, weight, reduction_) -> None:
     try:
         torch.broadcast_shapes(input.shape, target.shape)
     except RuntimeError:
-        raise InputError(f"{layer}: target shape {shape(target)} does not broadcast to input shape {shape(input)}") from None
+        raise InputError(
+            f"{layer}: target shape {shape(target)} does not broadcast to input shape {shape(input)}"
+        ) from None
     if target.shape != input.shape:
         import warnings
 
@@ -234,7 +243,9 @@ def mse_loss(input, target, weight, reduction_) -> None:
     if weight is not None:
         tensor(layer, "weight", weight)
         if weight.shape != input.shape:
-            raise InputError(f"{layer}: weight has shape {shape(weight)}, input has shape {shape(input)} (they must match)")
+            raise InputError(
+                f"{layer}: weight has shape {shape(weight)}, input has shape {shape(input)} (they must match)"
+            )
         same_device(layer, "input", input, "weight", weight)
         if weight.requires_grad and torch.is_grad_enabled():
             raise InputError(f"{layer}: the weight is not differentiated; pass weight.detach()")

@@ -15,7 +15,7 @@ import torch
 from . import _checks
 from . import nn as mnn
 
-__all__ = ["convert", "TWINS", "ConversionWarning"]
+__all__ = ["TWINS", "ConversionWarning", "convert"]
 
 #: torch.nn class -> manualgrad twin. Only exact types are converted: a subclass
 #: of torch.nn.Linear may have its own forward, so it is left alone and reported.

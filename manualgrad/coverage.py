@@ -9,7 +9,7 @@ import torch
 
 from .functions import ManualFunction
 
-__all__ = ["manual_coverage", "Coverage"]
+__all__ = ["Coverage", "manual_coverage"]
 
 
 @dataclass

@@ -30,18 +30,18 @@ from .functions import (
 from .functions.base import applier
 
 __all__ = [
-    "linear",
-    "relu",
-    "leaky_relu",
-    "sigmoid",
-    "tanh",
-    "gelu",
-    "silu",
-    "elu",
-    "softplus",
     "cross_entropy",
-    "mse_loss",
     "dropout",
+    "elu",
+    "gelu",
+    "leaky_relu",
+    "linear",
+    "mse_loss",
+    "relu",
+    "sigmoid",
+    "silu",
+    "softplus",
+    "tanh",
 ]
 
 _linear = applier(LinearFunction)
@@ -70,7 +70,7 @@ def _maybe_inplace(function, apply, input: Tensor, *args, inplace: bool) -> Tens
     if not inplace:
         return apply(input, *args, False)
     from_output = function.saves_output(*args)
-    if torch.compiler.is_compiling() or not from_output and input.requires_grad and torch.is_grad_enabled():
+    if torch.compiler.is_compiling() or (not from_output and input.requires_grad and torch.is_grad_enabled()):
         kept = input if from_output else input.clone()  # the Function keeps its input: not the one overwritten
         return input.copy_(apply(kept, *args, False))
     return apply(input, *args, True)

@@ -32,20 +32,20 @@ from .functions import (
 )
 
 __all__ = [
-    "Linear",
-    "ReLU",
-    "LeakyReLU",
-    "Sigmoid",
-    "Tanh",
-    "GELU",
-    "SiLU",
-    "ELU",
-    "Softplus",
-    "Dropout",
-    "CrossEntropyLoss",
-    "MSELoss",
-    "MLP",
     "ACTIVATIONS",
+    "ELU",
+    "GELU",
+    "MLP",
+    "CrossEntropyLoss",
+    "Dropout",
+    "LeakyReLU",
+    "Linear",
+    "MSELoss",
+    "ReLU",
+    "SiLU",
+    "Sigmoid",
+    "Softplus",
+    "Tanh",
 ]
 
 
@@ -348,7 +348,9 @@ class MLP(torch.nn.Sequential):
         params = self._params()
         _checks.linear(input, params[0], params[1], layer="MLP.loss")
         _checks.class_indices("MLP.loss", input, target, self.sizes[-1])
-        wants_grad = torch.is_grad_enabled() and (input.requires_grad or any(p is not None and p.requires_grad for p in params))
+        wants_grad = torch.is_grad_enabled() and (
+            input.requires_grad or any(p is not None and p.requires_grad for p in params)
+        )
         return MLPCrossEntropyFunction.apply(input, target, self._spec(label_smoothing), wants_grad, *params)[0]
 
     def per_layer(self) -> torch.nn.Sequential:

@@ -39,4 +39,6 @@ def test_saved_bytes_counts_distinct_storages():
     # x @ w saves x (only w needs a gradient); relu saves its output: 3 x 4 float32 = 48 bytes each
     assert saved_bytes(lambda: torch.relu(x @ w), [w, x]) == 48
     assert saved_bytes(lambda: torch.relu(x @ w), []) == 48 + 48
-    assert saved_bytes(lambda: torch.relu(x @ w) * torch.relu(x @ w), []) == 3 * 48  # x once; mul saves the two relu outputs again: no extra storage
+    assert (
+        saved_bytes(lambda: torch.relu(x @ w) * torch.relu(x @ w), []) == 3 * 48
+    )  # x once; mul saves the two relu outputs again: no extra storage

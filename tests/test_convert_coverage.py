@@ -29,8 +29,11 @@ class DerivativeKernels(TorchDispatchMode):
 
 def torch_mlp():
     return torch.nn.Sequential(
-        torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Dropout(0.0),
-        torch.nn.Linear(16, 16), torch.nn.Tanh(),
+        torch.nn.Linear(12, 16),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.0),
+        torch.nn.Linear(16, 16),
+        torch.nn.Tanh(),
         torch.nn.Linear(16, 5),
     ).double()
 
@@ -40,7 +43,8 @@ def test_every_gradient_of_the_step_is_ours_and_matches_torch():
     torch.manual_seed(0)
     twin = torch_mlp()
     ours = torch.nn.Sequential(
-        mnn.Linear(12, 16), mnn.ReLU(), mnn.Dropout(0.0), mnn.Linear(16, 16), mnn.Tanh(), mnn.Linear(16, 5)).double()
+        mnn.Linear(12, 16), mnn.ReLU(), mnn.Dropout(0.0), mnn.Linear(16, 16), mnn.Tanh(), mnn.Linear(16, 5)
+    ).double()
     ours.load_state_dict(twin.state_dict())
     x, y = torch.randn(32, 12, dtype=torch.float64), torch.randint(0, 5, (32,))
 
@@ -87,7 +91,10 @@ def test_convert_keeps_parameters_and_the_optimizer():
 
     x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
     for _ in range(3):
-        for m, opt, ce in ((model, optimizer, MF.cross_entropy), (reference, ref_optimizer, torch.nn.functional.cross_entropy)):
+        for m, opt, ce in (
+            (model, optimizer, MF.cross_entropy),
+            (reference, ref_optimizer, torch.nn.functional.cross_entropy),
+        ):
             opt.zero_grad()
             loss = ce(m(x), y)
             loss.backward()
@@ -110,7 +117,9 @@ def test_convert_reports_what_it_leaves_alone():
     class MyLinear(torch.nn.Linear):
         pass
 
-    model = torch.nn.Sequential(torch.nn.Flatten(), Block(), torch.nn.GELU(), MyLinear(4, 3), torch.nn.CrossEntropyLoss())
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), Block(), torch.nn.GELU(), MyLinear(4, 3), torch.nn.CrossEntropyLoss()
+    )
     with pytest.warns(ConversionWarning) as record:
         manualgrad.convert(model)
     message = str(record[0].message)
@@ -131,8 +140,13 @@ def test_convert_is_quiet_and_idempotent_on_a_clean_model():
 
 
 def test_converted_modules_keep_their_settings():
-    model = torch.nn.Sequential(torch.nn.LeakyReLU(0.2, inplace=True), torch.nn.ELU(alpha=0.5), torch.nn.Softplus(2.0, 5.0),
-                                torch.nn.MSELoss(reduction="sum"), torch.nn.Dropout(1.0))
+    model = torch.nn.Sequential(
+        torch.nn.LeakyReLU(0.2, inplace=True),
+        torch.nn.ELU(alpha=0.5),
+        torch.nn.Softplus(2.0, 5.0),
+        torch.nn.MSELoss(reduction="sum"),
+        torch.nn.Dropout(1.0),
+    )
     with pytest.warns(ConversionWarning, match=r"4 \(Dropout\)"):  # p = 1 has no twin
         manualgrad.convert(model)
     assert repr(model[0]) == "LeakyReLU(negative_slope=0.2, inplace=True)" and isinstance(model[0], mnn.LeakyReLU)

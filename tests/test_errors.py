@@ -23,7 +23,9 @@ def test_linear_feature_mismatch_names_both_shapes():
 
 @pytest.mark.parametrize("bias_shape", [(4,), (3, 1), ()])
 def test_linear_bias_of_the_wrong_length(bias_shape):
-    with pytest.raises(InputError, match=re.escape(f"linear: bias has shape {bias_shape}, weight has 3 output features")):
+    with pytest.raises(
+        InputError, match=re.escape(f"linear: bias has shape {bias_shape}, weight has 3 output features")
+    ):
         MF.linear(torch.randn(2, 5), torch.randn(3, 5), torch.randn(bias_shape))
 
 

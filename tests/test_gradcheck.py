@@ -7,12 +7,12 @@ import itertools
 
 import pytest
 import torch
+from conftest import ACTIVATION_IDS, ACTIVATIONS, DEVICES
 from torch.autograd import gradcheck, gradgradcheck
 
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad.functions import MLPCrossEntropyFunction, MLPFunction
-from conftest import ACTIVATION_IDS, ACTIVATIONS, DEVICES
 
 F64 = torch.float64
 FULL = dict(check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True, check_undefined_grad=True)
@@ -62,8 +62,11 @@ def test_activation(device, shape, name, ours, _torch, kwargs, kink):
     check(lambda t: ours(t, **kwargs), (z.requires_grad_(),))
 
 
-@pytest.mark.parametrize("name,ours,_torch,kwargs,kink", [a for a in ACTIVATIONS if a[4] is not None], ids=[
-    a[0] for a in ACTIVATIONS if a[4] is not None])
+@pytest.mark.parametrize(
+    "name,ours,_torch,kwargs,kink",
+    [a for a in ACTIVATIONS if a[4] is not None],
+    ids=[a[0] for a in ACTIVATIONS if a[4] is not None],
+)
 def test_activation_near_kink(name, ours, _torch, kwargs, kink):
     """Both sides of the kink, a finite-difference step away: each one-sided derivative is right."""
     offsets = torch.tensor([-1e-3, -1e-4, 1e-4, 1e-3], dtype=F64)
@@ -106,7 +109,10 @@ def test_cross_entropy_large_logits():
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
         torch.testing.assert_close(loss, expected)
         torch.testing.assert_close(grad, expected_grad)
-    check(lambda t: MF.cross_entropy(t, torch.tensor([1, 0])), (torch.tensor([[1e3, -1e3, 0.5], [2e3, 1e3, 0.0]], dtype=F64, requires_grad=True),))
+    check(
+        lambda t: MF.cross_entropy(t, torch.tensor([1, 0])),
+        (torch.tensor([[1e3, -1e3, 0.5], [2e3, 1e3, 0.0]], dtype=F64, requires_grad=True),),
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -183,7 +189,9 @@ def test_user_subclasses_get_the_mechanism():
 
     squareplus = applier(SquarePlusFunction)
     check(squareplus, (torch.randn(6, dtype=F64, requires_grad=True),))
-    assert SquarePlusFunction.traceable is not SquarePlusFunction and issubclass(SquarePlusFunction.traceable, SquarePlusFunction)
+    assert SquarePlusFunction.traceable is not SquarePlusFunction and issubclass(
+        SquarePlusFunction.traceable, SquarePlusFunction
+    )
 
     class LeakyGradReLU(ReLUFunction):  # a "straight-through"-style rule: let 10% through where y = 0
         @staticmethod

@@ -15,15 +15,19 @@ F64 = torch.float64
 @pytest.mark.parametrize("activation", list(mnn.ACTIVATIONS) + ["gelu_tanh", "leaky_negative", "elu_negative"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_equals_per_layer_float64(activation, dropout):
-    module = {"gelu_tanh": mnn.GELU("tanh"), "leaky_negative": mnn.LeakyReLU(-0.2), "elu_negative": mnn.ELU(-0.5)}.get(activation, activation)
+    module = {"gelu_tanh": mnn.GELU("tanh"), "leaky_negative": mnn.LeakyReLU(-0.2), "elu_negative": mnn.ELU(-0.5)}.get(
+        activation, activation
+    )
     model = mnn.MLP([7, 6, 5, 3], activation=module, dropout=dropout).double()
     per_layer = model.per_layer()
     x, y = torch.randn(9, 7, dtype=F64, requires_grad=True), torch.randint(0, 3, (9,))
     leaves = [x, *model.parameters()]
     results = []
-    for run in (lambda: MF.cross_entropy(model(x), y, label_smoothing=0.1),
-                lambda: model.loss(x, y, label_smoothing=0.1),
-                lambda: MF.cross_entropy(per_layer(x), y, label_smoothing=0.1)):
+    for run in (
+        lambda: MF.cross_entropy(model(x), y, label_smoothing=0.1),
+        lambda: model.loss(x, y, label_smoothing=0.1),
+        lambda: MF.cross_entropy(per_layer(x), y, label_smoothing=0.1),
+    ):
         torch.manual_seed(5)  # the same dropout masks: the fused forward draws them in layer order
         loss = run()
         results.append((loss, torch.autograd.grad(loss, leaves)))

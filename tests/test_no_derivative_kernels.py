@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ACTIVATION_IDS, ACTIVATIONS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
-from conftest import ACTIVATION_IDS, ACTIVATIONS
 
 
 class RecordOps(TorchDispatchMode):
@@ -53,8 +53,9 @@ def _leaf(*shape):
 CASES = {
     "linear": lambda x: (lambda w, b: (MF.linear(x, w, b), [w, b]))(_leaf(3, 5), _leaf(3)),
     "cross_entropy": lambda x: (MF.cross_entropy(x, torch.tensor([0, 4, 2, 1]), label_smoothing=0.1), []),
-    "cross_entropy_probs": lambda x: (lambda t: (MF.cross_entropy(x, t, weight=torch.rand(5, dtype=torch.float64)), [t]))(
-        torch.softmax(torch.randn(4, 5, dtype=torch.float64), 1).requires_grad_()),
+    "cross_entropy_probs": lambda x: (
+        lambda t: (MF.cross_entropy(x, t, weight=torch.rand(5, dtype=torch.float64)), [t])
+    )(torch.softmax(torch.randn(4, 5, dtype=torch.float64), 1).requires_grad_()),
     "mse_loss": lambda x: (lambda t: (MF.mse_loss(x, t), [t]))(_leaf(4, 5)),
     "dropout": lambda x: (MF.dropout(x, 0.3), []),
     **{name: (lambda fn, kw: lambda x: (fn(x, **kw), []))(fn, kw) for name, fn, _, kw, _ in ACTIVATIONS},

@@ -8,15 +8,20 @@ import pickle
 
 import pytest
 import torch
+from conftest import ACTIVATION_IDS, ACTIVATIONS, DEVICES
 
 import manualgrad
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
-from conftest import ACTIVATION_IDS, ACTIVATIONS, DEVICES
 
 # (rtol, atol) per dtype: float64 to rounding, float32 to a few ulps, half types to their short mantissas
 # (torch.testing's own defaults for float16 and bfloat16 are (1e-3, 1e-5) and (1.6e-2, 1e-5)).
-TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
+TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -91,21 +96,31 @@ def test_activation(device, dtype, name, ours, theirs, kwargs, kink):
     for g in (torch.randn(6, 7, dtype=dtype, device=device), non_contiguous((6, 7), dtype, device)):
         check(lambda t: ours(t, **kwargs), lambda t: theirs(t, **kwargs), [z], g, dtype)
     empty = torch.randn(0, 7, dtype=dtype, device=device, requires_grad=True)
-    assert_parity(lambda t: ours(t, **kwargs), lambda t: theirs(t, **kwargs), [empty], torch.randn(0, 7, dtype=dtype, device=device), dtype)
+    assert_parity(
+        lambda t: ours(t, **kwargs),
+        lambda t: theirs(t, **kwargs),
+        [empty],
+        torch.randn(0, 7, dtype=dtype, device=device),
+        dtype,
+    )
 
 
-@pytest.mark.parametrize("name,ours,theirs,kwargs", [
-    ("relu", MF.relu, torch.nn.functional.relu, {}),
-    ("leaky_relu", MF.leaky_relu, torch.nn.functional.leaky_relu, {"negative_slope": 0.1}),
-    ("elu", MF.elu, torch.nn.functional.elu, {"alpha": 0.7}),
-    ("silu", MF.silu, torch.nn.functional.silu, {}),
-])
+@pytest.mark.parametrize(
+    "name,ours,theirs,kwargs",
+    [
+        ("relu", MF.relu, torch.nn.functional.relu, {}),
+        ("leaky_relu", MF.leaky_relu, torch.nn.functional.leaky_relu, {"negative_slope": 0.1}),
+        ("elu", MF.elu, torch.nn.functional.elu, {"alpha": 0.7}),
+        ("silu", MF.silu, torch.nn.functional.silu, {}),
+    ],
+)
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_inplace_activation(name, ours, theirs, kwargs, compiled):
     """inplace=True overwrites the input (a non-leaf) and still differentiates correctly, eager and compiled."""
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     results = []
     for fn in (ours, theirs):
+
         def step(x):
             z = x * 1.5  # non-leaf
             out = fn(z, inplace=True, **kwargs)
@@ -138,8 +153,11 @@ def test_inplace_silu_function_refuses_to_lose_its_input():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": True}, {"ignore": True}], ids=[
-    "plain", "smoothing", "weight", "ignore_index"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.1}, {"weight": True}, {"ignore": True}],
+    ids=["plain", "smoothing", "weight", "ignore_index"],
+)
 def test_cross_entropy(device, dtype, reduction, options):
     x = (torch.randn(6, 5, device=device) * 3).to(dtype).requires_grad_()
     target = torch.randint(0, 5, (6,), device=device)
@@ -153,7 +171,9 @@ def test_cross_entropy(device, dtype, reduction, options):
     assert_parity(
         lambda t: MF.cross_entropy(t, target, **kwargs),
         lambda t: torch.nn.functional.cross_entropy(t, target, **kwargs),
-        [x], g, dtype,
+        [x],
+        g,
+        dtype,
     )
 
 
@@ -163,9 +183,16 @@ def test_cross_entropy_probabilities_and_spatial(dtype):
     target = torch.randint(0, 4, (3, 2, 2))
     probs = torch.softmax(torch.randn(3, 4, 2, 2), 1).to(dtype)
     g = torch.tensor(1.0, dtype=dtype)
-    assert_parity(lambda t: MF.cross_entropy(t, target), lambda t: torch.nn.functional.cross_entropy(t, target), [x], g, dtype)
-    assert_parity(lambda t: MF.cross_entropy(t, probs, label_smoothing=0.05),
-                  lambda t: torch.nn.functional.cross_entropy(t, probs, label_smoothing=0.05), [x], g, dtype)
+    assert_parity(
+        lambda t: MF.cross_entropy(t, target), lambda t: torch.nn.functional.cross_entropy(t, target), [x], g, dtype
+    )
+    assert_parity(
+        lambda t: MF.cross_entropy(t, probs, label_smoothing=0.05),
+        lambda t: torch.nn.functional.cross_entropy(t, probs, label_smoothing=0.05),
+        [x],
+        g,
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,8 +202,13 @@ def test_mse_loss(device, dtype, reduction):
     x = torch.randn(4, 3, device=device).to(dtype).requires_grad_()
     t = torch.randn(4, 3, device=device).to(dtype).requires_grad_()
     g = torch.rand((4, 3) if reduction == "none" else (), device=device).to(dtype)
-    assert_parity(lambda a, b: MF.mse_loss(a, b, reduction=reduction),
-                  lambda a, b: torch.nn.functional.mse_loss(a, b, reduction=reduction), [x, t], g, dtype)
+    assert_parity(
+        lambda a, b: MF.mse_loss(a, b, reduction=reduction),
+        lambda a, b: torch.nn.functional.mse_loss(a, b, reduction=reduction),
+        [x, t],
+        g,
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -259,8 +291,23 @@ def test_linear_checkpoint_round_trip():
     assert repr(ours) == "Linear(in_features=6, out_features=4, bias=False)"
 
 
-@pytest.mark.parametrize("name", ["linear", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu", "elu", "softplus",
-                                  "cross_entropy", "mse_loss", "dropout"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear",
+        "relu",
+        "leaky_relu",
+        "sigmoid",
+        "tanh",
+        "gelu",
+        "silu",
+        "elu",
+        "softplus",
+        "cross_entropy",
+        "mse_loss",
+        "dropout",
+    ],
+)
 def test_functional_signature(name):
     """Same parameter names, order and defaults as torch.nn.functional (where torch exposes them)."""
     ours = inspect.signature(getattr(MF, name))
@@ -272,8 +319,15 @@ def test_functional_signature(name):
             "gelu": "(input, approximate='none')",
             "softplus": "(input, beta=1.0, threshold=20.0)",
         }[name]
-        assert str(ours.replace(return_annotation=inspect.Signature.empty, parameters=[
-            p.replace(annotation=inspect.Parameter.empty) for p in ours.parameters.values()])) == theirs
+        assert (
+            str(
+                ours.replace(
+                    return_annotation=inspect.Signature.empty,
+                    parameters=[p.replace(annotation=inspect.Parameter.empty) for p in ours.parameters.values()],
+                )
+            )
+            == theirs
+        )
         return
     assert parameters(ours) == parameters(theirs)
 
@@ -287,7 +341,9 @@ def test_sequential_model_parity_float32():
     """A whole model of our modules against the same torch.nn model: loss and every gradient."""
     torch.manual_seed(0)
     ours = torch.nn.Sequential(mnn.Linear(10, 16), mnn.GELU(), mnn.Linear(16, 8), mnn.Tanh(), mnn.Linear(8, 3))
-    theirs = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.GELU(), torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    theirs = torch.nn.Sequential(
+        torch.nn.Linear(10, 16), torch.nn.GELU(), torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    )
     theirs.load_state_dict(ours.state_dict())
     x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
     MF.cross_entropy(ours(x), y).backward()

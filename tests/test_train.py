@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import Config, run
-from train import augment, checkpoint, data
+from train import Config, augment, checkpoint, data, run
 from train.config import parse_args
 from train.engine import TrainingError
 
@@ -71,14 +70,31 @@ def tiny(tmp_path) -> Path:
 
 
 def tiny_config(data_dir: Path, out: Path, **changes) -> Config:
-    base = Config(data_dir=str(data_dir), out=str(out), download=False, epochs=1, batch_size=16, hidden=(32, 16),
-                  dropout=0.0, progress=False, threads=1, lr=3e-3, device="cpu")  # fmt: skip
+    base = Config(
+        data_dir=str(data_dir),
+        out=str(out),
+        download=False,
+        epochs=1,
+        batch_size=16,
+        hidden=(32, 16),
+        dropout=0.0,
+        progress=False,
+        threads=1,
+        lr=3e-3,
+        device="cpu",
+    )
     return dataclasses.replace(base, **changes)
 
 
 def run_cli(*args, cwd=REPO, timeout=120, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **env})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
 
 
 def load_params(run_folder: Path) -> dict:
@@ -227,8 +243,9 @@ def test_layers_impl_trains_like_fused(tiny, tmp_path):
 
 
 def test_compare_native_and_check_grads(tiny, tmp_path, capsys):
-    cfg = tiny_config(tiny, tmp_path / "run", epochs=2, dropout=0.2, label_smoothing=0.1,
-                      compare_native=True, check_grads=True)  # fmt: skip
+    cfg = tiny_config(
+        tiny, tmp_path / "run", epochs=2, dropout=0.2, label_smoothing=0.1, compare_native=True, check_grads=True
+    )
     metrics = run(cfg)
     printed = capsys.readouterr().out
     assert "largest relative difference" in printed and "MISMATCH" not in printed
@@ -313,9 +330,18 @@ def test_failed_download_gives_a_short_message(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--epochs", "-1"], ["--epochs", "2.5"], ["--lr", "fast"], ["--lr", "-0.1"], ["--activation", "swish"],
-     ["--hidden", "512,x"], ["--dropout", "1"], ["--batch-size", "0"], ["--preset", "fastest"]],
-)  # fmt: skip
+    [
+        ["--epochs", "-1"],
+        ["--epochs", "2.5"],
+        ["--lr", "fast"],
+        ["--lr", "-0.1"],
+        ["--activation", "swish"],
+        ["--hidden", "512,x"],
+        ["--dropout", "1"],
+        ["--batch-size", "0"],
+        ["--preset", "fastest"],
+    ],
+)
 def test_bad_options_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
@@ -351,11 +377,39 @@ def test_two_processes_match_one(tiny, tmp_path):
     single = run(tiny_config(tiny, tmp_path / "one", **options))
 
     out = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "train",
-               "--data-dir", str(tiny), "--no-download", "--out", str(out), "--epochs", "2", "--batch-size", "15",
-               "--hidden", "32,16", "--dropout", "0", "--lr", "3e-3", "--augment", "affine", "--threads", "1",
-               "--device", "cpu", "--no-progress"]  # fmt: skip  (gloo on loopback)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "train",
+        "--data-dir",
+        str(tiny),
+        "--no-download",
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "15",
+        "--hidden",
+        "32,16",
+        "--dropout",
+        "0",
+        "--lr",
+        "3e-3",
+        "--augment",
+        "affine",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]  # gloo on loopback
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "2 processes" in result.stdout

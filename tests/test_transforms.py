@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CUDA
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
-from conftest import CUDA
 
 
 def small_model(activation=mnn.GELU):
@@ -17,13 +17,19 @@ def small_model(activation=mnn.GELU):
 
 
 def torch_twin(model):
-    twin = torch.nn.Sequential(*[torch.nn.Linear(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear)
-                                 else type(m).__mro__[1]() for m in model]).double()
+    twin = torch.nn.Sequential(
+        *[
+            torch.nn.Linear(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else type(m).__mro__[1]()
+            for m in model
+        ]
+    ).double()
     twin.load_state_dict(model.state_dict())
     return twin
 
 
-@pytest.mark.parametrize("activation", [mnn.GELU, mnn.ReLU, mnn.SiLU, mnn.ELU, mnn.Softplus, mnn.LeakyReLU, mnn.Sigmoid])
+@pytest.mark.parametrize(
+    "activation", [mnn.GELU, mnn.ReLU, mnn.SiLU, mnn.ELU, mnn.Softplus, mnn.LeakyReLU, mnn.Sigmoid]
+)
 def test_vmap_per_sample_gradients(activation):
     model = small_model(activation)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -57,7 +63,10 @@ def test_forward_ad_through_parameters_and_loss():
     wt, bt = torch.randn_like(w), torch.randn_like(b)
     x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
     tangents = []
-    for linear, ce, relu in ((MF.linear, MF.cross_entropy, MF.relu), (torch.nn.functional.linear, torch.nn.functional.cross_entropy, torch.relu)):
+    for linear, ce, relu in (
+        (MF.linear, MF.cross_entropy, MF.relu),
+        (torch.nn.functional.linear, torch.nn.functional.cross_entropy, torch.relu),
+    ):
         with fwAD.dual_level():
             out = ce(relu(linear(x, fwAD.make_dual(w, wt), fwAD.make_dual(b, bt))), y, label_smoothing=0.1)
             tangents.append(fwAD.unpack_dual(out).tangent)
@@ -109,8 +118,10 @@ def test_compile_fused_mlp(fused_loss):
     assert breaks == 0, reasons
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    for a, b in zip(torch.autograd.grad(compiled(x, y), list(model.parameters())),
-                    torch.autograd.grad(step(x, y), list(model.parameters()))):
+    for a, b in zip(
+        torch.autograd.grad(compiled(x, y), list(model.parameters())),
+        torch.autograd.grad(step(x, y), list(model.parameters())),
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -132,17 +143,24 @@ def test_compile_with_inductor():
 
 def _autocast_pair(device):
     torch.manual_seed(0)
-    ours = torch.nn.Sequential(mnn.Linear(10, 16), mnn.ReLU(), mnn.Linear(16, 16), mnn.GELU(), mnn.Linear(16, 4)).to(device)
-    theirs = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(device)
+    ours = torch.nn.Sequential(mnn.Linear(10, 16), mnn.ReLU(), mnn.Linear(16, 16), mnn.GELU(), mnn.Linear(16, 4)).to(
+        device
+    )
+    theirs = torch.nn.Sequential(
+        torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)
+    ).to(device)
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 
 
-@pytest.mark.parametrize("device,dtype", [
-    ("cpu", torch.bfloat16),
-    pytest.param("cuda", torch.float16, marks=CUDA),
-    pytest.param("cuda", torch.bfloat16, marks=CUDA),
-])
+@pytest.mark.parametrize(
+    "device,dtype",
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.float16, marks=CUDA),
+        pytest.param("cuda", torch.bfloat16, marks=CUDA),
+    ],
+)
 def test_autocast_behaves_like_torch_nn(device, dtype):
     ours, theirs = _autocast_pair(device)
     x, y = torch.randn(8, 10, device=device), torch.randint(0, 4, (8,), device=device)
@@ -162,16 +180,20 @@ def test_autocast_behaves_like_torch_nn(device, dtype):
         torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-3)
 
 
-@pytest.mark.parametrize("device,dtype", [
-    ("cpu", torch.bfloat16),
-    pytest.param("cuda", torch.float16, marks=CUDA),
-    pytest.param("cuda", torch.bfloat16, marks=CUDA),
-])
+@pytest.mark.parametrize(
+    "device,dtype",
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.float16, marks=CUDA),
+        pytest.param("cuda", torch.bfloat16, marks=CUDA),
+    ],
+)
 def test_autocast_fused_mlp(device, dtype):
     torch.manual_seed(0)
     model = mnn.MLP([10, 16, 16, 4], activation="gelu").to(device)
-    twin = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.GELU(),
-                               torch.nn.Linear(16, 4)).to(device)
+    twin = torch.nn.Sequential(
+        torch.nn.Linear(10, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)
+    ).to(device)
     twin.load_state_dict(model.state_dict())
     x, y = torch.randn(8, 10, device=device), torch.randint(0, 4, (8,), device=device)
     with torch.autocast(device, dtype=dtype):

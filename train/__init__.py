@@ -18,4 +18,4 @@ and its torch.nn twin), ``engine.py`` (the training loop), ``checks.py``
 from .config import PRESETS, Config
 from .runner import run
 
-__all__ = ["Config", "PRESETS", "run"]
+__all__ = ["PRESETS", "Config", "run"]

@@ -36,9 +36,11 @@ class GradCheck:
 
     def __str__(self) -> str:
         verdict = "OK" if self.ok else f"MISMATCH (tolerance {TOLERANCE:g})"
-        return (f"check-grads [{self.impl}]: largest relative difference to torch autograd "
-                f"{self.worst_relative:.2e} (in {self.worst_parameter}), loss difference "
-                f"{self.loss_difference:.1e}: {verdict}\n  backward graph: {self.coverage}")  # fmt: skip
+        return (
+            f"check-grads [{self.impl}]: largest relative difference to torch autograd "
+            f"{self.worst_relative:.2e} (in {self.worst_parameter}), loss difference "
+            f"{self.loss_difference:.1e}: {verdict}\n  backward graph: {self.coverage}"
+        )
 
 
 def _gradients(net: Net, x, y, rng_state):

@@ -54,7 +54,7 @@ class Config:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if "hidden" in d:
@@ -78,9 +78,21 @@ PRESETS: dict[str, dict] = {
 
 # Options that decide what is learned: a resumed run takes them from its checkpoint and refuses changes.
 TRAINING_OPTIONS = (
-    "epochs", "batch_size", "hidden", "activation", "dropout", "label_smoothing", "optimizer", "lr",
-    "momentum", "weight_decay", "schedule", "augment", "impl", "seed",
-)  # fmt: skip
+    "epochs",
+    "batch_size",
+    "hidden",
+    "activation",
+    "dropout",
+    "label_smoothing",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "augment",
+    "impl",
+    "seed",
+)
 
 
 # ---- argparse types: each raises ArgumentTypeError, which argparse turns into a usage error (exit 2)
@@ -157,7 +169,6 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{action.help} (default: {default})"
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
     script = os.path.basename(sys.argv[0])
@@ -168,64 +179,120 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=d.preset,
-                   help="named set of defaults; explicit options override it. default: 784-512-256-10, "
-                   "15 epochs, ~98.8%% in ~25-40 s on 2 CPU cores; best: 784-1024-1024-10 on elastically distorted "
-                   "images, 50 epochs, ~99.4%% in ~6-10 min")
-    g.add_argument("--data-dir", default=d.data_dir,
-                   help="folder with the MNIST IDX files (torchvision layout <dir>/MNIST/raw/, or the four files "
-                   "directly in <dir>); downloaded there when missing")
-    g.add_argument("--no-download", dest="download", action="store_false",
-                   help="never download; fail if the files are missing")
-    g.add_argument("--out", default=d.out, help="run folder for metrics, checkpoint and plots "
-                   "(default: runs/<timestamp>; when resuming: the checkpoint's folder)")
-    g.add_argument("--resume", default=d.resume, metavar="PATH",
-                   help="continue from a checkpoint.pt (or a run folder holding one)")
-    g.add_argument("--seed", type=nonnegative_int, default=d.seed, help="seed for initial weights, batch order, "
-                   "dropout and augmentation")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
-                   help="auto: cuda when available, else cpu")
-    g.add_argument("--threads", type=positive_int, default=d.threads,
-                   help="CPU threads per process (default: all cores, divided among this machine's processes)")
-    g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bars, only one line per epoch (bars are shown only on a terminal anyway)")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=d.preset,
+        help="named set of defaults; explicit options override it. default: 784-512-256-10, "
+        "15 epochs, ~98.8%% in ~25-40 s on 2 CPU cores; best: 784-1024-1024-10 on elastically distorted "
+        "images, 50 epochs, ~99.4%% in ~6-10 min",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=d.data_dir,
+        help="folder with the MNIST IDX files (torchvision layout <dir>/MNIST/raw/, or the four files "
+        "directly in <dir>); downloaded there when missing",
+    )
+    g.add_argument(
+        "--no-download", dest="download", action="store_false", help="never download; fail if the files are missing"
+    )
+    g.add_argument(
+        "--out",
+        default=d.out,
+        help="run folder for metrics, checkpoint and plots "
+        "(default: runs/<timestamp>; when resuming: the checkpoint's folder)",
+    )
+    g.add_argument(
+        "--resume", default=d.resume, metavar="PATH", help="continue from a checkpoint.pt (or a run folder holding one)"
+    )
+    g.add_argument(
+        "--seed",
+        type=nonnegative_int,
+        default=d.seed,
+        help="seed for initial weights, batch order, dropout and augmentation",
+    )
+    g.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default=d.device, help="auto: cuda when available, else cpu"
+    )
+    g.add_argument(
+        "--threads",
+        type=positive_int,
+        default=d.threads,
+        help="CPU threads per process (default: all cores, divided among this machine's processes)",
+    )
+    g.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bars, only one line per epoch (bars are shown only on a terminal anyway)",
+    )
 
     g = p.add_argument_group("model")
-    g.add_argument("--hidden", type=hidden_sizes, default=d.hidden,
-                   help="hidden layer widths, comma-separated (e.g. 512,256)")
-    g.add_argument("--activation", choices=tuple(ACTIVATIONS), default=d.activation,
-                   help="activation after every hidden layer")
-    g.add_argument("--dropout", type=probability, default=d.dropout,
-                   help="dropout probability after every hidden activation")
-    g.add_argument("--impl", choices=("fused", "layers"), default=d.impl,
-                   help="fused: the whole MLP and its loss as one manualgrad Function (MLP.loss); "
-                   "layers: one manualgrad Function per layer (MLP.per_layer() + manualgrad CrossEntropyLoss)")
+    g.add_argument(
+        "--hidden", type=hidden_sizes, default=d.hidden, help="hidden layer widths, comma-separated (e.g. 512,256)"
+    )
+    g.add_argument(
+        "--activation", choices=tuple(ACTIVATIONS), default=d.activation, help="activation after every hidden layer"
+    )
+    g.add_argument(
+        "--dropout", type=probability, default=d.dropout, help="dropout probability after every hidden activation"
+    )
+    g.add_argument(
+        "--impl",
+        choices=("fused", "layers"),
+        default=d.impl,
+        help="fused: the whole MLP and its loss as one manualgrad Function (MLP.loss); "
+        "layers: one manualgrad Function per layer (MLP.per_layer() + manualgrad CrossEntropyLoss)",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the training set")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                   help="global batch size (split across processes under torchrun)")
-    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=d.optimizer,
-                   help="sgd: with (Nesterov) momentum; adam; adamw: decoupled weight decay")
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=d.batch_size,
+        help="global batch size (split across processes under torchrun)",
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam", "adamw"),
+        default=d.optimizer,
+        help="sgd: with (Nesterov) momentum; adam; adamw: decoupled weight decay",
+    )
     g.add_argument("--lr", type=positive_float, default=d.lr, help="learning rate (the peak one for onecycle)")
     g.add_argument("--momentum", type=probability, default=d.momentum, help="momentum for sgd")
     g.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay, help="weight decay")
-    g.add_argument("--schedule", choices=("onecycle", "cosine", "none"), default=d.schedule,
-                   help="learning-rate schedule, stepped every batch: onecycle (warm-up then anneal), "
-                   "cosine (anneal to 0), none (constant)")
-    g.add_argument("--label-smoothing", type=probability, default=d.label_smoothing,
-                   help="label smoothing of the training loss")
-    g.add_argument("--augment", choices=("none", "shift", "affine", "elastic"), default=d.augment,
-                   help="batch-level augmentation of training images: shift (up to 2 px), affine (rotate, "
-                   "scale, shear, shift), elastic (affine + elastic distortion)")
+    g.add_argument(
+        "--schedule",
+        choices=("onecycle", "cosine", "none"),
+        default=d.schedule,
+        help="learning-rate schedule, stepped every batch: onecycle (warm-up then anneal), "
+        "cosine (anneal to 0), none (constant)",
+    )
+    g.add_argument(
+        "--label-smoothing", type=probability, default=d.label_smoothing, help="label smoothing of the training loss"
+    )
+    g.add_argument(
+        "--augment",
+        choices=("none", "shift", "affine", "elastic"),
+        default=d.augment,
+        help="batch-level augmentation of training images: shift (up to 2 px), affine (rotate, "
+        "scale, shear, shift), elastic (affine + elastic distortion)",
+    )
 
     g = p.add_argument_group("checks")
-    g.add_argument("--compare-native", action="store_true",
-                   help="also train the same MLP written in plain torch.nn (same initial weights, seed and batches, "
-                   "epochs interleaved in this process) and print both side by side with the epoch-time ratio")
-    g.add_argument("--check-grads", action="store_true",
-                   help="before training, compare our gradients on one batch with torch autograd's "
-                   "(a torch.nn twin with the same weights) and print the largest relative difference")
+    g.add_argument(
+        "--compare-native",
+        action="store_true",
+        help="also train the same MLP written in plain torch.nn (same initial weights, seed and batches, "
+        "epochs interleaved in this process) and print both side by side with the epoch-time ratio",
+    )
+    g.add_argument(
+        "--check-grads",
+        action="store_true",
+        help="before training, compare our gradients on one batch with torch autograd's "
+        "(a torch.nn twin with the same weights) and print the largest relative difference",
+    )
     return p
 
 
@@ -259,8 +326,10 @@ def _resumed(parser: argparse.ArgumentParser, cli: Config, explicit: set) -> Con
     changed = [k for k in TRAINING_OPTIONS + ("preset",) if k in explicit and getattr(cli, k) != getattr(saved, k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
-        parser.error(f"--resume continues a run as it was configured; {flags} differ from its checkpoint "
-                     "(start a new run to change them)")  # fmt: skip
+        parser.error(
+            f"--resume continues a run as it was configured; {flags} differ from its checkpoint "
+            "(start a new run to change them)"
+        )
     keep = {k: getattr(cli, k) for k in ("resume", "device", "threads", "progress", "check_grads", "download")}
     keep["out"] = cli.out if "out" in explicit else None  # None: the checkpoint's folder
     if "data_dir" in explicit:

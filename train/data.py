@@ -59,8 +59,10 @@ def load(data_dir: str, device: torch.device, download: bool = True) -> MNIST:
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.dim() != 3 or images.shape[1:] != (SIDE, SIDE):
-            raise _error(folder, f"{FILES[f'{split}_images']} holds images of shape {tuple(images.shape[1:])}, "
-                         f"expected {SIDE}x{SIDE}")  # fmt: skip
+            raise _error(
+                folder,
+                f"{FILES[f'{split}_images']} holds images of shape {tuple(images.shape[1:])}, expected {SIDE}x{SIDE}",
+            )
         if labels.dim() != 1 or len(labels) != len(images):
             raise _error(folder, f"{FILES[f'{split}_labels']} has {len(labels)} labels for {len(images)} images")
         if len(labels) and int(labels.max()) > 9:
@@ -75,7 +77,11 @@ def load(data_dir: str, device: torch.device, download: bool = True) -> MNIST:
 
 
 def _present(folder: str) -> list[str]:
-    return [n for n in FILES.values() if os.path.isfile(os.path.join(folder, n)) or os.path.isfile(os.path.join(folder, n + ".gz"))]
+    return [
+        n
+        for n in FILES.values()
+        if os.path.isfile(os.path.join(folder, n)) or os.path.isfile(os.path.join(folder, n + ".gz"))
+    ]
 
 
 def locate(data_dir: str, download: bool = True) -> str:

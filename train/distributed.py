@@ -53,8 +53,10 @@ def pick_device(requested: str) -> torch.device:
     if requested == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
-            raise SetupError(f"process {local_rank} of this machine has no GPU of its own "
-                             f"({torch.cuda.device_count()} visible); start fewer processes or use --device cpu")  # fmt: skip
+            raise SetupError(
+                f"process {local_rank} of this machine has no GPU of its own "
+                f"({torch.cuda.device_count()} visible); start fewer processes or use --device cpu"
+            )
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -103,7 +105,9 @@ def reduce_step(params: list, loss: Tensor, weight: float, stop: bool, world: Wo
     if not world.distributed:
         return loss.item(), stop
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1), torch.ones(1, device=loss.device) * stop])
+    flat = torch.cat(
+        [g.reshape(-1) for g in grads] + [loss.detach().reshape(1), torch.ones(1, device=loss.device) * stop]
+    )
     flat[:-1].mul_(weight)
     dist.all_reduce(flat)
     offset = 0

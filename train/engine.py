@@ -89,8 +89,9 @@ class StopRequest:
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)  # fmt: skip
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -164,9 +165,15 @@ class Trainer:
 
         self.net.module.train()
         set_rng_state(self.torch_rng, device)
-        bar = tqdm(total=self.steps_per_epoch, initial=resume.step, desc=f"epoch {epoch}/{cfg.epochs}",
-                   unit="batch", leave=False, dynamic_ncols=True,
-                   disable=None if world.main and cfg.progress else True)  # fmt: skip  (None: off unless a terminal)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=resume.step,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            disable=None if world.main and cfg.progress else True,
+        )  # None: off unless a terminal
         start, stopping = time.perf_counter(), False
         try:
             for step in range(resume.step, self.steps_per_epoch):
@@ -185,11 +192,14 @@ class Trainer:
                     loss = torch.zeros((), device=device)
                     for p in self.params:
                         p.grad = torch.zeros_like(p)
-                loss_value, stopping = distributed.reduce_step(self.params, loss, len(mine) / len(batch),
-                                                               stop.requested, world)  # fmt: skip
+                loss_value, stopping = distributed.reduce_step(
+                    self.params, loss, len(mine) / len(batch), stop.requested, world
+                )
                 if not math.isfinite(loss_value):
-                    raise TrainingError(f"the training loss became {loss_value} at epoch {epoch}, step {step + 1}; "
-                                        "stopped without taking that step")  # fmt: skip
+                    raise TrainingError(
+                        f"the training loss became {loss_value} at epoch {epoch}, step {step + 1}; "
+                        "stopped without taking that step"
+                    )
                 self.optimizer.step()
                 if self.scheduler:
                     self.scheduler.step()
@@ -199,8 +209,10 @@ class Trainer:
                 bar.update()
                 if step % 20 == 0 or step == self.steps_per_epoch - 1:
                     elapsed = seconds + time.perf_counter() - start
-                    bar.set_postfix({"loss": f"{loss_sum / rows_seen:.4f}",
-                                     "samples/s": f"{rows_seen / max(elapsed, 1e-9):,.0f}"}, refresh=False)  # fmt: skip
+                    bar.set_postfix(
+                        {"loss": f"{loss_sum / rows_seen:.4f}", "samples/s": f"{rows_seen / max(elapsed, 1e-9):,.0f}"},
+                        refresh=False,
+                    )
                 if on_step is not None:
                     on_step(epoch, step + 1, self)
                 if stopping and step + 1 < self.steps_per_epoch:

@@ -94,13 +94,19 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
     distributed.broadcast_parameters(mlp, world)
     net = Net(mlp, cfg.impl, cfg.label_smoothing)
     sizes = "-".join(str(s) for s in mlp.sizes)
-    log(world, f"model: MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}, impl {cfg.impl}, "
-               f"{sum(p.numel() for p in mlp.parameters()):,} parameters; device {device}, {_plural(threads, 'thread')}, "
-               f"{_plural(world.size, 'process', 'processes')}")  # fmt: skip
+    log(
+        world,
+        f"model: MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}, impl {cfg.impl}, "
+        f"{sum(p.numel() for p in mlp.parameters()):,} parameters; device {device}, {_plural(threads, 'thread')}, "
+        f"{_plural(world.size, 'process', 'processes')}",
+    )
 
-    log(world, f"training: {_plural(cfg.epochs, 'epoch')}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g} "
-               f"weight decay {cfg.weight_decay:g}, schedule {cfg.schedule}, label smoothing {cfg.label_smoothing:g}, "
-               f"augment {cfg.augment}, seed {cfg.seed}")  # fmt: skip
+    log(
+        world,
+        f"training: {_plural(cfg.epochs, 'epoch')}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g} "
+        f"weight decay {cfg.weight_decay:g}, schedule {cfg.schedule}, label smoothing {cfg.label_smoothing:g}, "
+        f"augment {cfg.augment}, seed {cfg.seed}",
+    )
 
     if cfg.check_grads:  # on rank 0; a mismatch stops every process
 
@@ -111,8 +117,10 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
                 result = check_grads(mlp, impl, cfg.label_smoothing, x, y)
                 log(world, result)
                 if not result.ok:
-                    raise TrainingError(f"--check-grads: the {impl} gradients differ from torch autograd's "
-                                        f"by {result.worst_relative:.2e} (relative) in {result.worst_parameter}")  # fmt: skip
+                    raise TrainingError(
+                        f"--check-grads: the {impl} gradients differ from torch autograd's "
+                        f"by {result.worst_relative:.2e} (relative) in {result.worst_parameter}"
+                    )
 
         on_main(world, check)
 
@@ -127,8 +135,11 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
         trainer.generator.set_state(resumed["rng"]["data"])
         per_rank = resumed["rng"]["torch"]
         if len(per_rank) != world.size:
-            log(world, f"warning: the checkpoint was written by {len(per_rank)} processes, this run has "
-                       f"{world.size}: dropout masks will differ from an uninterrupted run")  # fmt: skip
+            log(
+                world,
+                f"warning: the checkpoint was written by {len(per_rank)} processes, this run has "
+                f"{world.size}: dropout masks will differ from an uninterrupted run",
+            )
         trainer.torch_rng = per_rank[world.rank % len(per_rank)]
         history = resumed["history"]
         start_epoch = resumed["epoch"] + 1
@@ -143,9 +154,14 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
 
     def save(epoch_done: int, at: Position | None, rngs: list) -> None:
         state = trainer.state_dict()
-        state.update(config=cfg.to_dict(), epoch=epoch_done, position=at.to_dict() if at else None,
-                     rng={"data": trainer.generator.get_state(), "torch": rngs}, history=history,
-                     world_size=world.size)  # fmt: skip
+        state.update(
+            config=cfg.to_dict(),
+            epoch=epoch_done,
+            position=at.to_dict() if at else None,
+            rng={"data": trainer.generator.get_state(), "torch": rngs},
+            history=history,
+            world_size=world.size,
+        )
         checkpoint.save(state, os.path.join(out, checkpoint.FILENAME))
 
     def write_metrics(completed: bool) -> dict:
@@ -155,19 +171,26 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
             "completed": completed,
             "epochs": history,
             "config": cfg.to_dict(),
-            "environment": {"device": str(device), "threads": threads, "processes": world.size,
-                            "torch": torch.__version__},  # fmt: skip
+            "environment": {
+                "device": str(device),
+                "threads": threads,
+                "processes": world.size,
+                "torch": torch.__version__,
+            },
         }
         if native is not None:
-            metrics["native"] = {"test_accuracy": native_history[-1].get("test_accuracy") if native_history else None,
-                                 "epochs": native_history}  # fmt: skip
+            metrics["native"] = {
+                "test_accuracy": native_history[-1].get("test_accuracy") if native_history else None,
+                "epochs": native_history,
+            }
         if world.main:
             checkpoint.write_json(metrics, os.path.join(out, "metrics.json"))
             if history:
                 title = f"MLP {sizes} ({cfg.activation}, {cfg.impl}), {cfg.optimizer} lr {cfg.lr:g}, seed {cfg.seed}"
                 title += f", {cfg.augment} augmentation" if cfg.augment != "none" else ""
-                plots.plot_curves(history, os.path.join(out, "curves.png"), title, native_history or None,
-                                  cfg.label_smoothing)  # fmt: skip
+                plots.plot_curves(
+                    history, os.path.join(out, "curves.png"), title, native_history or None, cfg.label_smoothing
+                )
         return metrics
 
     # ---- the epochs
@@ -184,8 +207,11 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
             if result.interrupted is not None:
                 if world.main:
                     save(epoch - 1, result.interrupted, rngs)
-                log(world, f"interrupted at epoch {epoch}, step {result.interrupted.step}: checkpoint written; "
-                           f"continue with: python -m train --resume {out}")  # fmt: skip
+                log(
+                    world,
+                    f"interrupted at epoch {epoch}, step {result.interrupted.step}: checkpoint written; "
+                    f"continue with: python -m train --resume {out}",
+                )
                 metrics = write_metrics(completed=False)
                 metrics["interrupted"] = True
                 return metrics
@@ -205,8 +231,11 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
                 save(epoch, None, rngs)
             metrics = write_metrics(completed=epoch == cfg.epochs)
             if (result.stop_requested or (stop.requested and not world.distributed)) and epoch < cfg.epochs:
-                log(world, f"interrupted after epoch {epoch}: checkpoint written; continue with: "
-                           f"python -m train --resume {out}")  # fmt: skip
+                log(
+                    world,
+                    f"interrupted after epoch {epoch}: checkpoint written; continue with: "
+                    f"python -m train --resume {out}",
+                )
                 metrics["interrupted"] = True
                 return metrics
 
@@ -214,8 +243,11 @@ def _run(cfg: Config, world: distributed.World, on_step) -> dict:
         log(world, "the checkpoint had finished all its epochs; nothing to do")
         metrics = write_metrics(completed=True)
     if world.main and history:
-        log(world, f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {_plural(len(history), 'epoch')}, "
-                   f"{metrics['train_seconds']:.1f} s of training; files in {out}")  # fmt: skip
+        log(
+            world,
+            f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {_plural(len(history), 'epoch')}, "
+            f"{metrics['train_seconds']:.1f} s of training; files in {out}",
+        )
         if native is not None:
             metrics["native"]["time_ratio"] = _print_comparison(world, cfg, history, native_history)
             checkpoint.write_json(metrics, os.path.join(out, "metrics.json"))
@@ -242,8 +274,10 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 
 def _summary(r: dict, epochs: int) -> str:
     head = f"epoch {r['epoch']:>3}/{epochs}  " if epochs else ""
-    return (f"{head}train loss {r['train_loss']:.4f}  test loss {r['test_loss']:.4f}  "
-            f"test acc {100 * r['test_accuracy']:.2f}%  {r['seconds']:.1f} s")  # fmt: skip
+    return (
+        f"{head}train loss {r['train_loss']:.4f}  test loss {r['test_loss']:.4f}  "
+        f"test acc {100 * r['test_accuracy']:.2f}%  {r['seconds']:.1f} s"
+    )
 
 
 def _print_comparison(world, cfg: Config, ours: list[dict], theirs: list[dict]) -> dict:
@@ -256,19 +290,32 @@ def _print_comparison(world, cfg: Config, ours: list[dict], theirs: list[dict]) 
         ("test loss", f"{ours[-1]['test_loss']:.4f}", f"{theirs[-1]['test_loss']:.4f}"),
         ("train loss", f"{ours[-1]['train_loss']:.4f}", f"{theirs[-1]['train_loss']:.4f}"),
         ("seconds / epoch (mean)", f"{mean_ours:.2f}", f"{mean_theirs:.2f}"),
-        ("seconds / epoch (median)", f"{statistics.median(r['seconds'] for r in ours):.2f}",
-         f"{statistics.median(r['seconds'] for r in theirs):.2f}"),  # fmt: skip
-        ("seconds / epoch (fastest)", f"{min(r['seconds'] for r in ours):.2f}",
-         f"{min(r['seconds'] for r in theirs):.2f}"),  # fmt: skip
+        (
+            "seconds / epoch (median)",
+            f"{statistics.median(r['seconds'] for r in ours):.2f}",
+            f"{statistics.median(r['seconds'] for r in theirs):.2f}",
+        ),
+        (
+            "seconds / epoch (fastest)",
+            f"{min(r['seconds'] for r in ours):.2f}",
+            f"{min(r['seconds'] for r in theirs):.2f}",
+        ),
     ]
     left = f"manualgrad ({cfg.impl})"
     log(world, f"\n{'':26}{left:>20}{'torch.nn':>14}")
     for name, a, b in rows:
         log(world, f"{name:26}{a:>20}{b:>14}")
     fastest = min(r["seconds"] for r in ours) / min(r["seconds"] for r in theirs)
-    ratio = {"mean": mean_ours / mean_theirs, "median_per_epoch": statistics.median(ratios), "fastest": fastest,
-             "per_epoch": ratios}  # fmt: skip
-    log(world, f"epoch-time ratio manualgrad / torch.nn: {ratio['mean']:.3f} (mean), "
-               f"{ratio['median_per_epoch']:.3f} (median of per-epoch ratios), {fastest:.3f} (fastest epochs); "
-               "the two alternate epoch by epoch in this process")  # fmt: skip
+    ratio = {
+        "mean": mean_ours / mean_theirs,
+        "median_per_epoch": statistics.median(ratios),
+        "fastest": fastest,
+        "per_epoch": ratios,
+    }
+    log(
+        world,
+        f"epoch-time ratio manualgrad / torch.nn: {ratio['mean']:.3f} (mean), "
+        f"{ratio['median_per_epoch']:.3f} (median of per-epoch ratios), {fastest:.3f} (fastest epochs); "
+        "the two alternate epoch by epoch in this process",
+    )
     return ratio

@@ -1,8 +1,8 @@
 """The autograd Functions: each backward (and jvp) is a formula from ``docs/derivations.md``."""
 
 from .activations import (
-    ELUFunction,
     Elementwise,
+    ELUFunction,
     GELUFunction,
     LeakyReLUFunction,
     ReLUFunction,
@@ -18,21 +18,21 @@ from .losses import CrossEntropyFunction, MSELossFunction
 from .mlp import MLPCrossEntropyFunction, MLPFunction, MLPSpec
 
 __all__ = [
-    "ManualFunction",
-    "LinearFunction",
-    "Elementwise",
-    "ReLUFunction",
-    "LeakyReLUFunction",
-    "SigmoidFunction",
-    "TanhFunction",
-    "GELUFunction",
-    "SiLUFunction",
-    "ELUFunction",
-    "SoftplusFunction",
     "CrossEntropyFunction",
-    "MSELossFunction",
     "DropoutFunction",
-    "MLPSpec",
-    "MLPFunction",
+    "ELUFunction",
+    "Elementwise",
+    "GELUFunction",
+    "LeakyReLUFunction",
+    "LinearFunction",
     "MLPCrossEntropyFunction",
+    "MLPFunction",
+    "MLPSpec",
+    "MSELossFunction",
+    "ManualFunction",
+    "ReLUFunction",
+    "SiLUFunction",
+    "SigmoidFunction",
+    "SoftplusFunction",
+    "TanhFunction",
 ]

@@ -35,15 +35,15 @@ from torch import Tensor
 from .base import ManualFunction, save_for_forward
 
 __all__ = [
-    "Elementwise",
-    "ReLUFunction",
-    "LeakyReLUFunction",
-    "SigmoidFunction",
-    "TanhFunction",
-    "GELUFunction",
-    "SiLUFunction",
     "ELUFunction",
+    "Elementwise",
+    "GELUFunction",
+    "LeakyReLUFunction",
+    "ReLUFunction",
+    "SiLUFunction",
+    "SigmoidFunction",
     "SoftplusFunction",
+    "TanhFunction",
 ]
 
 
@@ -144,12 +144,12 @@ class _Fresh:
     Functions, so that second derivatives are our formulas too. ``.t`` is the result.
     """
 
-    __slots__ = ("t", "inplace")
+    __slots__ = ("inplace", "t")
 
     def __init__(self, t: Tensor):
         self.t, self.inplace = t, not torch.is_grad_enabled()
 
-    def _step(self, name: str, *args) -> "_Fresh":
+    def _step(self, name: str, *args) -> _Fresh:
         args = tuple(a.t if isinstance(a, _Fresh) else a for a in args)
         self.t = getattr(self.t, name + "_" if self.inplace else name)(*args)
         return self
@@ -175,7 +175,7 @@ class _Fresh:
     def clamp(self, min=None, max=None):
         return self._step("clamp", min, max)
 
-    def select(self, positive: "_Fresh", where_positive: float = 1.0):
+    def select(self, positive: _Fresh, where_positive: float = 1.0):
         """``where_positive`` where ``positive`` is 1, this tensor where it is 0 (lerp is exact at both ends)."""
         return self._step("lerp", self.t.new_full((), where_positive).expand_as(self.t), positive)
 

@@ -38,7 +38,7 @@ class ManualFunction(Function):
     """A :class:`torch.autograd.Function` whose backward (and jvp) is a written-out formula."""
 
     generate_vmap_rule = True
-    traceable: type["ManualFunction"]
+    traceable: type[ManualFunction]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -48,7 +48,9 @@ class ManualFunction(Function):
             cls.traceable = cls
         else:
             # Created here so that user subclasses (which may override backward) get their own twin.
-            cls.traceable = type(cls.__name__, (cls,), {"jvp": staticmethod(_DEFAULT_JVP), "__module__": cls.__module__})
+            cls.traceable = type(
+                cls.__name__, (cls,), {"jvp": staticmethod(_DEFAULT_JVP), "__module__": cls.__module__}
+            )
 
 
 def applier(function: type[ManualFunction]):

@@ -178,7 +178,9 @@ class CrossEntropyFunction(ManualFunction):
         if target.is_floating_point():
             target = target.to(input.dtype)
         logp = torch.log_softmax(input, _class_dim(input))
-        if not target.is_floating_point() and not label_smoothing:  # -Σ w_t log P[t] (/ Σ w_t): torch's nll_loss forward
+        if (
+            not target.is_floating_point() and not label_smoothing
+        ):  # -Σ w_t log P[t] (/ Σ w_t): torch's nll_loss forward
             ignore = -100 if ignore_index is None else ignore_index
             return torch.nn.functional.nll_loss(logp, target, weight, ignore_index=ignore, reduction=reduction)
         targets = _Targets(input, target, weight, ignore_index, label_smoothing)
@@ -195,7 +197,10 @@ class CrossEntropyFunction(ManualFunction):
     @staticmethod
     def backward(ctx, grad_output):
         saved_input, saved_target, weight = ctx.saved_tensors
-        input, target = cast(saved_input, ctx.dtype), cast(saved_target, ctx.dtype) if saved_target.is_floating_point() else saved_target
+        input, target = (
+            cast(saved_input, ctx.dtype),
+            cast(saved_target, ctx.dtype) if saved_target.is_floating_point() else saved_target,
+        )
         ignore_index, reduction, label_smoothing = ctx.options
         targets = _Targets(input, target, weight, ignore_index, label_smoothing)
         rows = input.shape[: targets.dim] + input.shape[targets.dim + 1 :]

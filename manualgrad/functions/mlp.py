@@ -50,7 +50,7 @@ from .activations import Elementwise
 from .base import ManualFunction, cast
 from .losses import _autocast_float32
 
-__all__ = ["MLPSpec", "MLPFunction", "MLPCrossEntropyFunction"]
+__all__ = ["MLPCrossEntropyFunction", "MLPFunction", "MLPSpec"]
 
 
 class MLPSpec(NamedTuple):
