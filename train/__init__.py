@@ -1,18 +1,22 @@
 """The manualgrad showcase: an MLP made only of manualgrad modules learns MNIST.
 
 Command line: ``python -m train`` (or ``manualgrad-train``); several processes:
-``torchrun --nproc_per_node=2 -m train``. From Python::
+``torchrun --nproc_per_node=2 -m train``; the plot of a run folder again:
+``python -m train.plot RUN_FOLDER``. From Python::
 
     from train import Config, run
-    metrics = run(Config(epochs=1, data_dir="../shared/mnist"))
+    metrics = run(Config(epochs=1, data_dir="data/"))
     print(metrics["test_accuracy"])
 
-Files, one concern each: ``config.py`` (options, presets), ``data.py`` (IDX
-files -> tensors), ``augment.py`` (batch distortions), ``model.py`` (the MLP
-and its torch.nn twin), ``engine.py`` (the training loop), ``checks.py``
-(``--check-grads``), ``checkpoint.py`` (atomic files), ``plots.py``
-(``curves.png``), ``distributed.py`` (torchrun), ``runner.py`` (a whole run),
-``__main__.py`` (the command line).
+``runner.py`` is the run, step by step; read it first. The other files, one
+concern each: ``config.py`` (options, presets, what a resumed run keeps),
+``data.py`` (IDX files -> tensors), ``augment.py`` (batch distortions),
+``model.py`` (the model and its torch.nn twin), ``engine.py`` (an epoch of
+steps, evaluation), ``threads.py`` (the CPU thread count), ``checks.py``
+(``--check-grads``), ``checkpoint.py`` (checkpoint files), ``folder.py`` (the
+run folder and its lock), ``files.py`` (atomic writes), ``plot.py``
+(``curves.png``), ``distributed.py`` (torchrun), ``errors.py`` (errors that
+are one-line messages), ``__main__.py`` (the command line).
 """
 
 from .config import PRESETS, Config

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 
 import manualgrad
-import manualgrad.nn as mnn
 
-from .model import Net, torch_twin
+from .model import Net
 
 TOLERANCE = 1e-4  # float32: the two backward passes sum in different orders
 
@@ -51,22 +50,27 @@ def _gradients(net: Net, x, y, rng_state):
     return loss.detach(), torch.autograd.grad(loss, params), coverage
 
 
-def check_grads(mlp: mnn.MLP, impl: str, label_smoothing: float, x: torch.Tensor, y: torch.Tensor) -> GradCheck:
-    """Compare ``impl``'s loss and parameter gradients on ``(x, y)`` with the torch.nn twin's."""
-    twin = torch_twin(mlp)
+def check_grads(net: Net, x: torch.Tensor, y: torch.Tensor) -> GradCheck:
+    """Compare ``net``'s loss and parameter gradients on ``(x, y)`` with its torch.nn twin's."""
+    twin = net.twin()
     use_dropout = x.device.type == "cpu"
     devices = [x.device] if x.device.type == "cuda" else []
-    was_training = mlp.training
+    was_training = net.module.training
     with torch.random.fork_rng(devices=devices):
-        mlp.train(use_dropout)
-        twin.train(use_dropout)
+        net.module.train(use_dropout)
+        twin.module.train(use_dropout)
         state = torch.get_rng_state()
-        ours, our_grads, coverage = _gradients(Net(mlp, impl, label_smoothing), x, y, state)
-        ref, ref_grads, _ = _gradients(Net(twin, "native", label_smoothing), x, y, state)
-    mlp.train(was_training)
+        ours, our_grads, coverage = _gradients(net, x, y, state)
+        ref, ref_grads, _ = _gradients(twin, x, y, state)
+    net.module.train(was_training)
     worst_name, worst = "", -1.0
-    for (name, _), g, r in zip(mlp.named_parameters(), our_grads, ref_grads):
+    for (name, _), g, r in zip(net.module.named_parameters(), our_grads, ref_grads):
         relative = ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
         if relative > worst:
             worst_name, worst = name, relative
-    return GradCheck(impl, abs(ours.item() - ref.item()), worst_name, worst, coverage)
+    return GradCheck(net.impl, abs(ours.item() - ref.item()), worst_name, worst, coverage)
+
+
+def check_all(net: Net, x: torch.Tensor, y: torch.Tensor) -> list[GradCheck]:
+    """:func:`check_grads` for the run's way of computing gradients first, then every other one."""
+    return [check_grads(net.with_impl(impl), x, y) for impl in dict.fromkeys((net.impl, *net.impls))]

@@ -4,6 +4,11 @@ Every option has a default and a help string (``python -m train --help``).
 A preset is a set of defaults: ``--preset best`` swaps in other defaults, and
 any option given explicitly on the command line still wins over the preset.
 Invalid values are argparse usage errors (exit status 2).
+
+Which options were given explicitly matters when resuming (the checkpoint's
+values fill in the rest): :func:`parse_args` finds them by parsing a second
+time with a parser built by the same :func:`build_parser` whose defaults are
+all ``argparse.SUPPRESS``, so that only the options given appear.
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
 from manualgrad.nn import ACTIVATIONS
+
+from .errors import ConfigError
 
 
 @dataclass
@@ -41,7 +49,7 @@ class Config:
     impl: str = "fused"
     seed: int = 0
     device: str = "auto"
-    threads: int | None = None  # None: all cores, shared among the processes of this machine
+    threads: int | None = None  # None: auto, timed between 1 and all of this process's cores (train/threads.py)
     out: str | None = None  # None: runs/<timestamp>
     resume: str | None = None
     compare_native: bool = False
@@ -55,10 +63,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
+        """The inverse of :meth:`to_dict`; the options that decide what is learned must all be there
+        (the others may be missing, as in a configuration written before they existed)."""
+        missing = [k for k in TRAINING_OPTIONS if k not in d]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        if "hidden" in d:
-            d["hidden"] = tuple(d["hidden"])
+        d["hidden"] = tuple(d["hidden"])
         return cls(**d)
 
 
@@ -93,6 +105,12 @@ TRAINING_OPTIONS = (
     "impl",
     "seed",
 )
+# Options that say only where and how a run runs: a resumed run takes them from the command line.
+RUN_OPTIONS = ("download", "device", "threads", "progress", "check_grads", "compare_native", "resume")
+
+MAX_SEED = 2**64 - 1  # torch's seeds are unsigned 64-bit integers
+MAX_WIDTH = 2**31 - 1
+MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only slows down; far more crashes OpenMP
 
 
 # ---- argparse types: each raises ArgumentTypeError, which argparse turns into a usage error (exit 2)
@@ -112,10 +130,22 @@ def positive_int(text: str) -> int:
     return value
 
 
-def nonnegative_int(text: str) -> int:
+def seed(text: str) -> int:
     value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64-1, got {value}")
+    return value
+
+
+def threads(text: str) -> int | None:
+    """``auto`` -> None; otherwise a thread count from 1 to :data:`MAX_THREADS`."""
+    if text.strip().lower() == "auto":
+        return None
+    value = _number(int, text)
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(
+            f"must be auto or from 1 to {MAX_THREADS} (4x this machine's {os.cpu_count()} cores), got {value}"
+        )
     return value
 
 
@@ -149,201 +179,249 @@ def hidden_sizes(text: str) -> tuple:
         sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated widths such as 512,256, got {text!r}") from None
-    if min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    if not all(1 <= s <= MAX_WIDTH for s in sizes):
+        raise argparse.ArgumentTypeError(f"widths must be from 1 to {MAX_WIDTH}, got {text!r}")
     return sizes
+
+
+def path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 # ---- the parser
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: ...)" to each help, except for flags and options without a fixed default."""
+def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
+    """The command line's parser, with ``defaults`` as defaults (shown by ``--help``). With None, every
+    default is ``argparse.SUPPRESS`` and there is no ``--help``: parsing yields only the options given."""
+    given_only = defaults is None
+    d = defaults or Config()
 
-    def _get_help_string(self, action):
-        default = action.default
-        if default is None or default is argparse.SUPPRESS or action.nargs == 0 or "%(default)" in action.help:
-            return action.help
-        if isinstance(default, tuple):
-            default = ",".join(str(v) for v in default)
-        return f"{action.help} (default: {default})"
+    def default(value, shown: str | None = None) -> dict:
+        """``default=`` for add_argument, and the help suffix that states it."""
+        if given_only:
+            return {"default": argparse.SUPPRESS}
+        if shown is None:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        return {"default": value, "suffix": f" (default: {shown})" if shown else ""}
 
-
-def build_parser() -> argparse.ArgumentParser:
-    d = Config()
     script = os.path.basename(sys.argv[0])
     p = argparse.ArgumentParser(
         prog="python -m train" if script in ("__main__.py", "-m", "-c", "") else script,  # or manualgrad-train
         description="Train an MLP built only from manualgrad modules (hand-written backward passes) on MNIST.",
         epilog="Several processes: torchrun --nproc_per_node=2 -m train [options] (same results as one process).",
-        formatter_class=_HelpFormatter,
+        add_help=not given_only,
     )
+
+    def add(group, *flags, help: str, default: dict, **kwargs) -> None:
+        group.add_argument(*flags, help=help + default.pop("suffix", ""), **default, **kwargs)
+
     g = p.add_argument_group("run")
-    g.add_argument(
+    add(
+        g,
         "--preset",
         choices=sorted(PRESETS),
-        default=d.preset,
+        default=default(d.preset),
         help="named set of defaults; explicit options override it. default: 784-512-256-10, "
         "15 epochs, ~98.8%% in ~25-40 s on 2 CPU cores; best: 784-1024-1024-10 on elastically distorted "
         "images, 50 epochs, ~99.4%% in ~6-10 min",
     )
-    g.add_argument(
+    add(
+        g,
         "--data-dir",
-        default=d.data_dir,
+        type=path,
+        default=default(d.data_dir),
         help="folder with the MNIST IDX files (torchvision layout <dir>/MNIST/raw/, or the four files "
         "directly in <dir>); downloaded there when missing",
     )
-    g.add_argument(
-        "--no-download", dest="download", action="store_false", help="never download; fail if the files are missing"
+    add(
+        g,
+        "--no-download",
+        dest="download",
+        action="store_false",
+        default=default(True, ""),
+        help="never download; fail if the files are missing",
     )
-    g.add_argument(
+    add(
+        g,
         "--out",
-        default=d.out,
-        help="run folder for metrics, checkpoint and plots "
-        "(default: runs/<timestamp>; when resuming: the checkpoint's folder)",
+        type=path,
+        default=default(d.out, ""),
+        help="run folder for metrics, checkpoint and plots (default: runs/<timestamp>; when resuming: the "
+        "checkpoint's folder). One run at a time: a folder in use by a running run is refused, and so is "
+        "a folder holding another run's checkpoint",
     )
-    g.add_argument(
-        "--resume", default=d.resume, metavar="PATH", help="continue from a checkpoint.pt (or a run folder holding one)"
+    add(
+        g,
+        "--resume",
+        type=path,
+        metavar="PATH",
+        default=default(d.resume, ""),
+        help="continue from a checkpoint.pt (or a run folder holding one), with its options and on the same "
+        "data (checked by fingerprint)",
     )
-    g.add_argument(
+    add(
+        g,
         "--seed",
-        type=nonnegative_int,
-        default=d.seed,
-        help="seed for initial weights, batch order, dropout and augmentation",
+        type=seed,
+        default=default(d.seed),
+        help="seed for initial weights, batch order, dropout and augmentation (0 to 2**64-1)",
     )
-    g.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default=d.device, help="auto: cuda when available, else cpu"
+    add(
+        g,
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=default(d.device),
+        help="auto: cuda when available, else cpu",
     )
-    g.add_argument(
+    add(
+        g,
         "--threads",
-        type=positive_int,
-        default=d.threads,
-        help="CPU threads per process (default: all cores, divided among this machine's processes)",
+        type=threads,
+        default=default(d.threads, "auto"),
+        help=f"CPU threads per process, 1 to {MAX_THREADS}, or auto: at the start of every epoch (and again "
+        "when steps slow down) time a few throw-away steps with 1 thread and with all of this process's "
+        "cores, and train with the faster. That keeps a busy machine from slowing training down many "
+        "times over; a different count changes results in the last float bits, so pass a number for runs "
+        "that must reproduce bit for bit whatever the machine's load",
     )
-    g.add_argument(
+    add(
+        g,
         "--no-progress",
         dest="progress",
         action="store_false",
+        default=default(True, ""),
         help="no progress bars, only one line per epoch (bars are shown only on a terminal anyway)",
     )
 
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--hidden", type=hidden_sizes, default=d.hidden, help="hidden layer widths, comma-separated (e.g. 512,256)"
+    add(
+        g,
+        "--hidden",
+        type=hidden_sizes,
+        default=default(d.hidden),
+        help="hidden layer widths, comma-separated (e.g. 512,256)",
     )
-    g.add_argument(
-        "--activation", choices=tuple(ACTIVATIONS), default=d.activation, help="activation after every hidden layer"
+    add(
+        g,
+        "--activation",
+        choices=tuple(ACTIVATIONS),
+        default=default(d.activation),
+        help="activation after every hidden layer",
     )
-    g.add_argument(
-        "--dropout", type=probability, default=d.dropout, help="dropout probability after every hidden activation"
+    add(
+        g,
+        "--dropout",
+        type=probability,
+        default=default(d.dropout),
+        help="dropout probability after every hidden activation",
     )
-    g.add_argument(
+    add(
+        g,
         "--impl",
         choices=("fused", "layers"),
-        default=d.impl,
+        default=default(d.impl),
         help="fused: the whole MLP and its loss as one manualgrad Function (MLP.loss); "
         "layers: one manualgrad Function per layer (MLP.per_layer() + manualgrad CrossEntropyLoss)",
     )
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the training set")
-    g.add_argument(
+    add(g, "--epochs", type=positive_int, default=default(d.epochs), help="passes over the training set")
+    add(
+        g,
         "--batch-size",
         type=positive_int,
-        default=d.batch_size,
+        default=default(d.batch_size),
         help="global batch size (split across processes under torchrun)",
     )
-    g.add_argument(
+    add(
+        g,
         "--optimizer",
         choices=("sgd", "adam", "adamw"),
-        default=d.optimizer,
+        default=default(d.optimizer),
         help="sgd: with (Nesterov) momentum; adam; adamw: decoupled weight decay",
     )
-    g.add_argument("--lr", type=positive_float, default=d.lr, help="learning rate (the peak one for onecycle)")
-    g.add_argument("--momentum", type=probability, default=d.momentum, help="momentum for sgd")
-    g.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay, help="weight decay")
-    g.add_argument(
+    add(g, "--lr", type=positive_float, default=default(d.lr), help="learning rate (the peak one for onecycle)")
+    add(g, "--momentum", type=probability, default=default(d.momentum), help="momentum for sgd")
+    add(g, "--weight-decay", type=nonnegative_float, default=default(d.weight_decay), help="weight decay")
+    add(
+        g,
         "--schedule",
         choices=("onecycle", "cosine", "none"),
-        default=d.schedule,
+        default=default(d.schedule),
         help="learning-rate schedule, stepped every batch: onecycle (warm-up then anneal), "
         "cosine (anneal to 0), none (constant)",
     )
-    g.add_argument(
-        "--label-smoothing", type=probability, default=d.label_smoothing, help="label smoothing of the training loss"
+    add(
+        g,
+        "--label-smoothing",
+        type=probability,
+        default=default(d.label_smoothing),
+        help="label smoothing of the training loss",
     )
-    g.add_argument(
+    add(
+        g,
         "--augment",
         choices=("none", "shift", "affine", "elastic"),
-        default=d.augment,
+        default=default(d.augment),
         help="batch-level augmentation of training images: shift (up to 2 px), affine (rotate, "
         "scale, shear, shift), elastic (affine + elastic distortion)",
     )
 
     g = p.add_argument_group("checks")
-    g.add_argument(
+    add(
+        g,
         "--compare-native",
         action="store_true",
+        default=default(False, ""),
         help="also train the same MLP written in plain torch.nn (same initial weights, seed and batches, "
         "epochs interleaved in this process) and print both side by side with the epoch-time ratio",
     )
-    g.add_argument(
+    add(
+        g,
         "--check-grads",
         action="store_true",
+        default=default(False, ""),
         help="before training, compare our gradients on one batch with torch autograd's "
         "(a torch.nn twin with the same weights) and print the largest relative difference",
     )
     return p
 
 
-def parse_args(argv=None) -> Config:
-    """Parse ``argv`` into a Config: preset defaults first, explicit options over them; with
-    ``--resume``, the checkpoint's configuration. Invalid options exit with status 2."""
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**PRESETS[known.preset])
-    args = parser.parse_args(argv)
-    explicit = _explicit(parser, argv)
-    cfg = Config(**vars(args))
+def parse_args(argv=None) -> tuple[Config, frozenset]:
+    """Parse ``argv``: the Config (the preset's defaults, explicit options over them) and the names of
+    the options given explicitly (which :func:`resume_config` needs). Invalid options exit with status 2."""
+    given, _ = build_parser(None).parse_known_args(argv)  # only the options given; bad values exit here
+    preset = getattr(given, "preset", Config.preset)
+    parser = build_parser(dataclasses.replace(Config(), **PRESETS[preset]))
+    cfg = Config(**vars(parser.parse_args(argv)))  # --help, unknown options
     if cfg.compare_native and cfg.resume:
         parser.error("--compare-native cannot be combined with --resume")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
-    if cfg.resume:
-        cfg = _resumed(parser, cfg, explicit)
-    return cfg
+    return cfg, frozenset(vars(given))
 
 
-def _resumed(parser: argparse.ArgumentParser, cli: Config, explicit: set) -> Config:
-    """A resumed run trains as its checkpoint says; the command line may change only where and how
-    it runs (--out, --data-dir, --device, --threads, progress bars, --check-grads)."""
-    from . import checkpoint
+def resume_config(requested: Config, saved: Config, given: Collection[str] | None = None) -> Config:
+    """The configuration of a resumed run: ``saved`` (the checkpoint's), where and how it runs from
+    ``requested``. ``given`` names the options set explicitly (None: all of ``requested``'s); a given
+    option that decides what is learned must equal the checkpoint's, else :class:`ConfigError`."""
 
-    try:
-        saved = Config.from_dict(checkpoint.load(cli.resume)["config"])
-    except checkpoint.CheckpointError as e:
-        parser.error(str(e))
-    changed = [k for k in TRAINING_OPTIONS + ("preset",) if k in explicit and getattr(cli, k) != getattr(saved, k)]
+    def chosen(name: str) -> bool:
+        return given is None or name in given
+
+    if requested.compare_native:
+        raise ConfigError("--compare-native cannot be combined with --resume")
+    changed = [k for k in ("preset", *TRAINING_OPTIONS) if chosen(k) and getattr(requested, k) != getattr(saved, k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
-        parser.error(
+        raise ConfigError(
             f"--resume continues a run as it was configured; {flags} differ from its checkpoint "
             "(start a new run to change them)"
         )
-    keep = {k: getattr(cli, k) for k in ("resume", "device", "threads", "progress", "check_grads", "download")}
-    keep["out"] = cli.out if "out" in explicit else None  # None: the checkpoint's folder
-    if "data_dir" in explicit:
-        keep["data_dir"] = cli.data_dir
+    keep = {k: getattr(requested, k) for k in RUN_OPTIONS}
+    keep["out"] = requested.out if chosen("out") else None  # None: the checkpoint's folder
+    keep["data_dir"] = requested.data_dir if chosen("data_dir") else saved.data_dir
     return dataclasses.replace(saved, **keep)
-
-
-def _explicit(parser: argparse.ArgumentParser, argv) -> set:
-    """Which options ``argv`` sets: parse again with every default suppressed."""
-    saved = {a.dest: a.default for a in parser._actions}
-    try:
-        for a in parser._actions:
-            a.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for a in parser._actions:
-            a.default = saved[a.dest]

@@ -13,6 +13,7 @@ batch is ``x[indices]``: no per-sample PIL transforms, no DataLoader workers
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import socket
 import struct
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .errors import RunError
 
 # The four files torchvision's MNIST keeps in <root>/MNIST/raw/.
 FILES = {
@@ -33,7 +36,7 @@ SIDE = 28
 MEAN, STD = 0.1307, 0.3081  # of the training pixels scaled to [0, 1]; pytorch/examples uses the same
 
 
-class DataError(Exception):
+class DataError(RunError):
     """The MNIST files are missing or unusable; the message is meant for the user, as is."""
 
 
@@ -46,6 +49,7 @@ class MNIST:
     test_x: Tensor
     test_y: Tensor
     folder: str  # where the files were read from
+    fingerprint: str  # sha256 of the four files' contents (uncompressed): the same data wherever it lives
 
 
 def normalise(images_uint8: Tensor) -> Tensor:
@@ -55,7 +59,8 @@ def normalise(images_uint8: Tensor) -> Tensor:
 def load(data_dir: str, device: torch.device, download: bool = True) -> MNIST:
     """Find (or download) the four IDX files under ``data_dir``, check them and move them to ``device``."""
     folder = locate(data_dir, download)
-    arrays = {key: read_idx(folder, name) for key, name in FILES.items()}
+    digest = hashlib.sha256()
+    arrays = {key: read_idx(folder, name, digest) for key, name in FILES.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.dim() != 3 or images.shape[1:] != (SIDE, SIDE):
@@ -63,6 +68,8 @@ def load(data_dir: str, device: torch.device, download: bool = True) -> MNIST:
                 folder,
                 f"{FILES[f'{split}_images']} holds images of shape {tuple(images.shape[1:])}, expected {SIDE}x{SIDE}",
             )
+        if len(images) == 0:
+            raise _error(folder, f"{FILES[f'{split}_images']} holds no images")
         if labels.dim() != 1 or len(labels) != len(images):
             raise _error(folder, f"{FILES[f'{split}_labels']} has {len(labels)} labels for {len(images)} images")
         if len(labels) and int(labels.max()) > 9:
@@ -73,6 +80,7 @@ def load(data_dir: str, device: torch.device, download: bool = True) -> MNIST:
         test_x=normalise(arrays["test_images"]).to(device),
         test_y=arrays["test_labels"].long().to(device),
         folder=folder,
+        fingerprint=digest.hexdigest(),
     )
 
 
@@ -128,9 +136,9 @@ def fetch(folder: str) -> None:
         socket.setdefaulttimeout(previous)
 
 
-def read_idx(folder: str, name: str) -> Tensor:
+def read_idx(folder: str, name: str, digest=None) -> Tensor:
     """Read one IDX file of unsigned bytes (``name`` or ``name.gz``) into a uint8 tensor, checking
-    its magic number, its dimensions and its length."""
+    its magic number, its dimensions and its length; its bytes are fed to ``digest`` (a hashlib object)."""
     path = os.path.join(folder, name)
     try:
         if os.path.isfile(path):
@@ -158,6 +166,10 @@ def read_idx(folder: str, name: str) -> Tensor:
     if len(data) != header + size:
         what = "truncated" if len(data) < header + size else "longer than its header says"
         raise _error(folder, f"{name} is {what}: {len(data)} bytes, its header announces {header + size}")
+    if digest is not None:
+        digest.update(data)
+    if size == 0:  # frombuffer refuses a count of 0
+        return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header, count=size).reshape(shape)
 
 

@@ -15,14 +15,16 @@ process of a world of one and every collective is skipped.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import RunError
 
-class SetupError(Exception):
+
+class SetupError(RunError):
     """The processes cannot be set up as asked; the message is meant for the user."""
 
 
@@ -31,7 +33,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_size: int = 1  # processes on this machine (they share its cores)
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -133,3 +135,19 @@ def broadcast_object(obj, world: World):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(world: World, fn, *args, share: bool = False):
+    """``fn(*args)`` on rank 0 only. A :class:`~train.errors.RunError` it raises is raised in every
+    process (so that a missing file stops all of them with the same message instead of leaving some
+    waiting). Returns rank 0's result there, and elsewhere None, or rank 0's result when ``share``."""
+    result, error = None, None
+    if world.main:
+        try:
+            result = fn(*args)
+        except RunError as e:
+            error = e
+    error = broadcast_object(error, world)
+    if error is not None:
+        raise error
+    return broadcast_object(result, world) if share else result

@@ -10,10 +10,17 @@ A :class:`Trainer` owns its model, optimizer, scheduler and random streams
 (the data generator, and a saved torch RNG state for dropout that it swaps in
 while it trains), so that two trainers (``--compare-native``) can alternate
 epochs in one process and each still sees exactly what it would see alone.
+
+Where later features go: which rows form each step's batch is
+:meth:`Trainer.batches` (Poisson sampling would replace it), and what happens
+to the gradients between ``backward()`` and ``optimizer.step()`` is
+:meth:`Trainer.step` (clipping, noise); the model and its loss are the
+:class:`~train.model.Net`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import threading
@@ -28,10 +35,12 @@ import manualgrad.functional as MF
 
 from . import augment, data, distributed
 from .config import Config
+from .errors import RunError
 from .model import Net
+from .threads import Threads
 
 
-class TrainingError(Exception):
+class TrainingError(RunError):
     """Training cannot go on; the message is meant for the user, as is."""
 
 
@@ -123,8 +132,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 class Trainer:
     """Trains one :class:`~train.model.Net` on ``mnist`` with the options of ``cfg``."""
 
-    def __init__(self, net: Net, cfg: Config, mnist: data.MNIST, world: distributed.World):
-        self.net, self.cfg, self.data, self.world = net, cfg, mnist, world
+    def __init__(self, net: Net, cfg: Config, mnist: data.MNIST, world: distributed.World, threads: Threads):
+        self.net, self.cfg, self.data, self.world, self.threads = net, cfg, mnist, world, threads
         self.params = list(net.parameters())
         self.steps_per_epoch = data.num_batches(len(mnist.train_y), cfg.batch_size)
         self.optimizer = make_optimizer(cfg, self.params)
@@ -133,41 +142,94 @@ class Trainer:
         # a different stream per process (seed + rank), kept here between epochs.
         self.generator = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed + world.rank)
+            torch.manual_seed((cfg.seed + world.rank) % 2**64)
             self.torch_rng = rng_state(world.device)
 
     # ---- state, for checkpoints
 
     def state_dict(self) -> dict:
+        """Model, optimizer, scheduler and random streams. Collective: every process must call it (each
+        contributes its own dropout stream)."""
         return {
             "model": self.net.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "rng": {
+                "data": self.generator.get_state(),
+                "torch": distributed.gather_objects(self.torch_rng, self.world),
+            },
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> bool:
+        """Restore :meth:`state_dict`'s output; False when it was written by another number of processes
+        (then each process takes one of the saved dropout streams, and masks differ from the original run's)."""
         self.net.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["rng"]["data"])
+        per_rank = state["rng"]["torch"]
+        self.torch_rng = per_rank[self.world.rank % len(per_rank)]
+        return len(per_rank) == self.world.size
+
+    def non_finite(self) -> str | None:
+        """The name of a model or optimizer tensor holding NaN or infinity, or None when all are finite."""
+        named = list(self.net.module.state_dict().items())
+        for i, state in enumerate(self.optimizer.state.values()):
+            named += [(f"optimizer state {i} {k}", v) for k, v in state.items()]
+        for name, t in named:
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return name
+        return None
 
     # ---- training
 
+    def batches(self, resume: Position | None) -> Position:
+        """Where the epoch starts: a fresh random order of the training rows (from step 0), or ``resume``."""
+        if resume is not None:
+            return resume
+        return Position(step=0, order=data.epoch_order(len(self.data.train_y), self.generator))
+
+    def step(self, x: Tensor, y: Tensor, weight: float, stop: bool) -> tuple[float, bool]:
+        """One optimisation step on this process's rows ``(x, y)``, ``weight`` of the global batch;
+        returns the global batch's mean loss and whether any process asked to stop."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(y):
+            loss = self.net.loss(x, y)
+            loss.backward()
+        else:  # more processes than rows in a last, small batch
+            loss = torch.zeros((), device=self.world.device)
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+        loss_value, stopping = distributed.reduce_step(self.params, loss, weight, stop, self.world)
+        if math.isfinite(loss_value):
+            self.optimizer.step()
+            if self.scheduler:
+                self.scheduler.step()
+        return loss_value, stopping
+
+    def _trial_step(self, x: Tensor, y: Tensor) -> None:
+        """A forward and backward pass whose result is thrown away (for timing: :mod:`train.threads`)."""
+        if not len(y):
+            return
+        with torch.random.fork_rng(devices=[]):
+            self.net.loss(x, y).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def train_epoch(self, epoch: int, stop: StopRequest, resume: Position | None = None, on_step=None) -> EpochResult:
-        """Run the steps of ``epoch`` (1-based), from ``resume``'s step when given."""
+        """Run the steps of ``epoch`` (1-based), from ``resume``'s step when given. ``on_step(epoch, step,
+        trainer)``, if given, is called after every step (tests use it to interrupt or poison a run)."""
         cfg, world, device = self.cfg, self.world, self.world.device
-        x_all, y_all = self.data.train_x, self.data.train_y
-        n, batch_size = len(y_all), cfg.batch_size
-        if resume is None:
-            resume = Position(step=0, order=data.epoch_order(n, self.generator))
-        order = resume.order.to(device)
-        loss_sum, rows_seen, seconds = resume.loss_sum, resume.rows, resume.seconds
+        x_all, y_all, batch_size = self.data.train_x, self.data.train_y, cfg.batch_size
+        start_at = self.batches(resume)
+        order = start_at.order.to(device)
+        loss_sum, rows_seen, seconds = start_at.loss_sum, start_at.rows, start_at.seconds
 
         self.net.module.train()
         set_rng_state(self.torch_rng, device)
         bar = tqdm(
             total=self.steps_per_epoch,
-            initial=resume.step,
+            initial=start_at.step,
             desc=f"epoch {epoch}/{cfg.epochs}",
             unit="batch",
             leave=False,
@@ -175,37 +237,28 @@ class Trainer:
             disable=None if world.main and cfg.progress else True,
         )  # None: off unless a terminal
         start, stopping = time.perf_counter(), False
+        self.threads.reset_counts()
+        first = distributed.share(order[start_at.step * batch_size : (start_at.step + 1) * batch_size], world)
+        self.threads.choose(functools.partial(self._trial_step, x_all[first], y_all[first]))
         try:
-            for step in range(resume.step, self.steps_per_epoch):
+            for step in range(start_at.step, self.steps_per_epoch):
+                step_start = time.perf_counter()
                 batch = order[step * batch_size : (step + 1) * batch_size]  # the global batch
                 mine = distributed.share(batch, world)
                 x, y = x_all[mine], y_all[mine]
                 if cfg.augment != "none":
                     params = augment.draw(cfg.augment, len(batch), self.generator)
                     x = augment.apply(x, tuple(distributed.share(p, world) for p in params))
-
-                self.optimizer.zero_grad(set_to_none=True)
-                if len(mine):
-                    loss = self.net.loss(x, y)
-                    loss.backward()
-                else:  # more processes than rows in a last, small batch
-                    loss = torch.zeros((), device=device)
-                    for p in self.params:
-                        p.grad = torch.zeros_like(p)
-                loss_value, stopping = distributed.reduce_step(
-                    self.params, loss, len(mine) / len(batch), stop.requested, world
-                )
+                loss_value, stopping = self.step(x, y, len(mine) / len(batch), stop.requested)
                 if not math.isfinite(loss_value):
                     raise TrainingError(
                         f"the training loss became {loss_value} at epoch {epoch}, step {step + 1}; "
                         "stopped without taking that step"
                     )
-                self.optimizer.step()
-                if self.scheduler:
-                    self.scheduler.step()
-
                 loss_sum += loss_value * len(batch)
                 rows_seen += len(batch)
+                if self.threads.step_took(time.perf_counter() - step_start):
+                    self.threads.choose(functools.partial(self._trial_step, x, y))
                 bar.update()
                 if step % 20 == 0 or step == self.steps_per_epoch - 1:
                     elapsed = seconds + time.perf_counter() - start
@@ -217,7 +270,7 @@ class Trainer:
                     on_step(epoch, step + 1, self)
                 if stopping and step + 1 < self.steps_per_epoch:
                     seconds += time.perf_counter() - start
-                    here = Position(step + 1, resume.order, loss_sum, rows_seen, seconds)
+                    here = Position(step + 1, start_at.order, loss_sum, rows_seen, seconds)
                     return EpochResult(loss_sum / rows_seen, seconds, interrupted=here, stop_requested=True)
         finally:
             bar.close()

@@ -13,6 +13,12 @@ not care which implementation it drives:
   ``torch.nn.functional.cross_entropy``, i.e. torch autograd's backward.
 
 All three have the same ``state_dict`` keys, so one checkpoint fits all.
+
+:func:`build` makes the run's ``Net`` from its configuration; it is the one
+place that knows which model a run trains (another model, e.g. a CNN, is
+another branch there and another ``Net``: the loop needs only ``loss``,
+``logits``, ``parameters``, ``module``, ``twin``, ``with_impl`` and
+``describe``).
 """
 
 from __future__ import annotations
@@ -44,11 +50,22 @@ def torch_twin(mlp: mnn.MLP) -> torch.nn.Sequential:
     return twin
 
 
+def build(cfg, device) -> Net:
+    """The Net that ``cfg`` (a :class:`~train.config.Config`) trains, its weights drawn from the global
+    RNG (seed it first)."""
+    mlp = build_mlp(cfg.hidden, cfg.activation, cfg.dropout, device)
+    sizes = "-".join(str(s) for s in mlp.sizes)
+    return Net(mlp, cfg.impl, cfg.label_smoothing, f"MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}")
+
+
 class Net:
     """A module (parameters, ``train()``/``eval()``, ``state_dict``) and how to compute its loss and logits."""
 
-    def __init__(self, module: torch.nn.Module, impl: str, label_smoothing: float = 0.0):
+    impls = ("fused", "layers")  # the ways of computing our gradients that --check-grads checks
+
+    def __init__(self, module: torch.nn.Module, impl: str, label_smoothing: float = 0.0, architecture: str = ""):
         self.module, self.impl, self.label_smoothing = module, impl, label_smoothing
+        self.architecture = architecture  # for the log: e.g. "MLP 784-512-256-10, relu, dropout 0.1"
         if impl == "fused":
             assert isinstance(module, mnn.MLP)
         elif impl == "layers":
@@ -70,3 +87,15 @@ class Net:
 
     def parameters(self):
         return self.module.parameters()
+
+    def with_impl(self, impl: str) -> Net:
+        """The same module (same weights), its loss computed the ``impl`` way."""
+        return Net(self.module, impl, self.label_smoothing, self.architecture)
+
+    def twin(self) -> Net:
+        """A torch.nn copy (same weights, torch autograd's backward): --compare-native, --check-grads."""
+        return Net(torch_twin(self.module), "native", self.label_smoothing, self.architecture)
+
+    def describe(self) -> str:
+        count = sum(p.numel() for p in self.parameters())
+        return f"{self.architecture}, impl {self.impl}, {count:,} parameters"

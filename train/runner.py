@@ -1,271 +1,352 @@
 """``run(config)``: a whole training run, from the data to the run folder's files.
 
-Read top to bottom: set up (threads, device, processes), load the data, build
-the model, optionally check its gradients, restore a checkpoint, then for each
-epoch train, evaluate, and write ``checkpoint.pt``, ``metrics.json`` and
-``curves.png``. With ``--compare-native`` a torch.nn twin trains alongside,
-epoch for epoch, and the two are printed side by side at the end.
+A run is these steps, in this order, each a function below:
+
+1. **setup**: the processes (torchrun), the device, the CPU threads;
+2. **resume** (``--resume``): the checkpoint, loaded and checked once, decides the configuration;
+3. **load the data** (when resuming: the same data as the checkpoint's, by fingerprint);
+4. **build the model** and its trainer (and the torch.nn twin's, ``--compare-native``);
+5. **check the gradients** (``--check-grads``);
+6. **restore** the checkpoint's state, or start at epoch 1;
+7. **open the run folder** (rank 0): create, lock, clean up; write ``config.json``;
+8. **for each epoch**: train, check the weights are finite, evaluate, save ``checkpoint.pt`` and
+   ``metrics.json``; stop early on Ctrl-C (after writing a checkpoint);
+9. **finish**: ``metrics.json``, ``curves.png``, the last lines of the log.
+
+A failure before step 7 leaves no trace on disk.
+
+What the run has done so far is one :class:`Progress`, passed from step to step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import statistics
 import sys
-import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, data, distributed, plots
-from .checks import check_grads
-from .config import TRAINING_OPTIONS, Config
-from .engine import Position, StopRequest, Trainer, TrainingError
-from .model import Net, build_mlp, torch_twin
+from . import checkpoint, data, distributed, model
+from .checks import check_all
+from .config import Config, resume_config
+from .engine import EpochResult, Position, StopRequest, Trainer, TrainingError
+from .errors import RunError
+from .folder import RunFolder
+from .threads import Threads
 
 
-def log(world: distributed.World, *args) -> None:
-    if world.main:
-        tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
+@dataclass
+class Progress:
+    """What the run has done: the finished epochs and their records, and where an interrupted epoch stopped."""
+
+    epoch: int = 0  # finished epochs
+    position: Position | None = None  # where the next epoch starts, when not at its beginning
+    history: list = field(default_factory=list)  # one record per finished epoch (metrics.json's "epochs")
+    native_history: list = field(default_factory=list)  # the torch.nn twin's (--compare-native)
+    interrupted: bool = False
 
 
-def on_main(world: distributed.World, fn):
-    """Run ``fn`` on rank 0 only and give every process its result, or raise its error everywhere
-    (so that a missing file stops all processes with the same message instead of leaving some waiting)."""
-    result, error = None, None
-    if world.main:
-        try:
-            result = fn()
-        except (data.DataError, checkpoint.CheckpointError, TrainingError) as e:
-            error = e
-    result, error = distributed.broadcast_object((result, error), world)
-    if error is not None:
-        raise error
-    return result
-
-
-def run(cfg: Config, on_step=None) -> dict:
-    """Train as ``cfg`` says and return the metrics (what ``metrics.json`` holds; on ranks other
-    than 0 only the config). ``on_step(epoch, step, trainer)``, if given, is called after every step
-    (``step`` counts from 1) and may inspect or change the trainer: tests use it."""
+def run(cfg: Config, on_step=None, given: Collection[str] | None = None) -> dict:
+    """Train as ``cfg`` says and return the metrics (what ``metrics.json`` holds; on ranks other than 0
+    the test metrics are missing). ``on_step(epoch, step, trainer)``, if given, is called after every
+    step (tests use it). ``given``: with ``cfg.resume``, the names of the options the user set (see
+    :func:`train.config.resume_config`); None: all of them."""
     world = distributed.setup(cfg.device)
     together = False  # whether every process got here alike, so that they can leave together
-    threads = torch.get_num_threads()  # restored on the way out, for callers in the same process
+    threads_before = torch.get_num_threads()  # restored on the way out, for callers in the same process
     try:
-        metrics = _run(cfg, world, on_step)
+        metrics = _run(cfg, world, on_step, given)
         together = True
         return metrics
-    except (data.DataError, checkpoint.CheckpointError, TrainingError):
+    except RunError:
         together = True  # these are raised in every process at the same point
         raise
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not _out_of_memory(e):
+            raise
+        raise TrainingError(f"not enough memory for this run ({_allocation(e)}); try a smaller --hidden") from None
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads_before)
         distributed.teardown(world, together)
 
 
-def _run(cfg: Config, world: distributed.World, on_step) -> dict:
-    device = world.device
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // world.local_size)
-    torch.set_num_threads(threads)
+def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
+    resumed = checkpoint.load(cfg.resume) if cfg.resume else None
+    if resumed is not None:
+        cfg = resume_config(cfg, Config.from_dict(resumed["config"]), given)
+    threads = Threads(cfg.threads, world.local_size, world.device)
+    mnist = load_data(cfg, world)
+    if resumed is not None:
+        check_same_data(resumed, mnist, cfg.resume)
+    trainer, native = build(cfg, world, threads, mnist)
+    if cfg.check_grads:
+        distributed.on_main(world, check_gradients, trainer.net, mnist, cfg, world)
+    progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
+    with open_run_folder(cfg, world) as folder:  # nothing is written before this point
+        cfg = dataclasses.replace(cfg, out=folder.path)
+        distributed.on_main(world, folder.write_config, cfg.to_dict())
+        log(world, f"run folder: {folder.path}")
+        if progress.epoch == cfg.epochs:
+            log(world, "the checkpoint had finished all its epochs; nothing to do")
+        try:
+            progress = train_epochs(cfg, world, trainer, native, progress, folder, mnist, on_step)
+        except RunError:
+            distributed.on_main(world, draw_curves, folder, metrics_of(cfg, world, trainer, native, progress))
+            raise
+        return finish(cfg, world, trainer, native, progress, folder)
 
-    # ---- the checkpoint to continue from
-    resumed = None
-    if cfg.resume:
-        resumed = checkpoint.load(cfg.resume)
-        saved = Config.from_dict(resumed["config"])
-        changed = [k for k in TRAINING_OPTIONS if getattr(saved, k) != getattr(cfg, k)]
-        if changed:
-            raise TrainingError(f"--resume: the checkpoint was trained with other {', '.join(changed)}")
-        if cfg.out is None:
-            cfg = dataclasses.replace(cfg, out=os.path.dirname(os.path.abspath(checkpoint.checkpoint_path(cfg.resume))))
 
-    # ---- data: rank 0 finds or downloads the files, then every process loads them onto its device
-    folder = on_main(world, lambda: data.locate(cfg.data_dir, cfg.download))
-    mnist = data.load(folder, device, download=False)
+# ---- the steps before training
+
+
+def load_data(cfg: Config, world: distributed.World) -> data.MNIST:
+    """Rank 0 finds (or downloads) the files, then every process reads them onto its device."""
+    folder = distributed.on_main(world, data.locate, cfg.data_dir, cfg.download, share=True)
+    mnist = data.load(folder, world.device, download=False)
     log(world, f"data: {len(mnist.train_y):,} training and {len(mnist.test_y):,} test images from {mnist.folder}")
+    return mnist
 
-    cfg = dataclasses.replace(cfg, out=on_main(world, lambda: _run_folder(cfg)))  # created once the data is there
-    out = cfg.out
 
-    # ---- model: seeded initial weights, equal in every process
+def check_same_data(resumed: dict, mnist: data.MNIST, path: str) -> None:
+    """A checkpoint continues only on the data it was trained on (wherever the files now are): its
+    batch order indexes that training set, and its metrics so far were measured on that test set."""
+    if resumed["data"]["fingerprint"] != mnist.fingerprint:
+        raise checkpoint.CheckpointError(
+            f"cannot resume from {checkpoint.checkpoint_path(path)}: it was trained on other data than the "
+            f"files in {mnist.folder} (their fingerprints differ); resume with the same MNIST files"
+        )
+
+
+def open_run_folder(cfg: Config, world: distributed.World) -> RunFolder:
+    """Rank 0 opens (creates, locks) the run folder; the other processes learn its path."""
+    resuming = checkpoint.checkpoint_path(cfg.resume) if cfg.resume else None
+    out = cfg.out if cfg.out is not None or resuming is None else _folder_of(resuming)
+    folder = distributed.on_main(world, RunFolder.open, out, resuming)
+    path = distributed.broadcast_object(folder.path if folder else None, world)
+    return folder or RunFolder(path, lock=None)  # other ranks never write: everything goes through on_main
+
+
+def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.MNIST):
+    """The trainer of the run's model (seeded initial weights, equal in every process), and with
+    --compare-native the torch.nn twin's (same weights, seed, batches and augmentations)."""
     torch.manual_seed(cfg.seed)
-    mlp = build_mlp(cfg.hidden, cfg.activation, cfg.dropout, device)
-    distributed.broadcast_parameters(mlp, world)
-    net = Net(mlp, cfg.impl, cfg.label_smoothing)
-    sizes = "-".join(str(s) for s in mlp.sizes)
-    log(
-        world,
-        f"model: MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}, impl {cfg.impl}, "
-        f"{sum(p.numel() for p in mlp.parameters()):,} parameters; device {device}, {_plural(threads, 'thread')}, "
-        f"{_plural(world.size, 'process', 'processes')}",
-    )
-
+    net = model.build(cfg, world.device)
+    distributed.broadcast_parameters(net.module, world)
+    trainer = Trainer(net, cfg, mnist, world, threads)
+    native = Trainer(net.twin(), cfg, mnist, world, threads) if cfg.compare_native else None
+    processes = _plural(world.size, "process", "processes")
+    log(world, f"model: {net.describe()}; device {world.device}, {threads.describe()}, {processes}")
     log(
         world,
         f"training: {_plural(cfg.epochs, 'epoch')}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g} "
         f"weight decay {cfg.weight_decay:g}, schedule {cfg.schedule}, label smoothing {cfg.label_smoothing:g}, "
         f"augment {cfg.augment}, seed {cfg.seed}",
     )
+    return trainer, native
 
-    if cfg.check_grads:  # on rank 0; a mismatch stops every process
 
-        def check():
-            batch = data.epoch_order(len(mnist.train_y), torch.Generator().manual_seed(cfg.seed))[: cfg.batch_size]
-            x, y = mnist.train_x[batch.to(device)], mnist.train_y[batch.to(device)]
-            for impl in dict.fromkeys((cfg.impl, "fused", "layers")):
-                result = check_grads(mlp, impl, cfg.label_smoothing, x, y)
-                log(world, result)
-                if not result.ok:
-                    raise TrainingError(
-                        f"--check-grads: the {impl} gradients differ from torch autograd's "
-                        f"by {result.worst_relative:.2e} (relative) in {result.worst_parameter}"
-                    )
-
-        on_main(world, check)
-
-    trainer = Trainer(net, cfg, mnist, world)
-    native = None
-    if cfg.compare_native:  # same initial weights, seed, batches and augmentations; torch autograd's backward
-        native = Trainer(Net(torch_twin(mlp), "native", cfg.label_smoothing), cfg, mnist, world)
-
-    history, native_history, start_epoch, position = [], [], 1, None
-    if resumed is not None:
-        trainer.load_state_dict(resumed)
-        trainer.generator.set_state(resumed["rng"]["data"])
-        per_rank = resumed["rng"]["torch"]
-        if len(per_rank) != world.size:
-            log(
-                world,
-                f"warning: the checkpoint was written by {len(per_rank)} processes, this run has "
-                f"{world.size}: dropout masks will differ from an uninterrupted run",
+def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
+    """--check-grads (rank 0): our gradients on the first batch against torch autograd's, for every impl."""
+    batch = data.epoch_order(len(mnist.train_y), torch.Generator().manual_seed(cfg.seed))[: cfg.batch_size]
+    batch = batch.to(world.device)
+    for result in check_all(net, mnist.train_x[batch], mnist.train_y[batch]):
+        log(world, result)
+        if not result.ok:
+            raise TrainingError(
+                f"--check-grads: the {result.impl} gradients differ from torch autograd's "
+                f"by {result.worst_relative:.2e} (relative) in {result.worst_parameter}"
             )
-        trainer.torch_rng = per_rank[world.rank % len(per_rank)]
-        history = resumed["history"]
-        start_epoch = resumed["epoch"] + 1
-        if resumed["position"] is not None:
-            position = Position(**resumed["position"])
-        where = f"epoch {start_epoch}, step {position.step + 1}" if position else f"epoch {start_epoch}"
-        log(world, f"resumed from {checkpoint.checkpoint_path(cfg.resume)}: continuing at {where}")
 
-    if world.main:
-        checkpoint.write_json(cfg.to_dict(), os.path.join(out, "config.json"))
-    log(world, f"run folder: {out}")
 
-    def save(epoch_done: int, at: Position | None, rngs: list) -> None:
-        state = trainer.state_dict()
-        state.update(
-            config=cfg.to_dict(),
-            epoch=epoch_done,
-            position=at.to_dict() if at else None,
-            rng={"data": trainer.generator.get_state(), "torch": rngs},
-            history=history,
-            world_size=world.size,
-        )
-        checkpoint.save(state, os.path.join(out, checkpoint.FILENAME))
-
-    def write_metrics(completed: bool) -> dict:
-        metrics = {
-            "test_accuracy": history[-1].get("test_accuracy") if history else None,  # rank 0 alone evaluates
-            "train_seconds": sum(r["seconds"] for r in history),
-            "completed": completed,
-            "epochs": history,
-            "config": cfg.to_dict(),
-            "environment": {
-                "device": str(device),
-                "threads": threads,
-                "processes": world.size,
-                "torch": torch.__version__,
-            },
-        }
-        if native is not None:
-            metrics["native"] = {
-                "test_accuracy": native_history[-1].get("test_accuracy") if native_history else None,
-                "epochs": native_history,
-            }
-        if world.main:
-            checkpoint.write_json(metrics, os.path.join(out, "metrics.json"))
-            if history:
-                title = f"MLP {sizes} ({cfg.activation}, {cfg.impl}), {cfg.optimizer} lr {cfg.lr:g}, seed {cfg.seed}"
-                title += f", {cfg.augment} augmentation" if cfg.augment != "none" else ""
-                plots.plot_curves(
-                    history, os.path.join(out, "curves.png"), title, native_history or None, cfg.label_smoothing
-                )
-        return metrics
-
-    # ---- the epochs
-    with StopRequest(world) as stop:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            try:
-                result = trainer.train_epoch(epoch, stop, resume=position, on_step=on_step)
-            except TrainingError as e:  # a non-finite loss: the checkpoint on disk stays the last good one
-                path = os.path.join(out, checkpoint.FILENAME)
-                last = f"the last good checkpoint is {path}" if os.path.exists(path) else "no checkpoint was written"
-                raise TrainingError(f"{e}; {last}. A lower --lr may help.") from None
-            position = None
-            rngs = distributed.gather_objects(trainer.torch_rng, world)
-            if result.interrupted is not None:
-                if world.main:
-                    save(epoch - 1, result.interrupted, rngs)
-                log(
-                    world,
-                    f"interrupted at epoch {epoch}, step {result.interrupted.step}: checkpoint written; "
-                    f"continue with: python -m train --resume {out}",
-                )
-                metrics = write_metrics(completed=False)
-                metrics["interrupted"] = True
-                return metrics
-
-            record = {"epoch": epoch, "train_loss": result.train_loss, "seconds": result.seconds}
-            if world.main:
-                record["test_loss"], record["test_accuracy"] = trainer.evaluate()
-            history.append(record)
-            if native is not None:  # the torch.nn twin's epoch, right after ours (it never sees Ctrl-C)
-                n = native.train_epoch(epoch, StopRequest(world))
-                r = {"epoch": epoch, "train_loss": n.train_loss, "seconds": n.seconds}
-                if world.main:
-                    r["test_loss"], r["test_accuracy"] = native.evaluate()
-                native_history.append(r)
-            if world.main:
-                log(world, _summary(record, cfg.epochs) + (f"  | torch.nn: {_summary(r, 0)}" if native else ""))
-                save(epoch, None, rngs)
-            metrics = write_metrics(completed=epoch == cfg.epochs)
-            if (result.stop_requested or (stop.requested and not world.distributed)) and epoch < cfg.epochs:
-                log(
-                    world,
-                    f"interrupted after epoch {epoch}: checkpoint written; continue with: "
-                    f"python -m train --resume {out}",
-                )
-                metrics["interrupted"] = True
-                return metrics
-
-    if start_epoch > cfg.epochs:
-        log(world, "the checkpoint had finished all its epochs; nothing to do")
-        metrics = write_metrics(completed=True)
-    if world.main and history:
+def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.World) -> Progress:
+    """The trainer's state and the run's progress from the checkpoint."""
+    path = checkpoint.checkpoint_path(cfg.resume)
+    try:
+        same_world = trainer.load_state_dict(resumed)
+    except (RuntimeError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise checkpoint.CheckpointError(f"cannot resume from {path}: its state does not fit ({reason})") from None
+    if not same_world:
         log(
             world,
-            f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {_plural(len(history), 'epoch')}, "
-            f"{metrics['train_seconds']:.1f} s of training; files in {out}",
+            f"warning: the checkpoint was written by {len(resumed['rng']['torch'])} processes, this run has "
+            f"{world.size}: dropout masks will differ from an uninterrupted run",
         )
-        if native is not None:
-            metrics["native"]["time_ratio"] = _print_comparison(world, cfg, history, native_history)
-            checkpoint.write_json(metrics, os.path.join(out, "metrics.json"))
+    position = Position(**resumed["position"]) if resumed["position"] is not None else None
+    progress = Progress(epoch=resumed["epoch"], position=position, history=resumed["history"])
+    where = f"epoch {progress.epoch + 1}" + (f", step {position.step + 1}" if position else "")
+    log(world, f"resumed from {path}: continuing at {where}")
+    return progress
+
+
+# ---- the epochs
+
+
+def train_epochs(
+    cfg: Config,
+    world: distributed.World,
+    trainer: Trainer,
+    native: Trainer | None,
+    progress: Progress,
+    folder: RunFolder,
+    mnist: data.MNIST,
+    on_step,
+) -> Progress:
+    """Train the remaining epochs, saving after each; on Ctrl-C, save where it stopped and return."""
+    with StopRequest(world) as stop:
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            try:
+                result = trainer.train_epoch(epoch, stop, resume=progress.position, on_step=on_step)
+            except TrainingError as e:  # a non-finite loss: the checkpoint on disk stays the last good one
+                raise _diverged(str(e), folder) from None
+            broken = trainer.non_finite()
+            if broken is not None:
+                raise _diverged(f"the weights became non-finite ({broken}) in epoch {epoch}; not saved", folder)
+            if result.interrupted is not None:
+                progress.position, progress.interrupted = result.interrupted, True
+                save(cfg, world, trainer, native, progress, folder, mnist)
+                log(world, f"interrupted at epoch {epoch}, step {result.interrupted.step}: checkpoint written")
+                return progress
+
+            progress.epoch, progress.position = epoch, None
+            progress.history.append(record(trainer, epoch, result))
+            if native is not None:  # the torch.nn twin's epoch, right after ours (it never sees Ctrl-C)
+                progress.native_history.append(record(native, epoch, native.train_epoch(epoch, StopRequest(world))))
+            if world.main:  # the others have no test metrics
+                versus = f"  | torch.nn: {_summary(progress.native_history[-1], 0)}" if native is not None else ""
+                log(world, _summary(progress.history[-1], cfg.epochs) + versus)
+            if (result.stop_requested or (stop.requested and not world.distributed)) and epoch < cfg.epochs:
+                progress.interrupted = True
+            save(cfg, world, trainer, native, progress, folder, mnist)
+            if progress.interrupted:
+                log(world, f"interrupted after epoch {epoch}: checkpoint written")
+                return progress
+    return progress
+
+
+def record(trainer: Trainer, epoch: int, result: EpochResult) -> dict:
+    """The epoch's line of metrics.json; rank 0 alone evaluates on the test set."""
+    r = {"epoch": epoch, "train_loss": result.train_loss, "seconds": result.seconds}
+    if trainer.world.main:
+        r["test_loss"], r["test_accuracy"] = trainer.evaluate()
+    r["threads"] = trainer.threads.most_used()
+    return r
+
+
+def save(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFolder, mnist: data.MNIST) -> None:
+    """checkpoint.pt, then metrics.json (rank 0 writes; every process takes part in gathering the state)."""
+    state = trainer.state_dict()
+    state.update(
+        config=cfg.to_dict(),
+        data={"fingerprint": mnist.fingerprint, "train": len(mnist.train_y), "test": len(mnist.test_y)},
+        epoch=progress.epoch,
+        position=progress.position.to_dict() if progress.position else None,
+        history=progress.history,
+        world_size=world.size,
+    )
+    metrics = metrics_of(cfg, world, trainer, native, progress)
+    distributed.on_main(world, folder.save_checkpoint, state)
+    distributed.on_main(world, folder.write_metrics, metrics)
+
+
+# ---- the end
+
+
+def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFolder) -> dict:
+    """metrics.json and curves.png in their final form, and the last lines of the log."""
+    metrics = metrics_of(cfg, world, trainer, native, progress)
+    if progress.interrupted:
+        log(world, f"continue with: python -m train --resume {folder.path}")
+    elif world.main and progress.history:
+        epochs = _plural(len(progress.history), "epoch")
+        log(
+            world,
+            f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {epochs}, "
+            f"{metrics['train_seconds']:.1f} s of training; files in {folder.path}",
+        )
+        if native is not None and progress.native_history:
+            metrics["native"]["time_ratio"] = _print_comparison(world, cfg, progress.history, progress.native_history)
+    distributed.on_main(world, folder.write_metrics, metrics)
+    distributed.on_main(world, draw_curves, folder, metrics)
     return metrics
 
 
-def _run_folder(cfg: Config) -> str:
-    """The run folder, created; a new run refuses a folder that holds another run's checkpoint."""
-    out = cfg.out
-    if out is None:
-        base = out = os.path.join("runs", time.strftime("%Y-%m-%d_%H-%M-%S"))
-        suffix = 1
-        while os.path.exists(out):
-            out, suffix = f"{base}-{suffix}", suffix + 1
-    elif not cfg.resume and os.path.exists(os.path.join(out, checkpoint.FILENAME)):
-        raise TrainingError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
-    os.makedirs(out, exist_ok=True)
-    return out
+def metrics_of(cfg: Config, world: distributed.World, trainer: Trainer, native, progress: Progress) -> dict:
+    """What metrics.json holds."""
+    history = progress.history
+    metrics = {
+        "test_accuracy": history[-1].get("test_accuracy") if history else None,  # rank 0 alone evaluates
+        "train_seconds": sum(r["seconds"] for r in history),
+        "completed": progress.epoch == cfg.epochs,
+        "interrupted": progress.interrupted,
+        "model": trainer.net.describe(),
+        "epochs": history,
+        "config": cfg.to_dict(),
+        "environment": {
+            "device": str(world.device),
+            "threads": "auto" if trainer.threads.auto else trainer.threads.current,
+            "processes": world.size,
+            "torch": torch.__version__,
+        },
+    }
+    if native is not None:
+        native_history = progress.native_history
+        metrics["native"] = {
+            "test_accuracy": native_history[-1].get("test_accuracy") if native_history else None,
+            "epochs": native_history,
+        }
+    return metrics
+
+
+def draw_curves(folder: RunFolder, metrics: dict) -> None:
+    """curves.png; a failure to draw it is a warning, not a failed run (python -m train.plot redraws it)."""
+    if not metrics["epochs"]:
+        return
+    try:
+        folder.draw_curves(metrics)
+    except Exception as e:
+        log_line(f"warning: curves.png not drawn ({type(e).__name__}: {e}); draw it with python -m train.plot")
+
+
+# ---- helpers
+
+
+def log(world: distributed.World, *args) -> None:
+    if world.main:
+        log_line(" ".join(str(a) for a in args))
+
+
+def log_line(text: str) -> None:
+    tqdm.write(text, file=sys.stdout)
+
+
+def _diverged(problem: str, folder: RunFolder) -> TrainingError:
+    last = folder.file(checkpoint.FILENAME)
+    kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
+    return TrainingError(f"{problem}; {kept}. A lower --lr may help.")
+
+
+def _folder_of(checkpoint_file: str) -> str:
+    return os.path.dirname(os.path.abspath(checkpoint_file))
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator" in text or "not enough memory" in text
+
+
+def _allocation(e: RuntimeError) -> str:
+    """E.g. "it tried to allocate 12544.0 GB", from torch's message."""
+    found = re.search(r"tried to allocate (\d+) bytes", str(e))
+    if found:
+        return f"it tried to allocate {int(found[1]) / 1e9:,.1f} GB"
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _plural(n: int, one: str, many: str | None = None) -> str:

@@ -1,0 +1,14 @@
+"""The errors a run reports to the user as they are: one message, no traceback.
+
+``python -m train`` prints ``error: <message>`` and exits with status 1, or 2
+for a :class:`ConfigError` (options that contradict each other or the
+checkpoint being resumed). Each part of the program raises its own subclass.
+"""
+
+
+class RunError(Exception):
+    """The run cannot go on; the message is meant for the user, as is."""
+
+
+class ConfigError(RunError):
+    """The options given cannot be honoured (exit status 2, like a usage error)."""

@@ -1,0 +1,126 @@
+"""``curves.png``: loss and test accuracy against epoch (matplotlib, Agg backend: no display needed).
+
+A run draws it when it ends or is interrupted; ``python -m train.plot RUN_FOLDER``
+draws it again from the folder's ``metrics.json`` (e.g. while the run is still
+going, or after a crash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+
+
+def _value(x) -> float:
+    """A metric for plotting: a JSON null (a non-finite value) becomes a gap."""
+    return math.nan if x is None else x
+
+
+def title(metrics: dict) -> str:
+    """E.g. "MLP 784-512-256-10, relu, dropout 0.1, impl fused; adamw lr 0.002, seed 0"."""
+    config = metrics.get("config", {})
+    text = f"{metrics.get('model', 'model')}; {config.get('optimizer')} lr {config.get('lr')}"
+    text += f", seed {config.get('seed')}"
+    augment = config.get("augment", "none")
+    return text + (f", {augment} augmentation" if augment != "none" else "")
+
+
+def curves_png(metrics: dict) -> bytes:
+    """The figure for ``metrics`` (what ``metrics.json`` holds), as PNG bytes. Two panels: train and test
+    loss (log scale), and test accuracy in percent; the torch.nn run's too, dashed, when there is one.
+
+    The train loss is the training objective (label-smoothed when the run smooths labels, which keeps
+    it well above the test loss); the test loss is the plain cross-entropy.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config = metrics.get("config", {})
+    smoothing = config.get("label_smoothing") or 0.0
+    train_name = f"train, smoothed {smoothing:g}" if smoothing else "train"
+    epochs = metrics.get("epochs", [])
+    native = (metrics.get("native") or {}).get("epochs")
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    runs = [("manualgrad", epochs, "-")] + ([("torch.nn", native, "--")] if native else [])
+    for label, records, style in runs:
+        x = [r["epoch"] for r in records]
+        train_loss = [_value(r["train_loss"]) for r in records]
+        test_loss = [_value(r["test_loss"]) for r in records]
+        accuracy = [100 * _value(r["test_accuracy"]) for r in records]
+        ax_loss.plot(x, train_loss, style, color="tab:blue", marker="o", ms=3, label=f"{train_name} ({label})")
+        ax_loss.plot(x, test_loss, style, color="tab:orange", marker="o", ms=3, label=f"test ({label})")
+        ax_acc.plot(x, accuracy, style, color="tab:green", marker="o", ms=3, label=f"test ({label})")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy")
+    accuracies = [100 * r["test_accuracy"] for r in epochs if r.get("test_accuracy") is not None]
+    if accuracies:
+        best, last = max(accuracies), epochs[-1]
+        if last.get("test_accuracy") is not None:
+            ax_acc.annotate(
+                f"{100 * last['test_accuracy']:.2f}%",
+                (last["epoch"], 100 * last["test_accuracy"]),
+                textcoords="offset points",
+                xytext=(-10, -14),
+                ha="right",
+            )
+        low = min(accuracies[len(accuracies) // 4 :])  # skip the steep start
+        ax_acc.set_ylim(max(low - 0.2, best - 3), min(100.0, best + 0.3))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if config:
+        fig.suptitle(title(metrics), fontsize=10)
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return png.getvalue()
+
+
+def main(argv=None) -> int:
+    """``python -m train.plot RUN_FOLDER``: (re)draw ``RUN_FOLDER/curves.png`` from its ``metrics.json``."""
+    from .files import FileError, write_atomically
+
+    parser = argparse.ArgumentParser(prog="python -m train.plot", description=main.__doc__)
+    parser.add_argument("run_folder", help="a run folder of python -m train (it holds metrics.json)")
+    parser.add_argument("--output", help="where to write the PNG (default: RUN_FOLDER/curves.png)")
+    args = parser.parse_args(argv)
+    source = os.path.join(args.run_folder, "metrics.json")
+    try:
+        with open(source) as f:
+            metrics = json.load(f)
+    except FileNotFoundError:
+        print(f"error: no metrics.json in {args.run_folder} (is it a run folder of python -m train?)", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read {source}: {e}", file=sys.stderr)
+        return 1
+    if not isinstance(metrics, dict) or not metrics.get("epochs"):
+        print(f"error: {source} has no finished epoch to plot", file=sys.stderr)
+        return 1
+    target = args.output or os.path.join(args.run_folder, "curves.png")
+    try:
+        png = curves_png(metrics)
+    except (KeyError, TypeError, AttributeError) as e:
+        print(f"error: {source} is not a metrics.json of python -m train ({type(e).__name__}: {e})", file=sys.stderr)
+        return 1
+    try:
+        write_atomically(target, png)
+    except FileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""How many CPU threads torch uses while training: a fixed number, or ``auto``.
+
+Why not simply all cores: torch's intra-op threads meet at a barrier at the
+end of every parallel operation, so each step runs at the pace of the slowest
+thread. When another busy process shares the cores, one of the threads keeps
+losing its core to it, and every operation waits for that thread: on 2 cores
+with one competing process, an epoch of the default run took 36-158 s with 2
+threads instead of 4.4 s quiet, while 1 thread (no barrier) took 6.4 s.
+
+``auto`` (the default) therefore times the two sensible choices, 1 thread and
+all the cores this process may use, on a few throw-away training steps (same
+model, same batch, gradients discarded, random streams untouched), and
+trains with the faster. It does so at the start of every epoch and again as
+soon as steps take twice as long as they did after the last choice (the load
+changed). A quiet machine keeps all cores throughout. The thread count
+changes float summation orders in some kernels, hence results in the last
+bits: a run that must reproduce bit for bit whatever the load needs a fixed
+``--threads``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+TRIALS = 3  # throw-away steps per candidate, interleaved; the fastest of each counts
+CLEAR_WIN = 2.0  # after a round, a candidate this many times faster than the others wins at once
+KEEP_MARGIN = 0.9  # switch only to a candidate at least 10% faster than the current one
+WINDOW = 10  # steps whose median step time is compared with the one after the last choice
+SLOWDOWN = 2.0  # that many times slower: choose again
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity; all of the machine's when unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Threads:
+    """Sets torch's thread count: ``requested`` (a number), or chosen by timing when it is None."""
+
+    def __init__(self, requested: int | None, processes_here: int = 1, device: torch.device | None = None):
+        mine = max(1, cores() // processes_here)  # the processes of this machine share its cores
+        if requested is not None:
+            self.candidates = (requested,)
+        elif mine == 1 or (device is not None and device.type != "cpu"):  # on a GPU, CPU threads hardly matter
+            self.candidates = (mine,)
+        else:
+            self.candidates = (1, mine)
+        self.current = self.candidates[-1]
+        self.steps = collections.Counter()  # steps taken with each count since reset_counts()
+        self._times: list[float] = []
+        self._baseline: float | None = None
+        torch.set_num_threads(self.current)
+
+    @property
+    def auto(self) -> bool:
+        return len(self.candidates) > 1
+
+    def describe(self) -> str:
+        if self.auto:
+            return f"threads auto ({' or '.join(map(str, self.candidates))}, now {self.current})"
+        return f"{self.current} thread{'s' if self.current > 1 else ''}"
+
+    def choose(self, trial_step: Callable[[], None]) -> None:
+        """Time ``trial_step`` (a throw-away training step) with each candidate and keep the fastest."""
+        if not self.auto:
+            return
+        best = {}
+        for _ in range(TRIALS):
+            for count in self.candidates:
+                torch.set_num_threads(count)
+                start = time.perf_counter()
+                trial_step()
+                best[count] = min(best.get(count, float("inf")), time.perf_counter() - start)
+            if max(best.values()) > CLEAR_WIN * min(best.values()):  # e.g. all cores on a busy machine
+                break
+        fastest = min(best, key=best.get)
+        if best[fastest] < KEEP_MARGIN * best[self.current]:
+            self.current = fastest
+        torch.set_num_threads(self.current)
+        self._times.clear()
+        self._baseline = None
+
+    def step_took(self, seconds: float) -> bool:
+        """Record a training step's time; True when steps have slowed down enough to choose again."""
+        self.steps[self.current] += 1
+        if not self.auto:
+            return False
+        self._times.append(seconds)
+        if len(self._times) < WINDOW:
+            return False
+        median = statistics.median(self._times)
+        self._times.clear()
+        if self._baseline is None:
+            self._baseline = median
+            return False
+        return median > SLOWDOWN * self._baseline
+
+    def reset_counts(self) -> None:
+        self.steps.clear()
+
+    def most_used(self) -> int:
+        """The count used for most steps since :meth:`reset_counts` (for the epoch's record)."""
+        return self.steps.most_common(1)[0][0] if self.steps else self.current
