@@ -22,7 +22,7 @@ import torch
 
 from . import suites
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path("benchmarks") / "results"  # under the current directory: run from the repository's root
 
 
 def machine(device: str) -> str:

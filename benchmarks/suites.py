@@ -11,32 +11,10 @@ import torch
 
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
+from manualgrad.registry import OPS, ops
 
 from .memory import peak_cuda_bytes, saved_bytes
 from .timing import interleaved
-
-ACTIVATION_CASES = {  # name -> (ours, torch's, kwargs)
-    "relu": (MF.relu, torch.nn.functional.relu, {}),
-    "leaky_relu": (MF.leaky_relu, torch.nn.functional.leaky_relu, {}),
-    "sigmoid": (MF.sigmoid, torch.sigmoid, {}),
-    "tanh": (MF.tanh, torch.tanh, {}),
-    "gelu": (MF.gelu, torch.nn.functional.gelu, {}),
-    "gelu_tanh": (MF.gelu, torch.nn.functional.gelu, {"approximate": "tanh"}),
-    "silu": (MF.silu, torch.nn.functional.silu, {}),
-    "elu": (MF.elu, torch.nn.functional.elu, {}),
-    "softplus": (MF.softplus, torch.nn.functional.softplus, {}),
-}
-
-TORCH_MODULES = {
-    "relu": torch.nn.ReLU,
-    "leaky_relu": torch.nn.LeakyReLU,
-    "sigmoid": torch.nn.Sigmoid,
-    "tanh": torch.nn.Tanh,
-    "gelu": torch.nn.GELU,
-    "silu": torch.nn.SiLU,
-    "elu": torch.nn.ELU,
-    "softplus": torch.nn.Softplus,
-}
 
 
 def _fwd_bwd(fn, inputs, grad_output):
@@ -48,77 +26,34 @@ def _fwd_bwd(fn, inputs, grad_output):
     return run
 
 
+def _torch_activation(name: str) -> type[torch.nn.Module]:
+    return OPS[name].module
+
+
 def functions(device: str, quick: bool = False, rounds: int = 30) -> list[dict]:
-    """Forward + backward of each Function alone against its torch counterpart."""
+    """Forward + backward of every registered operation alone, on its benchmark examples, against torch's."""
     rows = []
-    linear_shapes = [(64, 64, 64), (128, 784, 512), (256, 1024, 1024)]
-    if device.startswith("cuda"):
-        linear_shapes += [(4096, 4096, 4096)]
-    elements = (256, 4096) if not device.startswith("cuda") else (4096, 8192)
-    if quick:
-        linear_shapes, elements, rounds = [(4, 3, 2)], (4, 8), 2
-
-    def add(name, shape, ours, theirs, inputs, grad_output):
-        t = interleaved(
-            {"ours": _fwd_bwd(ours, inputs, grad_output), "native": _fwd_bwd(theirs, inputs, grad_output)},
-            device=device,
-            rounds=rounds,
-        )
-        rows.append(
-            {
-                "function": name,
-                "shape": shape,
-                "ours_us": t["ours"] * 1e6,
-                "native_us": t["native"] * 1e6,
-                "ratio": t["ours"] / t["native"],
-            }
-        )
-
-    for n, q, p in linear_shapes:
-        x = torch.randn(n, q, device=device, requires_grad=True)
-        w = torch.randn(p, q, device=device, requires_grad=True)
-        b = torch.randn(p, device=device, requires_grad=True)
-        add(
-            "linear",
-            f"{n}x{q} -> {p}",
-            MF.linear,
-            torch.nn.functional.linear,
-            (x, w, b),
-            torch.randn(n, p, device=device),
-        )
-    z = torch.randn(*elements, device=device, requires_grad=True)
-    g = torch.randn(*elements, device=device)
-    for name, (ours, theirs, kwargs) in ACTIVATION_CASES.items():
-        add(
-            name,
-            "x".join(map(str, elements)),
-            lambda t, f=ours, k=kwargs: f(t, **k),
-            lambda t, f=theirs, k=kwargs: f(t, **k),
-            (z,),
-            g,
-        )
-    rows_ce = [(elements[0], 10), (elements[0], 1000)] if not quick else [(4, 3)]
-    for n, c in rows_ce:
-        logits = torch.randn(n, c, device=device, requires_grad=True)
-        target = torch.randint(0, c, (n,), device=device)
-        one = torch.tensor(1.0, device=device)
-        add(
-            "cross_entropy",
-            f"{n}x{c}",
-            lambda t: MF.cross_entropy(t, target),
-            lambda t: torch.nn.functional.cross_entropy(t, target),
-            (logits,),
-            one,
-        )
-    y = torch.randn(*elements, device=device)
-    add(
-        "mse_loss",
-        "x".join(map(str, elements)),
-        lambda t: MF.mse_loss(t, y),
-        lambda t: torch.nn.functional.mse_loss(t, y),
-        (z,),
-        torch.tensor(1.0, device=device),
-    )
+    for op in ops():
+        examples = op.examples(torch.float32, device, bench=not quick)
+        for example in examples[:1] if quick else examples:
+            inputs = [
+                a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                for a in example.args
+            ]
+            out = op.reference(*inputs, **example.kwargs)
+            grad_output = torch.randn_like(out)
+            t = interleaved(
+                {
+                    "ours": _fwd_bwd(lambda *a, op=op, kw=example.kwargs: op.functional(*a, **kw), inputs, grad_output),
+                    "native": _fwd_bwd(
+                        lambda *a, op=op, kw=example.kwargs: op.reference(*a, **kw), inputs, grad_output
+                    ),
+                },
+                device=device,
+                rounds=2 if quick else rounds,
+            )
+            rows.append({"function": op.name, "shape": example.id, "ours_us": t["ours"] * 1e6,
+                         "native_us": t["native"] * 1e6, "ratio": t["ours"] / t["native"]})  # fmt: skip
     return rows
 
 
@@ -131,7 +66,7 @@ def _mlp_variants(sizes, batch, device, dtype, activation="relu"):
     for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
         layers.append(torch.nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(TORCH_MODULES[activation]())
+            layers.append(_torch_activation(activation)())
     native = torch.nn.Sequential(*layers).to(device)
     native.load_state_dict(fused.state_dict())
     x = torch.randn(batch, sizes[0], device=device)
@@ -223,16 +158,17 @@ def saved_memory(device: str, quick: bool = False) -> list[dict]:
     plus the whole MLP per layer and fused."""
     n, width = (256, 512) if not quick else (4, 6)
     rows = []
-    for name in TORCH_MODULES:
+    for op in ops("activation"):
+        name = op.name
         x = torch.randn(n, width, device=device)
         counts = {}
         for label, (lin, act) in {
             "ours": (mnn.Linear, mnn.ACTIVATIONS[name]),
-            "native": (torch.nn.Linear, TORCH_MODULES[name]),
+            "native": (torch.nn.Linear, op.module),
         }.items():
             torch.manual_seed(0)
             model = torch.nn.Sequential(lin(width, width), act(), lin(width, 10)).to(device)
-            counts[label] = saved_bytes(lambda: model(x), list(model.parameters()) + [x])
+            counts[label] = saved_bytes(lambda m=model, x=x: m(x), list(model.parameters()) + [x])
         rows.append(
             {
                 "kind": name,
@@ -255,17 +191,17 @@ def saved_memory(device: str, quick: bool = False) -> list[dict]:
         base = list(fused.parameters()) + [x]
         row = {
             "kind": f"mlp {'-'.join(map(str, sizes))} dropout {dropout}",
-            "native_bytes": saved_bytes(lambda: native(x), list(native.parameters()) + [x]),
-            "layers_bytes": saved_bytes(lambda: fused.per_layer()(x), base),
-            "ours_bytes": saved_bytes(lambda: fused(x), base),
+            "native_bytes": saved_bytes(lambda m=native, x=x: m(x), list(native.parameters()) + [x]),
+            "layers_bytes": saved_bytes(lambda m=fused, x=x: m.per_layer()(x), base),
+            "ours_bytes": saved_bytes(lambda m=fused, x=x: m(x), base),
         }
         row["ratio"] = row["ours_bytes"] / row["native_bytes"]
         row["layers_ratio"] = row["layers_bytes"] / row["native_bytes"]
         if device.startswith("cuda"):
             y = torch.randint(0, sizes[-1], (x.shape[0],), device=device)
             row["native_peak_bytes"] = peak_cuda_bytes(
-                lambda: torch.nn.functional.cross_entropy(native(x), y).backward()
+                lambda m=native, x=x, y=y: torch.nn.functional.cross_entropy(m(x), y).backward()
             )
-            row["ours_peak_bytes"] = peak_cuda_bytes(lambda: fused.loss(x, y).backward())
+            row["ours_peak_bytes"] = peak_cuda_bytes(lambda m=fused, x=x, y=y: m.loss(x, y).backward())
         rows.append(row)
     return rows

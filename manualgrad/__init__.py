@@ -1,16 +1,17 @@
 """manualgrad: PyTorch autograd Functions whose backward passes are the derived formulas, written by hand.
 
 * :mod:`manualgrad.functions`: the ``torch.autograd.Function`` subclasses;
+* :mod:`manualgrad.registry`: every operation, declared once next to its Function;
 * :mod:`manualgrad.functional`: ``torch.nn.functional``-style wrappers;
-* :mod:`manualgrad.nn`: drop-in twins of ``torch.nn`` modules;
+* :mod:`manualgrad.nn`: drop-in twins of ``torch.nn`` modules, and the fused :class:`~manualgrad.nn.MLP`;
 * :func:`convert` switches a torch.nn model's layers to those twins in place;
 * :func:`manual_coverage` shows which backward nodes behind a tensor are ours.
 """
 
-from . import functional, functions, nn
-from ._checks import InputError
+from . import functional, functions, nn, registry
 from .convert import ConversionWarning, convert
 from .coverage import Coverage, manual_coverage
+from .errors import InputError
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "functions",
     "manual_coverage",
     "nn",
+    "registry",
 ]

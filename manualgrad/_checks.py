@@ -1,24 +1,23 @@
-"""Input validation shared by the functional wrappers.
+"""Input validation: each check raises a clear :class:`~manualgrad.InputError` (naming the layer and the
+offending shapes, dtypes, devices or values) or returns nothing. How to compute is the Functions' business.
 
-Every check reads only shapes, dtypes, devices and Python values, never tensor
-data, so it is safe under ``torch.func`` transforms (which see per-sample
-shapes) and ``torch.compile`` (which turns shape checks into guards).
+Every check reads shapes, dtypes, devices and Python values only, except
+:func:`class_values`, which reads the class indices (two numbers, on the CPU;
+a device-side assert on CUDA; nothing under ``torch.compile`` or
+``torch.func``, where the values cannot be read).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
-_REDUCTIONS = ("none", "mean", "sum")
+from . import _compat
+from .errors import InputError
 
-
-class InputError(ValueError, RuntimeError):
-    """Bad input to a manualgrad layer.
-
-    A ``ValueError``, and a ``RuntimeError`` too, so code written against the
-    errors ``torch.nn.functional`` raises for the same mistakes still catches it.
-    """
+REDUCTIONS = ("none", "mean", "sum")
 
 
 def shape(t: Tensor) -> tuple[int, ...]:
@@ -30,8 +29,12 @@ def tensor(layer: str, name: str, value) -> None:
         raise TypeError(f"{layer}: {name} must be a Tensor, got {type(value).__name__}")
 
 
-def floating(layer: str, name: str, t: Tensor) -> None:
+def real_floating(layer: str, name: str, t) -> None:
+    """A tensor of a real floating-point dtype (the formulas are real: complex inputs are refused)."""
+    tensor(layer, name, t)
     if not t.is_floating_point():
+        if t.is_complex():
+            raise InputError(f"{layer}: {name} has complex dtype {t.dtype}; manualgrad differentiates real inputs only")
         raise InputError(f"{layer}: {name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
@@ -51,31 +54,27 @@ def choice(layer: str, name: str, value, allowed) -> None:
         raise InputError(f"{layer}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def probability(layer: str, name: str, value, *, open_top: bool = False) -> None:
+    """A number in [0, 1] (or [0, 1) with ``open_top``)."""
+    if not isinstance(value, (int, float)) or not (0 <= value < 1 if open_top else 0 <= value <= 1):
+        raise InputError(f"{layer}: {name} must be in [0, {'1)' if open_top else '1]'}, got {value!r}")
+
+
+def reduction(layer: str, value: str) -> None:
+    choice(layer, "reduction", value, REDUCTIONS)
+
+
+def legacy_reduction(layer: str, size_average, reduce, reduction: str) -> str:
+    """Map the deprecated ``size_average``/``reduce`` pair to ``reduction``, as torch.nn.functional does."""
+    if size_average is None and reduce is None:
+        return reduction
+    warnings.warn(f"{layer}: size_average and reduce are deprecated, use reduction", stacklevel=3)
+    if reduce is False:
+        return "none"
+    return "sum" if size_average is False else "mean"
+
+
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None, layer: str = "linear") -> None:
-    # The common case in one expression: after a large matrix product the interpreter's caches are
-    # cold, and each further Python step of a check costs several times what it does in a loop.
-    try:
-        if (
-            weight.dim() == 2
-            and input.shape[-1] == weight.shape[1]
-            and input.dtype == weight.dtype
-            and input.is_floating_point()
-            and input.device == weight.device
-            and (
-                bias is None
-                or (bias.shape == weight.shape[:1]
-                and bias.dtype == weight.dtype
-                and bias.device == weight.device)
-            )
-        ):
-            return
-    except (AttributeError, IndexError, TypeError):
-        pass
-    _linear(input, weight, bias, layer)
-
-
-def _linear(input, weight, bias, layer) -> None:
-    """Each check in turn, with its message (and autocast's allowance for mixed dtypes)."""
     tensor(layer, "input", input)
     tensor(layer, "weight", weight)
     if weight.dim() != 2:
@@ -88,12 +87,12 @@ def _linear(input, weight, bias, layer) -> None:
             f"{layer}: input has {input.shape[-1]} features (shape {shape(input)}), "
             f"weight expects {in_features} (weight shape {shape(weight)})"
         )
-    floating(layer, "input", input)
+    real_floating(layer, "input", input)
     same_device(layer, "input", input, "weight", weight)
     same_dtype(layer, "input", input, "weight", weight)
     if bias is not None:
         tensor(layer, "bias", bias)
-        if bias.dim() != 1 or bias.shape[0] != out_features:
+        if bias.shape != (out_features,):
             raise InputError(
                 f"{layer}: bias has shape {shape(bias)}, weight has {out_features} output features "
                 f"(expected bias shape ({out_features},))"
@@ -102,84 +101,53 @@ def _linear(input, weight, bias, layer) -> None:
         same_dtype(layer, "bias", bias, "weight", weight)
 
 
-def reduction(layer: str, value: str) -> None:
-    choice(layer, "reduction", value, _REDUCTIONS)
+def not_differentiated(layer: str, name: str, t: Tensor | None) -> None:
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise InputError(f"{layer}: the {name} is not differentiated; pass {name}.detach()")
 
 
-def legacy_reduction(layer: str, size_average, reduce, reduction: str) -> str:
-    """Map the deprecated ``size_average``/``reduce`` pair to ``reduction``, as torch.nn.functional does."""
-    if size_average is None and reduce is None:
-        return reduction
-    import warnings
-
-    warnings.warn(f"{layer}: size_average and reduce are deprecated, use reduction", stacklevel=3)
-    if reduce is False:
-        return "none"
-    return "sum" if size_average is False else "mean"
-
-
-def _traced(t: Tensor) -> bool:
-    """True while torch.compile or a torch.func transform sees ``t``: its values cannot be read."""
-    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing):
-    """Validate; return ``ignore_index``, or None once the data show that no target equals it."""
-    try:  # the common case in one expression (see linear)
-        plain = (
-            weight is None
-            and input.dim() == 2
-            and target.dtype == torch.int64
-            and target.shape == input.shape[:1]
-            and input.is_floating_point()
-            and input.device == target.device
-            and reduction_ in _REDUCTIONS
-            and 0.0 <= label_smoothing <= 1.0
+def class_weight(layer: str, weight: Tensor | None, input: Tensor, classes: int) -> None:
+    if weight is None:
+        return
+    tensor(layer, "weight", weight)
+    if weight.shape != (classes,):
+        raise InputError(
+            f"{layer}: weight has shape {shape(weight)}, input has {classes} classes (shape {shape(input)})"
         )
-    except (AttributeError, TypeError):
-        plain = False
-    if not plain:
-        _cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing)
-        if target.is_floating_point():
-            return ignore_index
-    return _class_values("cross_entropy", target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
+    same_device(layer, "input", input, "weight", weight)
+    not_differentiated(layer, "class weight", weight)
 
 
-def _cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing) -> None:
-    """Each check on shapes, dtypes and options in turn, with its message."""
-    layer = "cross_entropy"
+def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing, layer="cross_entropy") -> None:
     tensor(layer, "input", input)
     tensor(layer, "target", target)
     reduction(layer, reduction_)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise InputError(f"{layer}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    probability(layer, "label_smoothing", label_smoothing)
     if input.dim() == 0:
         raise InputError(f"{layer}: input must be (C), (N, C) or (N, C, d1, ...), got a 0-d tensor")
-    floating(layer, "input", input)
+    real_floating(layer, "input", input)
     same_device(layer, "input", input, "target", target)
     class_dim = 0 if input.dim() == 1 else 1
     classes = input.shape[class_dim]
-    if weight is not None:
-        tensor(layer, "weight", weight)
-        if weight.dim() != 1 or weight.shape[0] != classes:
-            raise InputError(
-                f"{layer}: weight has shape {shape(weight)}, input has {classes} classes (shape {shape(input)})"
-            )
-        same_device(layer, "input", input, "weight", weight)
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise InputError(f"{layer}: the class weight is not differentiated; pass weight.detach()")
+    class_weight(layer, weight, input, classes)
     if target.is_floating_point():
         if target.shape != input.shape:
             raise InputError(
                 f"{layer}: class-probability target has shape {shape(target)}, input has shape {shape(input)} "
                 "(they must match; class indices need an integer target)"
             )
-        return ignore_index
-    expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
-    if target.dtype in (torch.bool, torch.uint8) or target.is_complex():
+        return
+    class_index_target(layer, input, target, class_dim)
+    class_values(layer, target, classes, ignore_index)
+
+
+def class_index_target(layer: str, input: Tensor, target: Tensor, class_dim: int) -> None:
+    """An integer target with one class index per position of ``input`` outside its class dimension."""
+    if target.dtype in (torch.bool, torch.uint8) or target.is_complex() or target.is_floating_point():
         raise InputError(
             f"{layer}: target must hold class indices (int64) or class probabilities (float), got dtype {target.dtype}"
         )
+    expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if target.shape != expected:
         raise InputError(
             f"{layer}: target has shape {shape(target)}, expected {tuple(expected)} "
@@ -187,43 +155,48 @@ def _cross_entropy(input, target, weight, ignore_index, reduction_, label_smooth
         )
 
 
-def _class_values(layer: str, target: Tensor, classes: int, ignore_index: int | None = None):
-    """Class indices in [0, classes), or ``ignore_index`` (None: no row may be ignored).
-
-    Returns ``ignore_index``, or None when the data show that no target equals it. Reads the data
-    on the CPU (two numbers, min and max), on CUDA as a device-side assert (no host sync), and
-    not at all under torch.compile or torch.func.
-    """
-    if target.numel() == 0 or _traced(target):
-        return ignore_index
-
-    def bad():
-        outside = (target < 0) | (target >= classes)
-        return outside if ignore_index is None else outside & (target != ignore_index)
-
+def class_values(layer: str, target: Tensor, classes: int, ignore_index: int | None = None) -> None:
+    """Class indices in [0, classes), or ``ignore_index`` (None: no index is ignored)."""
+    if target.numel() == 0 or _compat.traced(target):
+        return
+    if target.device.type == "cpu":
+        low, high = (v.item() for v in torch.aminmax(target))
+        if 0 <= low and high < classes:  # the common case, read from two numbers
+            return
+    outside = (target < 0) | (target >= classes)
+    if ignore_index is not None:
+        outside &= target != ignore_index
     if target.device.type != "cpu":
-        torch._assert_async(~bad().any(), f"{layer}: target holds class indices outside [0, {classes})")
-        return ignore_index
-    low, high = (v.item() for v in torch.aminmax(target))
-    if 0 <= low and high < classes:  # the common case, from two numbers
-        return ignore_index if ignore_index is not None and low <= ignore_index <= high else None
-    outside = bad()
-    if outside.any():
+        _compat.assert_async(~outside.any(), f"{layer}: target holds class indices outside [0, {classes})")
+    elif outside.any():
         allowed = f"0..{classes - 1}" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise InputError(
             f"{layer}: target holds class indices outside [0, {classes}) (e.g. {target[outside][0].item()}); "
             f"the allowed range is {allowed}"
         )
-    return ignore_index
 
 
-def mse_loss(input, target, weight, reduction_) -> None:
-    layer = "mse_loss"
+def class_indices(layer: str, input: Tensor, target: Tensor, classes: int) -> None:
+    """A 1-D int64 target of one class index in [0, classes) per row of a 2-D input."""
+    tensor(layer, "target", target)
+    if input.dim() != 2:
+        raise InputError(f"{layer}: input must be (N, features), got shape {shape(input)}")
+    if target.dtype != torch.int64 or target.shape != input.shape[:1]:
+        raise InputError(
+            f"{layer}: target must be class indices of dtype int64 and shape ({input.shape[0]},), "
+            f"got dtype {target.dtype} and shape {shape(target)}"
+        )
+    same_device(layer, "input", input, "target", target)
+    class_values(layer, target, classes)
+
+
+def pointwise_loss(layer: str, input, target, reduction_, weight=None) -> None:
+    """A loss of ``input`` against a ``target`` that broadcasts to it (torch warns when the shapes differ)."""
     tensor(layer, "input", input)
     tensor(layer, "target", target)
     reduction(layer, reduction_)
-    floating(layer, "input", input)
-    floating(layer, "target", target)
+    real_floating(layer, "input", input)
+    real_floating(layer, "target", target)
     same_device(layer, "input", input, "target", target)
     try:
         torch.broadcast_shapes(input.shape, target.shape)
@@ -232,8 +205,6 @@ def mse_loss(input, target, weight, reduction_) -> None:
             f"{layer}: target shape {shape(target)} does not broadcast to input shape {shape(input)}"
         ) from None
     if target.shape != input.shape:
-        import warnings
-
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
             "This will likely lead to incorrect results due to broadcasting. "
@@ -247,27 +218,9 @@ def mse_loss(input, target, weight, reduction_) -> None:
                 f"{layer}: weight has shape {shape(weight)}, input has shape {shape(input)} (they must match)"
             )
         same_device(layer, "input", input, "weight", weight)
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise InputError(f"{layer}: the weight is not differentiated; pass weight.detach()")
+        not_differentiated(layer, "weight", weight)
 
 
 def dropout_p(layer: str, p) -> None:
-    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise InputError(
-            f"{layer}: p is the probability of zeroing an element and must be in [0, 1), got {p!r} "
-            "(p = 1 would zero everything; its gradient scale 1/(1 - p) is undefined)"
-        )
-
-
-def class_indices(layer: str, input: Tensor, target: Tensor, classes: int) -> None:
-    """A 1-D integer target of one class index in [0, classes) per row of a 2-D input."""
-    tensor(layer, "target", target)
-    if input.dim() != 2:
-        raise InputError(f"{layer}: input must be (N, features), got shape {shape(input)}")
-    if target.dtype != torch.int64 or target.shape != input.shape[:1]:
-        raise InputError(
-            f"{layer}: target must be class indices of dtype int64 and shape ({input.shape[0]},), "
-            f"got dtype {target.dtype} and shape {shape(target)}"
-        )
-    same_device(layer, "input", input, "target", target)
-    _class_values(layer, target, classes)
+    if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise InputError(f"{layer}: dropout probability has to be between 0 and 1, but got {p!r}")

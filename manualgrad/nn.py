@@ -1,247 +1,109 @@
 r"""Drop-in twins of ``torch.nn`` modules whose backward passes are manualgrad's.
 
-Each class here subclasses its ``torch.nn`` namesake and replaces only
-``forward``: constructor signature, parameters, initialisation, ``repr``,
-``state_dict`` keys and ``isinstance`` checks are torch's own, so a checkpoint
-saved from one loads into the other and ``import manualgrad.nn as nn`` is the
-whole port.
+For every operation of the registry that backs a ``torch.nn`` module
+(:mod:`manualgrad.registry`), this module has a class of the same name that
+subclasses it and replaces only ``forward``: constructor signature,
+parameters, initialisation, ``repr``, ``state_dict`` keys and ``isinstance``
+checks are torch's own, so a checkpoint saved from one loads into the other.
+``forward`` calls the operation's wrapper in :mod:`manualgrad.functional`,
+passing each of its parameters that the module stores under the same name
+(``self.weight``, ``self.negative_slope``, ``self.training``, ...).
+
+Every other name of ``torch.nn`` (``Module``, ``Sequential``, ``Parameter``,
+``init``, ``Conv3d``, ...) is handed on to torch, so ``import manualgrad.nn as
+nn`` never breaks a script; ``nn.functional`` is :mod:`manualgrad.functional`.
+``dir()`` and ``from manualgrad.nn import *`` list only what is ours.
+
+:class:`MLP` is the whole network as one Function.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from . import _checks
-from . import functional as F
-from .functions import (
-    ELUFunction,
-    GELUFunction,
-    LeakyReLUFunction,
-    MLPCrossEntropyFunction,
-    MLPFunction,
-    MLPSpec,
-    ReLUFunction,
-    SigmoidFunction,
-    SiLUFunction,
-    SoftplusFunction,
-    TanhFunction,
-)
+from . import functional as _functional
+from .errors import InputError
+from .functions import MLPCrossEntropyFunction, MLPFunction, MLPSpec
+from .functions.base import apply
+from .registry import OPS, Op, ops
 
-__all__ = [
-    "ACTIVATIONS",
-    "ELU",
-    "GELU",
-    "MLP",
-    "CrossEntropyLoss",
-    "Dropout",
-    "LeakyReLU",
-    "Linear",
-    "MSELoss",
-    "ReLU",
-    "SiLU",
-    "Sigmoid",
-    "Softplus",
-    "Tanh",
-]
+_TWINS: dict[str, type[torch.nn.Module]] = {}  # class name -> twin, made once per operation
 
 
-class Linear(torch.nn.Linear):
-    r"""Applies an affine map :math:`y = x W^\top + b` with a hand-written backward.
-
-    Backward (rows are samples): :math:`G_X = G_Y W`, :math:`G_W = G_Y^\top X`,
-    :math:`G_b = \sum_n G_Y[n]`; see :class:`manualgrad.functions.LinearFunction`.
-
-    Args:
-        in_features: size of each input sample
-        out_features: size of each output sample
-        bias: if ``False``, the layer learns no additive bias. Default: ``True``
-        device, dtype: factory arguments for the parameters
-
-    Attributes:
-        weight: ``(out_features, in_features)``, initialised
-            :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})`, :math:`k = 1/\text{in\_features}` (as torch.nn.Linear)
-        bias: ``(out_features,)``, same initialisation
-
-    Shape:
-        - Input: :math:`(*, H_{in})`, :math:`H_{in} = \text{in\_features}`
-        - Output: :math:`(*, H_{out})`, :math:`H_{out} = \text{out\_features}`
-
-    Examples::
-
-        >>> import manualgrad.nn as mnn
-        >>> m = mnn.Linear(20, 30)
-        >>> m(torch.randn(128, 20)).shape
-        torch.Size([128, 30])
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.weight, self.bias)
-
-
-class ReLU(torch.nn.ReLU):
-    r""":math:`\text{ReLU}(x) = \max(x, 0)`; backward :math:`G_X = G_Y \odot 1[y > 0]`.
-
-    Args: inplace (default ``False``). Shape: input :math:`(*)`, output :math:`(*)`.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.relu(input, self.inplace)
-
-
-class LeakyReLU(torch.nn.LeakyReLU):
-    r""":math:`x` if :math:`x > 0` else :math:`a x`; backward :math:`G_X = G_Y \odot (1 \text{ if } y > 0 \text{ else } a)`.
-
-    Args: negative_slope :math:`a` (default ``0.01``), inplace (default ``False``).
-    Shape: input :math:`(*)`, output :math:`(*)`.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.leaky_relu(input, self.negative_slope, self.inplace)
-
-
-class Sigmoid(torch.nn.Sigmoid):
-    r""":math:`\sigma(x) = 1 / (1 + e^{-x})`; backward :math:`G_X = G_Y \odot y (1 - y)`.
-
-    Shape: input :math:`(*)`, output :math:`(*)`.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.sigmoid(input)
-
-
-class Tanh(torch.nn.Tanh):
-    r""":math:`\tanh x`; backward :math:`G_X = G_Y \odot (1 - y^2)`.
-
-    Shape: input :math:`(*)`, output :math:`(*)`.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.tanh(input)
-
-
-class GELU(torch.nn.GELU):
-    r""":math:`x\,\Phi(x)`; backward :math:`G_X = G_Y \odot (\Phi(x) + x\,\varphi(x))` (or the tanh form).
-
-    Args: approximate ``"none"`` (default) or ``"tanh"``. Shape: input :math:`(*)`, output :math:`(*)`.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.gelu(input, approximate=self.approximate)
-
-
-class SiLU(torch.nn.SiLU):
-    r""":math:`x\,\sigma(x)`; backward :math:`G_X = G_Y \odot \sigma(x)(1 + x(1 - \sigma(x)))`.
-
-    Args: inplace (default ``False``). Shape: input :math:`(*)`, output :math:`(*)`.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.silu(input, inplace=self.inplace)
-
-
-class ELU(torch.nn.ELU):
-    r""":math:`x` if :math:`x > 0` else :math:`\alpha(e^x - 1)`; backward :math:`G_X = G_Y \odot (1 \text{ if } y > 0 \text{ else } y + \alpha)`.
-
-    Args: alpha (default ``1.0``), inplace (default ``False``). Shape: input :math:`(*)`, output :math:`(*)`.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.elu(input, self.alpha, self.inplace)
-
-
-class Softplus(torch.nn.Softplus):
-    r""":math:`\frac1\beta\log(1 + e^{\beta x})`; backward :math:`G_X = G_Y \odot \sigma(\beta x)` (1 past the threshold).
-
-    Args: beta (default ``1.0``), threshold (default ``20.0``). Shape: input :math:`(*)`, output :math:`(*)`.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.softplus(input, self.beta, self.threshold)
-
-
-class Dropout(torch.nn.Dropout):
-    r"""Zeroes each element with probability :math:`p` in training, scaling the rest by :math:`1/(1-p)`.
-
-    Backward :math:`G_X = G_Y \odot K/(1-p)`. Identity in eval mode. Args: p in
-    ``[0, 1)`` (default ``0.5``), inplace (default ``False``). Shape: input
-    :math:`(*)`, output :math:`(*)`. On the CPU the same seed draws the same mask
-    as ``torch.nn.Dropout``.
-    """
-
-    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
-        _checks.dropout_p("Dropout", p)
-        super().__init__(p, inplace)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.dropout(input, self.p, self.training, self.inplace)
-
-
-class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    r"""Softmax cross-entropy, :math:`\ell_n = -\log\operatorname{softmax}(x_n)_{t_n}`, reduced.
-
-    Backward :math:`G_X = (\operatorname{softmax}(X) - \mathrm{onehot}(t))/N` (unweighted,
-    unsmoothed); weights, ``ignore_index`` and label smoothing as in torch.nn, see
-    :func:`manualgrad.functional.cross_entropy`. Shape: input :math:`(N, C)`
-    (or :math:`(C)`, :math:`(N, C, d_1, ...)`), target :math:`(N)` class indices
-    or :math:`(N, C)` probabilities.
-    """
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
+def twin(op: Op) -> type[torch.nn.Module]:
+    """The manualgrad twin of ``op.module``: a subclass whose forward calls ``op.functional``."""
+    name = op.module.__name__
+    if name not in _TWINS:
+        _TWINS[name] = type(
+            name,
+            (op.module,),
+            {"forward": _twin_forward, "_op": op, "__module__": __name__, "__doc__": _twin_doc(op)},
         )
+    return _TWINS[name]
 
 
-class MSELoss(torch.nn.MSELoss):
-    r"""Mean squared error :math:`\frac1M\sum(\hat y - t)^2`; backward :math:`G = 2(\hat y - t)/M`.
+def _twin_forward(self, *inputs):
+    """``functional(*inputs, <each further parameter: the module's attribute of that name, or its default>)``."""
+    arguments = type(self).__dict__.get("_arguments")
+    if arguments is None or len(inputs) != arguments[0]:
+        arguments = _arguments(self, len(inputs))
+    return self._op.functional(
+        *inputs, *[getattr(self, name) if own else default for name, own, default in arguments[1]]
+    )
 
-    Shape: input :math:`(*)`, target :math:`(*)`, output scalar (or :math:`(*)` for ``"none"``).
+
+def _arguments(module: torch.nn.Module, n_inputs: int):
+    """Which of the functional's parameters after the first ``n_inputs`` the module stores (once per class)."""
+    parameters = list(inspect.signature(module._op.functional).parameters.values())[n_inputs:]
+    arguments = (n_inputs, [(p.name, hasattr(module, p.name), p.default) for p in parameters])
+    type(module)._arguments = arguments
+    return arguments
+
+
+def _twin_doc(op: Op) -> str:
+    math = (op.function.__doc__ or "").strip().split("\n\n")[0]
+    return (
+        f"``torch.nn.{op.module.__name__}`` with a hand-written backward: {math}\n\n"
+        f"Same constructor, arguments, attributes and shapes as ``torch.nn.{op.module.__name__}`` (a subclass of it);\n"
+        f"``forward`` applies :func:`manualgrad.functional.{op.name}` "
+        f"(:class:`manualgrad.functions.{op.function.__name__}`).\n"
+    )
+
+
+def _twins_by_name() -> dict[str, type[torch.nn.Module]]:
+    return {op.module.__name__: twin(op) for op in ops() if op.module is not None}
+
+
+globals().update(_twins_by_name())
+
+
+def activation_of(module: torch.nn.Module) -> tuple[Op, tuple] | None:
+    """The registered activation ``module`` computes, with its Function's parameters (``inplace`` off), or None.
+
+    A module counts if its class is the torch.nn activation or our twin, or a
+    subclass of either that keeps their ``forward``.
     """
+    for op in ops("activation"):
+        if op.module is not None and isinstance(module, op.module):
+            if type(module).forward not in (op.module.forward, twin(op).forward):
+                return None  # a subclass with its own forward: not what the Function computes
+            return op, tuple(False if name == "inplace" else getattr(module, name) for name in op.parameters)
+    return None
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.mse_loss(input, target, reduction=self.reduction)
+
+def _acts_as(module: torch.nn.Module, torch_class: type) -> bool:
+    """``module`` computes what ``torch_class`` does: it is one (torch's or our twin), and keeps its forward."""
+    return isinstance(module, torch_class) and type(module).forward in (torch_class.forward, _twin_forward)
 
 
 #: The activation names :class:`MLP` (and the training program) accept, with the module each one builds.
-ACTIVATIONS = {
-    "relu": ReLU,
-    "leaky_relu": LeakyReLU,
-    "sigmoid": Sigmoid,
-    "tanh": Tanh,
-    "gelu": GELU,
-    "silu": SiLU,
-    "elu": ELU,
-    "softplus": Softplus,
-}
-
-# For the fused MLP: each activation module's Function and its positional parameters (inplace aside).
-_FUNCTIONS = {
-    torch.nn.ReLU: (ReLUFunction, lambda m: ()),
-    torch.nn.LeakyReLU: (LeakyReLUFunction, lambda m: (m.negative_slope,)),
-    torch.nn.Sigmoid: (SigmoidFunction, lambda m: ()),
-    torch.nn.Tanh: (TanhFunction, lambda m: ()),
-    torch.nn.GELU: (GELUFunction, lambda m: (m.approximate,)),
-    torch.nn.SiLU: (SiLUFunction, lambda m: ()),
-    torch.nn.ELU: (ELUFunction, lambda m: (m.alpha,)),
-    torch.nn.Softplus: (SoftplusFunction, lambda m: (m.beta, m.threshold)),
-}
-
-
-def _activation_function(module: torch.nn.Module):
-    for cls in type(module).__mro__:
-        if cls in _FUNCTIONS:
-            function, args = _FUNCTIONS[cls]
-            return function, args(module)
-    raise _checks.InputError(f"MLP: activation {module!r} is not one of {', '.join(ACTIVATIONS)}")
+ACTIVATIONS: dict[str, type[torch.nn.Module]] = {op.name: twin(op) for op in ops("activation") if op.module}
 
 
 class MLP(torch.nn.Sequential):
@@ -260,8 +122,12 @@ class MLP(torch.nn.Sequential):
     activation, [Dropout,] Linear, ...``: same children, same parameters, same
     ``state_dict`` keys (``"0.weight", "0.bias", "2.weight", ...`` without
     dropout, ``"0.weight", "3.weight", ...`` with it), so checkpoints move
-    between the two. Only ``forward`` differs; ``per_layer()`` gives the same
-    modules run one by one. The fused path is first-order only (a double
+    between the two. Every call reads its children as they are then: replace
+    a layer (``mlp[-1] = Linear(256, 5)``), change an activation's parameter
+    or a dropout probability, and the fused Function computes that; a child it
+    cannot compute (e.g. a subclass with its own ``forward``) raises an
+    :class:`~manualgrad.InputError` that points to ``per_layer()``, which runs the
+    same modules one by one. The fused path is first-order only (a double
     backward raises); ``torch.compile`` traces it without a graph break. For
     ``torch.func`` or forward-mode AD use ``per_layer()``.
 
@@ -295,48 +161,66 @@ class MLP(torch.nn.Sequential):
     ) -> None:
         sizes = tuple(int(s) for s in sizes)
         if len(sizes) < 2 or min(sizes) < 1:
-            raise _checks.InputError(f"MLP: sizes needs an input and an output width, all positive, got {sizes}")
+            raise InputError(f"MLP: sizes needs an input and an output width, all positive, got {sizes}")
         if isinstance(activation, str):
             _checks.choice("MLP", "activation", activation, tuple(ACTIVATIONS))
             activation = ACTIVATIONS[activation]()
-        _activation_function(activation)  # raises for an unsupported module
+        if activation_of(activation) is None:
+            raise InputError(f"MLP: activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
         _checks.dropout_p("MLP", dropout)
         layers = []
         for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
-            layers.append(Linear(fan_in, fan_out, bias=bias, device=device, dtype=dtype))
+            layers.append(Linear(fan_in, fan_out, bias=bias, device=device, dtype=dtype))  # noqa: F821 (a twin)
             if i < len(sizes) - 2:
                 layers.append(copy.deepcopy(activation))
                 if dropout > 0:
-                    layers.append(Dropout(dropout))
+                    layers.append(Dropout(dropout))  # noqa: F821 (a twin)
         super().__init__(*layers)
-        self.sizes = sizes
-        self.dropout = float(dropout)
-        self._linears = [m for m in self if isinstance(m, torch.nn.Linear)]
-        self._activation = _activation_function(activation)
-        self._specs = {}  # (training, label_smoothing) -> MLPSpec
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):  # a slice is a plain Sequential of the same modules
-            return torch.nn.Sequential(*list(self._modules.values())[idx])
+            return torch.nn.Sequential(*list(self)[idx])
         return super().__getitem__(idx)
 
-    def _spec(self, label_smoothing: float = 0.0) -> MLPSpec:
-        key = (self.training, label_smoothing)
-        spec = self._specs.get(key)
-        if spec is None:
-            function, args = self._activation
-            spec = self._specs[key] = MLPSpec(function, args, self.dropout, self.training, float(label_smoothing))
-        return spec
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The layer widths, input first, as the Linear children are now."""
+        linears = [m for m in self if isinstance(m, torch.nn.Linear)]
+        return (linears[0].in_features, *(m.out_features for m in linears)) if linears else ()
 
-    def _params(self) -> list:
-        # read from _parameters (not m.weight: Module.__getattr__ costs ~0.5 µs a lookup), so a
-        # Parameter the user assigns later is still the one used
-        return [t for m in self._linears for t in (m._parameters["weight"], m._parameters["bias"])]
+    def _structure(self, layer: str, label_smoothing: float = 0.0) -> tuple[MLPSpec, list]:
+        """The spec and the parameters ``(W1, b1, ..., WL, bL)`` of the children as they are now."""
+        params, activations, dropouts = [], [], []
+        expect = "Linear"
+        for index, module in enumerate(self):
+            if expect == "Linear" and _acts_as(module, torch.nn.Linear):
+                params += [module.weight, module.bias]
+                expect = "activation"
+            elif expect == "activation" and (found := activation_of(module)) is not None:
+                activations.append((found[0].function, found[1]))
+                dropouts.append(0.0)
+                expect = "Linear or Dropout"
+            elif expect == "Linear or Dropout" and _acts_as(module, torch.nn.Dropout):
+                dropouts[-1] = module.p
+                expect = "Linear"
+            elif expect == "Linear or Dropout" and _acts_as(module, torch.nn.Linear):
+                params += [module.weight, module.bias]
+                expect = "activation"
+            else:
+                raise InputError(
+                    f"{layer}: child {index} ({type(module).__name__}) is not what the fused MLP can compute here "
+                    f"(expected a {expect}: Linear, a registered activation, Dropout, ...); "
+                    "mlp.per_layer() runs any modules one by one"
+                )
+        if expect != "activation":
+            raise InputError(f"{layer}: the last child must be a Linear layer, got {type(self[-1]).__name__}")
+        spec = MLPSpec(tuple(activations), tuple(dropouts), self.training, float(label_smoothing))
+        return spec, params
 
     def forward(self, input: Tensor) -> Tensor:
-        params = self._params()
+        spec, params = self._structure("MLP")
         _checks.linear(input, params[0], params[1], layer="MLP")
-        return MLPFunction.apply(input, self._spec(), *params)[0]
+        return apply(MLPFunction, input, spec, *params)[0]
 
     def loss(self, input: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Mean softmax cross-entropy of ``self(input)`` against class indices, fused into the same Function.
@@ -345,14 +229,36 @@ class MLP(torch.nn.Sequential):
         label_smoothing=label_smoothing)``, with the whole training step's
         backward in one autograd node. Shape: input ``(N, sizes[0])``, target ``(N,)``.
         """
-        params = self._params()
+        _checks.probability("MLP.loss", "label_smoothing", label_smoothing)
+        spec, params = self._structure("MLP.loss", label_smoothing)
         _checks.linear(input, params[0], params[1], layer="MLP.loss")
-        _checks.class_indices("MLP.loss", input, target, self.sizes[-1])
+        _checks.class_indices("MLP.loss", input, target, params[-2].shape[0])
         wants_grad = torch.is_grad_enabled() and (
             input.requires_grad or any(p is not None and p.requires_grad for p in params)
         )
-        return MLPCrossEntropyFunction.apply(input, target, self._spec(label_smoothing), wants_grad, *params)[0]
+        return apply(MLPCrossEntropyFunction, input, target, spec, wants_grad, *params)[0]
 
     def per_layer(self) -> torch.nn.Sequential:
         """The same modules (shared parameters) as a plain ``nn.Sequential``: one Function per layer."""
-        return torch.nn.Sequential(*self._modules.values())
+        return torch.nn.Sequential(*self)
+
+
+def __getattr__(name: str):
+    if name == "functional":
+        return _functional
+    op = next((op for op in OPS.values() if op.module is not None and op.module.__name__ == name), None)
+    if op is not None:  # registered after this module was imported (a user's own operation)
+        return twin(op)
+    if name == "__all__":
+        return sorted([*_twins_by_name(), "MLP", "ACTIVATIONS"])
+    if not name.startswith("__") and hasattr(torch.nn, name):
+        return getattr(torch.nn, name)  # not ours: torch's own, with torch's backward
+    return _missing(name)
+
+
+def _missing(name: str):
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r} (nor has torch.nn)")
+
+
+def __dir__() -> list[str]:
+    return sorted([*_twins_by_name(), "MLP", "ACTIVATIONS", "twin", "activation_of"])

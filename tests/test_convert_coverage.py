@@ -118,16 +118,62 @@ def test_convert_reports_what_it_leaves_alone():
         pass
 
     model = torch.nn.Sequential(
-        torch.nn.Flatten(), Block(), torch.nn.GELU(), MyLinear(4, 3), torch.nn.CrossEntropyLoss()
+        torch.nn.BatchNorm1d(4), Block(), torch.nn.GELU(), MyLinear(4, 3), torch.nn.CrossEntropyLoss()
     )
     with pytest.warns(ConversionWarning) as record:
         manualgrad.convert(model)
     message = str(record[0].message)
-    assert "0 (Flatten)" in message and "1 (Block)" in message and "3 (MyLinear)" in message
+    assert (
+        "0 (BatchNorm1d)" in message
+        and "1 (Block)" in message
+        and "3 (MyLinear): a subclass of torch.nn.Linear" in message
+    )
     assert "GELU" not in message and "1.linear" not in message
     assert type(model[1].linear) is mnn.Linear and type(model[2]) is mnn.GELU and type(model[4]) is mnn.CrossEntropyLoss
-    with pytest.raises(InputError, match="Flatten"):
-        manualgrad.convert(torch.nn.Sequential(torch.nn.Flatten()), strict=True)
+    with pytest.raises(InputError, match="BatchNorm1d"):
+        manualgrad.convert(torch.nn.Sequential(torch.nn.BatchNorm1d(3)), strict=True)
+
+
+def test_convert_reports_a_twin_subclass_with_its_own_forward():
+    """A subclass of a manualgrad module that computes its own forward with torch ops is not silently 'ours'."""
+
+    class ScaledLinear(mnn.Linear):
+        def forward(self, input):
+            return torch.nn.functional.linear(input, self.weight * 2, self.bias)
+
+    class QuietLinear(mnn.Linear):  # keeps the twin's forward: nothing to report
+        pass
+
+    with pytest.warns(ConversionWarning, match=r"0 \(ScaledLinear\): a subclass of Linear with its own forward"):
+        manualgrad.convert(torch.nn.Sequential(ScaledLinear(3, 2), QuietLinear(2, 2)))
+
+
+def test_convert_names_the_function_calls_it_cannot_reach():
+    import torch.nn.functional as F
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return F.log_softmax(torch.tanh(F.relu(self.fc(x))), dim=1)
+
+    with pytest.warns(ConversionWarning) as record:
+        manualgrad.convert(Net())
+    message = str(record[0].message)
+    assert "Net.forward calls torch.nn.functional.log_softmax, torch.nn.functional.relu, torch.tanh" in message
+    assert "manual_coverage" in message and "import manualgrad.functional as F" in message
+    assert "(Net)" not in message  # the container itself holds no parameters of its own
+
+
+def test_convert_converts_a_loss_module_alone_and_skips_layers_without_a_node():
+    loss_fn = torch.nn.NLLLoss(reduction="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert manualgrad.convert(loss_fn) is loss_fn
+        manualgrad.convert(torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 2)))
+    assert type(loss_fn) is mnn.NLLLoss and loss_fn.reduction == "sum"
 
 
 def test_convert_is_quiet_and_idempotent_on_a_clean_model():
@@ -147,8 +193,7 @@ def test_converted_modules_keep_their_settings():
         torch.nn.MSELoss(reduction="sum"),
         torch.nn.Dropout(1.0),
     )
-    with pytest.warns(ConversionWarning, match=r"4 \(Dropout\)"):  # p = 1 has no twin
-        manualgrad.convert(model)
+    manualgrad.convert(model)
     assert repr(model[0]) == "LeakyReLU(negative_slope=0.2, inplace=True)" and isinstance(model[0], mnn.LeakyReLU)
     assert model[1].alpha == 0.5 and model[2].beta == 2.0 and model[3].reduction == "sum"
-    assert type(model[4]) is torch.nn.Dropout
+    assert type(model[4]) is mnn.Dropout and model[4].p == 1.0

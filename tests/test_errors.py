@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-import manualgrad
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import InputError
@@ -88,12 +87,24 @@ def test_mse_loss_shapes():
         MF.mse_loss(torch.randn(3, 5), torch.randn(4))
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+@pytest.mark.parametrize("p", [-0.1, 1.5, "0.5"])
 def test_dropout_probability(p):
-    with pytest.raises(InputError, match=rf"dropout: p .* must be in \[0, 1\), got {p}"):
+    with pytest.raises(InputError, match=rf"dropout: dropout probability has to be between 0 and 1, but got {p!r}"):
         MF.dropout(torch.randn(3), p)
-    with pytest.raises(InputError, match=rf"Dropout: p .* got {p}"):
-        mnn.Dropout(p)
+    if not isinstance(p, str):
+        with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):  # torch's own check
+            mnn.Dropout(p)
+
+
+@pytest.mark.parametrize("name", ["relu", "sigmoid", "tanh", "silu", "gelu", "softmax", "linear", "dropout"])
+def test_complex_input_is_refused_clearly(name):
+    """The formulas are real: a complex input gets a clear error, not a wrong (non-conjugate) gradient."""
+    z = torch.randn(3, 4, dtype=torch.complex64, requires_grad=True)
+    args = {"linear": (z, torch.randn(2, 4, dtype=torch.complex64)), "softmax": (z, 1)}.get(name, (z,))
+    with pytest.raises(
+        InputError, match=rf"{name}: input has complex dtype torch.complex64; manualgrad differentiates real"
+    ):
+        getattr(MF, name)(*args)
 
 
 def test_mlp_errors():
@@ -106,6 +117,9 @@ def test_mlp_errors():
         model.loss(torch.randn(2, 3), torch.tensor([0, 2]))
     with pytest.raises(InputError, match=r"target must be class indices of dtype int64 and shape \(2,\)"):
         model.loss(torch.randn(2, 3), torch.tensor([0.0, 1.0]))
+    for smoothing in (-0.1, 1.5):
+        with pytest.raises(InputError, match=rf"MLP.loss: label_smoothing must be in \[0, 1\], got {smoothing}"):
+            model.loss(torch.randn(2, 3), torch.tensor([0, 1]), label_smoothing=smoothing)
 
 
 def test_checks_do_not_break_vmap_or_compile():
@@ -119,4 +133,7 @@ def test_checks_do_not_break_vmap_or_compile():
 
 
 def test_input_error_is_exported():
-    assert manualgrad.InputError is InputError and issubclass(InputError, ValueError)
+    import manualgrad.errors
+
+    assert manualgrad.InputError is InputError is manualgrad.errors.InputError
+    assert issubclass(InputError, ValueError) and issubclass(InputError, RuntimeError)

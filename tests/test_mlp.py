@@ -8,11 +8,12 @@ import torch
 import manualgrad
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
+from manualgrad import InputError
 
 F64 = torch.float64
 
 
-@pytest.mark.parametrize("activation", list(mnn.ACTIVATIONS) + ["gelu_tanh", "leaky_negative", "elu_negative"])
+@pytest.mark.parametrize("activation", [*mnn.ACTIVATIONS, "gelu_tanh", "leaky_negative", "elu_negative"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_equals_per_layer_float64(activation, dropout):
     module = {"gelu_tanh": mnn.GELU("tanh"), "leaky_negative": mnn.LeakyReLU(-0.2), "elu_negative": mnn.ELU(-0.5)}.get(
@@ -86,3 +87,88 @@ def test_single_layer_and_coverage():
     x, y = torch.randn(3, 5), torch.tensor([0, 1, 1])
     assert manualgrad.manual_coverage(model.loss(x, y)).complete
     torch.testing.assert_close(model.loss(x, y), torch.nn.functional.cross_entropy(model(x), y))
+
+
+# ---- the fused MLP computes what its children are now (issue: a structure cached at construction)
+
+
+def _fused_equals_per_layer(model, x, y, dropout_seed=5):
+    """The fused forward, loss and gradients equal the per-layer model's (the same modules run one by one)."""
+    leaves = list(model.parameters())
+    results = []
+    for run in (lambda: model.loss(x, y), lambda: MF.cross_entropy(model.per_layer()(x), y)):
+        torch.manual_seed(dropout_seed)
+        loss = run()
+        results.append((loss, torch.autograd.grad(loss, leaves)))
+    (fused, fused_grads), (reference, reference_grads) = results
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-12)
+    for a, b in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    outputs = []
+    for run in (model, model.per_layer()):
+        torch.manual_seed(dropout_seed)
+        outputs.append(run(x))
+    torch.testing.assert_close(*outputs)
+
+
+def test_replacing_the_last_layer_is_what_the_fused_path_computes():
+    """Transfer learning: a new head with another number of classes."""
+    model = mnn.MLP([6, 5, 4]).double()
+    model[-1] = mnn.Linear(5, 7).double()
+    assert model.sizes == (6, 5, 7)
+    x, y = torch.randn(3, 6, dtype=F64), torch.tensor([0, 6, 3])
+    assert model(x).shape == (3, 7)
+    _fused_equals_per_layer(model, x, y)
+    model[-1] = torch.nn.Linear(5, 2).double()  # a plain torch.nn.Linear computes the same map
+    _fused_equals_per_layer(model, x, torch.tensor([0, 1, 1]))
+
+
+def test_changed_activation_parameter_and_dropout_probability():
+    model = mnn.MLP([6, 5, 5, 3], activation="leaky_relu", dropout=0.2).double()
+    model[1].negative_slope = 0.3
+    model[2].p = 0.6
+    x, y = torch.randn(8, 6, dtype=F64), torch.randint(0, 3, (8,))
+    _fused_equals_per_layer(model, x, y)
+    model[4] = mnn.Tanh()  # a different activation in the second hidden layer
+    _fused_equals_per_layer(model, x, y)
+    model.eval()
+    torch.testing.assert_close(model(x), model.per_layer()(x))
+
+
+def test_an_activation_subclass_with_its_own_forward_is_refused():
+    class Swish(torch.nn.SiLU):
+        def forward(self, input):
+            return input * torch.sigmoid(2 * input)
+
+    class NamedReLU(torch.nn.ReLU):  # keeps ReLU's forward: the fused path may compute it
+        pass
+
+    model = mnn.MLP([4, 3, 2]).double()
+    model[1] = NamedReLU()
+    x, y = torch.randn(2, 4, dtype=F64), torch.tensor([0, 1])
+    _fused_equals_per_layer(model, x, y)
+    model[1] = Swish()
+    with pytest.raises(InputError, match=r"MLP: child 1 \(Swish\) is not what the fused MLP can compute.*per_layer"):
+        model(x)
+    with pytest.raises(InputError, match=r"MLP.loss: child 1 \(Swish\)"):
+        model.loss(x, y)
+    with pytest.raises(InputError, match="not one of"):
+        mnn.MLP([4, 3, 2], activation=Swish())
+
+
+def test_the_last_child_must_be_linear():
+    model = mnn.MLP([4, 3, 2])
+    model.append(mnn.ReLU())
+    with pytest.raises(InputError, match="the last child must be a Linear layer, got ReLU"):
+        model(torch.randn(2, 4))
+
+
+def test_empty_batch_loss_is_nan_with_zero_gradients_like_torch():
+    model = mnn.MLP([4, 3, 2]).double()
+    x, y = torch.randn(0, 4, dtype=F64), torch.zeros(0, dtype=torch.long)
+    for smoothing in (0.0, 0.1):
+        loss = model.loss(x, y, label_smoothing=smoothing)
+        reference = torch.nn.functional.cross_entropy(model.per_layer()(x), y, label_smoothing=smoothing)
+        assert torch.isnan(loss) and torch.isnan(reference)
+        for g in torch.autograd.grad(loss, list(model.parameters())):
+            assert torch.equal(g, torch.zeros_like(g))

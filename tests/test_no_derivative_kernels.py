@@ -2,14 +2,16 @@
 
 A TorchDispatchMode sees every aten op that runs. PyTorch's derivative
 kernels are the ops named ``*_backward`` (``threshold_backward``,
-``sigmoid_backward``...) and ``*_backward_data`` (softmax, log_softmax).
+``sigmoid_backward``, ``convolution_backward``...) and ``*_backward_data``
+(softmax, log_softmax). Every registered operation runs under it, on every
+example: first-order backward, double backward, and forward mode.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ACTIVATION_IDS, ACTIVATIONS
+from support import F64, differentiable, example, example_params, seeded
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import manualgrad.functional as MF
@@ -30,66 +32,60 @@ class RecordOps(TorchDispatchMode):
         return sorted({op for op in self.ops if "backward" in op})
 
 
-def backward_ops(output, inputs, create_graph=False):
-    with RecordOps() as recorder:
-        grads = torch.autograd.grad(output, inputs, torch.ones_like(output), create_graph=create_graph)
-    return recorder, grads
-
-
 def test_the_recorder_catches_torchs_own_kernels():
     """The check can fail: torch.nn's ReLU backward runs threshold_backward."""
     x = torch.randn(4, requires_grad=True)
-    recorder, _ = backward_ops(torch.relu(x), [x])
+    with RecordOps() as recorder:
+        torch.autograd.grad(torch.relu(x).sum(), x)
     assert recorder.derivative_kernels == ["threshold_backward"]
-    recorder, _ = backward_ops(torch.nn.functional.cross_entropy(x.view(2, 2), torch.tensor([0, 1])), [x])
+    with RecordOps() as recorder:
+        torch.autograd.grad(torch.nn.functional.cross_entropy(x.view(2, 2), torch.tensor([0, 1])), x)
     assert "_log_softmax_backward_data" in recorder.derivative_kernels
 
 
-def _leaf(*shape):
-    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+def _output_and_leaves(op, index):
+    args, kwargs = example(op, index, F64)
+    leaves = [args[i] for i in differentiable(args)]
+    out = seeded(op.functional)(*args, **kwargs)
+    return (out[0] if isinstance(out, tuple) else out), leaves
 
 
-# name -> fn(x) returning (output, the other leaves it differentiates)
-CASES = {
-    "linear": lambda x: (lambda w, b: (MF.linear(x, w, b), [w, b]))(_leaf(3, 5), _leaf(3)),
-    "cross_entropy": lambda x: (MF.cross_entropy(x, torch.tensor([0, 4, 2, 1]), label_smoothing=0.1), []),
-    "cross_entropy_probs": lambda x: (
-        lambda t: (MF.cross_entropy(x, t, weight=torch.rand(5, dtype=torch.float64)), [t])
-    )(torch.softmax(torch.randn(4, 5, dtype=torch.float64), 1).requires_grad_()),
-    "mse_loss": lambda x: (lambda t: (MF.mse_loss(x, t), [t]))(_leaf(4, 5)),
-    "dropout": lambda x: (MF.dropout(x, 0.3), []),
-    **{name: (lambda fn, kw: lambda x: (fn(x, **kw), []))(fn, kw) for name, fn, _, kw, _ in ACTIVATIONS},
-}
-
-
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("order", [1, 2], ids=["backward", "double_backward"])
-def test_backward_runs_no_derivative_kernel(name, order):
-    x = _leaf(4, 5)
-    out, others = CASES[name](x)
-    out = out.sum()
-    leaves = [x, *others]
-    if order == 1:
-        recorder, _ = backward_ops(out, leaves)
-    else:  # the double backward differentiates our backward: its ops must be ours or plain arithmetic too
-        grads = torch.autograd.grad(out, leaves, create_graph=True)
-        if not any(g.requires_grad for g in grads):
-            assert name == "dropout", f"{name}'s gradient should depend on its input"  # G_X = G_Y ⊙ K/(1-p) is constant
-            return
-        second = sum((g * torch.randn_like(g)).sum() for g in grads if g.requires_grad)
-        with RecordOps() as recorder:
-            torch.autograd.grad(second, leaves, allow_unused=True)
+@pytest.mark.parametrize("op,index", example_params())
+def test_backward_runs_no_derivative_kernel(op, index):
+    out, leaves = _output_and_leaves(op, index)
+    with RecordOps() as recorder:
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
     assert recorder.ops, "the recorder saw nothing"
     assert recorder.derivative_kernels == []
 
 
-@pytest.mark.parametrize("name", ACTIVATION_IDS)
-def test_forward_mode_runs_no_derivative_kernel(name):
+@pytest.mark.parametrize("op,index", example_params())
+def test_double_backward_runs_no_derivative_kernel(op, index):
+    """The double backward differentiates our backward: its ops must be ours or plain arithmetic too."""
+    out, leaves = _output_and_leaves(op, index)
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out), create_graph=True)
+    live = [g for g in grads if g.requires_grad]
+    if not live:  # a gradient that does not depend on the inputs (dropout: G_Y ⊙ M; nll_loss: −w_t ∂R/∂ℓ)
+        return
+    second = sum((g * torch.randn_like(g)).sum() for g in live)
+    with RecordOps() as recorder:
+        torch.autograd.grad(second, leaves, allow_unused=True)
+    assert recorder.ops, "the recorder saw nothing"
+    assert recorder.derivative_kernels == []
+
+
+@pytest.mark.parametrize("op,index", example_params())
+def test_forward_mode_runs_no_derivative_kernel(op, index):
     import torch.autograd.forward_ad as fwAD
 
-    fn = CASES[name]
+    args, kwargs = example(op, index, F64, requires_grad=False)
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
     with RecordOps() as recorder, fwAD.dual_level():
-        out, _ = fn(fwAD.make_dual(torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)))
+        dual = list(args)
+        for i in positions:
+            dual[i] = fwAD.make_dual(args[i], torch.randn_like(args[i]))
+        out = seeded(op.functional)(*dual, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
         assert fwAD.unpack_dual(out).tangent is not None
     assert recorder.derivative_kernels == []
 

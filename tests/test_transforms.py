@@ -1,15 +1,89 @@
-"""torch.func (vmap per-sample gradients, jvp, jacrev), torch.compile (no graph breaks, same
-gradients) and autocast (dtypes like torch.nn) on models built from manualgrad modules."""
+"""torch.func (vmap per-sample gradients, jvp, jacrev), torch.compile (no graph breaks, same gradients)
+and autocast (dtypes like torch.nn): for every registered operation, and on models of manualgrad modules."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CUDA
+from support import CUDA, F64, differentiable, example, example_params, op_params, seeded
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
+
+
+def _samples(op, index, n=3):
+    """``n`` independent draws of an example, stacked along a new first dimension (kwargs from the first)."""
+    draws = [example(op, index, F64, seed=s) for s in range(n)]
+    args = [
+        torch.stack([d[0][i] for d in draws]).detach() if isinstance(a, torch.Tensor) else a
+        for i, a in enumerate(draws[0][0])
+    ]
+    return args, draws[0][1], [d[0] for d in draws]
+
+
+@pytest.mark.parametrize("op,index", example_params())
+def test_vmap_per_sample_gradients_match_a_loop(op, index):
+    """vmap(grad(...)) over a batch of calls: outputs and per-sample gradients equal a Python loop's."""
+    stacked, kwargs, loop = _samples(op, index)
+    positions = differentiable(loop[0])
+    assert positions, "an example without a differentiable input"
+    g = torch.randn_like(torch.stack([seeded(op.functional)(*a, **kwargs) for a in loop]))
+
+    def objective(*args):
+        out = op.functional(*args[:-1], **kwargs)
+        return (out * args[-1]).sum()
+
+    randomness = "same" if op.random else "error"
+    torch.manual_seed(7)
+    per_sample = vmap(grad(objective, argnums=tuple(positions)), randomness=randomness)(*stacked, g)
+    for n, args in enumerate(loop):
+        torch.manual_seed(7)
+        expected = torch.autograd.grad(objective(*args, g[n]), [args[i] for i in positions])
+        for got, want in zip(per_sample, expected):
+            torch.testing.assert_close(got[n], want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", op_params())
+def test_compile_has_no_graph_breaks_and_same_gradients(op):
+    """Each operation's first example (compiling is slow) under torch.compile(fullgraph=True)."""
+    args, kwargs = example(op, 0, F64)
+    positions = differentiable(args)
+
+    def fn(*a):
+        return op.functional(*a, **kwargs)
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(7)  # the same dropout mask in both runs
+    out = compiled(*args)
+    torch.manual_seed(7)
+    expected = fn(*args)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    leaves = [args[i] for i in positions]
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(expected, leaves, g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("op,index", example_params())
+def test_autocast_dtypes_like_torch(op, index):
+    """Under CPU bfloat16 autocast: the output and every gradient in the dtype torch's own op gives them."""
+    args, kwargs = example(op, index, torch.float32)
+    positions = differentiable(args)
+    results = []
+    for fn in (op.functional, op.reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = seeded(fn)(*args, **kwargs)
+        grads = torch.autograd.grad(out, [args[i] for i in positions], torch.ones_like(out)) if positions else ()
+        results.append((out, grads))
+    (out, grads), (ref, ref_grads) = results
+    assert out.dtype == ref.dtype and [g.dtype for g in grads] == [g.dtype for g in ref_grads]
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2, equal_nan=True)
 
 
 def small_model(activation=mnn.GELU):
@@ -86,8 +160,9 @@ def _count_graph_breaks(fn, *args):
     return explanation.graph_break_count, explanation.break_reasons
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", [mnn.ReLU, mnn.GELU, mnn.ELU, mnn.Softplus])
-def test_compile_has_no_graph_breaks_and_same_gradients(activation):
+def test_compile_model_has_no_graph_breaks_and_same_gradients(activation):
     torch.manual_seed(0)
     model = torch.nn.Sequential(mnn.Linear(6, 8), activation(), mnn.Dropout(0.0), mnn.Linear(8, 3)).double()
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
@@ -105,6 +180,7 @@ def test_compile_has_no_graph_breaks_and_same_gradients(activation):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused_loss", [False, True], ids=["mlp", "mlp_loss"])
 def test_compile_fused_mlp(fused_loss):
     torch.manual_seed(0)
@@ -125,6 +201,7 @@ def test_compile_fused_mlp(fused_loss):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_compile_with_inductor():
     """The default backend, end to end: generated code, same loss and gradients."""
     torch.manual_seed(0)

@@ -1,10 +1,15 @@
-"""The autograd Functions: each backward (and jvp) is a formula from ``docs/derivations.md``."""
+"""The autograd Functions: each backward (and jvp) is a formula from ``docs/derivations.md``.
+
+Importing this package registers every operation (:mod:`manualgrad.registry`):
+each module declares its Functions' wrappers next to them.
+"""
 
 from .activations import (
     Elementwise,
     ELUFunction,
     GELUFunction,
     LeakyReLUFunction,
+    MishFunction,
     ReLUFunction,
     SigmoidFunction,
     SiLUFunction,
@@ -14,8 +19,9 @@ from .activations import (
 from .base import ManualFunction
 from .dropout import DropoutFunction
 from .linear import LinearFunction
-from .losses import CrossEntropyFunction, MSELossFunction
+from .losses import CrossEntropyFunction, MSELossFunction, NLLLossFunction
 from .mlp import MLPCrossEntropyFunction, MLPFunction, MLPSpec
+from .softmax import LogSoftmaxFunction, SoftmaxFunction
 
 __all__ = [
     "CrossEntropyFunction",
@@ -25,14 +31,18 @@ __all__ = [
     "GELUFunction",
     "LeakyReLUFunction",
     "LinearFunction",
+    "LogSoftmaxFunction",
     "MLPCrossEntropyFunction",
     "MLPFunction",
     "MLPSpec",
     "MSELossFunction",
     "ManualFunction",
+    "MishFunction",
+    "NLLLossFunction",
     "ReLUFunction",
     "SiLUFunction",
     "SigmoidFunction",
+    "SoftmaxFunction",
     "SoftplusFunction",
     "TanhFunction",
 ]

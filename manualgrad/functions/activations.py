@@ -1,7 +1,7 @@
-r"""Elementwise activations: one mechanism, a table of (h, h') pairs.
+r"""Elementwise activations: one mechanism, and per activation its :math:`h` and :math:`h'`.
 
 Every activation is :math:`Y = h(Z)` applied elementwise, so its Jacobian is
-:math:`\operatorname{diag}(h'(Z))` and (``../shared/DERIVATIONS.md``)
+:math:`\operatorname{diag}(h'(Z))` and (``docs/derivations.md``, section 2)
 
 .. math::
 
@@ -9,20 +9,23 @@ Every activation is :math:`Y = h(Z)` applied elementwise, so its Jacobian is
     \dot Y = h'(Z) \odot \dot Z \qquad\text{(jvp)}
 
 :class:`Elementwise` implements those two lines once. Each activation below is
-a few lines: ``forward`` is :math:`h`, ``derivative`` is :math:`h'` written in
-terms of the one tensor the backward keeps, and ``saves_output`` says which one
-that is. Where :math:`h'` is a function of the output :math:`y` (ReLU,
-LeakyReLU, Sigmoid, Tanh, ELU) the output is kept: the next layer keeps it
+a ``forward`` (:math:`h`, PyTorch's own kernel), a ``derivative``
+(:math:`h'`, the formula) and one line that registers it. Where :math:`h'` is
+a function of the output :math:`y` as exactly as of the input (ReLU, LeakyReLU,
+Sigmoid, Tanh) the output is kept, ``saves_output``: the next layer keeps it
 anyway, so the activation costs no extra memory. Otherwise the input is kept.
 
 At a kink the derivative follows PyTorch: :math:`h'(0) = 0` for ReLU,
-:math:`a` for LeakyReLU, :math:`\alpha` for ELU, and Softplus switches to the
-identity (derivative 1) only where :math:`\beta z > \text{threshold}`.
+:math:`a` for LeakyReLU, :math:`\alpha` for ELU; Softplus switches to the
+identity (derivative 1) only where :math:`\beta z > \text{threshold}`; where
+the input is NaN the gradient is what PyTorch's kernel gives.
 
-The backward never calls autograd or a PyTorch derivative kernel. Under
-``create_graph=True`` (double backward) the sigmoid and tanh inside a
-derivative go through :class:`SigmoidFunction` / :class:`TanhFunction`, so
-that second derivatives are our formulas too.
+The backward never calls autograd or a PyTorch derivative kernel. Inside a
+double backward (``create_graph=True``) the sigmoid and tanh of a derivative
+go through :class:`SigmoidFunction` and :class:`TanhFunction`, so that second
+derivatives are our formulas too. Half-precision inputs are differentiated in
+float32 and rounded once (:func:`~manualgrad.functions.base.opmath`), as
+PyTorch's kernels do.
 """
 
 from __future__ import annotations
@@ -32,13 +35,16 @@ import math
 import torch
 from torch import Tensor
 
-from .base import ManualFunction, save_for_forward
+from .. import _checks
+from ..registry import activation
+from .base import ManualFunction, cast, opmath, save_for_forward
 
 __all__ = [
     "ELUFunction",
     "Elementwise",
     "GELUFunction",
     "LeakyReLUFunction",
+    "MishFunction",
     "ReLUFunction",
     "SiLUFunction",
     "SigmoidFunction",
@@ -48,7 +54,7 @@ __all__ = [
 
 
 class Elementwise(ManualFunction):
-    r"""Base of the elementwise activations: ``Y = h(Z)``, ``G_Z = G_Y ⊙ h'(·)``, ``Ẏ = h'(·) ⊙ Ż``.
+    r"""Base of the elementwise activations: ``Y = h(Z)``, ``G_Z = G_Y ⊙ h'``, ``Ẏ = h' ⊙ Ż``.
 
     ``apply(input, *params)``, the parameters positional as in
     ``torch.nn.functional``. A subclass defines
@@ -56,10 +62,10 @@ class Elementwise(ManualFunction):
     * ``forward(z, *params)``: :math:`h(z)`, any shape. If it takes ``inplace``
       (last) and returns ``z`` itself, the base marks ``z`` dirty; that needs
       ``saves_output``, as the input is gone.
-    * ``derivative(s, *params)``: :math:`h'` as a tensor (or a boolean mask) of
-      the shape of ``s``, where ``s`` is the output ``y`` if
-      ``saves_output(*params)`` else the input ``z``. ``*_`` swallows ``inplace``.
-    * ``saves_output(*params)``: whether :math:`h'` can be written from ``y``.
+    * ``derivative(s, *params)``: :math:`h'` as a tensor of the shape of ``s``,
+      where ``s`` is the output ``y`` if ``saves_output(*params)`` else the input ``z``.
+    * ``saves_output(*params)``: whether :math:`h'` can be written from ``y`` (default: no).
+    * ``check(*params)``: raise :class:`~manualgrad.InputError` for invalid options (default: none).
 
     Shape: input ``(*)``, output ``(*)``, same shape, dtype and device.
     """
@@ -72,9 +78,13 @@ class Elementwise(ManualFunction):
     def derivative(saved: Tensor, *params) -> Tensor:
         raise NotImplementedError
 
+    @staticmethod
+    def check(*params) -> None:
+        pass
+
     def __init_subclass__(cls, **kwargs):
-        # Bind the generic pieces to this subclass's h' (a closure, so that the
-        # stand-in ctx objects of vmap and Dynamo need no attribute of ours).
+        # Bound to this subclass's h' as closures, so that the stand-in ctx objects of vmap and Dynamo
+        # need no attribute of ours.
         def setup_context(ctx, inputs, output):
             z, *params = inputs
             ctx.params = params
@@ -93,108 +103,21 @@ class Elementwise(ManualFunction):
 
         def backward(ctx, grad_output):
             (saved,) = ctx.saved_tensors
-            h_prime = cls.derivative(saved, *ctx.params)
-            if _owned(h_prime, grad_output, saved):  # G_Z = G_Y ⊙ h', into h''s own buffer
-                return (h_prime.mul_(grad_output),) + (None,) * len(ctx.params)
-            return (grad_output * h_prime,) + (None,) * len(ctx.params)
+            grad_input = grad_output * cls.derivative(opmath(saved), *ctx.params)  # G_Z = G_Y ⊙ h'
+            return (cast(grad_input, grad_output.dtype),) + (None,) * len(ctx.params)
 
         def jvp(ctx, z_tangent, *param_tangents):
             (saved,) = ctx.saved_tensors
-            h_prime = cls.derivative(saved, *ctx.params)
+            h_prime = cls.derivative(opmath(saved), *ctx.params)
             if ctx.inplace:  # an input changed in place: its tangent changes in place too
                 return z_tangent.mul_(h_prime)
-            return h_prime * z_tangent  # Ẏ = h' ⊙ Ż
+            return cast(h_prime * z_tangent, z_tangent.dtype)  # Ẏ = h' ⊙ Ż
 
         cls.setup_context = staticmethod(setup_context)
         cls.backward = staticmethod(backward)
         if "jvp" not in cls.__dict__:  # the compile twin keeps its default jvp
             cls.jvp = staticmethod(jvp)
         super().__init_subclass__(**kwargs)
-
-
-def _owned(h_prime: Tensor, grad_output: Tensor, saved: Tensor) -> bool:
-    """Whether the backward may write G_Z into h' itself, sparing a tensor-sized allocation (a third
-    of the ReLU backward's time at 1M elements): no graph is being recorded (a double backward
-    needs h' intact), no vmap batches the gradient but not h' (torch.func, or the legacy vmap of
-    gradcheck's batched check), and h' is a new tensor of the result's shape and dtype, not a
-    view of the saved one."""
-    return (
-        h_prime is not saved
-        and h_prime._base is None  # not a view (of the saved tensor or anything else)
-        and h_prime.dtype == grad_output.dtype
-        and h_prime.shape == grad_output.shape
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()  # (the compiler fuses the product anyway)
-        and not torch._C._are_functorch_transforms_active()
-        and not torch._C._functorch.is_legacy_batchedtensor(grad_output)
-    )
-
-
-# The derivatives below are built from arithmetic kernels (sign, clamp, lerp).
-# On CPU, comparisons that make a boolean mask and torch.where run 5-20x slower
-# than these, and a float * bool product converts the mask first.
-
-
-class _Fresh:
-    """A tensor a derivative has just made, transformed step by step: ``_Fresh(z * z).mul(-0.5).exp()``.
-
-    Each step runs in place when no graph is being recorded, sparing a tensor-sized allocation (for
-    GELU's derivative on 1M elements, half the time); under ``create_graph`` it runs out of place,
-    since autograd needs every intermediate intact, and ``sigmoid``/``tanh`` go through our own
-    Functions, so that second derivatives are our formulas too. ``.t`` is the result.
-    """
-
-    __slots__ = ("inplace", "t")
-
-    def __init__(self, t: Tensor):
-        self.t, self.inplace = t, not torch.is_grad_enabled()
-
-    def _step(self, name: str, *args) -> _Fresh:
-        args = tuple(a.t if isinstance(a, _Fresh) else a for a in args)
-        self.t = getattr(self.t, name + "_" if self.inplace else name)(*args)
-        return self
-
-    def add(self, other):
-        return self._step("add", other)
-
-    def mul(self, other):
-        return self._step("mul", other)
-
-    def neg(self):
-        return self._step("neg")
-
-    def exp(self):
-        return self._step("exp")
-
-    def erf(self):
-        return self._step("erf")
-
-    def sign(self):
-        return self._step("sign")
-
-    def clamp(self, min=None, max=None):
-        return self._step("clamp", min, max)
-
-    def select(self, positive: _Fresh, where_positive: float = 1.0):
-        """``where_positive`` where ``positive`` is 1, this tensor where it is 0 (lerp is exact at both ends)."""
-        return self._step("lerp", self.t.new_full((), where_positive).expand_as(self.t), positive)
-
-    def sigmoid(self):
-        if self.inplace:
-            return self._step("sigmoid")
-        self.t = SigmoidFunction.apply(self.t)
-        return self
-
-    def tanh(self):
-        if self.inplace:
-            return self._step("tanh")
-        self.t = TanhFunction.apply(self.t)
-        return self
-
-
-def _positive(s: Tensor) -> _Fresh:
-    """1[s > 0] in the dtype of ``s``: sign gives -1, 0, 1; the clamp folds -1 into 0."""
-    return _Fresh(s.sign()).clamp(min=0)
 
 
 class ReLUFunction(Elementwise):
@@ -210,7 +133,10 @@ class ReLUFunction(Elementwise):
 
     @staticmethod
     def derivative(y, *_):
-        return y.sign()  # y >= 0, so sign(y) = 1[y > 0]
+        return 1 - (y <= 0).to(y.dtype)  # 1[y > 0], written so that a NaN passes G_Y on, as in PyTorch
+
+
+relu = activation("relu", ReLUFunction, torch.nn.ReLU, kinks=(0.0,))
 
 
 class LeakyReLUFunction(Elementwise):
@@ -230,9 +156,16 @@ class LeakyReLUFunction(Elementwise):
 
     @staticmethod
     def derivative(s, negative_slope=0.01, *_):
-        if 0 <= negative_slope <= 1:  # s = y: sign(y) in {-1, 0, 1} clamps to {a, a, 1}
-            return _Fresh(s.sign()).clamp(min=negative_slope).t
-        return _Fresh(torch.full_like(s, negative_slope)).select(_positive(s)).t
+        return torch.where(s > 0, 1.0, s.new_full((), negative_slope))  # 1 where z > 0, else a
+
+
+leaky_relu = activation(
+    "leaky_relu",
+    LeakyReLUFunction,
+    torch.nn.LeakyReLU,
+    kinks=(0.0,),
+    variants=({}, {"negative_slope": 0.2}, {"negative_slope": -0.3}, {"negative_slope": 1.5}),
+)
 
 
 class SigmoidFunction(Elementwise):
@@ -248,7 +181,10 @@ class SigmoidFunction(Elementwise):
 
     @staticmethod
     def derivative(y):
-        return _Fresh(1 - y).mul(y).t  # y (1 - y)
+        return y * (1 - y)
+
+
+sigmoid = activation("sigmoid", SigmoidFunction, torch.nn.Sigmoid)
 
 
 class TanhFunction(Elementwise):
@@ -264,7 +200,20 @@ class TanhFunction(Elementwise):
 
     @staticmethod
     def derivative(y):
-        return _Fresh(y * y).neg().add(1).t  # 1 - y²
+        return 1 - y * y
+
+
+tanh = activation("tanh", TanhFunction, torch.nn.Tanh)
+
+
+def _sigmoid(z: Tensor) -> Tensor:
+    """σ(z) inside a derivative; through :class:`SigmoidFunction` when a double backward records it."""
+    return SigmoidFunction.apply(z) if torch.is_grad_enabled() else torch.sigmoid(z)
+
+
+def _tanh(z: Tensor) -> Tensor:
+    """tanh(z) inside a derivative; through :class:`TanhFunction` when a double backward records it."""
+    return TanhFunction.apply(z) if torch.is_grad_enabled() else torch.tanh(z)
 
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -288,15 +237,21 @@ class GELUFunction(Elementwise):
         return torch.nn.functional.gelu(z, approximate=approximate)
 
     @staticmethod
+    def check(approximate="none"):
+        _checks.choice("gelu", "approximate", approximate, ("none", "tanh"))
+
+    @staticmethod
     def derivative(z, approximate="none"):
         if approximate == "tanh":
-            t = _Fresh(z * z).mul(_GELU_K).add(1).mul(z).mul(_SQRT_2_OVER_PI).tanh().t  # tanh(c (z + k z³))
-            slope = _Fresh(z * z).mul(3 * _GELU_K).add(1).mul(z).mul(0.5 * _SQRT_2_OVER_PI)  # ½ z c (1 + 3k z²)
-            slope.mul(_Fresh(t * t).neg().add(1))  # × (1 - t²)
-            return slope.add(_Fresh(t + 1).mul(0.5)).t  # + ½ (1 + t)
-        cdf = _Fresh(z * _SQRT_HALF).erf().add(1).mul(0.5)  # Φ(z) = ½ (1 + erf(z / √2))
-        z_pdf = _Fresh(z * z).mul(-0.5).exp().mul(_INV_SQRT_2PI).mul(z)  # z φ(z) = z e^(-z²/2) / √(2π)
-        return cdf.add(z_pdf).t
+            c, k = _SQRT_2_OVER_PI, _GELU_K
+            t = _tanh(c * (z + k * z * z * z))
+            return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * k * z * z)
+        cdf = 0.5 * (1 + torch.erf(z * _SQRT_HALF))  # Φ(z)
+        pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)  # φ(z)
+        return cdf + z * pdf
+
+
+gelu = activation("gelu", GELUFunction, torch.nn.GELU, variants=({}, {"approximate": "tanh"}))
 
 
 class SiLUFunction(Elementwise):
@@ -308,16 +263,22 @@ class SiLUFunction(Elementwise):
 
     @staticmethod
     def derivative(z, *_):
-        s = SigmoidFunction.apply(z) if torch.is_grad_enabled() else torch.sigmoid(z)  # σ(z), ours under create_graph
-        return _Fresh(1 - s).mul(z).add(1).mul(s).t  # σ (1 + z (1 - σ))
+        s = _sigmoid(z)
+        return s * (1 + z * (1 - s))
+
+
+silu = activation("silu", SiLUFunction, torch.nn.SiLU)
 
 
 class ELUFunction(Elementwise):
     r""":math:`h(z) = z` if :math:`z > 0` else :math:`\alpha(e^z - 1)`;
     :math:`h'(z) = 1` if :math:`z > 0` else :math:`\alpha e^z = y + \alpha`.
 
-    For :math:`\alpha > 0`, :math:`y > 0` exactly where :math:`z > 0`, so the
-    output is kept; otherwise the input, with :math:`h'(z) = \alpha e^z` for :math:`z \le 0`.
+    As in PyTorch, the input is kept, and :math:`h' = \alpha e^z`; computed in
+    place (``inplace=True``, :math:`\alpha > 0`) the output is kept, and
+    :math:`h' = y + \alpha`, which is exact in exact arithmetic but carries the
+    rounding of :math:`y` (in float16, a thousand times the error of
+    :math:`\alpha e^z` where :math:`z \ll 0`).
     """
 
     @staticmethod
@@ -325,14 +286,18 @@ class ELUFunction(Elementwise):
         return torch.nn.functional.elu(z, alpha, inplace)
 
     @staticmethod
-    def saves_output(alpha=1.0, *_):
-        return alpha > 0
+    def saves_output(alpha=1.0, inplace=False):
+        return inplace and alpha > 0
 
     @staticmethod
-    def derivative(s, alpha=1.0, *_):
-        if alpha > 0:  # s is the output y: y + alpha where y <= 0
-            return _Fresh(s.clamp(max=0)).add(alpha).select(_positive(s)).t
-        return _Fresh(s.clamp(max=0)).exp().mul(alpha).select(_positive(s)).t
+    def derivative(s, alpha=1.0, inplace=False):
+        if inplace and alpha > 0:  # s is the output y
+            return torch.where(s <= 0, s + alpha, 1.0)
+        # s is the input z; e^min(z, 0) equals e^z where it is used and stays finite where it is not
+        return torch.where(s <= 0, alpha * torch.exp(s.clamp(max=0)), 1.0)
+
+
+elu = activation("elu", ELUFunction, torch.nn.ELU, kinks=(0.0,), variants=({}, {"alpha": 2.0}, {"alpha": -0.5}))
 
 
 class SoftplusFunction(Elementwise):
@@ -350,5 +315,35 @@ class SoftplusFunction(Elementwise):
 
     @staticmethod
     def derivative(z, beta=1.0, threshold=20.0):
-        beyond = _Fresh(z * beta).add(-threshold).sign().clamp(min=0)  # 1[βz > threshold]
-        return _Fresh(z * beta).sigmoid().select(beyond).t  # σ(βz), or 1 beyond the threshold
+        return torch.where(beta * z > threshold, 1.0, _sigmoid(beta * z))
+
+
+softplus = activation(
+    "softplus",
+    SoftplusFunction,
+    torch.nn.Softplus,
+    kinks=lambda beta=1.0, threshold=20.0: (threshold / beta,),
+    variants=({}, {"beta": 2.0, "threshold": 3.0}),
+)
+
+
+def _softplus(z: Tensor) -> Tensor:
+    """softplus(z) inside a derivative; through :class:`SoftplusFunction` when a double backward records it."""
+    return SoftplusFunction.apply(z) if torch.is_grad_enabled() else torch.nn.functional.softplus(z)
+
+
+class MishFunction(Elementwise):
+    r""":math:`h(z) = z \tanh(\operatorname{softplus}(z))`,
+    :math:`h'(z) = t + z\,\sigma(z)\,(1 - t^2)` with :math:`t = \tanh(\operatorname{softplus}(z))`."""
+
+    @staticmethod
+    def forward(z, inplace=False):
+        return torch.nn.functional.mish(z, inplace)
+
+    @staticmethod
+    def derivative(z, *_):
+        t = _tanh(_softplus(z))
+        return t + z * _sigmoid(z) * (1 - t * t)
+
+
+mish = activation("mish", MishFunction, torch.nn.Mish)

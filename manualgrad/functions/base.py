@@ -1,6 +1,6 @@
-"""The base class every manualgrad Function derives from.
+"""The base class every manualgrad Function derives from, and the small helpers the Functions share.
 
-It adds two things to :class:`torch.autograd.Function`:
+:class:`ManualFunction` adds two things to :class:`torch.autograd.Function`:
 
 * ``generate_vmap_rule = True``: forward and backward are written in plain
   tensor ops, so ``torch.func.vmap`` can batch them (per-sample gradients with
@@ -9,15 +9,9 @@ It adds two things to :class:`torch.autograd.Function`:
   defines a custom ``jvp`` (it graph-breaks with "Unsupported custom jvp"),
   yet forward-mode AD needs one. Every subclass that defines ``jvp`` therefore
   gets ``cls.traceable``: a subclass of itself whose ``jvp`` is the default
-  one. :func:`applier` returns an ``apply`` that picks the twin while Dynamo
-  is tracing and the class itself otherwise, so eager code keeps forward-mode
-  AD and compiled code has no graph break. (Compiled code does not support
-  forward-mode AD, just as for any Function without a jvp.)
-
-It also caches ``forward.__signature__``: for a Function with
-``setup_context``, ``apply`` binds the call's arguments to ``forward``'s
-signature on every call, and building that signature is a third of the
-Python cost of ``apply``.
+  one. :func:`apply` picks the twin while Dynamo is tracing and the class
+  itself otherwise, so eager code keeps forward-mode AD and compiled code has
+  no graph break.
 """
 
 from __future__ import annotations
@@ -25,13 +19,15 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 from torch.autograd import Function
 
-__all__ = ["ManualFunction", "applier", "cast", "save_for_forward"]
+from .. import _compat
+
+__all__ = ["ManualFunction", "apply", "cast", "opmath", "save_for_forward"]
 
 _DEFAULT_JVP = Function.jvp
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class ManualFunction(Function):
@@ -43,29 +39,32 @@ class ManualFunction(Function):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "forward" in cls.__dict__:
+            # apply() binds its arguments to forward's signature on every call; building that signature
+            # is a third of apply's Python cost, so it is built once here.
             cls.forward.__signature__ = inspect.signature(cls.forward)
         if cls.jvp is _DEFAULT_JVP:
             cls.traceable = cls
-        else:
-            # Created here so that user subclasses (which may override backward) get their own twin.
+        else:  # made here, so that user subclasses (which may override backward) get their own twin
             cls.traceable = type(
                 cls.__name__, (cls,), {"jvp": staticmethod(_DEFAULT_JVP), "__module__": cls.__module__}
             )
+        cls.dispatch = _dispatcher(cls)
 
 
-def applier(function: type[ManualFunction]):
-    """``function.apply``, or its compile twin's ``apply`` while ``torch.compile`` traces the caller.
+def apply(function: type[ManualFunction], *args):
+    """``function.apply(*args)``, or its compile twin's while ``torch.compile`` traces the caller."""
+    return function.dispatch(*args)
 
-    Both classes are bound here, outside any trace, because Dynamo cannot read
-    an attribute off an autograd.Function class.
-    """
+
+def _dispatcher(function: type[ManualFunction]):
+    """``function.dispatch``: both ``apply`` methods bound here, outside any trace, because Dynamo cannot call
+    the ``apply`` of a class read off another (``function.traceable.apply`` graph-breaks)."""
     eager, traceable = function.apply, function.traceable.apply
 
-    def apply(*args):
+    def dispatch(*args):
         return traceable(*args) if torch.compiler.is_compiling() else eager(*args)
 
-    apply.__name__ = apply.__qualname__ = f"{function.__name__}.apply"
-    return apply
+    return staticmethod(dispatch)
 
 
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -73,9 +72,14 @@ def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def opmath(t: Tensor) -> Tensor:
+    """``t`` in the precision a formula is computed in: float32 for float16 and bfloat16 (as PyTorch's own
+    kernels compute them; the result is rounded once, at the end), the tensor itself otherwise."""
+    return t.float() if t.dtype in _HALF else t
+
+
 def save_for_forward(ctx, *tensors) -> None:
-    """``ctx.save_for_forward(*tensors)``, but only when forward-mode AD can call the jvp: inside a
-    ``torch.autograd.forward_ad.dual_level`` or a ``torch.func`` transform. Outside them the call
-    does nothing useful and costs ~2% of a small MLP's training step."""
-    if _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+    """``ctx.save_for_forward(*tensors)`` when forward-mode AD can call the jvp (inside a
+    ``forward_ad.dual_level`` or a ``torch.func`` transform); elsewhere the call does nothing useful."""
+    if _compat.forward_ad_enabled():
         ctx.save_for_forward(*tensors)

@@ -1,36 +1,47 @@
-r"""Dropout: :math:`Y = X \odot K / (1 - p)`, :math:`G_X = G_Y \odot K / (1 - p)`.
+r"""Dropout: :math:`Y = X \odot M`, :math:`G_X = G_Y \odot M`, with :math:`M = K / (1 - p)`.
 
-:math:`K` keeps each element with probability :math:`1 - p`. It is drawn as
-PyTorch's CPU dropout draws it (``empty_like(x).bernoulli_(1 - p)``), so on the
-CPU the same seed gives the same mask as ``torch.nn.Dropout``; the backward
-keeps :math:`K / (1 - p)` in the input's dtype, as many bytes as PyTorch's CPU
-dropout keeps, and multiplies once.
+:math:`K` keeps each element (``dropout``) or each channel (``dropout2d``: one
+draw per sample and channel, broadcast over the rest) with probability
+:math:`1 - p`. It is drawn as PyTorch's CPU kernels draw it
+(``empty(...).bernoulli_(1 - p)``), so on the CPU the same seed gives the same
+mask as ``torch.nn.Dropout`` and ``torch.nn.Dropout2d``; the backward keeps
+:math:`M` in the input's dtype and multiplies once. At :math:`p = 1` every
+element is dropped, :math:`Y = 0` and :math:`M = 0` (no draw, as in PyTorch).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
-from .base import ManualFunction, save_for_forward
+from .. import _checks
+from ..errors import InputError
+from ..registry import Example, operation
+from .base import ManualFunction, apply, save_for_forward
 
-__all__ = ["DropoutFunction"]
+__all__ = ["DropoutFunction", "dropout", "dropout2d"]
 
 
 class DropoutFunction(ManualFunction):
-    r"""``apply(input, p, inplace)`` → ``(output, scaled_mask)``; training-mode dropout, ``0 < p < 1``.
+    r"""``apply(input, p, inplace, channels)`` → ``(output, mask)``: training-mode dropout.
 
-    Forward: :math:`Y = X \odot M` with :math:`M = K / (1 - p)`. The mask is the
-    second output (not differentiable), so that ``setup_context`` can keep it.
-    With ``inplace`` the input is overwritten (the backward needs only ``M``).
+    Forward: :math:`Y = X \odot M`, :math:`M = K / (1 - p)` (:math:`M = 0` at
+    :math:`p = 1`), :math:`K` of shape ``(N, C, 1, ...)`` when ``channels``
+    (dropout2d) else of the input's shape. The mask is the second output (not
+    differentiable), so that ``setup_context`` can keep it. With ``inplace``
+    the input is overwritten (the backward needs only :math:`M`).
     Backward: :math:`G_X = G_Y \odot M`. Forward mode: :math:`\dot Y = \dot X \odot M`.
-
-    Shape: input ``(*)``, output ``(*)``, mask ``(*)``.
     """
 
     @staticmethod
-    def forward(input: Tensor, p: float, inplace: bool = False):
-        mask = torch.empty_like(input).bernoulli_(1 - p).div_(1 - p)
+    def forward(input: Tensor, p: float, inplace: bool = False, channels: bool = False):
+        shape = input.shape[:2] + (1,) * (input.dim() - 2) if channels else input.shape
+        if p == 1:
+            mask = input.new_zeros(shape)
+        else:
+            mask = input.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
         return (input.mul_(mask) if inplace else input * mask), mask
 
     @staticmethod
@@ -49,8 +60,8 @@ class DropoutFunction(ManualFunction):
     def backward(ctx, grad_output, _grad_mask):
         (mask,) = ctx.saved_tensors
         if grad_output is None:
-            return None, None, None
-        return grad_output * mask, None, None  # G_X = G_Y ⊙ K/(1-p)
+            return None, None, None, None
+        return grad_output * mask, None, None, None  # G_X = G_Y ⊙ M
 
     @staticmethod
     def jvp(ctx, input_tangent, *_):
@@ -58,3 +69,65 @@ class DropoutFunction(ManualFunction):
         if ctx.inplace:  # the input changed in place: so does its tangent
             return input_tangent.mul_(mask), None
         return input_tangent * mask, None
+
+
+def _apply(input: Tensor, p: float, inplace: bool, channels: bool) -> Tensor:
+    if inplace and torch.compiler.is_compiling():  # Dynamo cannot trace a Function that dirties its input
+        return input.copy_(apply(DropoutFunction, input, float(p), False, channels)[0])
+    return apply(DropoutFunction, input, float(p), inplace, channels)[0]
+
+
+def _examples(dtype, device, bench=False):
+    x = torch.randn((256, 4096) if bench else (6, 5), device=device).to(dtype)
+    return [Example("p=0.3", (x,), {"p": 0.3}), Example("p=1", (x,), {"p": 1.0})]
+
+
+@operation(torch.nn.Dropout, DropoutFunction, kind="layer", examples=_examples, random=True)
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    r"""Zeroes each element with probability ``p`` and scales the rest by :math:`1/(1-p)`.
+
+    Backward: :math:`G_X = G_Y \odot K/(1-p)`; see :class:`~manualgrad.functions.DropoutFunction`.
+    In eval mode (``training=False``), for ``p = 0`` and for an empty input it
+    returns ``input`` itself, as PyTorch does.
+    """
+    _checks.real_floating("dropout", "input", input)
+    _checks.dropout_p("dropout", p)
+    if not training or p == 0 or input.numel() == 0:
+        return input
+    return _apply(input, p, inplace, channels=False)
+
+
+def _examples_2d(dtype, device, bench=False):
+    x = torch.randn((64, 32, 24, 24) if bench else (3, 4, 2, 2), device=device).to(dtype)
+    return [Example("p=0.3", (x,), {"p": 0.3})]
+
+
+@operation(torch.nn.Dropout2d, DropoutFunction, kind="layer", examples=_examples_2d, random=True)
+def dropout2d(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    r"""Zeroes whole channels: each ``input[n, c]`` with probability ``p``; the rest scaled by :math:`1/(1-p)`.
+
+    Backward: :math:`G_X = G_Y \odot K/(1-p)`, :math:`K` of shape ``(N, C, 1, 1)``
+    broadcast over the feature map. Input ``(N, C, H, W)``; a 3-D input is read
+    as ``(N, C, L)``, with PyTorch's warning.
+    """
+    _checks.real_floating("dropout2d", "input", input)
+    _checks.dropout_p("dropout2d", p)
+    if input.dim() < 2:
+        raise InputError(f"dropout2d: input must be (N, C, H, W), got shape {tuple(input.shape)}")
+    if input.dim() not in (3, 4):
+        warnings.warn(
+            f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead.",
+            stacklevel=2,
+        )
+    if input.dim() == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
+            "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
+            "is the channel dim.",
+            stacklevel=2,
+        )
+    if not training or p == 0 or input.numel() == 0:
+        return input
+    return _apply(input, p, inplace, channels=True)

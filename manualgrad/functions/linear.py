@@ -1,8 +1,8 @@
 r"""The affine layer :math:`Z = X W^\top + b`, with its backward and jvp written out.
 
-Batched rows, as PyTorch stores them (``../shared/DERIVATIONS.md``): ``X`` is
-``N x q`` (any leading dimensions are flattened into ``N``), ``W`` is ``p x q``,
-``b`` has ``p`` entries.
+Batched rows, as PyTorch stores them (``docs/derivations.md``, section 1): ``X``
+is ``N x q`` (any leading dimensions are flattened into ``N``), ``W`` is
+``p x q``, ``b`` has ``p`` entries.
 
 .. math::
 
@@ -12,12 +12,21 @@ Batched rows, as PyTorch stores them (``../shared/DERIVATIONS.md``): ``X`` is
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .base import ManualFunction, cast, save_for_forward
+from .. import _checks
+from ..registry import Example, operation
+from .base import ManualFunction, apply, cast, save_for_forward
 
-__all__ = ["LinearFunction"]
+__all__ = ["LinearFunction", "linear"]
+
+
+def rows(t: Tensor) -> Tensor:
+    """``t`` as a matrix of rows: ``(*, k)`` -> ``(N, k)``, ``N`` the product of the leading sizes (also when k = 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 class LinearFunction(ManualFunction):
@@ -32,7 +41,7 @@ class LinearFunction(ManualFunction):
     incoming gradient and hands each gradient back in its input's dtype.
 
     Shape:
-        - input: ``(*, q)``, including ``(q,)`` and an empty batch
+        - input: ``(*, q)``, including ``(q,)``, an empty batch and ``q = 0``
         - weight: ``(p, q)``; bias: ``(p,)`` or ``None``
         - output: ``(*, p)``
     """
@@ -47,6 +56,7 @@ class LinearFunction(ManualFunction):
         needs_input, needs_weight, _ = ctx.needs_input_grad
         ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
         save_for_forward(ctx, input, weight)
+        ctx.input_shape = input.shape
         ctx.compute_dtype = output.dtype
         dtypes = (input.dtype, weight.dtype, output.dtype if bias is None else bias.dtype)
         ctx.mixed_dtypes = None if dtypes.count(output.dtype) == 3 else dtypes  # autocast
@@ -55,20 +65,16 @@ class LinearFunction(ManualFunction):
     def backward(ctx, grad_output: Tensor):
         input, weight = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad
-        mixed = ctx.mixed_dtypes
-        if mixed:  # autocast: multiply in the forward's dtype
+        if ctx.mixed_dtypes:  # autocast: multiply in the forward's dtype
             input = None if input is None else cast(input, grad_output.dtype)
             weight = None if weight is None else cast(weight, grad_output.dtype)
-        grad_z = grad_output.reshape(-1, grad_output.shape[-1])  # rows of G_Z, N x p
-        if needs_input:  # G_X = G_Z W (mm for rows: measurably faster than matmul's dispatch)
-            grad_input = grad_output.mm(weight) if grad_output.dim() == 2 else grad_output.matmul(weight)
-        else:
-            grad_input = None
-        grad_weight = grad_z.t().mm(input.reshape(-1, input.shape[-1])) if needs_weight else None  # G_W = G_Z^T X
-        grad_bias = grad_z.sum(0) if needs_bias else None  # G_b = sum over rows of G_Z
-        if mixed:  # each gradient in its input's dtype
+        grad_z = rows(grad_output)  # N x p
+        grad_input = grad_z.mm(weight).reshape(ctx.input_shape) if needs_input else None  # G_X = G_Z W
+        grad_weight = grad_z.t().mm(rows(input)) if needs_weight else None  # G_W = G_Z^T X
+        grad_bias = grad_z.sum(0) if needs_bias else None  # G_b = Σ_rows G_Z
+        if ctx.mixed_dtypes:  # each gradient in its input's dtype
             grads = (grad_input, grad_weight, grad_bias)
-            return tuple(None if g is None else cast(g, d) for g, d in zip(grads, mixed))
+            return tuple(None if g is None else cast(g, d) for g, d in zip(grads, ctx.mixed_dtypes))
         return grad_input, grad_weight, grad_bias
 
     @staticmethod
@@ -85,3 +91,32 @@ class LinearFunction(ManualFunction):
             term = cast(bias_tangent, dtype).expand(*input.shape[:-1], weight.shape[0])
             tangent = term if tangent is None else tangent + term
         return tangent
+
+
+def _examples(dtype, device, bench=False):
+    sizes = [(64, 64, 64), (128, 784, 512), (256, 1024, 1024)] if bench else [(4, 5, 3)]
+
+    def make(*shape):
+        return torch.randn(shape, device=device).to(dtype)
+
+    out = []
+    for n, q, p in sizes:
+        out.append(Example(f"{n}x{q}->{p}", (make(n, q), make(p, q), make(p)), {}))
+    if not bench:
+        out += [
+            Example("1d", (make(5), make(3, 5), make(3)), {}),
+            Example("3d,nobias", (make(2, 3, 5), make(4, 5)), {}),
+            Example("empty", (make(0, 5), make(3, 5), make(3)), {}),
+        ]
+    return out
+
+
+@operation(torch.nn.Linear, LinearFunction, kind="layer", examples=_examples)
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    r""":math:`y = x W^\top + b`; see :class:`~manualgrad.functions.LinearFunction`.
+
+    Shape: input ``(*, in_features)``, weight ``(out_features, in_features)``,
+    bias ``(out_features,)``, output ``(*, out_features)``.
+    """
+    _checks.linear(input, weight, bias)
+    return apply(LinearFunction, input, weight, bias)

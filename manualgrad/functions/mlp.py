@@ -5,9 +5,9 @@ Layer :math:`l = 1..L` maps :math:`A_{l-1}` (rows are samples, :math:`A_0 = X`) 
 .. math::
 
     Z_l = A_{l-1} W_l^\top + b_l, \qquad
-    A_l = h(Z_l) \odot M_l \quad (l < L), \qquad \text{output } Z_L
+    A_l = h_l(Z_l) \odot M_l \quad (l < L), \qquad \text{output } Z_L
 
-with :math:`M_l = K_l / (1 - p)` the dropout mask (all ones without dropout).
+with :math:`M_l = K_l / (1 - p_l)` the dropout mask (none without dropout).
 The backward is the notes' chain taken once, top to bottom,
 
 .. math::
@@ -20,18 +20,18 @@ batched: starting from :math:`G = G_{Z_L}`, for :math:`l = L, \dots, 1`
 .. math::
 
     G_{W_l} = G^\top A_{l-1}, \quad G_{b_l} = \textstyle\sum_n G[n], \quad
-    G \leftarrow (G W_l) \odot M_{l-1} \odot h'(Z_{l-1}),
+    G \leftarrow (G W_l) \odot M_{l-1} \odot h_{l-1}'(Z_{l-1}),
 
-every weight gradient taken on the way down. One autograd node replaces the
-``3L - 1`` of a per-layer model, and one Python call the ``2L - 1`` module
-calls, which is what dominates small networks.
+every weight gradient taken on the way down (``docs/derivations.md``,
+section 5). One autograd node replaces the ``3L - 1`` of a per-layer model,
+and one Python call the ``2L - 1`` module calls, which is what dominates small
+networks.
 
 :class:`MLPCrossEntropyFunction` also fuses the softmax cross-entropy on top
 (:math:`G_{Z_L} = (\operatorname{softmax}(Z_L) - q)/N`, ``losses.py``): the
 forward forms :math:`G_{Z_L}` next to the loss, and the backward scales it by
 the incoming scalar gradient and runs the chain, so a training step is one
-autograd node. (Running the chain inside the forward instead was measured
-slower: the gradients it keeps cannot be handed to ``.grad`` without a copy.)
+autograd node.
 
 Both are first-order only (``once_differentiable``: a double backward raises)
 and define no jvp: use the per-layer modules for higher-order or forward-mode
@@ -47,72 +47,83 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .activations import Elementwise
-from .base import ManualFunction, cast
-from .losses import _autocast_float32
+from .base import ManualFunction, cast, opmath
+from .linear import rows
 
 __all__ = ["MLPCrossEntropyFunction", "MLPFunction", "MLPSpec"]
 
 
 class MLPSpec(NamedTuple):
-    """What the fused Functions need to know besides the tensors."""
+    """What the fused Functions need to know besides the tensors: per hidden layer its activation and
+    dropout probability, whether dropout is on, and (MLPCrossEntropyFunction) the label smoothing."""
 
-    activation: type[Elementwise]  # e.g. ReLUFunction: h is its forward, h' its derivative
-    activation_args: tuple = ()  # its parameters, e.g. (negative_slope,)
-    dropout: float = 0.0  # applied after every hidden activation when training
+    activations: tuple[
+        tuple[type[Elementwise], tuple], ...
+    ]  # (Function, its parameters), e.g. (ReLUFunction, (False,))
+    dropouts: tuple[float, ...]  # after each hidden activation, when training (0: none)
     training: bool = False
-    label_smoothing: float = 0.0  # MLPCrossEntropyFunction only
+    label_smoothing: float = 0.0
 
 
-def _forward(spec: MLPSpec, input: Tensor, params: tuple) -> tuple[Tensor, list[tuple]]:
-    """Run the layers on the rows of ``input``; return the logits ``(N, C)`` and, per hidden
-    layer, what the backward keeps: ``(s, M, A)`` with ``s`` the tensor h' is written from
-    (Y or Z), ``M`` the dropout mask (or None) and ``A`` the next layer's input."""
-    h, args = spec.activation.forward, spec.activation_args
-    from_output = spec.activation.saves_output(*args)
-    dropout = spec.dropout if spec.training else 0.0
+class _Kept(NamedTuple):
+    """What the backward keeps of hidden layer l: ``s``, the tensor h' is written from (Y or Z); the dropout
+    mask ``M`` (or None); ``A``, the next layer's input."""
+
+    s: Tensor
+    mask: Tensor | None
+    a: Tensor
+
+
+def _forward(spec: MLPSpec, input: Tensor, params: tuple) -> tuple[Tensor, list[_Kept]]:
+    """Run the layers on the rows of ``input``: the logits ``(N, C)`` and each hidden layer's :class:`_Kept`."""
     kept = []
-    a = input.reshape(-1, input.shape[-1])
-    last = len(params) // 2 - 1
-    for l in range(last):
+    a = rows(input)
+    for l, (function, args) in enumerate(spec.activations):
         z = torch.nn.functional.linear(a, params[2 * l], params[2 * l + 1])
-        y = h(z, *args)
+        y = function.forward(z, *args)
+        p = spec.dropouts[l] if spec.training else 0.0
         mask = None
-        if dropout:
-            mask = torch.empty_like(y).bernoulli_(1 - dropout).div_(1 - dropout)
+        if p:
+            mask = y.new_zeros(y.shape) if p == 1 else torch.empty_like(y).bernoulli_(1 - p).div_(1 - p)
             a = y * mask
         else:
             a = y
-        kept.append((y if from_output else z, mask, a))
-    return torch.nn.functional.linear(a, params[2 * last], params[2 * last + 1]), kept
+        kept.append(_Kept(y if function.saves_output(*args) else z, mask, a))
+    return torch.nn.functional.linear(a, params[-2], params[-1]), kept
 
 
-def _flatten(kept: list[tuple]) -> list[Tensor]:
+def _flatten(kept: list[_Kept]) -> list[Tensor]:
     """The distinct tensors of ``kept``, for save_for_backward (``_unflatten`` inverts it)."""
-    return [t for s, mask, a in kept for t in ((s,) if a is s else (s, a) if mask is None else (s, mask, a))]
+    return [t for k in kept for t in ((k.s,) if k.a is k.s else (k.s, k.a) if k.mask is None else k)]
 
 
-def _unflatten(spec: MLPSpec, flat) -> list[tuple]:
-    dropout = spec.dropout if spec.training else 0.0
-    from_output = spec.activation.saves_output(*spec.activation_args)
-    if dropout:
-        return [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
-    if from_output:
-        return [(y, None, y) for y in flat]
-    return [(flat[i], None, flat[i + 1]) for i in range(0, len(flat), 2)]
+def _unflatten(spec: MLPSpec, flat) -> list[_Kept]:
+    kept, i = [], 0
+    for l, (function, args) in enumerate(spec.activations):
+        dropped = spec.training and spec.dropouts[l]
+        if dropped:
+            kept.append(_Kept(*flat[i : i + 3]))
+            i += 3
+        elif function.saves_output(*args):
+            kept.append(_Kept(flat[i], None, flat[i]))
+            i += 1
+        else:
+            kept.append(_Kept(flat[i], None, flat[i + 1]))
+            i += 2
+    return kept
 
 
-def _backward(spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[tuple], params: tuple, needs: tuple) -> list:
-    """The chain: G_W = G^T A, G_b = Σ rows G, G ← (G W) ⊙ M ⊙ h'; ``needs`` flags (input, W1, b1, ...)."""
-    derivative, args = spec.activation.derivative, spec.activation_args
+def _backward(spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[_Kept], params: tuple, needs: tuple) -> list:
+    """The chain: G_W = G^T A, G_b = Σ_rows G, G ← (G W) ⊙ M ⊙ h'; ``needs`` flags (input, W1, b1, ...)."""
     dtype = grad.dtype  # the forward's compute dtype (the autocast dtype under autocast)
     grads = [None] * (1 + len(params))
     for l in range(len(params) // 2 - 1, -1, -1):
         weight, bias = params[2 * l], params[2 * l + 1]
-        a = kept[l - 1][2] if l else cast(input.reshape(-1, input.shape[-1]), dtype)
+        a = kept[l - 1].a if l else cast(rows(input), dtype)
         if needs[1 + 2 * l]:
             grads[1 + 2 * l] = cast(grad.t().mm(a), weight.dtype)  # G_W = G^T A
         if needs[2 + 2 * l]:
-            grads[2 + 2 * l] = cast(grad.sum(0), bias.dtype)  # G_b = Σ rows G
+            grads[2 + 2 * l] = cast(grad.sum(0), bias.dtype)  # G_b = Σ_rows G
         if l == 0:
             if needs[0]:
                 grads[0] = cast(grad.mm(cast(weight, dtype)).reshape(input.shape), input.dtype)  # G_X = G W_1
@@ -123,7 +134,8 @@ def _backward(spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[tuple], par
         s, mask, _ = kept[l - 1]
         if mask is not None:
             grad.mul_(mask)  # ⊙ M
-        grad.mul_(derivative(s, *args))  # ⊙ h'
+        function, args = spec.activations[l - 1]
+        grad.mul_(function.derivative(opmath(s), *args))  # ⊙ h'
     return grads
 
 
@@ -144,7 +156,7 @@ class MLPFunction(ManualFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, spec, *params = inputs
-        logits, *saved = output
+        _, *saved = output
         ctx.mark_non_differentiable(*saved)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept tensors
         ctx.save_for_backward(input, *params, *saved)
@@ -157,9 +169,8 @@ class MLPFunction(ManualFunction):
             return (None,) * (2 + 2 * ctx.layers)
         input, *rest = ctx.saved_tensors
         params, kept = rest[: 2 * ctx.layers], _unflatten(ctx.spec, rest[2 * ctx.layers :])
-        needs = (ctx.needs_input_grad[0],) + ctx.needs_input_grad[2:]
-        grad = grad_logits.reshape(-1, grad_logits.shape[-1])
-        grads = _backward(ctx.spec, grad, input, kept, tuple(params), needs)
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
+        grads = _backward(ctx.spec, rows(grad_logits), input, kept, tuple(params), needs)
         return grads[0], None, *grads[1:]
 
 
@@ -171,31 +182,30 @@ class MLPCrossEntropyFunction(ManualFunction):
     ``[0, C)`` (no class weights, no ``ignore_index``), written out directly.
     With ``wants_grad`` the forward also forms :math:`G_{Z_L} = (\operatorname{softmax}(Z_L) - q)/N`
     and keeps it with the layers' tensors; the backward scales it by the
-    incoming scalar :math:`g` and runs the chain. Shape: input ``(N, sizes[0])``, target ``(N,)``.
+    incoming scalar :math:`g` and runs the chain. Shape: input ``(N, sizes[0])``,
+    target ``(N,)``. An empty batch gives a NaN loss and zero gradients, as in PyTorch.
     """
 
     @staticmethod
     def forward(input, target, spec, wants_grad, *params):
         logits, kept = _forward(spec, input, params)
-        rows, classes = logits.shape
+        n, classes = logits.shape
         eps = spec.label_smoothing
-        # R = -(1/N) Σ_n [(1 - ε) log P[n, t_n] + (ε/C) Σ_c log P[n, c]], in float32 under autocast
-        logp = torch.log_softmax(_autocast_float32(logits), 1)
+        # R = (1/N) Σ_n [(1 - ε)(-log P[n, t_n]) + (ε/C) Σ_c (-log P[n, c])], in float32 for half logits
+        logp = torch.log_softmax(opmath(logits), 1)
         loss = torch.nn.functional.nll_loss(logp, target)
         if eps:
-            loss = loss * (1 - eps) - logp.sum() * (eps / (classes * rows))
+            loss = (1 - eps) * loss - eps * logp.mean(1).mean()
         if not wants_grad:
             return (loss,)
-        # G_Z = (P - q) / N with q = (1 - ε) onehot(t) + ε/C
-        grad_logits = logp.exp_().scatter_(1, target.unsqueeze(1), -(1 - eps), reduce="add")
-        if eps:
-            grad_logits.sub_(eps / classes)
-        grad_logits = cast(grad_logits.mul_(1 / rows), logits.dtype)
+        # G_Z = (P - q) / N, q = (1 - ε) onehot(t) + ε/C
+        q = (1 - eps) * torch.zeros_like(logp).scatter_(1, target.unsqueeze(1), 1.0) + eps / classes
+        grad_logits = cast((logp.exp_() - q).div_(n), logits.dtype)
         return (loss, grad_logits, *_flatten(kept))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        loss, *kept = output
+        _, *kept = output
         input, _, spec, wants_grad, *params = inputs
         ctx.mark_non_differentiable(*kept)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept tensors
@@ -211,9 +221,7 @@ class MLPCrossEntropyFunction(ManualFunction):
             raise RuntimeError("MLPCrossEntropyFunction: called with wants_grad=False, so no gradient was prepared")
         input, *rest = ctx.saved_tensors
         params, (grad_logits, *kept) = rest[: 2 * ctx.layers], rest[2 * ctx.layers :]
-        # a plain backward of the loss hands over exactly 1: nothing to scale (read on the CPU only: no device sync, no trace)
-        if grad_loss.device.type != "cpu" or torch.compiler.is_compiling() or grad_loss.item() != 1.0:
-            grad_logits = grad_logits * grad_loss
-        needs = (ctx.needs_input_grad[0],) + ctx.needs_input_grad[4:]
-        grads = _backward(ctx.spec, grad_logits, input, _unflatten(ctx.spec, kept), tuple(params), needs)
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:])
+        grad = grad_logits * cast(grad_loss, grad_logits.dtype)  # G_Z scaled by the incoming ∂(...)/∂R
+        grads = _backward(ctx.spec, grad, input, _unflatten(ctx.spec, kept), tuple(params), needs)
         return grads[0], None, None, None, *grads[1:]

@@ -1,0 +1,35 @@
+"""Every private PyTorch API manualgrad uses, in one place.
+
+Each is a leading-underscore name that PyTorch may rename or remove without
+notice; ``tests/test_compat.py`` calls every function here, so a torch release
+that changes one fails that test loudly instead of breaking a backward
+somewhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch import Tensor
+
+__all__ = ["assert_async", "forward_ad_enabled", "functorch_active", "traced"]
+
+
+def forward_ad_enabled() -> bool:
+    """Whether a jvp can be called: inside a ``forward_ad.dual_level`` or a ``torch.func`` transform."""
+    return _forward_ad._current_level >= 0 or functorch_active()
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp, ...) is running."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def traced(t: Tensor) -> bool:
+    """True while ``torch.compile`` or a ``torch.func`` transform sees ``t``: its values cannot be read."""
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def assert_async(condition: Tensor, message: str) -> None:
+    """A device-side assert: raises (asynchronously, on CUDA) when ``condition`` is false, without a host sync."""
+    torch._assert_async(condition, message)

@@ -1,0 +1,184 @@
+r"""The registry: each hand-written operation is declared once, next to its Function; the rest derives from it.
+
+An operation is a function of ``torch.nn.functional`` that manualgrad
+replaces (``relu``), the autograd Function(s) it applies (``ReLUFunction``)
+and the ``torch.nn`` module it backs (``torch.nn.ReLU``). Its declaration
+gives, with nothing else to edit:
+
+* ``manualgrad.functional.relu``: the wrapper, with torch's signature;
+* ``manualgrad.nn.ReLU``: a subclass of ``torch.nn.ReLU`` whose ``forward``
+  calls the wrapper with the module's own attributes (:mod:`manualgrad.nn`);
+* :func:`manualgrad.convert`: ``torch.nn.ReLU`` modules become that twin;
+* the fused :class:`manualgrad.nn.MLP`: an activation module maps to its Function;
+* the test suite (gradcheck, gradgradcheck, forward AD, parity with torch in
+  every dtype, PyTorch's OpInfo database, no derivative kernel, vmap, compile)
+  and ``python -m benchmarks``, which run every registered operation on its
+  :attr:`Op.examples`.
+
+Two ways to declare:
+
+* an elementwise activation is a Function and one line,
+  ``relu = activation("relu", ReLUFunction, torch.nn.ReLU, kinks=(0.0,))``:
+  the wrapper takes ``forward``'s parameters after the input, in order;
+* anything else is its wrapper, written out and decorated:
+  ``@operation(torch.nn.MSELoss, MSELossFunction, kind="loss", examples=...)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from . import _checks
+from .functions.base import ManualFunction, apply
+
+__all__ = ["OPS", "Example", "Op", "activation", "operation", "ops"]
+
+
+class Example(NamedTuple):
+    """One call of an operation, ``functional(*args, **kwargs)``; ``id`` names it in test reports."""
+
+    id: str
+    args: tuple
+    kwargs: dict
+
+
+#: ``examples(dtype, device, bench=False)``: calls the tests make (small tensors) or the benchmarks time (``bench``).
+Examples = Callable[..., list[Example]]
+
+
+@dataclass(eq=False)
+class Op:
+    """One operation: see the module docstring."""
+
+    name: str  #: its name in ``torch.nn.functional`` (or ``torch``): ``"relu"``
+    functional: Callable  #: ours, with torch's signature
+    functions: tuple[type[ManualFunction], ...]  #: the Functions it applies
+    module: type[torch.nn.Module] | None  #: the torch.nn class its twin subclasses
+    kind: str  #: ``"activation"``, ``"loss"`` or ``"layer"``
+    examples: Examples  #: the calls every test and benchmark makes
+    #: where the derivative jumps (the tests look at both sides, and at the kink); a tuple, or a function of a
+    #: variant's keyword arguments returning one
+    kinks: tuple[float, ...] | Callable[..., tuple[float, ...]] = ()
+    random: bool = False  #: draws random numbers (dropout): the tests fix the seed per call
+    parameters: tuple[str, ...] = ()  #: an activation's parameters after the input, in order (its forward's)
+
+    def kinks_of(self, kwargs: dict) -> tuple[float, ...]:
+        return self.kinks(**kwargs) if callable(self.kinks) else self.kinks
+
+    @property
+    def reference(self) -> Callable | None:
+        """PyTorch's own function of the same name (the tests' reference), or None."""
+        return getattr(torch.nn.functional, self.name, None) or getattr(torch, self.name, None)
+
+    @property
+    def function(self) -> type[ManualFunction]:
+        return self.functions[0]
+
+
+#: Every registered operation, by name, in the order of registration.
+OPS: dict[str, Op] = {}
+
+
+def ops(kind: str | None = None) -> list[Op]:
+    """The registered operations, all or of one kind."""
+    return [op for op in OPS.values() if kind is None or op.kind == kind]
+
+
+def _register(op: Op) -> Op:
+    if op.name in OPS and OPS[op.name].functions != op.functions:
+        raise ValueError(f"an operation named {op.name!r} is registered already ({OPS[op.name].function.__name__})")
+    OPS[op.name] = op
+    return op
+
+
+def operation(
+    module: type[torch.nn.Module] | None,
+    *functions: type[ManualFunction],
+    kind: str,
+    examples: Examples,
+    random: bool = False,
+):
+    """Decorator: register a written-out wrapper (named as in torch) applying ``functions``."""
+
+    def register(functional: Callable) -> Callable:
+        _register(Op(functional.__name__, functional, functions, module, kind, examples, random=random))
+        return functional
+
+    return register
+
+
+def activation(
+    name: str,
+    function: type[ManualFunction],
+    module: type[torch.nn.Module] | None,
+    *,
+    kinks: tuple[float, ...] | Callable[..., tuple[float, ...]] = (),
+    variants: tuple[dict, ...] = ({},),
+) -> Callable:
+    """Register an elementwise activation; return its wrapper ``name(input, <forward's parameters>)``.
+
+    The wrapper checks that the input is a real floating-point tensor and the
+    options are valid (``function.check``), handles ``inplace=True`` (see
+    :func:`_elementwise`), and applies the Function. ``variants`` are the
+    keyword arguments the tests and benchmarks run (the first is the default).
+    """
+    params = list(inspect.signature(function.forward).parameters.values())[1:]
+    call = _elementwise(name, function, inplace=any(p.name == "inplace" for p in params))
+    functional = _with_signature(name, params, call, function.__doc__)
+
+    def examples(dtype, device, bench=False):
+        shape = (256, 4096) if bench else (6, 7)
+        z = torch.randn(shape, device=device).mul_(3).to(dtype)
+        return [Example(_variant_id(kw), (z,), kw) for kw in variants]
+
+    names = tuple(p.name for p in params)
+    _register(Op(name, functional, (function,), module, "activation", examples, kinks, parameters=names))
+    return functional
+
+
+def _variant_id(kwargs: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in kwargs.items()) or "default"
+
+
+def _with_signature(name: str, params: list[inspect.Parameter], call: Callable, doc: str | None) -> Callable:
+    """``def name(input, <params>): return call(input, <params>)``, with the exact signature written out,
+    the way ``dataclasses`` writes ``__init__`` (keywords and errors are then Python's own, at no cost)."""
+    declared = ", ".join(["input", *(f"{p.name}={p.default!r}" for p in params)])
+    passed = ", ".join(["input", *(p.name for p in params)])
+    namespace = {"call": call}
+    exec(f"def {name}({declared}):\n    return call({passed})\n", namespace)
+    functional = namespace[name]
+    functional.__module__ = "manualgrad.functional"
+    functional.__doc__ = doc
+    return functional
+
+
+def _elementwise(name: str, function, inplace: bool) -> Callable:
+    """The body of an activation's wrapper: validate, then apply ``function`` (with ``inplace`` last, if any).
+
+    ``inplace=True`` applies the Function in place (it marks its input dirty),
+    with two exceptions, where the result is computed out of place and copied
+    back: under ``torch.compile``, which cannot trace a Function that dirties
+    its input, and when the derivative needs the input (SiLU) while autograd
+    records; the Function then keeps a copy of the input (as PyTorch's own
+    ``silu_`` does) unless it keeps its output.
+    """
+
+    def call(input, *params):
+        _checks.real_floating(name, "input", input)
+        function.check(*params)
+        if not (inplace and params[-1]):
+            return apply(function, input, *params)
+        records = input.requires_grad and torch.is_grad_enabled()
+        if not torch.compiler.is_compiling() and (function.saves_output(*params) or not records):
+            return apply(function, input, *params)  # in place: the Function keeps what it needs
+        out_of_place = (*params[:-1], False)
+        kept = input.clone() if records and not function.saves_output(*out_of_place) else input
+        return input.copy_(apply(function, kept, *out_of_place))
+
+    return call

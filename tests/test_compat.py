@@ -1,0 +1,58 @@
+"""Every private PyTorch API manualgrad uses lives in manualgrad/_compat.py; this calls each of them, so a torch
+release that renames or removes one fails here, loudly, rather than in some backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import vmap
+
+from manualgrad import _compat
+
+
+def test_forward_ad_enabled():
+    assert _compat.forward_ad_enabled() is False
+    with fwAD.dual_level():
+        assert _compat.forward_ad_enabled() is True
+    seen = []
+    vmap(lambda t: seen.append(_compat.forward_ad_enabled()) or t)(torch.ones(2))
+    assert seen == [True]
+
+
+def test_functorch_active():
+    assert _compat.functorch_active() is False
+    seen = []
+    vmap(lambda t: seen.append(_compat.functorch_active()) or t)(torch.ones(2))
+    assert seen == [True]
+
+
+def test_traced():
+    t = torch.ones(2)
+    assert _compat.traced(t) is False
+    seen = []
+    vmap(lambda x: seen.append(_compat.traced(x)) or x)(torch.ones(2, 2))
+    assert seen == [True]
+
+
+def test_assert_async():
+    _compat.assert_async(torch.tensor(True), "fine")
+    with pytest.raises(RuntimeError, match="failed"):
+        _compat.assert_async(torch.tensor(False), "failed")
+
+
+def test_private_names_stay_in_the_compat_module():
+    """The library names no private torch API outside _compat.py (the tests may)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(_compat.__file__).parent
+    pattern = re.compile(r"torch\._C\.|\._forward_ad\._|torch\._[a-z_]+\(|\._base\b|\._parameters\b|\._modules\b")
+    offenders = [
+        f"{path.relative_to(root)}:{n}: {line.strip()}"
+        for path in root.rglob("*.py")
+        if path.name != "_compat.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
