@@ -5,13 +5,15 @@
 * :mod:`manualgrad.functional`: ``torch.nn.functional``-style wrappers;
 * :mod:`manualgrad.nn`: drop-in twins of ``torch.nn`` modules, and the fused :class:`~manualgrad.nn.MLP`;
 * :func:`convert` switches a torch.nn model's layers to those twins in place;
-* :func:`manual_coverage` shows which backward nodes behind a tensor are ours.
+* :func:`manual_coverage` shows which backward nodes behind a tensor are ours;
+* :func:`per_sample`: per-sample gradient norms, gradients and DP-SGD's clipped sum from the same backward.
 """
 
 from . import functional, functions, nn, registry
 from .convert import ConversionWarning, convert
 from .coverage import Coverage, manual_coverage
 from .errors import InputError
+from .per_sample import per_sample
 
 __version__ = "0.1.0"
 
@@ -25,5 +27,6 @@ __all__ = [
     "functions",
     "manual_coverage",
     "nn",
+    "per_sample",
     "registry",
 ]

@@ -12,7 +12,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-__all__ = ["assert_async", "forward_ad_enabled", "functorch_active", "traced"]
+__all__ = ["assert_async", "forward_ad_enabled", "functorch_active", "queue_callback", "traced"]
 
 
 def forward_ad_enabled() -> bool:
@@ -33,3 +33,8 @@ def traced(t: Tensor) -> bool:
 def assert_async(condition: Tensor, message: str) -> None:
     """A device-side assert: raises (asynchronously, on CUDA) when ``condition`` is false, without a host sync."""
     torch._assert_async(condition, message)
+
+
+def queue_callback(callback) -> None:
+    """Run ``callback()`` once the backward pass now running has finished (as DDP and FSDP do)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)

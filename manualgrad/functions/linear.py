@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, per_sample
 from ..registry import Example, operation
 from .base import ManualFunction, apply, cast, save_for_forward
 
@@ -54,7 +54,8 @@ class LinearFunction(ManualFunction):
     def setup_context(ctx, inputs, output):
         input, weight, bias = inputs
         needs_input, needs_weight, _ = ctx.needs_input_grad
-        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
+        ctx.per_sample = per_sample.layer(weight, bias)  # None unless a per_sample context tracks this weight
+        ctx.save_for_backward(input if needs_weight or ctx.per_sample else None, weight if needs_input else None)
         save_for_forward(ctx, input, weight)
         ctx.input_shape = input.shape
         ctx.compute_dtype = output.dtype
@@ -70,6 +71,10 @@ class LinearFunction(ManualFunction):
             weight = None if weight is None else cast(weight, grad_output.dtype)
         grad_z = rows(grad_output)  # N x p
         grad_input = grad_z.mm(weight).reshape(ctx.input_shape) if needs_input else None  # G_X = G_Z W
+        if ctx.per_sample is not None and ctx.per_sample.record(
+            per_sample.samples(grad_output), per_sample.samples(input)
+        ):
+            needs_weight = needs_bias = False  # clipping: G_W and G_b are formed at the end of the backward pass
         grad_weight = grad_z.t().mm(rows(input)) if needs_weight else None  # G_W = G_Z^T X
         grad_bias = grad_z.sum(0) if needs_bias else None  # G_b = Σ_rows G_Z
         if ctx.mixed_dtypes:  # each gradient in its input's dtype

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import per_sample
 from .activations import Elementwise
 from .base import ManualFunction, cast, opmath
 from .linear import rows
@@ -113,13 +114,21 @@ def _unflatten(spec: MLPSpec, flat) -> list[_Kept]:
     return kept
 
 
-def _backward(spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[_Kept], params: tuple, needs: tuple) -> list:
-    """The chain: G_W = G^T A, G_b = Σ_rows G, G ← (G W) ⊙ M ⊙ h'; ``needs`` flags (input, W1, b1, ...)."""
+def _backward(
+    spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[_Kept], params: tuple, needs: tuple, records=None
+) -> list:
+    """The chain: G_W = G^T A, G_b = Σ_rows G, G ← (G W) ⊙ M ⊙ h'; ``needs`` flags (input, W1, b1, ...);
+    ``records``: each layer's :class:`~manualgrad.per_sample.Layer` (or None) under a per_sample context."""
     dtype = grad.dtype  # the forward's compute dtype (the autocast dtype under autocast)
     grads = [None] * (1 + len(params))
+    samples = input.shape[0] if input.dim() > 1 else 1
     for l in range(len(params) // 2 - 1, -1, -1):
         weight, bias = params[2 * l], params[2 * l + 1]
         a = kept[l - 1].a if l else cast(rows(input), dtype)
+        if records and records[l] is not None:
+            deferred = records[l].record(grad.reshape(samples, -1, grad.shape[-1]), a.reshape(samples, -1, a.shape[-1]))
+            if deferred:  # clipping: G_W and G_b are formed at the end of the backward pass
+                needs = needs[: 1 + 2 * l] + (False, False) + needs[3 + 2 * l :]
         if needs[1 + 2 * l]:
             grads[1 + 2 * l] = cast(grad.t().mm(a), weight.dtype)  # G_W = G^T A
         if needs[2 + 2 * l]:
@@ -137,6 +146,12 @@ def _backward(spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[_Kept], par
         function, args = spec.activations[l - 1]
         grad.mul_(function.derivative(opmath(s), *args))  # ⊙ h'
     return grads
+
+
+def _per_sample_layers(params: tuple) -> list | None:
+    """Each layer's :class:`~manualgrad.per_sample.Layer` when a per_sample context tracks the MLP, else None."""
+    layers = [per_sample.layer(params[i], params[i + 1]) for i in range(0, len(params), 2)]
+    return layers if any(layer is not None for layer in layers) else None
 
 
 class MLPFunction(ManualFunction):
@@ -161,6 +176,7 @@ class MLPFunction(ManualFunction):
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept tensors
         ctx.save_for_backward(input, *params, *saved)
         ctx.spec, ctx.layers = spec, len(params) // 2
+        ctx.per_sample = _per_sample_layers(params)
 
     @staticmethod
     @once_differentiable
@@ -170,7 +186,7 @@ class MLPFunction(ManualFunction):
         input, *rest = ctx.saved_tensors
         params, kept = rest[: 2 * ctx.layers], _unflatten(ctx.spec, rest[2 * ctx.layers :])
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
-        grads = _backward(ctx.spec, rows(grad_logits), input, kept, tuple(params), needs)
+        grads = _backward(ctx.spec, rows(grad_logits), input, kept, tuple(params), needs, ctx.per_sample)
         return grads[0], None, *grads[1:]
 
 
@@ -211,6 +227,7 @@ class MLPCrossEntropyFunction(ManualFunction):
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept tensors
         ctx.save_for_backward(input, *params, *kept)
         ctx.spec, ctx.layers, ctx.wants_grad = spec, len(params) // 2, wants_grad
+        ctx.per_sample = _per_sample_layers(params)
 
     @staticmethod
     @once_differentiable
@@ -223,5 +240,5 @@ class MLPCrossEntropyFunction(ManualFunction):
         params, (grad_logits, *kept) = rest[: 2 * ctx.layers], rest[2 * ctx.layers :]
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:])
         grad = grad_logits * cast(grad_loss, grad_logits.dtype)  # G_Z scaled by the incoming ∂(...)/∂R
-        grads = _backward(ctx.spec, grad, input, _unflatten(ctx.spec, kept), tuple(params), needs)
+        grads = _backward(ctx.spec, grad, input, _unflatten(ctx.spec, kept), tuple(params), needs, ctx.per_sample)
         return grads[0], None, None, None, *grads[1:]
