@@ -56,3 +56,27 @@ def test_private_names_stay_in_the_compat_module():
         if pattern.search(line)
     ]
     assert offenders == []
+
+
+def test_queue_callback_runs_at_the_end_of_the_backward_pass():
+    order = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            _compat.queue_callback(lambda: order.append("callback"))
+            order.append("backward")
+            return g * 2
+
+    x = torch.ones(2, requires_grad=True)
+    (Probe.apply(x) * 3).sum().backward()
+    order.append("after")
+    assert order == ["backward", "callback", "after"]
