@@ -43,7 +43,12 @@ def twin(op: Op) -> type[torch.nn.Module]:
         _TWINS[name] = type(
             name,
             (op.module,),
-            {"forward": _twin_forward, "_op": op, "__module__": __name__, "__doc__": _twin_doc(op)},
+            {
+                "forward": op.module_forward or _twin_forward,
+                "_op": op,
+                "__module__": __name__,
+                "__doc__": _twin_doc(op),
+            },
         )
     return _TWINS[name]
 
@@ -89,17 +94,32 @@ def activation_of(module: torch.nn.Module) -> tuple[Op, tuple] | None:
     A module counts if its class is the torch.nn activation or our twin, or a
     subclass of either that keeps their ``forward``.
     """
+    op = _role(type(module))
+    if not isinstance(op, Op):
+        return None
+    return op, tuple(False if name == "inplace" else getattr(module, name) for name in op.parameters)
+
+
+def _role(cls: type) -> str | Op | None:
+    """What a module of class ``cls`` computes for the fused MLP: ``"Linear"``, ``"Dropout"``, a registered
+    activation's Op, or None (something else, e.g. a subclass with its own forward). Worked out once per class."""
+    key = (cls, len(OPS))  # an operation registered later may claim a class
+    if key not in _ROLES:
+        _ROLES[key] = _role_of(cls)
+    return _ROLES[key]
+
+
+def _role_of(cls: type) -> str | Op | None:
+    for torch_class in (torch.nn.Linear, torch.nn.Dropout):
+        if issubclass(cls, torch_class):
+            return torch_class.__name__ if cls.forward in (torch_class.forward, _twin_forward) else None
     for op in ops("activation"):
-        if op.module is not None and isinstance(module, op.module):
-            if type(module).forward not in (op.module.forward, twin(op).forward):
-                return None  # a subclass with its own forward: not what the Function computes
-            return op, tuple(False if name == "inplace" else getattr(module, name) for name in op.parameters)
+        if op.module is not None and issubclass(cls, op.module):
+            return op if cls.forward in (op.module.forward, _twin_forward) else None
     return None
 
 
-def _acts_as(module: torch.nn.Module, torch_class: type) -> bool:
-    """``module`` computes what ``torch_class`` does: it is one (torch's or our twin), and keeps its forward."""
-    return isinstance(module, torch_class) and type(module).forward in (torch_class.forward, _twin_forward)
+_ROLES: dict[tuple, str | Op | None] = {}
 
 
 #: The activation names :class:`MLP` (and the training program) accept, with the module each one builds.
@@ -189,30 +209,32 @@ class MLP(torch.nn.Sequential):
         return (linears[0].in_features, *(m.out_features for m in linears)) if linears else ()
 
     def _structure(self, layer: str, label_smoothing: float = 0.0) -> tuple[MLPSpec, list]:
-        """The spec and the parameters ``(W1, b1, ..., WL, bL)`` of the children as they are now."""
+        """The spec and the parameters ``(W1, b1, ..., WL, bL)`` of the children as they are now:
+        ``Linear, activation, [Dropout,] Linear, ...``, ending in a Linear."""
         params, activations, dropouts = [], [], []
-        expect = "Linear"
+        expect = ("Linear",)
         for index, module in enumerate(self):
-            if expect == "Linear" and _acts_as(module, torch.nn.Linear):
-                params += [module.weight, module.bias]
-                expect = "activation"
-            elif expect == "activation" and (found := activation_of(module)) is not None:
-                activations.append((found[0].function, found[1]))
-                dropouts.append(0.0)
-                expect = "Linear or Dropout"
-            elif expect == "Linear or Dropout" and _acts_as(module, torch.nn.Dropout):
-                dropouts[-1] = module.p
-                expect = "Linear"
-            elif expect == "Linear or Dropout" and _acts_as(module, torch.nn.Linear):
-                params += [module.weight, module.bias]
-                expect = "activation"
-            else:
+            role = _role(type(module))
+            name = role if isinstance(role, str) else "activation" if role is not None else None
+            if name not in expect:
+                wanted = " or ".join(expect)
                 raise InputError(
                     f"{layer}: child {index} ({type(module).__name__}) is not what the fused MLP can compute here "
-                    f"(expected a {expect}: Linear, a registered activation, Dropout, ...); "
+                    f"(expected {wanted}: torch.nn's or manualgrad's, keeping their forward); "
                     "mlp.per_layer() runs any modules one by one"
                 )
-        if expect != "activation":
+            if name == "Linear":
+                params += [module.weight, module.bias]
+                expect = ("activation",)
+            elif name == "activation":
+                args = tuple(False if arg == "inplace" else getattr(module, arg) for arg in role.parameters)
+                activations.append((role.function, args))
+                dropouts.append(0.0)
+                expect = ("Linear", "Dropout")
+            else:
+                dropouts[-1] = module.p
+                expect = ("Linear",)
+        if expect != ("activation",):
             raise InputError(f"{layer}: the last child must be a Linear layer, got {type(self[-1]).__name__}")
         spec = MLPSpec(tuple(activations), tuple(dropouts), self.training, float(label_smoothing))
         return spec, params

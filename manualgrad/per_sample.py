@@ -163,6 +163,11 @@ def per_sample(
     return PerSample(model, norms=norms, grads=grads, clip=clip, loss_reduction=loss_reduction)
 
 
+def active() -> bool:
+    """Whether a per_sample context is entered."""
+    return _ACTIVE is not None
+
+
 def layer(weight: Tensor, bias: Tensor | None) -> Layer | None:
     """In a Function's ``setup_context``: a :class:`Layer` if a context tracks ``weight``, else None (cheaply)."""
     active = _ACTIVE

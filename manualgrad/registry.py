@@ -66,6 +66,9 @@ class Op:
     kinks: tuple[float, ...] | Callable[..., tuple[float, ...]] = ()
     random: bool = False  #: draws random numbers (dropout): the tests fix the seed per call
     parameters: tuple[str, ...] = ()  #: an activation's parameters after the input, in order (its forward's)
+    #: the twin's ``forward(self, input)``, for a module whose attributes are not named as the wrapper's
+    #: parameters (``Unflatten.unflattened_size``); None: the generic one of :mod:`manualgrad.nn`
+    module_forward: Callable | None = None
 
     def kinks_of(self, kwargs: dict) -> tuple[float, ...]:
         return self.kinks(**kwargs) if callable(self.kinks) else self.kinks
@@ -102,11 +105,13 @@ def operation(
     kind: str,
     examples: Examples,
     random: bool = False,
+    module_forward: Callable | None = None,
 ):
     """Decorator: register a written-out wrapper (named as in torch) applying ``functions``."""
 
     def register(functional: Callable) -> Callable:
-        _register(Op(functional.__name__, functional, functions, module, kind, examples, random=random))
+        name = functional.__name__
+        _register(Op(name, functional, functions, module, kind, examples, random=random, module_forward=module_forward))
         return functional
 
     return register

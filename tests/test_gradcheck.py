@@ -184,3 +184,19 @@ def test_a_derivative_returning_the_saved_tensor_is_not_overwritten():
     second = torch.autograd.grad(y, z, g)[0]
     torch.testing.assert_close(first, g * torch.exp(z.detach()))
     torch.testing.assert_close(second, first)
+
+
+def test_relus_fast_indicator_equals_the_plain_formula():
+    """positive(y) writes the comparison straight into floats; it equals 1 - 1[y <= 0] (NaN -> 1), and the
+    plain expression it falls back to under torch.func."""
+    from torch.func import vmap
+
+    from manualgrad.functions.activations import positive
+
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        y = torch.relu(torch.randn(64, 33)).to(dtype)
+        y[0, :4] = torch.tensor([0.0, float("nan"), float("inf"), 1e-30]).to(dtype)
+        plain = 1 - (y <= 0).to(dtype)
+        assert positive(y).dtype == dtype
+        torch.testing.assert_close(positive(y), plain, rtol=0, atol=0)
+        torch.testing.assert_close(vmap(positive)(y), plain, rtol=0, atol=0)

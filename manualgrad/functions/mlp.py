@@ -150,6 +150,8 @@ def _backward(
 
 def _per_sample_layers(params: tuple) -> list | None:
     """Each layer's :class:`~manualgrad.per_sample.Layer` when a per_sample context tracks the MLP, else None."""
+    if not per_sample.active():
+        return None
     layers = [per_sample.layer(params[i], params[i + 1]) for i in range(0, len(params), 2)]
     return layers if any(layer is not None for layer in layers) else None
 
@@ -214,9 +216,11 @@ class MLPCrossEntropyFunction(ManualFunction):
             loss = (1 - eps) * loss - eps * logp.mean(1).mean()
         if not wants_grad:
             return (loss,)
-        # G_Z = (P - q) / N, q = (1 - ε) onehot(t) + ε/C
-        q = (1 - eps) * torch.zeros_like(logp).scatter_(1, target.unsqueeze(1), 1.0) + eps / classes
-        grad_logits = cast((logp.exp_() - q).div_(n), logits.dtype)
+        # G_Z = (P - q) / N, q = (1 - ε) onehot(t) + ε/C: P, less 1 - ε at each row's target, less ε/C everywhere
+        grad_logits = logp.exp_().scatter_add_(1, target.unsqueeze(1), logp.new_full((), eps - 1).expand(n, 1))
+        if eps:
+            grad_logits.sub_(eps / classes)
+        grad_logits = cast(grad_logits.div_(n), logits.dtype)
         return (loss, grad_logits, *_flatten(kept))
 
     @staticmethod
