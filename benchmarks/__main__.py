@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import suites
+from . import per_sample, suites
 
 RESULTS = Path("benchmarks") / "results"  # under the current directory: run from the repository's root
 
@@ -67,6 +67,14 @@ FUNCTION_COLUMNS = [
     ("ours µs", "ours_us", ".1f"),
     ("ours / native", "ratio", ".3f"),
 ]
+PER_SAMPLE_COLUMNS = [
+    ("MLP", "sizes", "s"),
+    ("batch", "batch", "d"),
+    ("variant", "variant", "s"),
+    ("µs", "us", ".0f"),
+    ("ratio", "ratio", ".2f"),
+    ("to", "versus", "s"),
+]
 MEMORY_COLUMNS = [
     ("kind", "kind", "s"),
     ("native bytes", "native_bytes", ",d"),
@@ -98,6 +106,10 @@ def run(device: str, threads: list[int], quick: bool, rounds: int) -> dict:
         report["runs"].append(run_report)
     print(f"[{device}] saved memory ...", flush=True)
     report["memory"] = suites.saved_memory(device, quick)
+    torch.set_num_threads(min(thread_counts))
+    print(f"[{device}, {min(thread_counts)} thread(s)] per-sample norms, clipping, gradients ...", flush=True)
+    report["per_sample"] = per_sample.per_sample_steps(device, quick)
+    report["per_sample_threads"] = min(thread_counts)
     return report
 
 
@@ -113,6 +125,12 @@ def markdown(report: dict) -> str:
         parts.append(table(r["functions"], FUNCTION_COLUMNS))
     parts.append("\n**Bytes saved for backward** (distinct storages; parameters and input excluded)\n")
     parts.append(table(report["memory"], MEMORY_COLUMNS))
+    if report.get("per_sample"):
+        parts.append(
+            f"\n**Per-sample norms, DP-SGD clipping, per-sample gradients, {report['per_sample_threads']} thread(s)** "
+            "(a whole step each; ratio to the plain manualgrad step of the same kind)\n"
+        )
+        parts.append(table(report["per_sample"], PER_SAMPLE_COLUMNS))
     return "\n".join(parts) + "\n"
 
 

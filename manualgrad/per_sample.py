@@ -90,21 +90,23 @@ class PerSample:
                         "its per-sample gradients would have to be summed before their norm is taken"
                     )
                 self._seen.add(id(p))
-        g = opmath(grad * grad.shape[0] if self.loss_reduction == "mean" else grad)  # ∂ℓ_n/∂Z, the n-th term
-        a = a.to(g.dtype)
+        # sample n's gradient of its own term ℓ_n is scale · G[n]^T A[n] (a mean divides each term by N)
+        scale = grad.shape[0] if self.loss_reduction == "mean" else 1
         if self.wants_norms:
-            weight.norm_sample = _weight_norms_squared(g, a).sqrt()  # ‖g_n‖ = ‖G[n]^T A[n]‖
+            weight_norms, bias_norms = _norms(grad, a)
+            weight.norm_sample = scale * weight_norms
             self._squared.append(weight.norm_sample.square())
             if bias is not None:
-                bias.norm_sample = g.sum(1).norm(dim=1)  # the bias's g_n is Σ_t G[n, t]
+                bias.norm_sample = scale * bias_norms
                 self._squared.append(bias.norm_sample.square())
         if self.grads:
-            weight.grad_sample = torch.bmm(g.transpose(1, 2), a).reshape(g.shape[0], *weight.shape).to(weight.dtype)
+            per_sample = torch.bmm(grad.transpose(1, 2), a.to(grad.dtype)) * scale  # G[n]^T A[n]
+            weight.grad_sample = per_sample.reshape(grad.shape[0], *weight.shape).to(weight.dtype)
             if bias is not None:
-                bias.grad_sample = g.sum(1).to(bias.dtype)
+                bias.grad_sample = (grad.sum(1) * scale).to(bias.dtype)
         if self.clip is None:
             return False
-        self._deferred.append((weight, bias, g, a))
+        self._deferred.append((weight, bias, grad, a, scale))
         return True
 
     def _finish(self) -> None:
@@ -112,11 +114,11 @@ class PerSample:
         self.norms = torch.stack(self._squared).sum(0).sqrt() if self._squared else None
         if self.clip is not None and self.norms is not None:
             factor = (self.clip / (self.norms + 1e-6)).clamp(max=1.0)  # c_n = min(1, C / ‖g_n‖)
-            for weight, bias, g, a in self._deferred:
-                cg = (g * factor.reshape(-1, 1, 1)).reshape(-1, g.shape[-1])  # c ⊙ G
-                _accumulate(weight, cg.t().mm(a.reshape(-1, a.shape[-1])).reshape(weight.shape))  # (c ⊙ G)^T A
-                if bias is not None:
-                    _accumulate(bias, cg.sum(0))  # Σ_n c_n Σ_t G[n, t]
+            for weight, bias, grad, a, scale in self._deferred:
+                cg = (grad * (scale * factor).reshape(-1, 1, 1).to(grad.dtype)).reshape(-1, grad.shape[-1])  # c ⊙ G
+                _accumulate(weight, cg.t().mm(a.reshape(-1, a.shape[-1]).to(cg.dtype)).reshape(weight.shape))
+                if bias is not None:  # Σ_n c_n Σ_t G[n, t]
+                    _accumulate(bias, cg.sum(0))
         self._seen.clear()
         self._squared.clear()
         self._deferred.clear()
@@ -183,14 +185,20 @@ def samples(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-def _weight_norms_squared(g: Tensor, a: Tensor) -> Tensor:
-    """‖G[n]^T A[n]‖² for every n, the cheapest way: row norms (T = 1), T x T Gram matrices, or the products."""
+def _norms(g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """For every n, ‖G[n]^T A[n]‖ (the weight's g_n) and ‖Σ_t G[n, t]‖ (the bias's), the cheapest way:
+    row norms when T = 1, else T x T Gram matrices or the products themselves."""
+    g = opmath(g)
+    a = a.to(g.dtype)
     t, p, q = g.shape[1], g.shape[2], a.shape[2]
+    bias = torch.linalg.vector_norm(g[:, 0] if t == 1 else g.sum(1), dim=1)
     if t == 1:  # ‖g_n ⊗ a_n‖ = ‖g_n‖ ‖a_n‖
-        return g.square().sum((1, 2)) * a.square().sum((1, 2))
-    if t * (p + q) < p * q:  # ⟨G[n] G[n]^T, A[n] A[n]^T⟩
-        return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+        return bias * torch.linalg.vector_norm(a[:, 0], dim=1), bias
+    if t * (p + q) < p * q:  # ‖g_n‖² = ⟨G[n] G[n]^T, A[n] A[n]^T⟩
+        squared = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+    else:
+        squared = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+    return squared.clamp(min=0).sqrt(), bias
 
 
 def _accumulate(p: Tensor, grad: Tensor) -> None:
