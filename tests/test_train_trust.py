@@ -55,7 +55,7 @@ def test_resume_into_another_runs_folder_is_refused(tiny, tmp_path, capsys):
     run(tiny_config(tiny, b, epochs=2, seed=1))
     before = (b / "checkpoint.pt").read_bytes()
     status, _, err = run_main(["--resume", str(a), "--out", str(b), "--no-progress"], capsys)
-    assert status == 1 and f"{b} already holds a run" in err and "Traceback" not in err
+    assert status == 1 and f"{b} already holds another run" in err and "Traceback" not in err
     assert (b / "checkpoint.pt").read_bytes() == before, "the other run's checkpoint was overwritten"
     # into a fresh folder it works, and the original stays as it was
     status, _, err = run_main(["--resume", str(a), "--out", str(tmp_path / "c"), "--no-progress"], capsys)

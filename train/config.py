@@ -65,7 +65,7 @@ class Config:
     def from_dict(cls, d: dict) -> Config:
         """The inverse of :meth:`to_dict`; the options that decide what is learned must all be there
         (the others may be missing, as in a configuration written before they existed)."""
-        missing = [k for k in TRAINING_OPTIONS if k not in d]
+        missing = [k for k in TRAINING_OPTIONS if k not in d and k not in NEWER_OPTIONS]
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -105,6 +105,9 @@ TRAINING_OPTIONS = (
     "impl",
     "seed",
 )
+# Training options added after checkpoint format 2: a checkpoint may lack them, and then has their default
+# (which must therefore be the behaviour from before the option existed). Empty so far.
+NEWER_OPTIONS: frozenset = frozenset()
 # Options that say only where and how a run runs: a resumed run takes them from the command line.
 RUN_OPTIONS = ("download", "device", "threads", "progress", "check_grads", "compare_native", "resume")
 

@@ -12,7 +12,8 @@ while it trains), so that two trainers (``--compare-native``) can alternate
 epochs in one process and each still sees exactly what it would see alone.
 
 Where later features go: which rows form each step's batch is
-:meth:`Trainer.batches` (Poisson sampling would replace it), and what happens
+:meth:`Trainer.batches` and :meth:`Trainer.global_batch` (Poisson sampling
+would replace them), and what happens
 to the gradients between ``backward()`` and ``optimizer.step()`` is
 :meth:`Trainer.step` (clipping, noise); the model and its loss are the
 :class:`~train.model.Net`.
@@ -190,6 +191,10 @@ class Trainer:
             return resume
         return Position(step=0, order=data.epoch_order(len(self.data.train_y), self.generator))
 
+    def global_batch(self, order: Tensor, step: int) -> Tensor:
+        """The rows of step ``step`` (0-based) of the epoch ordered by ``order``, for all processes together."""
+        return order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
+
     def step(self, x: Tensor, y: Tensor, weight: float, stop: bool) -> tuple[float, bool]:
         """One optimisation step on this process's rows ``(x, y)``, ``weight`` of the global batch;
         returns the global batch's mean loss and whether any process asked to stop."""
@@ -220,7 +225,7 @@ class Trainer:
         """Run the steps of ``epoch`` (1-based), from ``resume``'s step when given. ``on_step(epoch, step,
         trainer)``, if given, is called after every step (tests use it to interrupt or poison a run)."""
         cfg, world, device = self.cfg, self.world, self.world.device
-        x_all, y_all, batch_size = self.data.train_x, self.data.train_y, cfg.batch_size
+        x_all, y_all = self.data.train_x, self.data.train_y
         start_at = self.batches(resume)
         order = start_at.order.to(device)
         loss_sum, rows_seen, seconds = start_at.loss_sum, start_at.rows, start_at.seconds
@@ -238,12 +243,12 @@ class Trainer:
         )  # None: off unless a terminal
         start, stopping = time.perf_counter(), False
         self.threads.reset_counts()
-        first = distributed.share(order[start_at.step * batch_size : (start_at.step + 1) * batch_size], world)
+        first = distributed.share(self.global_batch(order, start_at.step), world)
         self.threads.choose(functools.partial(self._trial_step, x_all[first], y_all[first]))
         try:
             for step in range(start_at.step, self.steps_per_epoch):
                 step_start = time.perf_counter()
-                batch = order[step * batch_size : (step + 1) * batch_size]  # the global batch
+                batch = self.global_batch(order, step)
                 mine = distributed.share(batch, world)
                 x, y = x_all[mine], y_all[mine]
                 if cfg.augment != "none":

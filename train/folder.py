@@ -36,8 +36,13 @@ class RunFolder:
             remove_temporaries(path, FILES)
             existing = os.path.join(path, checkpoint.FILENAME)
             if os.path.exists(existing) and not (resuming and _same_file(existing, resuming)):
-                hint = f"continue it with --resume {path}" if not resuming else "it would be overwritten"
-                raise FileError(f"{path} already holds a run; {hint}, or choose another --out")
+                if resuming:
+                    raise FileError(
+                        f"{path} already holds another run, which resuming would overwrite; choose another --out"
+                    )
+                raise FileError(
+                    f"{path} already holds a run; continue it with --resume {path}, or choose another --out"
+                )
         except BaseException:
             lock.close()
             raise
