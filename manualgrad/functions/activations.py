@@ -305,9 +305,9 @@ class ELUFunction(Elementwise):
     @staticmethod
     def derivative(s, alpha=1.0, inplace=False):
         if inplace and alpha > 0:  # s is the output y
-            return torch.where(s <= 0, s + alpha, 1.0)
+            return torch.where(s > 0, 1.0, s + alpha)
         # s is the input z; e^min(z, 0) equals e^z where it is used and stays finite where it is not
-        return torch.where(s <= 0, alpha * torch.exp(s.clamp(max=0)), 1.0)
+        return torch.where(s > 0, 1.0, alpha * torch.exp(s.clamp(max=0)))
 
 
 elu = activation("elu", ELUFunction, torch.nn.ELU, kinks=(0.0,), variants=({}, {"alpha": 2.0}, {"alpha": -0.5}))
