@@ -36,13 +36,8 @@ from .base import ManualFunction, apply, cast, opmath, save_for_forward
 __all__ = ["LogSoftmaxFunction", "SoftmaxFunction", "log_softmax", "softmax"]
 
 
-class SoftmaxFunction(ManualFunction):
-    r"""``apply(input, dim, dtype)``: :math:`y = \operatorname{softmax}(z)` along ``dim`` (``input`` cast to
-    ``dtype`` first, when given); backward :math:`G_Z = y \odot (G_Y - \sum_j G_{Y,j} y_j)`."""
-
-    @staticmethod
-    def forward(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
-        return torch.softmax(input, dim, dtype=dtype)
+class _KeepsOutput(ManualFunction):
+    """``apply(input, dim, dtype)``, keeping only the output ``y`` (``input`` cast to ``dtype`` first, when given)."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -50,6 +45,15 @@ class SoftmaxFunction(ManualFunction):
         ctx.input_dtype = input.dtype
         ctx.save_for_backward(output)
         save_for_forward(ctx, output)
+
+
+class SoftmaxFunction(_KeepsOutput):
+    r"""``apply(input, dim, dtype)``: :math:`y = \operatorname{softmax}(z)` along ``dim``;
+    backward :math:`G_Z = y \odot (G_Y - \sum_j G_{Y,j} y_j)`."""
+
+    @staticmethod
+    def forward(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.softmax(input, dim, dtype=dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -65,20 +69,13 @@ class SoftmaxFunction(ManualFunction):
         return y * (z_dot - (y * z_dot).sum(ctx.dim, keepdim=True))  # Ẏ = y ⊙ (Ż − Σ_j y_j Ż_j)
 
 
-class LogSoftmaxFunction(ManualFunction):
+class LogSoftmaxFunction(_KeepsOutput):
     r"""``apply(input, dim, dtype)``: :math:`y = \log\operatorname{softmax}(z)` along ``dim``;
     backward :math:`G_Z = G_Y - e^y \sum_j G_{Y,j}`."""
 
     @staticmethod
     def forward(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
         return torch.log_softmax(input, dim, dtype=dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, ctx.dim, _ = inputs
-        ctx.input_dtype = input.dtype
-        ctx.save_for_backward(output)
-        save_for_forward(ctx, output)
 
     @staticmethod
     def backward(ctx, grad_output):
