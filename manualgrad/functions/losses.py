@@ -1,45 +1,56 @@
 r"""Losses: the scalar :math:`R` at the top of the network, and the first gradient of every step.
 
-Every loss here is a sum of row terms :math:`\ell_n`, reduced: ``"sum"``
-(:math:`R = \sum_n \ell_n`), ``"mean"`` (:math:`R = \sum_n \ell_n / D`) or
-``"none"`` (the :math:`\ell_n` themselves). So :math:`\partial R/\partial \ell_n`
-is :math:`g/D`, :math:`g`, or :math:`g_n` (``_row_scale``), and each backward
-is that factor times :math:`\partial \ell_n / \partial` (its inputs).
-The derivations are in ``docs/derivations.md``, section 3.
+Every loss here is a sum of terms :math:`\ell_n` (one per row, or one per
+element), reduced: ``"sum"`` (:math:`R = \sum_n \ell_n`), ``"mean"``
+(:math:`R = \sum_n \ell_n / D`) or ``"none"`` (the :math:`\ell_n` themselves).
+So :math:`\partial R/\partial \ell_n` is :math:`g/D`, :math:`g`, or :math:`g_n`
+(``_row_scale``), and each backward is that factor times
+:math:`\partial \ell_n / \partial` (its inputs). Weights are constants: they
+are not differentiated. The derivations, line by line, are in ``docs/derivations.md``.
 
 Softmax cross-entropy
----------------------
-
-With :math:`P = \operatorname{softmax}(Z)` over the class dimension and a
-per-row target distribution :math:`q_n`, :math:`\ell_n = -\sum_c q_{n,c} \log P_{n,c}`
-and, with :math:`s_n = \sum_c q_{n,c}`,
-
-.. math::
-
-    \frac{\partial \ell_n}{\partial Z_{n,c}} = s_n P_{n,c} - q_{n,c}
-    \qquad\text{so}\qquad G_Z = (s \odot P - q) \odot \frac{\partial R}{\partial \ell}.
-
-For class weights :math:`w` (ones by default) and label smoothing
-:math:`\varepsilon` over :math:`C` classes, as PyTorch defines them,
-:math:`q_n = w \odot ((1 - \varepsilon) T_n + \varepsilon / C)`, where :math:`T_n`
-is the target's class probabilities, or :math:`\mathrm{onehot}(t_n)` for a
-class index; rows whose index is ``ignore_index`` have :math:`q_n = 0` and
-count nowhere. The ``mean`` divisor :math:`D` is :math:`\sum_n w_{t_n}` over
-the counted rows (class indices) or the number of rows (probabilities).
-Unweighted and unsmoothed this is the notes' :math:`G_Z = (P - \mathrm{onehot}(t))/N`.
-A probability target gets :math:`G_T = -(1 - \varepsilon)\, w \odot \log P \odot \partial R/\partial \ell`.
+    :math:`P = \operatorname{softmax}(Z)` over the classes, a target distribution
+    :math:`q_n` per row (class index, class weights, label smoothing and
+    ``ignore_index`` all shape :math:`q`), :math:`s_n = \sum_c q_{n,c}`:
+    :math:`\ell_n = -\sum_c q_{n,c} \log P_{n,c}`,
+    :math:`G_Z = (s \odot P - q) \odot \partial R/\partial \ell`, and for a
+    probability target :math:`G_T = -(1 - \varepsilon)\, w \odot \log P \odot \partial R/\partial \ell`.
+    Unweighted and unsmoothed: :math:`G_Z = (P - \mathrm{onehot}(t))/N`.
 
 Negative log-likelihood
------------------------
+    :math:`\ell_n = -w_{t_n} X_{n,t_n}`: :math:`G_X[n, t_n] = -w_{t_n}\, \partial R/\partial \ell_n`, zero elsewhere.
 
-:math:`\ell_n = -w_{t_n} X_{n,t_n}` on log-probabilities :math:`X`:
-:math:`G_X[n, t_n] = -w_{t_n}\, \partial R/\partial \ell_n`, zero elsewhere.
+Losses of a difference :math:`D = \hat Y - T` (:class:`PointwiseLoss`)
+    :math:`\ell = w \odot \rho(D)` elementwise, :math:`G_{\hat Y} = w \odot \rho'(D) \odot \partial R/\partial \ell`,
+    :math:`G_T = -G_{\hat Y}`:
 
-Mean squared error
-------------------
+    * ``mse_loss``: :math:`\rho(d) = d^2`, :math:`\rho'(d) = 2d`;
+    * ``l1_loss``: :math:`\rho(d) = |d|`, :math:`\rho'(d) = \operatorname{sign} d` (0 at :math:`d = 0`);
+    * ``smooth_l1_loss``: :math:`\rho(d) = d^2/2\beta` where :math:`|d| < \beta`, else :math:`|d| - \beta/2`;
+      :math:`\rho'(d) = \operatorname{clamp}(d, -\beta, \beta)/\beta`, and :math:`\operatorname{sign} d` for
+      :math:`\beta = 0`;
+    * ``huber_loss``: :math:`\rho(d) = d^2/2` where :math:`|d| \le \delta`, else :math:`\delta(|d| - \delta/2)`;
+      :math:`\rho'(d) = \operatorname{clamp}(d, -\delta, \delta)`.
 
-:math:`\ell = w (\hat Y - T)^2` elementwise, :math:`G_{\hat Y} = 2 w (\hat Y - T) \odot \partial R/\partial \ell`,
-:math:`G_T = -G_{\hat Y}`; the ``mean`` divisor is the element count, or :math:`\sum w`.
+Binary cross-entropy, on probabilities :math:`x`
+    :math:`\ell = -w\,(t \log x + (1 - t) \log(1 - x))` (each log clamped at -100, as in PyTorch):
+    :math:`G_X = w \odot (x - t) / \max((1 - x)x, 10^{-12}) \odot \partial R/\partial \ell`,
+    :math:`G_T = -w \odot \operatorname{logit}(x) \odot \partial R/\partial \ell`.
+
+Binary cross-entropy on logits :math:`z`, positive-class weight :math:`p`
+    :math:`\ell = w\,((1 - t) z + (1 + (p - 1) t) \log(1 + e^{-z}))`:
+    :math:`G_Z = w \odot (\sigma(z)(1 + (p - 1)t) - p t) \odot \partial R/\partial \ell`,
+    :math:`G_T = w \odot (p \log(1 + e^{-z}) - \log(1 + e^{z})) \odot \partial R/\partial \ell`
+    (:math:`-z` for :math:`p = 1`).
+
+Each Function's forward is PyTorch's own kernel; each backward and jvp is the
+formula, in plain tensor operations (under ``create_graph``, the sigmoid and
+softmax in them go through our own Functions). Half-precision inputs are
+differentiated in float32 and rounded once (:func:`~manualgrad.functions.base.opmath`).
+Where a backward makes a tensor only to scale it, it scales it in place while
+nothing records it (``_in_place``; an operand batched by ``torch.func`` falls
+back to a copy): the same formula, without allocating a second array of the
+input's size, which costs as much as a pass over it.
 """
 
 from __future__ import annotations
@@ -49,18 +60,30 @@ import warnings
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _compat
 from ..registry import Example, operation
+from .activations import _sigmoid
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
 from .softmax import LogSoftmaxFunction, SoftmaxFunction
 
 __all__ = [
+    "BinaryCrossEntropyFunction",
+    "BinaryCrossEntropyWithLogitsFunction",
     "CrossEntropyFunction",
+    "HuberLossFunction",
+    "L1LossFunction",
     "MSELossFunction",
     "NLLLossFunction",
+    "PointwiseLoss",
+    "SmoothL1LossFunction",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "huber_loss",
+    "l1_loss",
     "mse_loss",
     "nll_loss",
+    "smooth_l1_loss",
 ]
 
 
@@ -74,21 +97,36 @@ def _along(v: Tensor, dim: int, ndim: int) -> Tensor:
     return v.reshape((-1,) + (1,) * (ndim - dim - 1))
 
 
-def _row_scale(grad: Tensor, reduction: str, divisor, valid: Tensor | None = None, dim: int | None = None) -> Tensor:
+def _row_scale(grad: Tensor, reduction: str, divisor, valid: Tensor | None = None) -> Tensor:
     """∂R/∂ℓ_n: g/D (mean), g (sum), or g_n itself (none); zero on rows that count nowhere (``~valid``),
-    also where g/D is not finite (a mean over no rows). With ``dim``, shaped to broadcast along the class
-    dimension of the input."""
-    scale = grad if reduction == "none" else grad / divisor if reduction == "mean" else grad
-    if valid is not None:
-        scale = torch.where(valid, scale, 0)
-    return scale.unsqueeze(dim) if dim is not None and scale.dim() else scale
+    also where g/D is not finite (a mean over no rows)."""
+    scale = grad / divisor if reduction == "mean" else grad
+    return scale if valid is None else torch.where(valid, scale, 0)
 
 
-def _reduce(rows: Tensor, reduction: str, divisor) -> Tensor:
+def _reduce(terms: Tensor, reduction: str, divisor) -> Tensor:
     if reduction == "none":
-        return rows
-    total = rows.sum()
+        return terms
+    total = terms.sum()
     return total / divisor if reduction == "mean" else total
+
+
+def _in_place() -> bool:
+    """Whether a backward may overwrite the tensors it has just made: not while autograd records them (a double
+    backward), nor while ``torch.compile`` traces it. (A batched operand under ``torch.func`` that cannot go
+    into an unbatched tensor is caught where it is written: see :func:`_times`.)"""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _times(t: Tensor, factor, in_place: bool) -> Tensor:
+    """``t * factor``, written into ``t`` (a tensor the backward has just made, the shape of the result)
+    when ``in_place``: one array of the input's size less to allocate."""
+    if in_place:
+        try:
+            return t.mul_(factor)
+        except RuntimeError:  # a factor batched by torch.func or gradcheck's vmap cannot go into an unbatched t
+            pass
+    return t * factor
 
 
 def _softmax(z: Tensor, dim: int) -> Tensor:
@@ -100,19 +138,76 @@ def _log_softmax(z: Tensor, dim: int) -> Tensor:
     return LogSoftmaxFunction.apply(z, dim, None) if torch.is_grad_enabled() else torch.log_softmax(z, dim)
 
 
-def _onehot(target: Tensor, like: Tensor, dim: int, valid: Tensor) -> Tensor:
-    """onehot(t) along ``dim``, shaped like ``like``; rows with ``~valid`` all zero."""
-    index = target.masked_fill(~valid, 0).unsqueeze(dim)  # an ignored row's index may be anything, e.g. -100
-    return torch.zeros_like(like).scatter(dim, index, 1.0) * valid.unsqueeze(dim)
+def _logit(x: Tensor) -> Tensor:
+    """log(x / (1 − x)) inside a backward: PyTorch's kernel, or, when a double backward records it,
+    log x − log(1 − x), whose derivative is plain arithmetic (not ``logit_backward``)."""
+    return torch.logit(x) if not torch.is_grad_enabled() else torch.log(x) - torch.log1p(-x)
+
+
+def _log_sigmoid(z: Tensor) -> Tensor:
+    """log σ(z) = −(max(−z, 0) + log(1 + e^{−|z|})) inside a backward: PyTorch's kernel, or, when a double
+    backward records it, that stable form in plain arithmetic (not ``log_sigmoid_backward``)."""
+    if not torch.is_grad_enabled():
+        return torch.nn.functional.logsigmoid(z)
+    return -(torch.clamp(-z, min=0) + torch.log1p(torch.exp(-z.abs())))
+
+
+def _minus_onehot(g: Tensor, index: Tensor, coefficient, dim: int, in_place: bool) -> Tensor:
+    """g − onehot(t) ⊙ coefficient along ``dim`` (``index`` is t with ``dim`` kept, the coefficient a number or
+    one per row, shaped like ``index``): the one-hot matrix is never built, the coefficients are added at the
+    target classes (in ``g`` itself when ``in_place``)."""
+    if in_place:
+        try:
+            if not isinstance(coefficient, Tensor):
+                return g.scatter_(dim, index, -coefficient, reduce="add")
+            return g.scatter_add_(dim, index, (-coefficient).expand(index.shape))
+        except RuntimeError:  # as in _times
+            pass
+    if not isinstance(coefficient, Tensor):
+        coefficient = g.new_full((), coefficient)
+    return g.scatter_add(dim, index, (-coefficient).expand(index.shape))
+
+
+def _without_size_warning(loss, input: Tensor, target: Tensor, *args, **kwargs) -> Tensor:
+    """``loss(input, target, ...)``, PyTorch's own; its warning about a target of another shape is silenced,
+    as the wrapper gave it already."""
+    if input.shape == target.shape:
+        return loss(input, target, *args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return loss(input, target, *args, **kwargs)
+
+
+def _broadcast_weight(layer: str, name: str, weight: Tensor | None, input: Tensor) -> None:
+    """A weight that broadcasts to the input's shape (PyTorch computes ℓ ⊙ w in an output of the input's shape),
+    on its device, not differentiated."""
+    if weight is None:
+        return
+    _checks.tensor(layer, name, weight)
+    try:
+        fits = torch.broadcast_shapes(weight.shape, input.shape) == input.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise _checks.InputError(
+            f"{layer}: {name} has shape {_checks.shape(weight)}, which does not broadcast to the input's shape "
+            f"{_checks.shape(input)}"
+        )
+    _checks.same_device(layer, "input", input, name, weight)
+    _checks.not_differentiated(layer, name, weight)
 
 
 # ---- softmax cross-entropy ------------------------------------------------------------------------
 
 
 class _CrossEntropyTerms:
-    """For one call: the logits in the precision of the formulas (float32 for half inputs, promoted with a
-    probability target), the target distribution ``q``, the counted rows ``valid`` (None: all), the
-    ``mean`` divisor, and the weight along the class dimension (None: ones)."""
+    r"""For one call: the logits ``z`` in the precision of the formulas (float32 for half inputs, promoted with
+    a probability target), the counted rows ``valid`` (None: all), the ``mean`` divisor, and the pieces of q.
+
+    Class indices: :math:`q_n = a_n \mathrm{onehot}(t_n) + b_n w`, :math:`s_n = a_n + b_n \sum_c w_c`, with
+    :math:`a_n = (1 - \varepsilon) w_{t_n}` and :math:`b_n = \varepsilon / C` on counted rows, zero on the others
+    (plain numbers when every row has the same: no weight, no ignored row). Probabilities: q itself.
+    """
 
     def __init__(self, input, target, weight, ignore_index, label_smoothing):
         z = opmath(input)
@@ -120,19 +215,53 @@ class _CrossEntropyTerms:
             z = cast(z, torch.promote_types(z.dtype, target.dtype))
         dim = class_dim(z)
         classes = z.shape[dim]
-        self.z, self.dim, self.eps = z, dim, label_smoothing
+        eps = label_smoothing
+        self.z, self.dim, self.eps, self.valid = z, dim, eps, None
         self.w = None if weight is None else _along(cast(weight, z.dtype), dim, z.dim())
         if target.is_floating_point():
-            T, self.valid = cast(target, z.dtype), None
+            T = cast(target, z.dtype)
+            q = (1 - eps) * T + eps / classes if eps else T
+            self.q = q if self.w is None else q * self.w
+            self.s = self.q.sum(dim, keepdim=True)
             self.divisor = z.numel() // classes if classes else 0
-        else:
+            return
+        self.q = None
+        if ignore_index is not None:  # None: the wrapper has read the targets, and none is ignored
             self.valid = target != ignore_index
-            T = _onehot(target, z, dim, self.valid)
-            self.divisor = (T if self.w is None else T * self.w).sum()  # Σ_n w_{t_n} over the counted rows
-        q = (1 - label_smoothing) * T + label_smoothing / classes if label_smoothing else T
-        if self.valid is not None and label_smoothing:
-            q = q * self.valid.unsqueeze(dim)
-        self.q = q if self.w is None else q * self.w
+            target = target.masked_fill(~self.valid, 0)  # an ignored row's index may be anything, e.g. -100
+        self.index = target.unsqueeze(dim)
+        if weight is None and self.valid is None:
+            w_t, self.divisor = 1.0, target.numel()
+        else:
+            w_t = self.valid.to(z.dtype) if weight is None else cast(weight, z.dtype)[target]
+            if weight is not None and self.valid is not None:
+                w_t = w_t * self.valid
+            self.divisor = w_t.sum()  # Σ_n w_{t_n} over the counted rows
+        self.a = (1 - eps) * w_t if eps else w_t
+        self.b = 0.0
+        if eps:
+            self.b = eps / classes if self.valid is None else self.valid.to(z.dtype) * (eps / classes)
+        w_sum = classes if weight is None else cast(weight, z.dtype).sum()
+        self.s = self.a + self.b * w_sum if eps else self.a
+
+    def rows(self, v):
+        """A number, or a tensor of the rows' shape made to broadcast along the class dimension."""
+        return v.unsqueeze(self.dim) if isinstance(v, Tensor) and v.dim() else v
+
+    def grad(self, P: Tensor, scale, in_place: bool) -> Tensor:
+        """(s ⊙ P − q) ⊙ scale, ``scale`` = ∂R/∂ℓ_n per row (or a number); ``P`` may be overwritten if ``in_place``."""
+        if self.q is not None:
+            return (self.s * P - self.q) * self.rows(scale)
+        g = P if _is_one(self.s) else _times(P, self.rows(self.s), in_place)  # s ⊙ P
+        g = _minus_onehot(g, self.index, self.rows(self.a), self.dim, in_place)  # − a onehot(t)
+        if self.eps:  # − b w
+            g = g - (self.rows(self.b) if self.w is None else self.rows(self.b) * self.w)
+        return g if _is_one(scale) else _times(g, self.rows(scale), in_place)  # ⊙ scale
+
+
+def _is_one(v) -> bool:
+    """``v`` is the number 1 (a factor to skip)."""
+    return isinstance(v, float) and v == 1.0
 
 
 class CrossEntropyFunction(ManualFunction):
@@ -140,7 +269,9 @@ class CrossEntropyFunction(ManualFunction):
 
     Forward: PyTorch's own ``cross_entropy``. Backward: :math:`G_Z = (s \odot P - q) \odot \partial R/\partial\ell`
     (module docstring), with :math:`P` recomputed from the saved logits (as many
-    bytes as PyTorch's saved log-softmax), stable for logits of any magnitude.
+    bytes as PyTorch's saved log-softmax), stable for logits of any magnitude;
+    for class indices the one-hot matrix is never built. ``ignore_index=None``
+    says that no target is ignored (the wrapper read them).
 
     Shape:
         - input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``
@@ -152,7 +283,12 @@ class CrossEntropyFunction(ManualFunction):
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing):
         return torch.nn.functional.cross_entropy(
-            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+            input,
+            target,
+            weight,
+            ignore_index=-100 if ignore_index is None else ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
         )
 
     @staticmethod
@@ -167,17 +303,16 @@ class CrossEntropyFunction(ManualFunction):
         input, target, weight = ctx.saved_tensors
         ignore_index, reduction, label_smoothing = ctx.options
         terms = _CrossEntropyTerms(input, target, weight, ignore_index, label_smoothing)
-        dim = terms.dim
-        scale = _row_scale(opmath(grad_output), reduction, terms.divisor, terms.valid, dim)
+        scale = _row_scale(opmath(grad_output), reduction, terms.divisor, terms.valid)  # ∂R/∂ℓ_n
         grad_input = grad_target = None
         if ctx.needs_input_grad[0]:  # G_Z = (s ⊙ P − q) ⊙ ∂R/∂ℓ
-            s = terms.q.sum(dim, keepdim=True)
-            grad_input = cast((s * _softmax(terms.z, dim) - terms.q) * scale, input.dtype)
+            in_place = _in_place()
+            grad_input = cast(terms.grad(_softmax(terms.z, terms.dim), scale, in_place), input.dtype)
         if ctx.needs_input_grad[1]:  # probabilities: G_T = −(1 − ε) w ⊙ log P ⊙ ∂R/∂ℓ
-            logp = _log_softmax(terms.z, dim)
+            logp = _log_softmax(terms.z, terms.dim)
             if terms.w is not None:
                 logp = logp * terms.w
-            grad_target = cast(-(1 - label_smoothing) * logp * scale, target.dtype)
+            grad_target = cast(-(1 - label_smoothing) * logp * terms.rows(scale), target.dtype)
         return grad_input, grad_target, None, None, None, None
 
     @staticmethod
@@ -188,8 +323,8 @@ class CrossEntropyFunction(ManualFunction):
         dim = terms.dim
         rows = 0
         if input_tangent is not None:  # ℓ̇_n = Σ_c (s_n P_nc − q_nc) Ż_nc
-            s = terms.q.sum(dim, keepdim=True)
-            rows = ((s * torch.softmax(terms.z, dim) - terms.q) * cast(input_tangent, terms.z.dtype)).sum(dim)
+            dl_dz = terms.grad(torch.softmax(terms.z, dim), 1.0, in_place=False)
+            rows = (dl_dz * cast(input_tangent, terms.z.dtype)).sum(dim)
         if target_tangent is not None:  # ℓ̇_n = −(1 − ε) Σ_c w_c log P_nc Ṫ_nc
             logp = torch.log_softmax(terms.z, dim)
             if terms.w is not None:
@@ -216,11 +351,48 @@ def _cross_entropy_examples(dtype, device, bench=False):
         ),
         Example("weight", (make(6, 5), target), {"weight": weight}),
         Example("ignore_index=3", (make(6, 5), target.clamp(min=0)), {"ignore_index": 3}),
+        Example("no ignored row", (make(6, 5), target.clamp(min=0)), {}),
+        Example(
+            "no ignored row,smoothing,none",
+            (make(6, 5), target.clamp(min=0)),
+            {"label_smoothing": 0.1, "reduction": "none"},
+        ),
         Example("1d", (make(5), target[0]), {}),
         Example("spatial", (make(3, 5, 2, 2), spatial), {"label_smoothing": 0.1}),
         Example("probabilities", (make(6, 5), probs), {"weight": weight, "label_smoothing": 0.1}),
         Example("probabilities,none", (make(6, 5), probs), {"reduction": "none"}),
     ]
+
+
+def _plain_class_indices(input, target, weight, reduction: str) -> bool:
+    """The common case, all its checks of shapes, dtypes, devices and options in one expression: a 2-D floating
+    input, one int64 class index per row on the same device, no weight. Anything else goes through each check
+    in turn (with its message)."""
+    return (
+        weight is None
+        and isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and input.dim() == 2
+        and input.is_floating_point()
+        and target.dtype == torch.int64
+        and target.shape == input.shape[:1]
+        and input.device == target.device
+        and reduction in _checks.REDUCTIONS
+    )
+
+
+def _class_values(layer: str, input: Tensor, target: Tensor, ignore_index: int) -> int | None:
+    """Check the class indices' values (:func:`_checks.class_values`); return ``ignore_index``, or None where the
+    data show that no index equals it. On the CPU both come from two numbers, the smallest index and the largest;
+    elsewhere (CUDA, ``torch.compile``, ``torch.func``) the values are not read here, and any row may be ignored."""
+    classes = input.shape[class_dim(input)]
+    if target.device.type != "cpu" or not target.numel() or _compat.traced(target):
+        _checks.class_values(layer, target, classes, ignore_index)
+        return ignore_index
+    low, high = (v.item() for v in torch.aminmax(target))
+    if not (0 <= low and high < classes):
+        _checks.class_values(layer, target, classes, ignore_index)  # raises, unless the outsiders are ignored
+    return ignore_index if low <= ignore_index <= high else None
 
 
 @operation(torch.nn.CrossEntropyLoss, CrossEntropyFunction, kind="loss", examples=_cross_entropy_examples)
@@ -242,8 +414,14 @@ def cross_entropy(
     class probabilities of the input's shape. A class index outside
     ``[0, C)`` raises (on CUDA, a device-side assert, to avoid a host sync).
     """
-    reduction = _checks.legacy_reduction("cross_entropy", size_average, reduce, reduction)
-    _checks.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    layer = "cross_entropy"
+    reduction = _checks.legacy_reduction(layer, size_average, reduce, reduction)
+    if _plain_class_indices(input, target, weight, reduction):
+        _checks.probability(layer, "label_smoothing", label_smoothing)
+    else:
+        _checks.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    if not target.is_floating_point():
+        ignore_index = _class_values(layer, input, target, ignore_index)
     return apply(CrossEntropyFunction, input, target, weight, ignore_index, reduction, float(label_smoothing))
 
 
@@ -255,11 +433,12 @@ class NLLLossFunction(ManualFunction):
 
     Forward: PyTorch's own ``nll_loss``. Backward: :math:`G_X[n, t_n] = -w_{t_n}\, \partial R/\partial\ell_n`,
     zero elsewhere (module docstring). Forward mode: :math:`\dot\ell_n = -w_{t_n} \dot X_{n, t_n}`.
-    Shapes as :class:`CrossEntropyFunction` with class indices.
+    Shapes as :class:`CrossEntropyFunction` with class indices; ``ignore_index=None`` as there.
     """
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction):
+        ignore_index = -100 if ignore_index is None else ignore_index
         return torch.nn.functional.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
 
     @staticmethod
@@ -271,23 +450,33 @@ class NLLLossFunction(ManualFunction):
 
     @staticmethod
     def _terms(ctx, dtype):
-        """(valid rows, safe indices, w_{t_n} on counted rows, mean divisor)."""
+        """(valid rows or None, safe indices, w_{t_n} on counted rows (a number when all are 1), mean divisor)."""
         target, weight = ctx.saved_tensors
         ignore_index, _ = ctx.options
-        valid = target != ignore_index
-        index = target.masked_fill(~valid, 0)
-        w_t = valid.to(dtype) if weight is None else cast(weight, dtype)[index] * valid
+        if ignore_index is None and weight is None:
+            return None, target, 1.0, target.numel()
+        valid = None if ignore_index is None else target != ignore_index
+        index = target if valid is None else target.masked_fill(~valid, 0)
+        if weight is None:
+            w_t = valid.to(dtype)
+        else:
+            w_t = cast(weight, dtype)[index] if valid is None else cast(weight, dtype)[index] * valid
         return valid, index, w_t, w_t.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
         shape, dtype, device = ctx.input_like
-        valid, index, w_t, divisor = NLLLossFunction._terms(ctx, opmath(grad_output).dtype)
+        g = opmath(grad_output)
+        valid, index, w_t, divisor = NLLLossFunction._terms(ctx, g.dtype)
         _, reduction = ctx.options
         dim = 0 if len(shape) == 1 else 1
-        coefficient = -w_t * _row_scale(opmath(grad_output), reduction, divisor, valid)  # −w_{t_n} ∂R/∂ℓ_n
-        zeros = torch.zeros(shape, dtype=coefficient.dtype, device=device)
-        grad_input = zeros.scatter(dim, index.unsqueeze(dim), coefficient.unsqueeze(dim))  # at t_n, zero elsewhere
+        scale = _row_scale(g, reduction, divisor, valid)  # ∂R/∂ℓ_n
+        coefficient = scale if _is_one(w_t) else w_t * scale  # w_{t_n} ∂R/∂ℓ_n
+        if coefficient.dim():
+            coefficient = coefficient.unsqueeze(dim)
+        zeros = torch.zeros(shape, dtype=g.dtype, device=device)
+        in_place = _in_place()
+        grad_input = _minus_onehot(zeros, index.unsqueeze(dim), coefficient, dim, in_place)  # −w_t ∂R/∂ℓ_n at t_n
         return cast(grad_input, dtype), None, None, None, None
 
     @staticmethod
@@ -324,90 +513,146 @@ def nll_loss(
     :class:`~manualgrad.functions.NLLLossFunction`. ``nll_loss(log_softmax(z, 1), t)`` is ``cross_entropy(z, t)``."""
     layer = "nll_loss"
     reduction = _checks.legacy_reduction(layer, size_average, reduce, reduction)
-    _checks.tensor(layer, "input", input)
-    _checks.tensor(layer, "target", target)
-    _checks.reduction(layer, reduction)
-    if input.dim() == 0:
-        raise _checks.InputError(f"{layer}: input must be (C), (N, C) or (N, C, d1, ...), got a 0-d tensor")
-    _checks.real_floating(layer, "input", input)
-    _checks.same_device(layer, "input", input, "target", target)
-    dim = class_dim(input)
-    _checks.class_weight(layer, weight, input, input.shape[dim])
-    _checks.class_index_target(layer, input, target, dim)
-    _checks.class_values(layer, target, input.shape[dim], ignore_index)
+    if not _plain_class_indices(input, target, weight, reduction):
+        _checks.tensor(layer, "input", input)
+        _checks.tensor(layer, "target", target)
+        _checks.reduction(layer, reduction)
+        if input.dim() == 0:
+            raise _checks.InputError(f"{layer}: input must be (C), (N, C) or (N, C, d1, ...), got a 0-d tensor")
+        _checks.real_floating(layer, "input", input)
+        _checks.same_device(layer, "input", input, "target", target)
+        dim = class_dim(input)
+        _checks.class_weight(layer, weight, input, input.shape[dim])
+        _checks.class_index_target(layer, input, target, dim)
+    ignore_index = _class_values(layer, input, target, ignore_index)
     return apply(NLLLossFunction, input, target, weight, ignore_index, reduction)
 
 
-# ---- mean squared error ---------------------------------------------------------------------------
+# ---- losses of a difference: mse, l1, smooth l1, huber --------------------------------------------
 
 
-class MSELossFunction(ManualFunction):
-    r"""``apply(input, target, weight, reduction)``: :math:`R = \frac1M\sum w(\hat Y - T)^2`, the sum, or elementwise.
+class PointwiseLoss(ManualFunction):
+    r"""Base of the losses of the difference :math:`D = \hat Y - T`: :math:`\ell = w \odot \rho(D)` elementwise
+    (:math:`w = 1` without a weight), reduced.
 
-    Backward: :math:`G_{\hat Y} = 2 w (\hat Y - T) \odot \partial R/\partial\ell` (:math:`M` = the element
-    count, or :math:`\sum w`), :math:`G_T = -G_{\hat Y}`, each summed back to its
-    own shape when input and target broadcast. The weight is not differentiated.
-    Forward mode: :math:`\dot R = \frac1M \sum 2 w (\hat Y - T)(\dot{\hat Y} - \dot T)`.
+    .. math::
 
-    Shape: input ``(*)``, target broadcastable to it, weight the input's shape or
-    ``None``; output scalar, or ``(*)`` for ``"none"``.
+        G_{\hat Y} = w \odot \rho'(D) \odot \frac{\partial R}{\partial \ell} \qquad
+        G_T = -G_{\hat Y} \qquad
+        \dot\ell = w \odot \rho'(D) \odot (\dot{\hat Y} - \dot T)
+
+    each gradient summed back to its own shape where input and target
+    broadcast. ``apply(input, target, weight, reduction, parameter)``. A subclass defines
+
+    * ``forward(input, target, weight, reduction, parameter)``: :math:`R`, PyTorch's own kernel;
+    * ``derivative(d, parameter, out)``: ``(r, c)`` with :math:`\rho'(d) = c\, r(d)`, ``c`` a number (it joins
+      :math:`\partial R/\partial\ell`, one number for ``mean`` and ``sum``); ``r`` may be written into ``out``
+      (``d`` itself, or None);
+    * ``mean_over_weights``: whether ``mean`` with a weight divides by :math:`\sum w` (default) or by the
+      element count.
+
+    The input and the target are kept (as PyTorch keeps them); :math:`D` is recomputed.
+
+    Shape: input ``(*)``, target broadcastable with it, weight the input's shape or ``None``; output scalar,
+    or the broadcast shape for ``"none"``.
     """
 
-    @staticmethod
-    def forward(input, target, weight, reduction):
-        if input.shape == target.shape:
-            return torch.nn.functional.mse_loss(input, target, reduction=reduction, weight=weight)
-        with warnings.catch_warnings():  # the wrapper warned already about a target of another shape
-            warnings.simplefilter("ignore")
-            return torch.nn.functional.mse_loss(input, target, reduction=reduction, weight=weight)
+    mean_over_weights = True
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, target, weight, reduction = inputs
-        ctx.save_for_backward(input, target, weight)
-        save_for_forward(ctx, input, target, weight)
-        ctx.reduction, ctx.dtype = reduction, output.dtype
+    def derivative(d: Tensor, parameter, out: Tensor | None) -> tuple[Tensor, float]:
+        raise NotImplementedError
+
+    @classmethod
+    def divisor(cls, d: Tensor, weight: Tensor | None):
+        """D of ``mean``: the element count, or Σw."""
+        return opmath(weight).sum() if weight is not None and cls.mean_over_weights else d.numel()
+
+    def __init_subclass__(cls, **kwargs):
+        # Bound to this subclass's ρ′ as closures (as Elementwise does), so that the stand-in ctx objects of
+        # vmap and Dynamo need no attribute of ours.
+        def setup_context(ctx, inputs, output):
+            input, target, weight, ctx.reduction, ctx.parameter = inputs
+            ctx.save_for_backward(input, target, weight)
+            save_for_forward(ctx, input, target, weight)
+            ctx.dtype = output.dtype
+
+        def backward(ctx, grad_output):
+            input, target, weight = ctx.saved_tensors
+            in_place = _in_place()
+            d = opmath(input) - opmath(target)  # D = Ŷ − T
+            scale = _row_scale(opmath(grad_output), ctx.reduction, cls.divisor(d, weight))  # ∂R/∂ℓ
+            r, c = cls.derivative(d, ctx.parameter, d if in_place else None)  # ρ′(D) = c r(D)
+            grad = _times(r, scale if c == 1 else c * scale, in_place)
+            if weight is not None:
+                grad = _times(grad, weight, in_place)  # G_Ŷ = w ⊙ ρ′(D) ⊙ ∂R/∂ℓ
+            grad_input = cast(grad.sum_to_size(input.shape), input.dtype) if ctx.needs_input_grad[0] else None
+            grad_target = cast(-grad.sum_to_size(target.shape), target.dtype) if ctx.needs_input_grad[1] else None
+            return grad_input, grad_target, None, None, None
+
+        def jvp(ctx, input_tangent, target_tangent, *_):
+            input, target, weight = ctx.saved_tensors
+            d = opmath(input) - opmath(target)
+            r, c = cls.derivative(d, ctx.parameter, None)
+            if input_tangent is None:
+                d_tangent = -opmath(target_tangent)
+            elif target_tangent is None:
+                d_tangent = opmath(input_tangent)
+            else:
+                d_tangent = opmath(input_tangent) - opmath(target_tangent)
+            terms = c * r * d_tangent if weight is None else c * r * weight * d_tangent  # ℓ̇ = w ⊙ ρ′(D) ⊙ Ḋ
+            return cast(_reduce(terms, ctx.reduction, cls.divisor(d, weight)), ctx.dtype)
+
+        cls.setup_context = staticmethod(setup_context)
+        cls.backward = staticmethod(backward)
+        if "jvp" not in cls.__dict__:  # the compile twin keeps its default jvp
+            cls.jvp = staticmethod(jvp)
+        super().__init_subclass__(**kwargs)
+
+
+def _pointwise_examples(*variants: dict):
+    """Every reduction, then each of ``variants`` (keyword arguments; a tensor weight is written ``weight=True``).
+    Broadcasting (with its warning) is tested in ``tests/test_losses.py``."""
+
+    def examples(dtype, device, bench=False):
+        def make(*shape):
+            return torch.randn(shape, device=device).mul_(2).to(dtype)
+
+        if bench:
+            return [Example("256x4096", (make(256, 4096), make(256, 4096)), {})]
+        calls = [Example(r, (make(4, 3), make(4, 3)), {"reduction": r}) for r in ("mean", "sum", "none")]
+        for variant in variants:
+            kwargs = dict(variant)
+            if kwargs.get("weight"):
+                kwargs["weight"] = (torch.rand(4, 3, device=device) + 0.1).to(dtype)
+            calls.append(Example(_variant_id(variant), (make(4, 3), make(4, 3)), kwargs))
+        return calls
+
+    return examples
+
+
+def _variant_id(kwargs: dict) -> str:
+    return ",".join(k if v is True else f"{k}={v}" for k, v in kwargs.items())
+
+
+_WEIGHTED = ({"weight": True}, {"weight": True, "reduction": "none"})
+
+
+class MSELossFunction(PointwiseLoss):
+    r"""``apply(input, target, weight, reduction, None)``: :math:`\ell = w (\hat Y - T)^2`, :math:`\rho'(d) = 2d`:
+    :math:`G_{\hat Y} = 2 w (\hat Y - T) \odot \partial R/\partial\ell`, :math:`G_T = -G_{\hat Y}`.
+    ``mean`` divides by the element count, or by :math:`\sum w`. Shapes as :class:`PointwiseLoss`."""
 
     @staticmethod
-    def backward(ctx, grad_output):
-        input, target, weight = ctx.saved_tensors
-        diff = opmath(input) - opmath(target)
-        scale = _row_scale(opmath(grad_output), ctx.reduction, _mse_divisor(diff, weight))
-        grad = 2 * diff * scale if weight is None else 2 * weight * diff * scale  # G_Ŷ = 2 w (Ŷ − T) ⊙ ∂R/∂ℓ
-        grad_input = cast(grad.sum_to_size(input.shape), input.dtype) if ctx.needs_input_grad[0] else None
-        grad_target = cast((-grad).sum_to_size(target.shape), target.dtype) if ctx.needs_input_grad[1] else None
-        return grad_input, grad_target, None, None
+    def forward(input, target, weight, reduction, parameter):
+        return _without_size_warning(torch.nn.functional.mse_loss, input, target, reduction=reduction, weight=weight)
 
     @staticmethod
-    def jvp(ctx, input_tangent, target_tangent, *_):
-        input, target, weight = ctx.saved_tensors
-        if input_tangent is None:
-            diff_tangent = -target_tangent
-        elif target_tangent is None:
-            diff_tangent = input_tangent
-        else:
-            diff_tangent = input_tangent - target_tangent
-        diff = opmath(input) - opmath(target)
-        terms = 2 * diff * diff_tangent if weight is None else 2 * weight * diff * diff_tangent
-        return cast(_reduce(terms, ctx.reduction, _mse_divisor(diff, weight)), ctx.dtype)
+    def derivative(d, parameter, out):
+        return d, 2.0  # ρ′(d) = 2d
 
 
-def _mse_divisor(diff: Tensor, weight: Tensor | None):
-    return diff.numel() if weight is None else weight.sum()
-
-
-def _mse_examples(dtype, device, bench=False):
-    def make(*shape):
-        return torch.randn(shape, device=device).to(dtype)
-
-    if bench:
-        return [Example("256x4096", (make(256, 4096), make(256, 4096)), {})]
-    return [Example(r, (make(4, 3), make(4, 3)), {"reduction": r}) for r in ("mean", "sum", "none")] + [
-        Example("weight", (make(4, 3), make(4, 3)), {"weight": torch.rand(4, 3, device=device).to(dtype)}),
-    ]
-
-
-@operation(torch.nn.MSELoss, MSELossFunction, kind="loss", examples=_mse_examples)
+@operation(torch.nn.MSELoss, MSELossFunction, kind="loss", examples=_pointwise_examples(*_WEIGHTED))
 def mse_loss(
     input: Tensor,
     target: Tensor,
@@ -423,4 +668,394 @@ def mse_loss(
     """
     reduction = _checks.legacy_reduction("mse_loss", size_average, reduce, reduction)
     _checks.pointwise_loss("mse_loss", input, target, reduction, weight)
-    return apply(MSELossFunction, input, target, weight, reduction)
+    return apply(MSELossFunction, input, target, weight, reduction, None)
+
+
+class L1LossFunction(PointwiseLoss):
+    r"""``apply(input, target, weight, reduction, None)``: :math:`\ell = w |\hat Y - T|`,
+    :math:`\rho'(d) = \operatorname{sign} d` (0 at :math:`d = 0`, as PyTorch's :math:`\partial|d|`):
+    :math:`G_{\hat Y} = w \operatorname{sign}(\hat Y - T) \odot \partial R/\partial\ell`, :math:`G_T = -G_{\hat Y}`.
+    ``mean`` divides by the element count, or by :math:`\sum w`. Shapes as :class:`PointwiseLoss`."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction, parameter):
+        return _without_size_warning(torch.nn.functional.l1_loss, input, target, reduction=reduction, weight=weight)
+
+    @staticmethod
+    def derivative(d, parameter, out):
+        return torch.sign(d, out=out), 1.0  # ρ′(d) = sign d
+
+
+@operation(torch.nn.L1Loss, L1LossFunction, kind="loss", examples=_pointwise_examples(*_WEIGHTED))
+def l1_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+    weight: Tensor | None = None,
+) -> Tensor:
+    r"""Mean absolute error; see :class:`~manualgrad.functions.L1LossFunction`.
+
+    Backward: :math:`G_{\hat Y} = \operatorname{sign}(\hat Y - T)/M`. A target of
+    another shape broadcasts, with torch's warning.
+    """
+    reduction = _checks.legacy_reduction("l1_loss", size_average, reduce, reduction)
+    _checks.pointwise_loss("l1_loss", input, target, reduction, weight)
+    return apply(L1LossFunction, input, target, weight, reduction, None)
+
+
+class SmoothL1LossFunction(PointwiseLoss):
+    r"""``apply(input, target, None, reduction, beta)``: :math:`\rho(d) = d^2 / 2\beta` where
+    :math:`|d| < \beta`, else :math:`|d| - \beta/2`; :math:`\rho'(d) = \operatorname{clamp}(d, -\beta, \beta)/\beta`
+    (:math:`\operatorname{sign} d` for :math:`\beta = 0`, the L1 loss). Shapes as :class:`PointwiseLoss`."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction, beta):
+        return _without_size_warning(torch.nn.functional.smooth_l1_loss, input, target, reduction=reduction, beta=beta)
+
+    @staticmethod
+    def derivative(d, beta, out):
+        if beta == 0:
+            return torch.sign(d, out=out), 1.0  # ρ′(d) = sign d
+        return torch.clamp(d, -beta, beta, out=out), 1 / beta  # ρ′(d) = clamp(d, −β, β)/β
+
+
+@operation(
+    torch.nn.SmoothL1Loss,
+    SmoothL1LossFunction,
+    kind="loss",
+    examples=_pointwise_examples({"beta": 0.5}, {"beta": 0.0, "reduction": "sum"}, {"beta": 3.0, "reduction": "none"}),
+)
+def smooth_l1_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+    beta: float = 1.0,
+) -> Tensor:
+    r"""Smooth L1 loss; see :class:`~manualgrad.functions.SmoothL1LossFunction`.
+
+    Backward: :math:`G_{\hat Y} = \operatorname{clamp}(\hat Y - T, -\beta, \beta)/(\beta M)`.
+    A target of another shape broadcasts, with torch's warning.
+    """
+    layer = "smooth_l1_loss"
+    reduction = _checks.legacy_reduction(layer, size_average, reduce, reduction)
+    _checks.pointwise_loss(layer, input, target, reduction)
+    if not beta >= 0:
+        raise _checks.InputError(f"{layer}: beta must be >= 0, got {beta!r}")
+    return apply(SmoothL1LossFunction, input, target, None, reduction, float(beta))
+
+
+class HuberLossFunction(PointwiseLoss):
+    r"""``apply(input, target, weight, reduction, delta)``: :math:`\rho(d) = d^2/2` where :math:`|d| \le \delta`,
+    else :math:`\delta(|d| - \delta/2)`; :math:`\rho'(d) = \operatorname{clamp}(d, -\delta, \delta)`.
+    ``mean`` divides by the element count, with or without a weight (as PyTorch does). Shapes as
+    :class:`PointwiseLoss`."""
+
+    mean_over_weights = False
+
+    @staticmethod
+    def forward(input, target, weight, reduction, delta):
+        return _without_size_warning(
+            torch.nn.functional.huber_loss, input, target, reduction=reduction, delta=delta, weight=weight
+        )
+
+    @staticmethod
+    def derivative(d, delta, out):
+        return torch.clamp(d, -delta, delta, out=out), 1.0  # ρ′(d) = clamp(d, −δ, δ)
+
+
+@operation(
+    torch.nn.HuberLoss,
+    HuberLossFunction,
+    kind="loss",
+    examples=_pointwise_examples(*_WEIGHTED, {"delta": 0.5}, {"delta": 3.0, "weight": True, "reduction": "sum"}),
+)
+def huber_loss(
+    input: Tensor,
+    target: Tensor,
+    reduction: str = "mean",
+    delta: float = 1.0,
+    weight: Tensor | None = None,
+) -> Tensor:
+    r"""Huber loss; see :class:`~manualgrad.functions.HuberLossFunction`.
+
+    Backward: :math:`G_{\hat Y} = \operatorname{clamp}(\hat Y - T, -\delta, \delta)/M`.
+    A target of another shape broadcasts, with torch's warning.
+    """
+    layer = "huber_loss"
+    _checks.pointwise_loss(layer, input, target, reduction, weight)
+    if not delta > 0:
+        raise _checks.InputError(f"{layer}: delta must be > 0, got {delta!r}")
+    return apply(HuberLossFunction, input, target, weight, reduction, float(delta))
+
+
+# ---- binary cross-entropy -------------------------------------------------------------------------
+
+#: PyTorch's floor on (1 − x)x in the derivative: 1e-12 as a float32 constant, as in its kernel
+_BCE_EPSILON = torch.tensor(1e-12, dtype=torch.float32).item()
+
+
+class BinaryCrossEntropyFunction(ManualFunction):
+    r"""``apply(input, target, weight, reduction)``: :math:`\ell = -w\,(t \log x + (1 - t)\log(1 - x))`,
+    each log clamped at -100 (PyTorch's forward).
+
+    Backward: :math:`G_X = w \odot (x - t) / \max((1 - x)x, 10^{-12}) \odot \partial R/\partial\ell`
+    (PyTorch's floor: at :math:`x = 0` or 1 the gradient is :math:`\pm 10^{12}` times :math:`x - t`, and 0
+    where :math:`t = x`), :math:`G_T = -w \odot \operatorname{logit}(x) \odot \partial R/\partial\ell`
+    (:math:`\pm\infty` at :math:`x = 0` or 1, as PyTorch's). Forward mode: :math:`\dot\ell` is the same
+    two factors times :math:`\dot x` and :math:`\dot t`. The weight is not differentiated.
+
+    Shape: input ``(*)`` probabilities, target ``(*)``, weight broadcastable to ``(*)`` or ``None``;
+    output scalar, or ``(*)`` for ``"none"``.
+    """
+
+    @staticmethod
+    def forward(input, target, weight, reduction):
+        return torch.nn.functional.binary_cross_entropy(input, target, weight, reduction=reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, ctx.reduction = inputs
+        ctx.save_for_backward(input, target, weight)
+        save_for_forward(ctx, input, target, weight)
+        ctx.dtype = output.dtype
+
+    @staticmethod
+    def _scale(ctx, x, grad, weight):
+        """w ⊙ ∂R/∂ℓ."""
+        scale = _row_scale(grad, ctx.reduction, x.numel())
+        return scale if weight is None else scale * opmath(weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, target, weight = ctx.saved_tensors
+        x, t = opmath(input), opmath(target)
+        scale = BinaryCrossEntropyFunction._scale(ctx, x, opmath(grad_output), weight)  # w ⊙ ∂R/∂ℓ
+        in_place = _in_place()
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[0]:  # G_X = w ⊙ (x − t) / max((1 − x)x, ε) ⊙ ∂R/∂ℓ
+            ratio = _bce_ratio(x, t, in_place)
+            grad_input = cast(_times(ratio, scale, in_place), input.dtype)
+        if ctx.needs_input_grad[1]:  # G_T = −w ⊙ logit(x) ⊙ ∂R/∂ℓ
+            grad_target = cast(_times(_logit(x), -scale, in_place), target.dtype)
+        return grad_input, grad_target, None, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, target_tangent, *_):
+        input, target, weight = ctx.saved_tensors
+        x, t = opmath(input), opmath(target)
+        terms = 0
+        if input_tangent is not None:  # ℓ̇ = w ⊙ ((x − t)/max((1 − x)x, ε) ⊙ ẋ − logit(x) ⊙ ṫ)
+            terms = _bce_ratio(x, t, False) * opmath(input_tangent)
+        if target_tangent is not None:
+            terms = terms - torch.logit(x) * opmath(target_tangent)
+        if weight is not None:
+            terms = terms * opmath(weight)
+        return cast(_reduce(terms, ctx.reduction, x.numel()), ctx.dtype)
+
+
+def _bce_ratio(x: Tensor, t: Tensor, in_place: bool) -> Tensor:
+    """(x − t) / max((1 − x)x, ε), PyTorch's ∂ℓ/∂x of binary cross-entropy (ε = 1e-12)."""
+    floor = torch.clamp((1 - x) * x, min=_BCE_EPSILON)
+    return (x - t).div_(floor) if in_place else (x - t) / floor
+
+
+def _bce_examples(dtype, device, bench=False):
+    def probabilities(*shape):  # away from 0 and 1, where finite differences would step outside [0, 1]
+        return (torch.rand(shape, device=device) * 0.9 + 0.05).to(dtype)
+
+    if bench:
+        return [Example("256x4096", (probabilities(256, 4096), probabilities(256, 4096)), {})]
+    weight = (torch.rand(4, 3, device=device) + 0.5).to(dtype)
+    return [
+        Example(r, (probabilities(4, 3), probabilities(4, 3)), {"reduction": r}) for r in ("mean", "sum", "none")
+    ] + [
+        Example("weight", (probabilities(4, 3), probabilities(4, 3)), {"weight": weight}),
+        Example(
+            "class weight,sum", (probabilities(4, 3), probabilities(4, 3)), {"weight": weight[0], "reduction": "sum"}
+        ),
+        Example("1d", (probabilities(5), probabilities(5)), {}),
+    ]
+
+
+def _probabilities(layer: str, input: Tensor) -> None:
+    """Every element of ``input`` in [0, 1], as PyTorch's CPU kernel requires (a NaN is outside): on the CPU from
+    two numbers; on CUDA a device-side assert (no host sync); not read under ``torch.compile`` or ``torch.func``."""
+    if not input.numel() or _compat.traced(input):
+        return
+    if input.device.type != "cpu":
+        _compat.assert_async(((input >= 0) & (input <= 1)).all(), f"{layer}: input values must be in [0, 1]")
+        return
+    low, high = (v.item() for v in torch.aminmax(input.detach()))
+    if not (0 <= low and high <= 1):
+        raise _checks.InputError(
+            f"{layer}: input must hold probabilities in [0, 1], got values from {low} to {high}"
+            " (for logits use binary_cross_entropy_with_logits)"
+        )
+
+
+@operation(torch.nn.BCELoss, BinaryCrossEntropyFunction, kind="loss", examples=_bce_examples)
+def binary_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Binary cross-entropy of probabilities ``input`` against ``target``; see
+    :class:`~manualgrad.functions.BinaryCrossEntropyFunction`.
+
+    Backward: :math:`G_X = (x - t) / (\max((1 - x)x, 10^{-12})\, M)`. ``weight``
+    broadcasts to the input (e.g. one per class). Input values outside [0, 1]
+    raise, as in PyTorch.
+    """
+    layer = "binary_cross_entropy"
+    reduction = _checks.legacy_reduction(layer, size_average, reduce, reduction)
+    _binary_checks(layer, input, target, reduction, weight)
+    _probabilities(layer, input)
+    return apply(BinaryCrossEntropyFunction, input, target, weight, reduction)
+
+
+def _binary_checks(layer: str, input, target, reduction: str, weight, pos_weight=None) -> None:
+    _checks.tensor(layer, "input", input)
+    _checks.tensor(layer, "target", target)
+    _checks.reduction(layer, reduction)
+    _checks.real_floating(layer, "input", input)
+    _checks.real_floating(layer, "target", target)
+    _checks.same_device(layer, "input", input, "target", target)
+    if target.shape != input.shape:
+        raise _checks.InputError(
+            f"{layer}: target has shape {_checks.shape(target)}, input has shape {_checks.shape(input)} "
+            "(they must match)"
+        )
+    _broadcast_weight(layer, "weight", weight, input)
+    _broadcast_weight(layer, "pos_weight", pos_weight, input)
+
+
+class BinaryCrossEntropyWithLogitsFunction(ManualFunction):
+    r"""``apply(input, target, weight, pos_weight, reduction)``: binary cross-entropy of :math:`\sigma(z)`,
+    :math:`\ell = w\,((1 - t) z + (1 + (p - 1) t) \log(1 + e^{-z}))` (PyTorch's stable forward).
+
+    Backward: :math:`G_Z = w \odot (\sigma(z)(1 + (p - 1)t) - p t) \odot \partial R/\partial\ell`
+    (:math:`\sigma(z) - t` without ``pos_weight``),
+    :math:`G_T = w \odot (p \log(1 + e^{-z}) - \log(1 + e^{z})) \odot \partial R/\partial\ell`
+    (:math:`-z` without). Forward mode: the same factors times :math:`\dot z` and :math:`\dot t`.
+    Weights are not differentiated.
+
+    Shape: input ``(*)`` logits, target ``(*)``, weight and pos_weight broadcastable to ``(*)`` (pos_weight
+    one per class, along the last dimension) or ``None``; output scalar, or ``(*)`` for ``"none"``.
+    """
+
+    @staticmethod
+    def forward(input, target, weight, pos_weight, reduction):
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            input, target, weight, reduction=reduction, pos_weight=pos_weight
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, pos_weight, ctx.reduction = inputs
+        ctx.save_for_backward(input, target, weight, pos_weight)
+        save_for_forward(ctx, input, target, weight, pos_weight)
+        ctx.dtype = output.dtype
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        z, t = opmath(input), opmath(target)
+        scale = _row_scale(opmath(grad_output), ctx.reduction, z.numel())
+        if weight is not None:
+            scale = scale * opmath(weight)  # w ⊙ ∂R/∂ℓ
+        in_place = _in_place()
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[0]:  # G_Z = w ⊙ (σ(z)(1 + (p − 1)t) − p t) ⊙ ∂R/∂ℓ
+            grad_input = cast(_times(_bce_logits_dz(z, t, pos_weight, in_place), scale, in_place), input.dtype)
+        if ctx.needs_input_grad[1]:  # G_T = w ⊙ (p log(1 + e^−z) − log(1 + e^z)) ⊙ ∂R/∂ℓ, or −z ⊙ w ⊙ ∂R/∂ℓ
+            if pos_weight is None:
+                grad_target = z * -scale
+            else:
+                grad_target = _times(_bce_logits_dt(z, pos_weight), scale, in_place)
+            grad_target = cast(grad_target, target.dtype)
+        return grad_input, grad_target, None, None, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, target_tangent, *_):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        z, t = opmath(input), opmath(target)
+        terms = 0
+        if input_tangent is not None:  # ℓ̇ = w ⊙ (∂ℓ/∂z ż + ∂ℓ/∂t ṫ)
+            terms = _bce_logits_dz(z, t, pos_weight, False) * opmath(input_tangent)
+        if target_tangent is not None:
+            dt = -z if pos_weight is None else _bce_logits_dt(z, pos_weight)
+            terms = terms + dt * opmath(target_tangent)
+        if weight is not None:
+            terms = terms * opmath(weight)
+        return cast(_reduce(terms, ctx.reduction, z.numel()), ctx.dtype)
+
+
+def _bce_logits_dz(z: Tensor, t: Tensor, pos_weight: Tensor | None, in_place: bool) -> Tensor:
+    """∂ℓ/∂z / w = σ(z)(1 + (p − 1)t) − p t; σ(z) − t without pos_weight."""
+    s = _sigmoid(z)
+    if pos_weight is None:
+        return s.sub_(t) if in_place else s - t
+    pt = opmath(pos_weight) * t
+    return s * (1 + pt - t) - pt
+
+
+def _bce_logits_dt(z: Tensor, pos_weight: Tensor) -> Tensor:
+    """∂ℓ/∂t / w = p log(1 + e^{−z}) − log(1 + e^{z}) = log σ(−z) − p log σ(z)."""
+    return _log_sigmoid(-z) - opmath(pos_weight) * _log_sigmoid(z)
+
+
+def _bce_logits_examples(dtype, device, bench=False):
+    def make(*shape):
+        return torch.randn(shape, device=device).mul_(3).to(dtype)
+
+    def targets(*shape):
+        return torch.rand(shape, device=device).to(dtype)
+
+    if bench:
+        return [Example("256x4096", (make(256, 4096), targets(256, 4096)), {})]
+    weight = (torch.rand(4, 3, device=device) + 0.5).to(dtype)
+    pos_weight = (torch.rand(3, device=device) * 3 + 0.2).to(dtype)
+    return [Example(r, (make(4, 3), targets(4, 3)), {"reduction": r}) for r in ("mean", "sum", "none")] + [
+        Example("pos_weight", (make(4, 3), targets(4, 3)), {"pos_weight": pos_weight}),
+        Example(
+            "weight,pos_weight,none",
+            (make(4, 3), targets(4, 3)),
+            {"weight": weight[0], "pos_weight": pos_weight, "reduction": "none"},
+        ),
+        Example(
+            "pos_weight,spatial,sum",
+            (make(2, 3, 2, 2), targets(2, 3, 2, 2)),
+            {"pos_weight": pos_weight[:, None, None], "reduction": "sum"},
+        ),
+        Example("hard targets", (make(4, 3), targets(4, 3).round()), {"pos_weight": pos_weight}),
+    ]
+
+
+@operation(torch.nn.BCEWithLogitsLoss, BinaryCrossEntropyWithLogitsFunction, kind="loss", examples=_bce_logits_examples)
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    r"""Binary cross-entropy of logits ``input`` (a sigmoid, then the loss, in one stable formula); see
+    :class:`~manualgrad.functions.BinaryCrossEntropyWithLogitsFunction`.
+
+    Backward: :math:`G_Z = (\sigma(z) - t)/M` without weights. ``weight`` and
+    ``pos_weight`` broadcast to the input (``pos_weight``: one per class, along
+    the last dimension).
+    """
+    layer = "binary_cross_entropy_with_logits"
+    reduction = _checks.legacy_reduction(layer, size_average, reduce, reduction)
+    _binary_checks(layer, input, target, reduction, weight, pos_weight)
+    return apply(BinaryCrossEntropyWithLogitsFunction, input, target, weight, pos_weight, reduction)
