@@ -858,9 +858,11 @@ class BinaryCrossEntropyFunction(ManualFunction):
 
 
 def _bce_ratio(x: Tensor, t: Tensor, in_place: bool) -> Tensor:
-    """(x − t) / max((1 − x)x, ε), PyTorch's ∂ℓ/∂x of binary cross-entropy (ε = 1e-12)."""
-    floor = torch.clamp((1 - x) * x, min=_BCE_EPSILON)
-    return (x - t).div_(floor) if in_place else (x - t) / floor
+    """(x − t) / max((1 − x)x, ε), PyTorch's ∂ℓ/∂x of binary cross-entropy (ε = 1e-12 in float32); with
+    ``in_place``, each step written into the tensor the previous one made."""
+    if not in_place:
+        return (x - t) / torch.clamp((1 - x) * x, min=_BCE_EPSILON)
+    return (x - t).div_((1 - x).mul_(x).clamp_(min=_BCE_EPSILON))
 
 
 def _bce_examples(dtype, device, bench=False):
