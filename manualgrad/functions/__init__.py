@@ -17,13 +17,21 @@ from .activations import (
     TanhFunction,
 )
 from .base import ManualFunction
+from .conv import Conv2dFunction, Conv2dWeightFunction, ConvTranspose2dFunction
 from .dropout import DropoutFunction
 from .linear import LinearFunction
 from .losses import CrossEntropyFunction, MSELossFunction, NLLLossFunction
 from .mlp import MLPCrossEntropyFunction, MLPFunction, MLPSpec
+from .pooling import AdaptiveAvgPool2dFunction, AvgPool2dFunction, MaxPool2dFunction
+from .shape import PadFunction, ReshapeFunction
 from .softmax import LogSoftmaxFunction, SoftmaxFunction
 
 __all__ = [
+    "AdaptiveAvgPool2dFunction",
+    "AvgPool2dFunction",
+    "Conv2dFunction",
+    "Conv2dWeightFunction",
+    "ConvTranspose2dFunction",
     "CrossEntropyFunction",
     "DropoutFunction",
     "ELUFunction",
@@ -37,9 +45,12 @@ __all__ = [
     "MLPSpec",
     "MSELossFunction",
     "ManualFunction",
+    "MaxPool2dFunction",
     "MishFunction",
     "NLLLossFunction",
+    "PadFunction",
     "ReLUFunction",
+    "ReshapeFunction",
     "SiLUFunction",
     "SigmoidFunction",
     "SoftmaxFunction",

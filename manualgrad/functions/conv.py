@@ -1,0 +1,441 @@
+r"""The 2-D convolution :math:`Z = W \star X + b`: a Linear layer applied to every patch of the input.
+
+One sample, one group (``docs/derivations.md``, "Convolution"). Unfold the
+input into its patches: :math:`\hat X = U x` (``unfold``), one column
+:math:`\hat x_\ell` of :math:`K = C k_h k_w` numbers per output position
+:math:`\ell` (zero where the patch reaches into the padding); :math:`U` is a
+0/1 matrix. The weight, read as an :math:`O \times K` matrix, maps every
+column the same way: :math:`z_\ell = W \hat x_\ell + b`. So at each position
+the Linear layer's Jacobians hold, :math:`\partial z_\ell / \partial \hat x_\ell = W`,
+and since :math:`W`, :math:`b` and the pixels are shared between positions,
+their row-vector gradients add up over :math:`\ell`:
+
+.. math::
+
+    \frac{dR}{d\hat x_\ell} = g_\ell W \qquad
+    \frac{dR}{dW} = \textstyle\sum_\ell g_\ell^\top \hat x_\ell^\top \qquad
+    \frac{dR}{db} = \textstyle\sum_\ell g_\ell \qquad
+    \frac{dR}{dx} = \textstyle\sum_\ell \frac{dR}{d\hat x_\ell} U_\ell
+
+Batched, as PyTorch stores it (``G_Z`` is ``N x O x L``; per group of channels):
+
+.. math::
+
+    G_X[n] = \operatorname{fold}(W^\top G_Z[n]) = W \star^\top G_Z \qquad
+    G_W = \textstyle\sum_n G_Z[n] \hat X[n]^\top \qquad
+    G_b = \textstyle\sum_{n,\ell} G_Z[n, :, \ell] \qquad
+    \dot Z = W \star \dot X + \dot W \star X + \dot b
+
+``fold`` adds every column back onto the pixels its patch came from (the
+adjoint of unfolding): the transposed convolution, ``conv_transpose2d``.
+:math:`G_W` is the formula (unfold, then a batched product summed over the
+batch) for short patches, and the same sums as one convolution over the batch,
+with batch and channels swapped, for patches of :data:`SWAP_AT` numbers or
+more (``_weight_grad``): measured faster there, and tested equal.
+
+The three maps are bilinear and adjoint to each other:
+:math:`\langle W \star^\top G, V\rangle = \langle G, W \star V\rangle = \langle W, V \star G\rangle`
+(:math:`V \star G` the weight-gradient map). So a double backward differentiates
+each with the other two: when autograd records the backward (``create_graph=True``)
+it applies :class:`ConvTranspose2dFunction` and :class:`Conv2dWeightFunction`,
+whose own backward passes apply the three again. No derivative kernel
+(``convolution_backward``) runs, at any order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _checks
+from ..errors import InputError
+from ..registry import Example, operation
+from .base import ManualFunction, apply, cast, opmath, save_for_forward
+from .shape import PadFunction
+
+__all__ = ["Conv2dFunction", "Conv2dWeightFunction", "ConvGeometry", "ConvTranspose2dFunction", "conv2d"]
+
+
+class ConvGeometry(NamedTuple):
+    """Everything about a convolution but its tensors: how the kernel walks over the input."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]  #: top, bottom, left, right (bottom/right one more for an even 'same')
+    dilation: tuple[int, int]
+    groups: int
+    input_size: tuple[int, int]  #: H, W of the input (what the transposed convolution must give back)
+    kernel_size: tuple[int, int]  #: k_h, k_w
+
+    @property
+    def symmetric(self) -> bool:
+        top, bottom, left, right = self.padding
+        return top == bottom and left == right
+
+
+# ---- the three maps, computed with forward operators (no autograd) -------------------------------
+
+
+def _batched(t: Tensor) -> Tensor:
+    """An unbatched ``(C, H, W)`` tensor as a batch of one."""
+    return t if t.dim() == 4 else t.unsqueeze(0)
+
+
+def _pad_extra(x: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The input with the asymmetric part of an even 'same' padding (one more row/column at the end) added."""
+    top, bottom, left, right = geometry.padding
+    return x if geometry.symmetric else F.pad(x, (0, right - left, 0, bottom - top))
+
+
+def _conv(x: Tensor, w: Tensor, geometry: ConvGeometry, bias: Tensor | None = None) -> Tensor:
+    """Z = W ⋆ X + b."""
+    top, _, left, _ = geometry.padding
+    return F.conv2d(_pad_extra(x, geometry), w, bias, geometry.stride, (top, left), geometry.dilation, geometry.groups)
+
+
+def _input_grad(g: Tensor, w: Tensor, geometry: ConvGeometry) -> Tensor:
+    """G_X = W ⋆ᵀ G_Z: the transposed convolution, cut to the input's size."""
+    (s_h, s_w), (top, _, left, _), (d_h, d_w) = geometry.stride, geometry.padding, geometry.dilation
+    (k_h, k_w), (H, W) = geometry.kernel_size, geometry.input_size
+    # conv_transpose2d's output: (Z - 1) s - 2 p + d (k - 1) + 1 + output_padding pixels
+    reach_h = (g.shape[-2] - 1) * s_h - 2 * top + d_h * (k_h - 1) + 1
+    reach_w = (g.shape[-1] - 1) * s_w - 2 * left + d_w * (k_w - 1) + 1
+    extra = (max(H - reach_h, 0), max(W - reach_w, 0))  # rows/columns no window reaches: zero, < stride
+    out = F.conv_transpose2d(g, w, None, geometry.stride, (top, left), extra, geometry.groups, geometry.dilation)
+    if out.shape[-2] != H or out.shape[-1] != W:  # an even 'same' padding: drop the gradient of the extra padding
+        out = F.pad(out, (0, W - out.shape[-1], 0, H - out.shape[-2]))  # (a crop, into a new tensor)
+    return out
+
+
+def _weight_grad(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
+    """G_W = Σ_n Σ_ℓ G_Z[n, :, ℓ] X̂[n, :, ℓ]ᵀ, per group: by the patches (the formula), or, for patches of
+    :data:`SWAP_AT` numbers or more, by :func:`_weight_grad_by_convolution` (the same sums, measured faster)."""
+    x, g = _batched(x), _batched(g)
+    k_h, k_w = geometry.kernel_size
+    if x.shape[0] == 0:  # an empty batch: an empty sum
+        return g.new_zeros(g.shape[1], x.shape[1] // geometry.groups, k_h, k_w)
+    if x.shape[1] // geometry.groups * k_h * k_w >= SWAP_AT:
+        return _weight_grad_by_convolution(x, g, geometry)
+    return _weight_grad_by_patches(x, g, geometry)
+
+
+#: Patch length (C_g k_h k_w) from which G_W is computed as a convolution over the batch. Measured (1 thread,
+#: interleaved medians; batch 64, 28 x 28 inputs, 3 x 3 kernels, 32 output channels), by the patches vs as a
+#: convolution: 9 numbers (C = 1) 3.3 vs 4.8 ms; 27: 11.6 vs 11.9 ms; 72: 15.5 vs 8.2 ms; 288 (the MNIST
+#: conv2, 64 outputs on 26 x 26): 92 vs 30 ms.
+SWAP_AT = 32
+
+
+def _weight_grad_by_patches(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The formula: X̂ = unfold(X), (N, G, C_g k_h k_w, L); G_W[group] = Σ_n G_Z[n, group] X̂[n, group]ᵀ."""
+    n, c = x.shape[:2]
+    o, groups = g.shape[1], geometry.groups
+    top, _, left, _ = geometry.padding
+    patches = F.unfold(_pad_extra(x, geometry), geometry.kernel_size, geometry.dilation, (top, left), geometry.stride)
+    patches = patches.reshape(n, groups, -1, patches.shape[-1])  # (N, G, C_g k_h k_w, L)
+    grads = g.reshape(n, groups, o // groups, -1)  # (N, G, O_g, L)
+    return grads.matmul(patches.transpose(-1, -2)).sum(0).reshape(o, c // groups, *geometry.kernel_size)
+
+
+def _weight_grad_by_convolution(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The same sums as one convolution: the batch becomes the channels (what is summed), the input channels the
+    batch, and G_Z the kernel, walked with the stride as dilation and the dilation as stride. With groups, each
+    group's samples are its channels (``groups`` as a convolution's groups again)."""
+    n, c = x.shape[:2]
+    o, groups = g.shape[1], geometry.groups
+    k_h, k_w = geometry.kernel_size
+    x = _pad_extra(x, geometry)
+    top, _, left, _ = geometry.padding
+    c_g, o_g = c // groups, o // groups
+    inputs = x.reshape(n, groups, c_g, *x.shape[2:]).permute(2, 1, 0, 3, 4).reshape(c_g, -1, *x.shape[2:])
+    kernels = g.reshape(n, groups, o_g, *g.shape[2:]).permute(1, 2, 0, 3, 4).reshape(o, n, *g.shape[2:])
+    # inputs (C_g, G·N, H, W) convolved with kernels (O, N, Z_h, Z_w): (C_g, O, ≥ k_h, ≥ k_w)
+    out = F.conv2d(inputs, kernels, None, geometry.dilation, (top, left), geometry.stride, groups)
+    if out.shape[-2:] != (k_h, k_w):  # windows that would start past the last output position: not the kernel's
+        out = F.pad(out, (0, k_w - out.shape[-1], 0, k_h - out.shape[-2]))
+    return out.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # a new tensor, not a view of out
+
+
+# ---- the Functions --------------------------------------------------------------------------------
+
+
+def _transposed(g: Tensor, w: Tensor, geometry: ConvGeometry) -> Tensor:
+    """W ⋆ᵀ G inside a backward: through :class:`ConvTranspose2dFunction` when a double backward records it."""
+    return apply(ConvTranspose2dFunction, g, w, geometry) if torch.is_grad_enabled() else _input_grad(g, w, geometry)
+
+
+def _correlated(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
+    """X ⋆ G (the weight gradient's map) inside a backward; through :class:`Conv2dWeightFunction` when recorded."""
+    return apply(Conv2dWeightFunction, x, g, geometry) if torch.is_grad_enabled() else _weight_grad(x, g, geometry)
+
+
+def _convolved(x: Tensor, w: Tensor, geometry: ConvGeometry) -> Tensor:
+    """W ⋆ X inside a backward; through :class:`Conv2dFunction` when recorded."""
+    return apply(Conv2dFunction, x, w, None, geometry) if torch.is_grad_enabled() else _conv(x, w, geometry)
+
+
+class Conv2dFunction(ManualFunction):
+    r"""``apply(input, weight, bias, geometry)``: :math:`Z = W \star X + b`, the 2-D convolution (cross-correlation).
+
+    Backward: :math:`G_X = W \star^\top G_Z` (``conv_transpose2d``),
+    :math:`G_W = \sum_n G_Z[n] \hat X[n]^\top` (``_weight_grad``),
+    :math:`G_b = \sum_{n, \ell} G_Z`, each only if ``ctx.needs_input_grad`` asks.
+    It keeps ``X`` only when ``W`` needs a gradient and ``W`` only when ``X``
+    does. Half-precision gradients are computed in float32 and rounded once;
+    under autocast each gradient comes back in its input's dtype.
+
+    Shape:
+        - input: ``(N, C, H, W)`` or ``(C, H, W)``
+        - weight: ``(O, C / groups, k_h, k_w)``; bias: ``(O,)`` or ``None``
+        - output: ``(N, O, Z_h, Z_w)`` or ``(O, Z_h, Z_w)``
+    """
+
+    @staticmethod
+    def forward(input: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry) -> Tensor:
+        return _conv(input, weight, geometry, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, ctx.geometry = inputs
+        needs_input, needs_weight, _ = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
+        save_for_forward(ctx, input, weight)
+        ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.output_shape = output.shape
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        input, weight = ctx.saved_tensors
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        geometry, dtypes = ctx.geometry, ctx.dtypes
+        g = opmath(grad_output)
+        grad_input = grad_weight = grad_bias = None
+        if needs_input:  # G_X = W ⋆ᵀ G_Z
+            grad_input = cast(_transposed(g, cast(weight, g.dtype), geometry), dtypes[0])
+        if needs_weight:  # G_W = X ⋆ G_Z = Σ_{n,ℓ} G_Z[n,:,ℓ] X̂[n,:,ℓ]ᵀ
+            grad_weight = cast(_correlated(cast(input, g.dtype), g, geometry), dtypes[1])
+        if needs_bias:  # G_b = Σ_{n,ℓ} G_Z[n,:,ℓ]
+            grad_bias = cast(g.sum((0, 2, 3) if g.dim() == 4 else (1, 2)), dtypes[2])
+        return grad_input, grad_weight, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, weight_tangent, bias_tangent, _):
+        input, weight = ctx.saved_tensors
+        geometry = ctx.geometry
+        tangent = None
+        if input_tangent is not None:  # W ⋆ Ẋ
+            tangent = _conv(input_tangent, weight, geometry)
+        if weight_tangent is not None:  # + Ẇ ⋆ X
+            term = _conv(input, weight_tangent, geometry)
+            tangent = term if tangent is None else tangent + term
+        if bias_tangent is not None:  # + ḃ
+            term = bias_tangent.reshape(-1, 1, 1).expand(ctx.output_shape)
+            tangent = term if tangent is None else tangent + term
+        return tangent
+
+
+class ConvTranspose2dFunction(ManualFunction):
+    r"""``apply(grad, weight, geometry)``: :math:`X = W \star^\top G`, the transposed convolution: the adjoint of
+    :math:`X \mapsto W \star X` for ``geometry``, cut to its input size. :class:`Conv2dFunction`'s :math:`G_X`.
+
+    Backward, from :math:`\langle W \star^\top G, V\rangle = \langle G, W \star V\rangle
+    = \langle W, V \star G\rangle`: :math:`G_G = W \star G_X`, :math:`G_W = G_X \star G`. Forward mode:
+    :math:`\dot X = W \star^\top \dot G + \dot W \star^\top G`.
+    """
+
+    @staticmethod
+    def forward(grad: Tensor, weight: Tensor, geometry: ConvGeometry) -> Tensor:
+        return _input_grad(grad, weight, geometry)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, weight, ctx.geometry = inputs
+        ctx.save_for_backward(grad, weight)
+        save_for_forward(ctx, grad, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad, weight = ctx.saved_tensors
+        needs_grad, needs_weight, _ = ctx.needs_input_grad
+        v = grad_output
+        grad_grad = _convolved(v, weight, ctx.geometry) if needs_grad else None  # W ⋆ V
+        grad_weight = _correlated(v, grad, ctx.geometry) if needs_weight else None  # V ⋆ G
+        return grad_grad, grad_weight, None
+
+    @staticmethod
+    def jvp(ctx, grad_tangent, weight_tangent, _):
+        grad, weight = ctx.saved_tensors
+        terms = []
+        if grad_tangent is not None:  # W ⋆ᵀ Ġ
+            terms.append(_input_grad(grad_tangent, weight, ctx.geometry))
+        if weight_tangent is not None:  # + Ẇ ⋆ᵀ G
+            terms.append(_input_grad(grad, weight_tangent, ctx.geometry))
+        return sum(terms[1:], terms[0])
+
+
+class Conv2dWeightFunction(ManualFunction):
+    r"""``apply(input, grad, geometry)``: :math:`X \star G`, the correlation of an input with an output gradient
+    (``weight``'s shape): :class:`Conv2dFunction`'s :math:`G_W`.
+
+    Backward (the same identities): :math:`G_X = U \star^\top G`, :math:`G_G = U \star X`
+    for the incoming gradient :math:`U`. Forward mode: :math:`\dot X \star G + X \star \dot G`.
+    """
+
+    @staticmethod
+    def forward(input: Tensor, grad: Tensor, geometry: ConvGeometry) -> Tensor:
+        return _weight_grad(input, grad, geometry)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, grad, ctx.geometry = inputs
+        ctx.save_for_backward(input, grad)
+        save_for_forward(ctx, input, grad)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        input, grad = ctx.saved_tensors
+        needs_input, needs_grad, _ = ctx.needs_input_grad
+        u = grad_output
+        grad_input = _transposed(grad, u, ctx.geometry) if needs_input else None  # U ⋆ᵀ G
+        grad_grad = _convolved(input, u, ctx.geometry) if needs_grad else None  # U ⋆ X
+        return grad_input, grad_grad, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, grad_tangent, _):
+        input, grad = ctx.saved_tensors
+        terms = []
+        if input_tangent is not None:  # Ẋ ⋆ G
+            terms.append(_weight_grad(input_tangent, grad, ctx.geometry))
+        if grad_tangent is not None:  # + X ⋆ Ġ
+            terms.append(_weight_grad(input, grad_tangent, ctx.geometry))
+        return sum(terms[1:], terms[0])
+
+
+# ---- validation -----------------------------------------------------------------------------------
+
+
+def pair(layer: str, name: str, value, *, minimum: int) -> tuple[int, int]:
+    """An int or a sequence of one or two ints (as torch accepts them), each at least ``minimum``."""
+    values = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise InputError(f"{layer}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(values) < minimum:
+        raise InputError(f"{layer}: {name} must be {'positive' if minimum else 'non-negative'}, got {value!r}")
+    return values
+
+
+def _geometry(input: Tensor, weight: Tensor, bias, stride, padding, dilation, groups) -> ConvGeometry:
+    """Check a conv2d call (what torch refuses, refused with the shapes named) and describe it."""
+    layer = "conv2d"
+    _checks.tensor(layer, "input", input)
+    _checks.tensor(layer, "weight", weight)
+    if input.dim() not in (3, 4):
+        raise InputError(f"{layer}: input must be (N, C, H, W) or unbatched (C, H, W), got shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise InputError(
+            f"{layer}: weight must be 4-D (out_channels, in_channels / groups, k_h, k_w), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    _checks.real_floating(layer, "input", input)
+    _checks.same_device(layer, "input", input, "weight", weight)
+    _checks.same_dtype(layer, "input", input, "weight", weight)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise InputError(f"{layer}: groups must be a positive int, got {groups!r}")
+    out_channels, per_group = weight.shape[:2]
+    channels = input.shape[-3]
+    if out_channels % groups:
+        raise InputError(
+            f"{layer}: weight has {out_channels} output channels (shape {tuple(weight.shape)}), "
+            f"not divisible by groups={groups}"
+        )
+    if channels != per_group * groups:
+        raise InputError(
+            f"{layer}: input has {channels} channels (shape {tuple(input.shape)}), weight expects "
+            f"{per_group * groups} = groups {groups} x {per_group} (weight shape {tuple(weight.shape)})"
+        )
+    if bias is not None:
+        _checks.tensor(layer, "bias", bias)
+        if bias.shape != (out_channels,):
+            raise InputError(
+                f"{layer}: bias has shape {tuple(bias.shape)}, weight has {out_channels} output channels "
+                f"(expected bias shape ({out_channels},))"
+            )
+        _checks.same_device(layer, "bias", bias, "weight", weight)
+        _checks.same_dtype(layer, "bias", bias, "weight", weight)
+    stride = pair(layer, "stride", stride, minimum=1)
+    dilation = pair(layer, "dilation", dilation, minimum=1)
+    kernel = tuple(weight.shape[2:])
+    if isinstance(padding, str):
+        _checks.choice(layer, "padding", padding, ("same", "valid"))
+        if padding == "valid":
+            sides = (0, 0, 0, 0)
+        elif stride != (1, 1):
+            raise InputError(f"{layer}: padding='same' is not supported for strided convolutions (stride={stride})")
+        else:  # d (k − 1) in all, the odd one at the end (as torch pads it)
+            total_h, total_w = (d * (k - 1) for d, k in zip(dilation, kernel))
+            sides = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+    else:
+        p_h, p_w = pair(layer, "padding", padding, minimum=0)
+        sides = (p_h, p_h, p_w, p_w)
+    size = tuple(input.shape[-2:])
+    padded = (size[0] + sides[0] + sides[1], size[1] + sides[2] + sides[3])
+    reach = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
+    if padded[0] < reach[0] or padded[1] < reach[1]:
+        raise InputError(
+            f"{layer}: the padded input is {padded[0]} x {padded[1]} (input shape {tuple(input.shape)}), smaller "
+            f"than the dilated kernel {reach[0]} x {reach[1]} (weight shape {tuple(weight.shape)})"
+        )
+    return ConvGeometry(stride, sides, dilation, groups, size, kernel)
+
+
+# ---- the operation --------------------------------------------------------------------------------
+
+
+def _examples(dtype, device, bench=False):
+    def make(*shape):
+        return torch.randn(shape, device=device).to(dtype)
+
+    if bench:  # the MNIST network's two convolutions
+        return [
+            Example("64x1x28x28->32,k3", (make(64, 1, 28, 28), make(32, 1, 3, 3), make(32)), {}),
+            Example("64x32x26x26->64,k3", (make(64, 32, 26, 26), make(64, 32, 3, 3), make(64)), {}),
+        ]
+    x = make(1, 2, 4, 5)  # tiny: the gradient checks cost a few evaluations per element
+    return [
+        Example("2x2x4x4->2,k2", (make(2, 2, 4, 4), make(2, 2, 2, 2), make(2)), {}),
+        Example("stride,padding,nobias", (x, make(2, 2, 3, 3)), {"stride": 2, "padding": 1}),
+        Example("tuples", (x, make(2, 2, 2, 3), make(2)), {"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2)}),
+        Example("dilation,groups", (make(1, 2, 5, 5), make(4, 1, 2, 2), make(4)), {"dilation": 2, "groups": 2}),
+        # patches of 2·4·4 = SWAP_AT numbers: G_W as a convolution over the batch
+        Example("same,even-kernel", (x, make(2, 2, 4, 4), make(2)), {"padding": "same", "dilation": (2, 1)}),
+        Example("unbatched", (make(2, 4, 5), make(2, 2, 3, 3), make(2)), {"padding": 1}),
+        Example(
+            "stride>kernel,valid", (make(1, 2, 5, 5), make(2, 2, 2, 2), make(2)), {"stride": 3, "padding": "valid"}
+        ),
+    ]
+
+
+def _module_forward(self: torch.nn.Conv2d, input: Tensor) -> Tensor:
+    """``torch.nn.Conv2d.forward``: a ``padding_mode`` other than ``'zeros'`` pads first (our :class:`PadFunction`,
+    as torch pads with ``F.pad``), then convolves without padding."""
+    if self.padding_mode != "zeros":
+        input = PadFunction.pad(input, self._reversed_padding_repeated_twice, self.padding_mode, layer="Conv2d")
+        return conv2d(input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+    return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@operation(torch.nn.Conv2d, Conv2dFunction, kind="layer", examples=_examples, module_forward=_module_forward)
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1):
+    r""":math:`Z = W \star X + b` over 2-D inputs; see :class:`~manualgrad.functions.Conv2dFunction`.
+
+    Shape: input ``(N, C, H, W)`` or ``(C, H, W)``, weight ``(O, C / groups, k_h, k_w)``,
+    bias ``(O,)``. ``padding``: an int, a pair, ``'valid'`` or ``'same'``
+    (stride 1; an even dilated kernel pads one more row/column at the end, as torch does).
+    """
+    geometry = _geometry(input, weight, bias, stride, padding, dilation, groups)
+    return apply(Conv2dFunction, input, weight, bias, geometry)
