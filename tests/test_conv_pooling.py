@@ -9,6 +9,7 @@ empty batches, integer inputs, and in-place use of a flattened tensor.
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -359,3 +360,30 @@ def test_conv2d_autocast_keeps_parameter_gradients_in_float32():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert model.weight.grad.dtype == torch.float32 and model.bias.grad.dtype == torch.float32
+
+
+def test_convert_switches_a_cnn_and_every_node_is_ours():
+    """A torch.nn CNN of every new module, converted in place: same output, quietly, and a complete coverage."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.AvgPool2d(2),
+        torch.nn.AdaptiveAvgPool2d((None, 2)),
+        torch.nn.Flatten(),
+        torch.nn.Unflatten(1, (4, 4)),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 3),
+    )
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)  # so that the padding of the input has a backward node
+    expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        manualgrad.convert(model)
+    assert all(type(m).__module__ == "manualgrad.nn" for m in model)
+    out = model(x)
+    torch.testing.assert_close(out, expected)
+    coverage = manualgrad.manual_coverage(MF.cross_entropy(out, torch.tensor([0, 2])))
+    assert coverage.complete, coverage
+    assert coverage.manual["ReshapeFunctionBackward"] == 3 and coverage.manual["PadFunctionBackward"] == 1
