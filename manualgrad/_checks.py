@@ -75,6 +75,10 @@ def legacy_reduction(layer: str, size_average, reduce, reduction: str) -> str:
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None, layer: str = "linear") -> None:
+    """A Linear layer's input, weight and bias fit together. The common case is settled by one expression
+    (:func:`_linear_fits`, tested to agree with the checks below); anything else goes through the checks."""
+    if _linear_fits(input, weight, bias):
+        return
     tensor(layer, "input", input)
     tensor(layer, "weight", weight)
     if weight.dim() != 2:
@@ -99,6 +103,27 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None, layer: str = "lin
             )
         same_device(layer, "bias", bias, "weight", weight)
         same_dtype(layer, "bias", bias, "weight", weight)
+
+
+def _linear_fits(input, weight, bias) -> bool:
+    """True only where :func:`linear`'s checks all pass, same dtypes (a tenth of their cost: after a large matrix
+    product the interpreter's caches are cold, and each further Python step costs several times what it does
+    in a loop). ``tests/test_errors.py`` checks it against the checks on valid and invalid inputs."""
+    try:
+        return (
+            weight.dim() == 2
+            and input.dim() > 0
+            and input.shape[-1] == weight.shape[1]
+            and input.dtype == weight.dtype
+            and input.is_floating_point()
+            and input.device == weight.device
+            and (
+                bias is None
+                or (bias.shape == weight.shape[:1] and bias.dtype == weight.dtype and bias.device == weight.device)
+            )
+        )
+    except (AttributeError, TypeError):  # not tensors: the checks say which
+        return False
 
 
 def not_differentiated(layer: str, name: str, t: Tensor | None) -> None:

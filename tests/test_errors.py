@@ -137,3 +137,38 @@ def test_input_error_is_exported():
 
     assert manualgrad.InputError is InputError is manualgrad.errors.InputError
     assert issubclass(InputError, ValueError) and issubclass(InputError, RuntimeError)
+
+
+def test_linears_fast_check_agrees_with_the_detailed_checks():
+    """_linear_fits settles the common case in one expression: it must pass exactly the inputs the checks pass
+    (with equal dtypes) and send everything else to them."""
+    from manualgrad import _checks
+
+    f64 = torch.float64
+    cases = [
+        (torch.randn(2, 5), torch.randn(3, 5), torch.randn(3)),
+        (torch.randn(5), torch.randn(3, 5), None),
+        (torch.randn(2, 4, 5, dtype=f64), torch.randn(3, 5, dtype=f64), torch.randn(3, dtype=f64)),
+        (torch.randn(0, 5), torch.randn(3, 5), None),
+        (torch.randn(2, 0), torch.randn(3, 0), torch.randn(3)),
+        (torch.randn(2, 6), torch.randn(3, 5), None),
+        (torch.randn(2, 5), torch.randn(3, 5, 1), None),
+        (torch.randn(2, 5, dtype=f64), torch.randn(3, 5), None),
+        (torch.ones(2, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long), None),
+        (torch.randn(2, 5, dtype=torch.complex64), torch.randn(3, 5, dtype=torch.complex64), None),
+        (torch.randn(()), torch.randn(3, 5), None),
+        (torch.randn(2, 5), torch.randn(3, 5), torch.randn(4)),
+        (torch.randn(2, 5), torch.randn(3, 5), torch.randn(3, dtype=f64)),
+        (torch.randn(2, 5), torch.randn(3, 5, device="meta"), None),
+        (torch.randn(2, 5), torch.randn(3, 5), torch.randn(3, device="meta")),
+        ([1.0, 2.0], torch.randn(3, 2), None),
+        (torch.randn(2, 5), "weight", None),
+    ]
+    for input, weight, bias in cases:
+        try:
+            _checks.linear(input, weight, bias)
+            passes = True
+        except (InputError, TypeError):
+            passes = False
+        same_dtypes = passes and input.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
+        assert _checks._linear_fits(input, weight, bias) == same_dtypes, (input, weight, bias)

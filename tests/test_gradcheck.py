@@ -187,16 +187,41 @@ def test_a_derivative_returning_the_saved_tensor_is_not_overwritten():
 
 
 def test_relus_fast_indicator_equals_the_plain_formula():
-    """positive(y) writes the comparison straight into floats; it equals 1 - 1[y <= 0] (NaN -> 1), and the
-    plain expression it falls back to under torch.func."""
+    """positive(y) writes the comparison straight into floats; on ReLU outputs it equals 1[y > 0] with NaN -> 1
+    (what torch's ReLU backward passes on), and so does the plain expression it falls back to under torch.func."""
     from torch.func import vmap
 
     from manualgrad.functions.activations import positive
 
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         y = torch.relu(torch.randn(64, 33)).to(dtype)
-        y[0, :4] = torch.tensor([0.0, float("nan"), float("inf"), 1e-30]).to(dtype)
-        plain = 1 - (y <= 0).to(dtype)
+        y[0, :5] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), 1e-30]).to(dtype)
+        expected = ((y > 0) | y.isnan()).to(dtype)
         assert positive(y).dtype == dtype
-        torch.testing.assert_close(positive(y), plain, rtol=0, atol=0)
-        torch.testing.assert_close(vmap(positive)(y), plain, rtol=0, atol=0)
+        torch.testing.assert_close(positive(y), expected, rtol=0, atol=0)
+        torch.testing.assert_close(vmap(positive)(y), expected, rtol=0, atol=0)
+
+
+def test_forwards_signature_binds_like_inspects():
+    """base._Signature binds a call passing every parameter positionally in one step (Function.apply binds every
+    call); the result must be what inspect's binding gives, and any other call must go to inspect."""
+    import inspect
+
+    from manualgrad.functions import Conv2dFunction, LinearFunction, MLPFunction, ReLUFunction
+
+    calls = [
+        (LinearFunction, (1, 2, None)),
+        (ReLUFunction, ("z", False)),
+        (ReLUFunction, ("z",)),  # a default left out
+        (MLPFunction, ("x", "spec", "w1", "b1", "w2", "b2")),  # *params
+        (Conv2dFunction, ("x", "w", None, "geometry")),
+    ]
+    for function, args in calls:
+        ours = inspect.signature(function.forward).bind(*args)
+        ours.apply_defaults()
+        plain = inspect.Signature(list(inspect.signature(function.forward).parameters.values())).bind(*args)
+        plain.apply_defaults()
+        assert (ours.args, ours.kwargs) == (plain.args, plain.kwargs)
+    assert type(inspect.signature(ReLUFunction.forward).bind("z")).__name__ == "BoundArguments"
+    with pytest.raises(TypeError):
+        inspect.signature(LinearFunction.forward).bind(1, 2, 3, 4)

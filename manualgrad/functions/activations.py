@@ -137,7 +137,8 @@ class ReLUFunction(Elementwise):
 
 
 def positive(y: Tensor) -> Tensor:
-    """1[y > 0] in ``y``'s dtype, and 1 where ``y`` is NaN (PyTorch's ReLU passes G_Y on there): 1 - 1[y <= 0].
+    """1[y > 0] for a ReLU output y (y >= 0, or NaN), in ``y``'s dtype: 1[y != 0], which is also 1 where y is NaN,
+    as PyTorch's ReLU passes G_Y on there.
 
     Speed (the one trick here, worth 3-4% of an MLP training step on the CPU): a comparison that makes a bool
     mask, and the mask's conversion to floats, cost ~10x an arithmetic kernel on the CPU; written straight into
@@ -145,8 +146,8 @@ def positive(y: Tensor) -> Tensor:
     take ``out=``, so there the plain expression runs. ``tests/test_gradcheck.py`` checks that both are equal.
     """
     if _compat.forward_ad_enabled() or torch.compiler.is_compiling():
-        return 1 - (y <= 0).to(y.dtype)
-    return torch.le(y, 0, out=torch.empty_like(y)).neg_().add_(1)
+        return (y != 0).to(y.dtype)
+    return torch.ne(y, 0, out=torch.empty_like(y))
 
 
 relu = activation("relu", ReLUFunction, torch.nn.ReLU, kinks=(0.0,))
