@@ -20,7 +20,17 @@ from .base import ManualFunction
 from .conv import Conv2dFunction, Conv2dWeightFunction, ConvTranspose2dFunction
 from .dropout import DropoutFunction
 from .linear import LinearFunction
-from .losses import CrossEntropyFunction, MSELossFunction, NLLLossFunction
+from .losses import (
+    BinaryCrossEntropyFunction,
+    BinaryCrossEntropyWithLogitsFunction,
+    CrossEntropyFunction,
+    HuberLossFunction,
+    L1LossFunction,
+    MSELossFunction,
+    NLLLossFunction,
+    PointwiseLoss,
+    SmoothL1LossFunction,
+)
 from .mlp import MLPCrossEntropyFunction, MLPFunction, MLPSpec
 from .pooling import AdaptiveAvgPool2dFunction, AvgPool2dFunction, MaxPool2dFunction
 from .shape import PadFunction, ReshapeFunction
@@ -29,6 +39,8 @@ from .softmax import LogSoftmaxFunction, SoftmaxFunction
 __all__ = [
     "AdaptiveAvgPool2dFunction",
     "AvgPool2dFunction",
+    "BinaryCrossEntropyFunction",
+    "BinaryCrossEntropyWithLogitsFunction",
     "Conv2dFunction",
     "Conv2dWeightFunction",
     "ConvTranspose2dFunction",
@@ -37,6 +49,8 @@ __all__ = [
     "ELUFunction",
     "Elementwise",
     "GELUFunction",
+    "HuberLossFunction",
+    "L1LossFunction",
     "LeakyReLUFunction",
     "LinearFunction",
     "LogSoftmaxFunction",
@@ -49,10 +63,12 @@ __all__ = [
     "MishFunction",
     "NLLLossFunction",
     "PadFunction",
+    "PointwiseLoss",
     "ReLUFunction",
     "ReshapeFunction",
     "SiLUFunction",
     "SigmoidFunction",
+    "SmoothL1LossFunction",
     "SoftmaxFunction",
     "SoftplusFunction",
     "TanhFunction",
