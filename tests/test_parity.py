@@ -304,15 +304,22 @@ def test_linear_checkpoint_round_trip():
 
 
 def _torch_signature(fn) -> list[tuple]:
-    """torch's signature: from inspect, or for a C builtin the first line of its docstring (``gelu(input, ...)``)."""
+    """torch's signature: from inspect, or for a C builtin (and a boolean_dispatch wrapper like max_pool2d's, which
+    inspect sees as ``(*args, **kwargs)``) the first line of its docstring (``gelu(input, approximate='none')``)."""
     try:
-        return parameters(inspect.signature(fn))
+        found = parameters(inspect.signature(fn))
     except ValueError:
-        first = fn.__doc__.strip().splitlines()[0].split("->")[0].replace(" = ", "=")
-        args = ast.parse(f"def {first}: pass").body[0].args
-        required = len(args.args) - len(args.defaults)
-        defaults = [inspect.Parameter.empty] * required + [ast.literal_eval(d) for d in args.defaults]
-        return [(a.arg, d, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a, d in zip(args.args, defaults)]
+        found = None
+    if found is not None and [kind for *_, kind in found] != [
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    ]:
+        return found
+    first = fn.__doc__.strip().splitlines()[0].split("->")[0].replace(" = ", "=")
+    args = ast.parse(f"def {first}: pass").body[0].args
+    required = len(args.args) - len(args.defaults)
+    defaults = [inspect.Parameter.empty] * required + [ast.literal_eval(d) for d in args.defaults]
+    return [(a.arg, d, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a, d in zip(args.args, defaults)]
 
 
 @pytest.mark.parametrize("op", op_params())
