@@ -217,6 +217,11 @@ def _tracked_parameters(model: torch.nn.Module) -> list[Tensor]:
             continue
         op = getattr(type(module), "_op", None)
         if op is not None and op.name in _RULES and type(module).forward is mnn.twin(op).forward:
+            if getattr(module, "groups", 1) != 1:
+                raise InputError(
+                    f"per_sample: {name or '<root>'} ({type(module).__name__}) has groups={module.groups}; "
+                    "per-sample quantities are computed for convolutions with groups=1 only"
+                )
             tracked += own
         else:
             raise InputError(

@@ -194,3 +194,45 @@ def test_shared_weights_are_refused_clearly():
     model = torch.nn.Sequential(layer, mnn.Tanh(), layer)
     with manualgrad.per_sample(model), pytest.raises(InputError, match="used more than once"):
         model(torch.randn(2, 3, dtype=F64)).sum().backward()
+
+
+def cnn(**conv):
+    features = [mnn.Conv2d(2, 3, 3, **conv), mnn.ReLU(), mnn.Conv2d(3, 4, 2), mnn.Tanh(), mnn.Flatten()]
+    width = torch.nn.Sequential(*features)(torch.zeros(1, 2, 9, 9)).shape[1]
+    return torch.nn.Sequential(*features, mnn.Linear(width, 3)).double()
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        {},
+        {"stride": 2, "padding": 1},
+        {"dilation": 2, "padding": "same", "bias": False},
+        {"padding_mode": "reflect", "padding": 1},
+    ],
+    ids=["plain", "stride,padding", "dilation,same,nobias", "reflect"],
+)
+@pytest.mark.parametrize("clip", [None, 0.3], ids=["norms", "clip"])
+def test_convolutions_per_sample(conv, clip):
+    """Conv2d: sample n's G_W is G_Z[n] X̂[n]ᵀ over the output positions, X̂ its patches."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 2, 9, 9, dtype=F64), torch.randint(0, 3, (5,))
+    model = cnn(**conv)
+    expected = reference_per_sample(model, x, y, seed=0)
+    with manualgrad.per_sample(model, grads=clip is None, clip=clip) as samples:
+        MF.cross_entropy(model(x), y).backward()
+    norms = torch.stack([w.flatten(1).norm(dim=1) for w in expected]).square().sum(0).sqrt()
+    torch.testing.assert_close(samples.norms, norms, rtol=0, atol=1e-10)
+    for p, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.norm_sample, want.flatten(1).norm(dim=1), rtol=0, atol=1e-10)
+        if clip is None:
+            torch.testing.assert_close(p.grad_sample, want, rtol=0, atol=1e-10)
+        else:
+            factor = (clip / (norms + 1e-6)).clamp(max=1.0).reshape(-1, *[1] * (want.dim() - 1))
+            torch.testing.assert_close(p.grad, (want * factor).sum(0), rtol=0, atol=1e-10)
+
+
+def test_grouped_convolutions_are_refused_clearly():
+    model = torch.nn.Sequential(mnn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(InputError, match=r"per_sample: 0 \(Conv2d\) has groups=2"):
+        manualgrad.per_sample(model)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, per_sample
 from ..errors import InputError
 from ..registry import Example, operation
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
@@ -129,15 +129,20 @@ def _weight_grad(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
 SWAP_AT = 32
 
 
+def patches(x: Tensor, geometry: ConvGeometry) -> Tensor:
+    """X̂ = unfold(X): every output position's patch of the (padded) input, ``(N, C k_h k_w, L)``."""
+    top, _, left, _ = geometry.padding
+    return F.unfold(_pad_extra(x, geometry), geometry.kernel_size, geometry.dilation, (top, left), geometry.stride)
+
+
 def _weight_grad_by_patches(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
     """The formula: X̂ = unfold(X), (N, G, C_g k_h k_w, L); G_W[group] = Σ_n G_Z[n, group] X̂[n, group]ᵀ."""
     n, c = x.shape[:2]
     o, groups = g.shape[1], geometry.groups
-    top, _, left, _ = geometry.padding
-    patches = F.unfold(_pad_extra(x, geometry), geometry.kernel_size, geometry.dilation, (top, left), geometry.stride)
-    patches = patches.reshape(n, groups, -1, patches.shape[-1])  # (N, G, C_g k_h k_w, L)
+    x_hat = patches(x, geometry)
+    x_hat = x_hat.reshape(n, groups, -1, x_hat.shape[-1])  # (N, G, C_g k_h k_w, L)
     grads = g.reshape(n, groups, o // groups, -1)  # (N, G, O_g, L)
-    return grads.matmul(patches.transpose(-1, -2)).sum(0).reshape(o, c // groups, *geometry.kernel_size)
+    return grads.matmul(x_hat.transpose(-1, -2)).sum(0).reshape(o, c // groups, *geometry.kernel_size)
 
 
 def _weight_grad_by_convolution(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
@@ -201,7 +206,8 @@ class Conv2dFunction(ManualFunction):
     def setup_context(ctx, inputs, output):
         input, weight, bias, ctx.geometry = inputs
         needs_input, needs_weight, _ = ctx.needs_input_grad[:3]
-        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
+        ctx.per_sample = per_sample.layer(weight, bias)  # None unless a per_sample context tracks this weight
+        ctx.save_for_backward(input if needs_weight or ctx.per_sample else None, weight if needs_input else None)
         save_for_forward(ctx, input, weight)
         ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.output_shape = output.shape
@@ -215,6 +221,8 @@ class Conv2dFunction(ManualFunction):
         grad_input = grad_weight = grad_bias = None
         if needs_input:  # G_X = W ⋆ᵀ G_Z
             grad_input = cast(_transposed(g, cast(weight, g.dtype), geometry), dtypes[0])
+        if ctx.per_sample is not None and _record_per_sample(ctx.per_sample, g, cast(input, g.dtype), geometry):
+            needs_weight = needs_bias = False  # clipping: G_W and G_b are formed at the end of the backward pass
         if needs_weight:  # G_W = X ⋆ G_Z = Σ_{n,ℓ} G_Z[n,:,ℓ] X̂[n,:,ℓ]ᵀ
             grad_weight = cast(_correlated(cast(input, g.dtype), g, geometry), dtypes[1])
         if needs_bias:  # G_b = Σ_{n,ℓ} G_Z[n,:,ℓ]
@@ -235,6 +243,13 @@ class Conv2dFunction(ManualFunction):
             term = bias_tangent.reshape(-1, 1, 1).expand(ctx.output_shape)
             tangent = term if tangent is None else tangent + term
         return tangent
+
+
+def _record_per_sample(layer, g: Tensor, x: Tensor, geometry: ConvGeometry) -> bool:
+    """Per-sample quantities (:mod:`manualgrad.per_sample`): sample n's G_W is G_Z[n] X̂[n]ᵀ, a Linear layer's over the
+    L output positions, so the layer hands ``G`` as ``(N, L, O)`` and the patches as ``(N, L, C k_h k_w)``."""
+    g, x = _batched(g), _batched(x)
+    return layer.record(g.flatten(2).transpose(1, 2), patches(x, geometry).transpose(1, 2))
 
 
 class ConvTranspose2dFunction(ManualFunction):
