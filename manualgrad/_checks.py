@@ -144,26 +144,37 @@ def class_weight(layer: str, weight: Tensor | None, input: Tensor, classes: int)
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing, layer="cross_entropy") -> None:
-    tensor(layer, "input", input)
-    tensor(layer, "target", target)
-    reduction(layer, reduction_)
+    """Logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` against class indices or class probabilities."""
     probability(layer, "label_smoothing", label_smoothing)
-    if input.dim() == 0:
-        raise InputError(f"{layer}: input must be (C), (N, C) or (N, C, d1, ...), got a 0-d tensor")
-    real_floating(layer, "input", input)
-    same_device(layer, "input", input, "target", target)
-    class_dim = 0 if input.dim() == 1 else 1
-    classes = input.shape[class_dim]
-    class_weight(layer, weight, input, classes)
-    if target.is_floating_point():
+    if isinstance(target, Tensor) and target.is_floating_point():
+        _class_scores(layer, input, target, weight, reduction_)
         if target.shape != input.shape:
             raise InputError(
                 f"{layer}: class-probability target has shape {shape(target)}, input has shape {shape(input)} "
                 "(they must match; class indices need an integer target)"
             )
         return
+    nll_loss(input, target, weight, ignore_index, reduction_, layer)
+
+
+def nll_loss(input, target, weight, ignore_index, reduction_, layer="nll_loss") -> None:
+    """Scores ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` against class indices in [0, C) (or ``ignore_index``)."""
+    _class_scores(layer, input, target, weight, reduction_)
+    class_dim = 0 if input.dim() == 1 else 1
     class_index_target(layer, input, target, class_dim)
-    class_values(layer, target, classes, ignore_index)
+    class_values(layer, target, input.shape[class_dim], ignore_index)
+
+
+def _class_scores(layer, input, target, weight, reduction_) -> None:
+    """What a classification loss's input, target, class weight and reduction must be, whatever the target."""
+    tensor(layer, "input", input)
+    tensor(layer, "target", target)
+    reduction(layer, reduction_)
+    if input.dim() == 0:
+        raise InputError(f"{layer}: input must be (C), (N, C) or (N, C, d1, ...), got a 0-d tensor")
+    real_floating(layer, "input", input)
+    same_device(layer, "input", input, "target", target)
+    class_weight(layer, weight, input, input.shape[0 if input.dim() == 1 else 1])
 
 
 def class_index_target(layer: str, input: Tensor, target: Tensor, class_dim: int) -> None:

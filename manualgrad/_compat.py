@@ -12,7 +12,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-__all__ = ["assert_async", "forward_ad_enabled", "functorch_active", "queue_callback", "traced"]
+__all__ = ["assert_async", "batched", "forward_ad_enabled", "functorch_active", "queue_callback", "traced"]
 
 
 def forward_ad_enabled() -> bool:
@@ -28,6 +28,11 @@ def functorch_active() -> bool:
 def traced(t: Tensor) -> bool:
     """True while ``torch.compile`` or a ``torch.func`` transform sees ``t``: its values cannot be read."""
     return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by a vmap: ``torch.func``'s, or the legacy one of gradcheck's batched check."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
 
 
 def assert_async(condition: Tensor, message: str) -> None:

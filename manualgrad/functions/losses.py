@@ -111,22 +111,17 @@ def _reduce(terms: Tensor, reduction: str, divisor) -> Tensor:
     return total / divisor if reduction == "mean" else total
 
 
-def _in_place() -> bool:
+def _in_place(grad_output: Tensor) -> bool:
     """Whether a backward may overwrite the tensors it has just made: not while autograd records them (a double
-    backward), nor while ``torch.compile`` traces it. (A batched operand under ``torch.func`` that cannot go
-    into an unbatched tensor is caught where it is written: see :func:`_times`.)"""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    backward), nor while ``torch.compile`` traces it, nor when a vmap batches the incoming gradient (``torch.func``,
+    gradcheck's batched check: a batched factor cannot go into an unbatched tensor)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _compat.batched(grad_output)
 
 
 def _times(t: Tensor, factor, in_place: bool) -> Tensor:
     """``t * factor``, written into ``t`` (a tensor the backward has just made, the shape of the result)
     when ``in_place``: one array of the input's size less to allocate."""
-    if in_place:
-        try:
-            return t.mul_(factor)
-        except RuntimeError:  # a factor batched by torch.func or gradcheck's vmap cannot go into an unbatched t
-            pass
-    return t * factor
+    return t.mul_(factor) if in_place else t * factor
 
 
 def _softmax(z: Tensor, dim: int) -> Tensor:
@@ -156,16 +151,10 @@ def _minus_onehot(g: Tensor, index: Tensor, coefficient, dim: int, in_place: boo
     """g − onehot(t) ⊙ coefficient along ``dim`` (``index`` is t with ``dim`` kept, the coefficient a number or
     one per row, shaped like ``index``): the one-hot matrix is never built, the coefficients are added at the
     target classes (in ``g`` itself when ``in_place``)."""
-    if in_place:
-        try:
-            if not isinstance(coefficient, Tensor):
-                return g.scatter_(dim, index, -coefficient, reduce="add")
-            return g.scatter_add_(dim, index, (-coefficient).expand(index.shape))
-        except RuntimeError:  # as in _times
-            pass
     if not isinstance(coefficient, Tensor):
         coefficient = g.new_full((), coefficient)
-    return g.scatter_add(dim, index, (-coefficient).expand(index.shape))
+    minus = (-coefficient).expand(index.shape)
+    return g.scatter_add_(dim, index, minus) if in_place else g.scatter_add(dim, index, minus)
 
 
 def _without_size_warning(loss, input: Tensor, target: Tensor, *args, **kwargs) -> Tensor:
@@ -202,11 +191,12 @@ def _broadcast_weight(layer: str, name: str, weight: Tensor | None, input: Tenso
 
 class _CrossEntropyTerms:
     r"""For one call: the logits ``z`` in the precision of the formulas (float32 for half inputs, promoted with
-    a probability target), the counted rows ``valid`` (None: all), the ``mean`` divisor, and the pieces of q.
+    a probability target), the counted rows ``valid`` (None: all, for probabilities), the ``mean`` divisor, and
+    the pieces of q.
 
-    Class indices: :math:`q_n = a_n \mathrm{onehot}(t_n) + b_n w`, :math:`s_n = a_n + b_n \sum_c w_c`, with
-    :math:`a_n = (1 - \varepsilon) w_{t_n}` and :math:`b_n = \varepsilon / C` on counted rows, zero on the others
-    (plain numbers when every row has the same: no weight, no ignored row). Probabilities: q itself.
+    Class indices: :math:`q_n = a_n \mathrm{onehot}(t_n) + b w`, :math:`s_n = a_n + b \sum_c w_c`, with
+    :math:`a_n = (1 - \varepsilon) w_{t_n}` and :math:`b = \varepsilon / C` (numbers without class weights).
+    Probabilities: q itself.
     """
 
     def __init__(self, input, target, weight, ignore_index, label_smoothing):
@@ -226,23 +216,20 @@ class _CrossEntropyTerms:
             self.divisor = z.numel() // classes if classes else 0
             return
         self.q = None
-        if ignore_index is not None:  # None: the wrapper has read the targets, and none is ignored
-            self.valid = target != ignore_index
-            target = target.masked_fill(~self.valid, 0)  # an ignored row's index may be anything, e.g. -100
-        self.index = target.unsqueeze(dim)
-        if weight is None and self.valid is None:
-            w_t, self.divisor = 1.0, target.numel()
+        self.valid = target != ignore_index  # the rows that count: their ∂R/∂ℓ_n is the only per-row difference
+        index = target.masked_fill(~self.valid, 0)  # an ignored row's index may be anything, e.g. -100
+        self.index = index.unsqueeze(dim)
+        if weight is None:
+            w_t = 1.0
+            self.divisor = self.valid.sum()  # the number of counted rows
         else:
-            w_t = self.valid.to(z.dtype) if weight is None else cast(weight, z.dtype)[target]
-            if weight is not None and self.valid is not None:
-                w_t = w_t * self.valid
-            self.divisor = w_t.sum()  # Σ_n w_{t_n} over the counted rows
-        self.a = (1 - eps) * w_t if eps else w_t
-        self.b = 0.0
-        if eps:
-            self.b = eps / classes if self.valid is None else self.valid.to(z.dtype) * (eps / classes)
+            w_t = cast(weight, z.dtype)[index]
+            self.divisor = (w_t * self.valid).sum()  # Σ_n w_{t_n} over the counted rows
+        # (an ignored row's q and s are those of class 0: its ∂R/∂ℓ_n is 0, so they never count)
+        self.a = (1 - eps) * w_t
+        self.b = eps / classes
         w_sum = classes if weight is None else cast(weight, z.dtype).sum()
-        self.s = self.a + self.b * w_sum if eps else self.a
+        self.s = self.a + self.b * w_sum
 
     def rows(self, v):
         """A number, or a tensor of the rows' shape made to broadcast along the class dimension."""
@@ -255,7 +242,7 @@ class _CrossEntropyTerms:
         g = P if _is_one(self.s) else _times(P, self.rows(self.s), in_place)  # s ⊙ P
         g = _minus_onehot(g, self.index, self.rows(self.a), self.dim, in_place)  # − a onehot(t)
         if self.eps:  # − b w
-            g = g - (self.rows(self.b) if self.w is None else self.rows(self.b) * self.w)
+            g = g - (self.b if self.w is None else self.b * self.w)
         return g if _is_one(scale) else _times(g, self.rows(scale), in_place)  # ⊙ scale
 
 
@@ -270,8 +257,7 @@ class CrossEntropyFunction(ManualFunction):
     Forward: PyTorch's own ``cross_entropy``. Backward: :math:`G_Z = (s \odot P - q) \odot \partial R/\partial\ell`
     (module docstring), with :math:`P` recomputed from the saved logits (as many
     bytes as PyTorch's saved log-softmax), stable for logits of any magnitude;
-    for class indices the one-hot matrix is never built. ``ignore_index=None``
-    says that no target is ignored (the wrapper read them).
+    for class indices the one-hot matrix is never built.
 
     Shape:
         - input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``
@@ -286,7 +272,7 @@ class CrossEntropyFunction(ManualFunction):
             input,
             target,
             weight,
-            ignore_index=-100 if ignore_index is None else ignore_index,
+            ignore_index=ignore_index,
             reduction=reduction,
             label_smoothing=label_smoothing,
         )
@@ -306,7 +292,7 @@ class CrossEntropyFunction(ManualFunction):
         scale = _row_scale(opmath(grad_output), reduction, terms.divisor, terms.valid)  # ∂R/∂ℓ_n
         grad_input = grad_target = None
         if ctx.needs_input_grad[0]:  # G_Z = (s ⊙ P − q) ⊙ ∂R/∂ℓ
-            in_place = _in_place()
+            in_place = _in_place(grad_output)
             grad_input = cast(terms.grad(_softmax(terms.z, terms.dim), scale, in_place), input.dtype)
         if ctx.needs_input_grad[1]:  # probabilities: G_T = −(1 − ε) w ⊙ log P ⊙ ∂R/∂ℓ
             logp = _log_softmax(terms.z, terms.dim)
@@ -330,6 +316,8 @@ class CrossEntropyFunction(ManualFunction):
             if terms.w is not None:
                 logp = logp * terms.w
             rows = rows - (1 - label_smoothing) * (logp * cast(target_tangent, terms.z.dtype)).sum(dim)
+        if terms.valid is not None:  # ignored rows count nowhere
+            rows = torch.where(terms.valid, rows, 0)
         return cast(_reduce(rows, reduction, terms.divisor), ctx.dtype)
 
 
@@ -364,37 +352,6 @@ def _cross_entropy_examples(dtype, device, bench=False):
     ]
 
 
-def _plain_class_indices(input, target, weight, reduction: str) -> bool:
-    """The common case, all its checks of shapes, dtypes, devices and options in one expression: a 2-D floating
-    input, one int64 class index per row on the same device, no weight. Anything else goes through each check
-    in turn (with its message)."""
-    return (
-        weight is None
-        and isinstance(input, Tensor)
-        and isinstance(target, Tensor)
-        and input.dim() == 2
-        and input.is_floating_point()
-        and target.dtype == torch.int64
-        and target.shape == input.shape[:1]
-        and input.device == target.device
-        and reduction in _checks.REDUCTIONS
-    )
-
-
-def _class_values(layer: str, input: Tensor, target: Tensor, ignore_index: int) -> int | None:
-    """Check the class indices' values (:func:`_checks.class_values`); return ``ignore_index``, or None where the
-    data show that no index equals it. On the CPU both come from two numbers, the smallest index and the largest;
-    elsewhere (CUDA, ``torch.compile``, ``torch.func``) the values are not read here, and any row may be ignored."""
-    classes = input.shape[class_dim(input)]
-    if target.device.type != "cpu" or not target.numel() or _compat.traced(target):
-        _checks.class_values(layer, target, classes, ignore_index)
-        return ignore_index
-    low, high = (v.item() for v in torch.aminmax(target))
-    if not (0 <= low and high < classes):
-        _checks.class_values(layer, target, classes, ignore_index)  # raises, unless the outsiders are ignored
-    return ignore_index if low <= ignore_index <= high else None
-
-
 @operation(torch.nn.CrossEntropyLoss, CrossEntropyFunction, kind="loss", examples=_cross_entropy_examples)
 def cross_entropy(
     input: Tensor,
@@ -414,14 +371,8 @@ def cross_entropy(
     class probabilities of the input's shape. A class index outside
     ``[0, C)`` raises (on CUDA, a device-side assert, to avoid a host sync).
     """
-    layer = "cross_entropy"
-    reduction = _checks.legacy_reduction(layer, size_average, reduce, reduction)
-    if _plain_class_indices(input, target, weight, reduction):
-        _checks.probability(layer, "label_smoothing", label_smoothing)
-    else:
-        _checks.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
-    if not target.is_floating_point():
-        ignore_index = _class_values(layer, input, target, ignore_index)
+    reduction = _checks.legacy_reduction("cross_entropy", size_average, reduce, reduction)
+    _checks.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
     return apply(CrossEntropyFunction, input, target, weight, ignore_index, reduction, float(label_smoothing))
 
 
@@ -433,12 +384,11 @@ class NLLLossFunction(ManualFunction):
 
     Forward: PyTorch's own ``nll_loss``. Backward: :math:`G_X[n, t_n] = -w_{t_n}\, \partial R/\partial\ell_n`,
     zero elsewhere (module docstring). Forward mode: :math:`\dot\ell_n = -w_{t_n} \dot X_{n, t_n}`.
-    Shapes as :class:`CrossEntropyFunction` with class indices; ``ignore_index=None`` as there.
+    Shapes as :class:`CrossEntropyFunction` with class indices.
     """
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction):
-        ignore_index = -100 if ignore_index is None else ignore_index
         return torch.nn.functional.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
 
     @staticmethod
@@ -450,18 +400,15 @@ class NLLLossFunction(ManualFunction):
 
     @staticmethod
     def _terms(ctx, dtype):
-        """(valid rows or None, safe indices, w_{t_n} on counted rows (a number when all are 1), mean divisor)."""
+        """(counted rows, safe indices, w_{t_n} (a number without class weights), the mean divisor)."""
         target, weight = ctx.saved_tensors
         ignore_index, _ = ctx.options
-        if ignore_index is None and weight is None:
-            return None, target, 1.0, target.numel()
-        valid = None if ignore_index is None else target != ignore_index
-        index = target if valid is None else target.masked_fill(~valid, 0)
+        valid = target != ignore_index
+        index = target.masked_fill(~valid, 0)  # an ignored row's index may be anything, e.g. -100
         if weight is None:
-            w_t = valid.to(dtype)
-        else:
-            w_t = cast(weight, dtype)[index] if valid is None else cast(weight, dtype)[index] * valid
-        return valid, index, w_t, w_t.sum()
+            return valid, index, 1.0, valid.sum()
+        w_t = cast(weight, dtype)[index]
+        return valid, index, w_t, (w_t * valid).sum()
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -470,22 +417,22 @@ class NLLLossFunction(ManualFunction):
         valid, index, w_t, divisor = NLLLossFunction._terms(ctx, g.dtype)
         _, reduction = ctx.options
         dim = 0 if len(shape) == 1 else 1
-        scale = _row_scale(g, reduction, divisor, valid)  # ∂R/∂ℓ_n
-        coefficient = scale if _is_one(w_t) else w_t * scale  # w_{t_n} ∂R/∂ℓ_n
+        coefficient = w_t * _row_scale(g, reduction, divisor, valid)  # w_{t_n} ∂R/∂ℓ_n
         if coefficient.dim():
             coefficient = coefficient.unsqueeze(dim)
         zeros = torch.zeros(shape, dtype=g.dtype, device=device)
-        in_place = _in_place()
+        in_place = _in_place(grad_output)
         grad_input = _minus_onehot(zeros, index.unsqueeze(dim), coefficient, dim, in_place)  # −w_t ∂R/∂ℓ_n at t_n
         return cast(grad_input, dtype), None, None, None, None
 
     @staticmethod
     def jvp(ctx, input_tangent, *_):
         shape, dtype, _ = ctx.input_like
-        _, index, w_t, divisor = NLLLossFunction._terms(ctx, dtype)
+        valid, index, w_t, divisor = NLLLossFunction._terms(ctx, dtype)
         _, reduction = ctx.options
         dim = 0 if len(shape) == 1 else 1
         rows = -w_t * input_tangent.gather(dim, index.unsqueeze(dim)).squeeze(dim)  # ℓ̇_n = −w_{t_n} Ẋ[n, t_n]
+        rows = torch.where(valid, rows, 0)  # ignored rows count nowhere
         return _reduce(rows, reduction, divisor)
 
 
@@ -511,20 +458,8 @@ def nll_loss(
 ) -> Tensor:
     r"""Negative log-likelihood of class indices under log-probabilities ``input``; see
     :class:`~manualgrad.functions.NLLLossFunction`. ``nll_loss(log_softmax(z, 1), t)`` is ``cross_entropy(z, t)``."""
-    layer = "nll_loss"
-    reduction = _checks.legacy_reduction(layer, size_average, reduce, reduction)
-    if not _plain_class_indices(input, target, weight, reduction):
-        _checks.tensor(layer, "input", input)
-        _checks.tensor(layer, "target", target)
-        _checks.reduction(layer, reduction)
-        if input.dim() == 0:
-            raise _checks.InputError(f"{layer}: input must be (C), (N, C) or (N, C, d1, ...), got a 0-d tensor")
-        _checks.real_floating(layer, "input", input)
-        _checks.same_device(layer, "input", input, "target", target)
-        dim = class_dim(input)
-        _checks.class_weight(layer, weight, input, input.shape[dim])
-        _checks.class_index_target(layer, input, target, dim)
-    ignore_index = _class_values(layer, input, target, ignore_index)
+    reduction = _checks.legacy_reduction("nll_loss", size_average, reduce, reduction)
+    _checks.nll_loss(input, target, weight, ignore_index, reduction)
     return apply(NLLLossFunction, input, target, weight, ignore_index, reduction)
 
 
@@ -579,7 +514,7 @@ class PointwiseLoss(ManualFunction):
 
         def backward(ctx, grad_output):
             input, target, weight = ctx.saved_tensors
-            in_place = _in_place()
+            in_place = _in_place(grad_output)
             d = opmath(input) - opmath(target)  # D = Ŷ − T
             scale = _row_scale(opmath(grad_output), ctx.reduction, cls.divisor(d, weight))  # ∂R/∂ℓ
             r, c = cls.derivative(d, ctx.parameter, d if in_place else None)  # ρ′(D) = c r(D)
@@ -834,7 +769,7 @@ class BinaryCrossEntropyFunction(ManualFunction):
         input, target, weight = ctx.saved_tensors
         x, t = opmath(input), opmath(target)
         scale = BinaryCrossEntropyFunction._scale(ctx, x, opmath(grad_output), weight)  # w ⊙ ∂R/∂ℓ
-        in_place = _in_place()
+        in_place = _in_place(grad_output)
         grad_input = grad_target = None
         if ctx.needs_input_grad[0]:  # G_X = w ⊙ (x − t) / max((1 − x)x, ε) ⊙ ∂R/∂ℓ
             ratio = _bce_ratio(x, t, in_place)
@@ -972,7 +907,7 @@ class BinaryCrossEntropyWithLogitsFunction(ManualFunction):
         scale = _row_scale(opmath(grad_output), ctx.reduction, z.numel())
         if weight is not None:
             scale = scale * opmath(weight)  # w ⊙ ∂R/∂ℓ
-        in_place = _in_place()
+        in_place = _in_place(grad_output)
         grad_input = grad_target = None
         if ctx.needs_input_grad[0]:  # G_Z = w ⊙ (σ(z)(1 + (p − 1)t) − p t) ⊙ ∂R/∂ℓ
             grad_input = cast(_times(_bce_logits_dz(z, t, pos_weight, in_place), scale, in_place), input.dtype)
