@@ -67,6 +67,13 @@ FUNCTION_COLUMNS = [
     ("ours µs", "ours_us", ".1f"),
     ("ours / native", "ratio", ".3f"),
 ]
+CNN_COLUMNS = [
+    ("model", "model", "s"),
+    ("batch", "batch", "d"),
+    ("native µs", "native_us", ".0f"),
+    ("ours µs", "ours_us", ".0f"),
+    ("ours / native", "ratio", ".3f"),
+]
 PER_SAMPLE_COLUMNS = [
     ("MLP", "sizes", "s"),
     ("batch", "batch", "d"),
@@ -101,6 +108,8 @@ def run(device: str, threads: list[int], quick: bool, rounds: int) -> dict:
         for dtype in dtypes:
             print(f"[{device}, {n} thread(s), {dtype or 'float32'}] MLP training steps ...", flush=True)
             run_report["mlp_steps"] += suites.mlp_steps(device, quick, rounds, dtype)
+        print(f"[{device}, {n} thread(s)] CNN training step ...", flush=True)
+        run_report["cnn_steps"] = suites.cnn_steps(device, quick)
         print(f"[{device}, {n} thread(s)] Functions alone ...", flush=True)
         run_report["functions"] = suites.functions(device, quick, rounds)
         report["runs"].append(run_report)
@@ -121,6 +130,8 @@ def markdown(report: dict) -> str:
     for r in report["runs"]:
         parts.append(f"\n**Training step (forward, loss, backward), {r['threads']} thread(s)**\n")
         parts.append(table(r["mlp_steps"], MLP_COLUMNS))
+        parts.append(f"\n**CNN training step (forward, nll_loss, backward), {r['threads']} thread(s)**\n")
+        parts.append(table(r["cnn_steps"], CNN_COLUMNS))
         parts.append(f"\n**Each Function alone (forward + backward), {r['threads']} thread(s)**\n")
         parts.append(table(r["functions"], FUNCTION_COLUMNS))
     parts.append("\n**Bytes saved for backward** (distinct storages; parameters and input excluded)\n")

@@ -52,8 +52,15 @@ def functions(device: str, quick: bool = False, rounds: int = 30) -> list[dict]:
                 device=device,
                 rounds=2 if quick else rounds,
             )
-            rows.append({"function": op.name, "shape": example.id, "ours_us": t["ours"] * 1e6,
-                         "native_us": t["native"] * 1e6, "ratio": t["ours"] / t["native"]})  # fmt: skip
+            rows.append(
+                {
+                    "function": op.name,
+                    "shape": example.id,
+                    "ours_us": t["ours"] * 1e6,
+                    "native_us": t["native"] * 1e6,
+                    "ratio": t["ours"] / t["native"],
+                }
+            )
     return rows
 
 
@@ -151,6 +158,57 @@ def mlp_steps(device: str, quick: bool = False, rounds: int = 30, dtype=None) ->
                 row[f"{name}_ratio"] = seconds / t["native"]
         rows.append(row)
     return rows
+
+
+def mnist_cnn(nn) -> torch.nn.Sequential:
+    """The classic MNIST CNN (PyTorch's examples/mnist), built from ``nn``: ``torch.nn`` or ``manualgrad.nn``."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.25),
+        nn.Flatten(),
+        nn.Linear(9216, 128),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(128, 10),
+        nn.LogSoftmax(dim=1),
+    )
+
+
+def cnn_steps(device: str, quick: bool = False, rounds: int = 15) -> list[dict]:
+    """A training step (forward, nll_loss, backward; gradients set to None first) of the MNIST CNN, batch 64."""
+    batch = 2 if quick else 64
+    torch.manual_seed(0)
+    ours = mnist_cnn(mnn).to(device)
+    native = mnist_cnn(torch.nn).to(device)
+    native.load_state_dict(ours.state_dict())
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step(model, nll):
+        def run():
+            model.zero_grad(set_to_none=True)
+            nll(model(x), y).backward()
+
+        return run
+
+    t = interleaved(
+        {"native": step(native, torch.nn.functional.nll_loss), "ours": step(ours, MF.nll_loss)},
+        device=device,
+        rounds=2 if quick else rounds,
+    )
+    return [
+        {
+            "model": "MNIST CNN",
+            "batch": batch,
+            "native_us": t["native"] * 1e6,
+            "ours_us": t["ours"] * 1e6,
+            "ratio": t["ours"] / t["native"],
+        }
+    ]
 
 
 def saved_memory(device: str, quick: bool = False) -> list[dict]:
