@@ -3,9 +3,11 @@
 Why not simply all cores: torch's intra-op threads meet at a barrier at the
 end of every parallel operation, so each step runs at the pace of the slowest
 thread. When another busy process shares the cores, one of the threads keeps
-losing its core to it, and every operation waits for that thread: on 2 cores
-with one competing process, an epoch of the default run took 36-158 s with 2
-threads instead of 4.4 s quiet, while 1 thread (no barrier) took 6.4 s.
+losing its core to it, and every operation waits for that thread. Measured
+on 2 cores, an epoch of the default run on MNIST: quiet, 4.4 s with 2 threads
+and 5.5 s with 1; beside one busy process (``while True: pass``), 23-197 s
+with 2 threads but 5.4-6.1 s with 1, and 5.1-6.1 s with ``auto`` (which
+chose 1 there and 2 on the quiet machine, where it took 4.2-4.4 s).
 
 ``auto`` (the default) therefore times the two sensible choices, 1 thread and
 all the cores this process may use, on a few throw-away training steps (same
