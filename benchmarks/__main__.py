@@ -15,10 +15,11 @@ import datetime
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
+
+from train.files import write_atomically  # the repository's one atomic writer
 
 from . import per_sample, suites
 
@@ -145,13 +146,6 @@ def markdown(report: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -174,8 +168,9 @@ def main(argv=None) -> dict:
     text = markdown(report)
     print("\n" + text)
     out = args.out or RESULTS / args.device.split(":")[0]
-    write_atomically(out.with_suffix(".json"), json.dumps(report, indent=1))
-    write_atomically(out.with_suffix(".md"), text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(str(out.with_suffix(".json")), json.dumps(report, indent=1))
+    write_atomically(str(out.with_suffix(".md")), text)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return report
 
