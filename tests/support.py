@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from manualgrad.registry import Op, ops
 
@@ -96,3 +97,20 @@ def non_contiguous_like(t: torch.Tensor) -> torch.Tensor:
     """A random tensor of ``t``'s shape laid out transposed in memory, as autograd may hand a gradient over."""
     g = torch.randn(*reversed(t.shape), dtype=t.dtype, device=t.device)
     return g.permute(*reversed(range(t.dim())))
+
+
+class RecordOps(TorchDispatchMode):
+    """Every aten op that runs inside it; ``derivative_kernels``: those that are PyTorch's own derivative
+    kernels (named ``*backward*``: ``threshold_backward``, ``convolution_backward``, ``_softmax_backward_data``...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def derivative_kernels(self) -> list[str]:
+        return sorted({op for op in self.ops if "backward" in op})

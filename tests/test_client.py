@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from support import RecordOps
 
 import manualgrad
 
@@ -80,22 +80,6 @@ def load(source: str, swap: bool) -> dict:
     return namespace
 
 
-class DerivativeKernels(TorchDispatchMode):
-    """Every aten op that runs, and those that are PyTorch's derivative kernels (``*backward*``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def seen(self):
-        return sorted({op for op in self.ops if "backward" in op})
-
-
 def _pair():
     torch_client, our_client = load(CLIENT, swap=False), load(CLIENT, swap=True)
     torch.manual_seed(0)
@@ -135,9 +119,9 @@ def test_training_steps_match_torch_and_run_no_derivative_kernel():
         torch.manual_seed(step)
         ref = torch_client["train_step"](theirs, optimizers[0], data, target)
         torch.manual_seed(step)
-        with DerivativeKernels() as kernels:
+        with RecordOps() as kernels:
             loss = our_client["train_step"](ours, optimizers[1], data, target)
-        assert kernels.ops and kernels.seen == []
+        assert kernels.ops and kernels.derivative_kernels == []
         torch.testing.assert_close(loss, ref, rtol=0, atol=1e-12)
         for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")

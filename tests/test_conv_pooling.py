@@ -14,8 +14,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from support import RecordOps
 from torch.autograd import gradcheck, gradgradcheck
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import manualgrad
 import manualgrad.functional as MF
@@ -24,20 +24,6 @@ from manualgrad import InputError
 from manualgrad.functions import PadFunction, conv
 
 F64 = torch.float64
-
-
-class RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def derivative_kernels(self):
-        return sorted(op for op in self.ops if "backward" in op)
 
 
 def _grads(fn, inputs, grad_output=None):

@@ -11,25 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import F64, differentiable, example, example_params, seeded
-from torch.utils._python_dispatch import TorchDispatchMode
+from support import F64, RecordOps, differentiable, example, example_params, seeded
 
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
-
-
-class RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def derivative_kernels(self):
-        return sorted({op for op in self.ops if "backward" in op})
 
 
 def test_the_recorder_catches_torchs_own_kernels():
