@@ -186,20 +186,21 @@ def test_a_derivative_returning_the_saved_tensor_is_not_overwritten():
     torch.testing.assert_close(second, first)
 
 
-def test_relus_fast_indicator_equals_the_plain_formula():
-    """positive(y) writes the comparison straight into floats; on ReLU outputs it equals 1[y > 0] with NaN -> 1
-    (what torch's ReLU backward passes on), and so does the plain expression it falls back to under torch.func."""
+def test_the_fast_indicator_equals_the_plain_comparison():
+    """indicator() writes a comparison straight into floats: the same 0/1 as the plain comparison converted,
+    in every dtype, at 0, -0, NaN and ±inf, and under torch.func (where it is the plain comparison)."""
     from torch.func import vmap
 
-    from manualgrad.functions.activations import positive
+    from manualgrad.functions.activations import indicator
 
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-        y = torch.relu(torch.randn(64, 33)).to(dtype)
-        y[0, :5] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), 1e-30]).to(dtype)
-        expected = ((y > 0) | y.isnan()).to(dtype)
-        assert positive(y).dtype == dtype
-        torch.testing.assert_close(positive(y), expected, rtol=0, atol=0)
-        torch.testing.assert_close(vmap(positive)(y), expected, rtol=0, atol=0)
+        s = torch.randn(64, 33).to(dtype)
+        s[0, :6] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30]).to(dtype)
+        for compare, value in ((torch.gt, 0), (torch.ne, 0), (torch.gt, 1.5)):
+            plain = compare(s, value).to(dtype)
+            assert indicator(compare, s, value).dtype == dtype
+            torch.testing.assert_close(indicator(compare, s, value), plain, rtol=0, atol=0)
+            torch.testing.assert_close(vmap(lambda t, c=compare, v=value: indicator(c, t, v))(s), plain, rtol=0, atol=0)
 
 
 def test_forwards_signature_binds_like_inspects():
