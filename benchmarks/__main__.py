@@ -21,7 +21,7 @@ import torch
 
 from train.files import write_atomically  # the repository's one atomic writer
 
-from . import per_sample, suites
+from . import per_sample, suites, tricks
 
 RESULTS = Path("benchmarks") / "results"  # under the current directory: run from the repository's root
 
@@ -75,6 +75,13 @@ CNN_COLUMNS = [
     ("ours µs", "ours_us", ".0f"),
     ("ours / native", "ratio", ".3f"),
 ]
+TRICK_COLUMNS = [
+    ("trick", "trick", "s"),
+    ("step", "step", "s"),
+    ("on µs", "on_us", ".0f"),
+    ("off µs", "off_us", ".0f"),
+    ("gain", "gain", "+.1%"),
+]
 PER_SAMPLE_COLUMNS = [
     ("MLP", "sizes", "s"),
     ("batch", "batch", "d"),
@@ -120,6 +127,8 @@ def run(device: str, threads: list[int], quick: bool, rounds: int) -> dict:
     print(f"[{device}, {min(thread_counts)} thread(s)] per-sample norms, clipping, gradients ...", flush=True)
     report["per_sample"] = per_sample.per_sample_steps(device, quick)
     report["per_sample_threads"] = min(thread_counts)
+    print(f"[{device}, {min(thread_counts)} thread(s)] what each speed trick buys ...", flush=True)
+    report["tricks"] = tricks.trick_gains(device, quick)
     return report
 
 
@@ -143,6 +152,12 @@ def markdown(report: dict) -> str:
             "(a whole step each; ratio to the plain manualgrad step of the same kind)\n"
         )
         parts.append(table(report["per_sample"], PER_SAMPLE_COLUMNS))
+    if report.get("tricks"):
+        parts.append(
+            f"\n**What each speed trick buys, {report['per_sample_threads']} thread(s)** "
+            "(a whole step with the trick on and off; gain = off / on - 1)\n"
+        )
+        parts.append(table(report["tricks"], TRICK_COLUMNS))
     return "\n".join(parts) + "\n"
 
 
