@@ -59,7 +59,8 @@ class SoftmaxFunction(_KeepsOutput):
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors
         y, g = opmath(y), opmath(grad_output)
-        grad_input = y * (g - (g * y).sum(ctx.dim, keepdim=True))  # G_Z = y ⊙ (G_Y − Σ_j G_Y,j y_j)
+        gy = g * y
+        grad_input = torch.addcmul(gy, y, gy.sum(ctx.dim, keepdim=True), value=-1)  # G_Z = y ⊙ G_Y − y Σ_j G_Y,j y_j
         return cast(grad_input, ctx.input_dtype), None, None
 
     @staticmethod
@@ -81,7 +82,7 @@ class LogSoftmaxFunction(_KeepsOutput):
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors
         y, g = opmath(y), opmath(grad_output)
-        grad_input = g - torch.exp(y) * g.sum(ctx.dim, keepdim=True)  # G_Z = G_Y − softmax(z) Σ_j G_Y,j
+        grad_input = torch.addcmul(g, torch.exp(y), g.sum(ctx.dim, keepdim=True), value=-1)  # G_Y − e^y Σ_j G_Y,j
         return cast(grad_input, ctx.input_dtype), None, None
 
     @staticmethod
