@@ -123,11 +123,14 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--help"])
     assert e.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # as argparse wraps it, joined again
     assert "(default: 15)" in text and "(default: 512,256)" in text
     with pytest.raises(SystemExit):
-        parse_args(["--preset", "best", "--help"])
+        parse_args(["--preset", "best-mlp", "--help"])
     assert "(default: 50)" in capsys.readouterr().out  # the preset's defaults
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "cnn", "--help"])
+    assert "(default: 6)" in capsys.readouterr().out  # the model's defaults
 
 
 def test_types_reject_what_torch_would_crash_on():

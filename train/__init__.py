@@ -1,4 +1,5 @@
-"""The manualgrad showcase: an MLP made only of manualgrad modules learns MNIST.
+"""The manualgrad showcase: an MLP or a CNN made only of manualgrad modules learns MNIST, optionally
+with differential privacy (DP-SGD, ``--dp``).
 
 Command line: ``python -m train`` (or ``manualgrad-train``); several processes:
 ``torchrun --nproc_per_node=2 -m train``; the plot of a run folder again:
@@ -11,8 +12,9 @@ Command line: ``python -m train`` (or ``manualgrad-train``); several processes:
 ``runner.py`` is the run, step by step; read it first. The other files, one
 concern each: ``config.py`` (options, presets, what a resumed run keeps),
 ``data.py`` (IDX files -> tensors), ``augment.py`` (batch distortions),
-``model.py`` (the model and its torch.nn twin), ``engine.py`` (an epoch of
-steps, evaluation), ``threads.py`` (the CPU thread count), ``checks.py``
+``model.py`` (the MLP, the CNN and their torch.nn twins), ``engine.py`` (an
+epoch of steps, evaluation), ``privacy.py`` (DP-SGD's sampling, noise and
+accountant), ``threads.py`` (the CPU thread count), ``checks.py``
 (``--check-grads``), ``checkpoint.py`` (checkpoint files), ``folder.py`` (the
 run folder and its lock), ``files.py`` (atomic writes), ``plot.py``
 (``curves.png``), ``distributed.py`` (torchrun), ``errors.py`` (errors that

@@ -14,7 +14,10 @@ an epoch (Ctrl-C): that epoch's batch order, the next step and the loss summed
 so far; the RNG states (the data generator, which orders batches and draws
 augmentations, and every process's torch RNG, which draws dropout masks); the
 metrics so far; the configuration; and the fingerprint of the data it was
-trained on. :func:`load` is the only reader, and checks all of that.
+trained on. A ``--dp`` run's also holds ``privacy`` (the steps taken, which
+are the accountant's whole state, and the noise multiplier) and the noise
+stream's state (``rng["noise"]``). :func:`load` is the only reader, and checks
+all of that.
 """
 
 from __future__ import annotations
@@ -155,6 +158,10 @@ def _check(state: dict, path: str) -> None:
         raise bad("has incomplete RNG states")
     if not isinstance(state["data"].get("fingerprint"), str):
         raise bad("lacks the fingerprint of its data")
+    if saved.dp:
+        private = state.get("privacy")
+        if not isinstance(private, dict) or not isinstance(private.get("steps"), int) or "noise" not in rng:
+            raise bad("of a --dp run lacks its privacy state (steps taken, noise stream)")
 
 
 def _first_line(e: Exception) -> str:

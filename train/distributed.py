@@ -98,11 +98,14 @@ def broadcast_parameters(module: torch.nn.Module, world: World) -> None:
             dist.broadcast(t, src=0)
 
 
-def reduce_step(params: list, loss: Tensor, weight: float, stop: bool, world: World) -> tuple[float, bool]:
+def reduce_step(
+    params: list, loss: Tensor, weight: float, stop: bool, world: World, grad_weight: float | None = None
+) -> tuple[float, bool]:
     """Average gradients over the global batch; return the global batch's mean loss and the agreed stop flag.
 
     ``weight`` is this process's share of the global batch (its rows / global rows): each process's
     gradient is of its own mean loss, so ``sum_r weight_r * grad_r`` is the gradient of the global mean.
+    ``grad_weight`` (default ``weight``) scales the gradients instead: 1 sums them (--dp's clipped sums).
     """
     if not world.distributed:
         return loss.item(), stop
@@ -110,7 +113,8 @@ def reduce_step(params: list, loss: Tensor, weight: float, stop: bool, world: Wo
     flat = torch.cat(
         [g.reshape(-1) for g in grads] + [loss.detach().reshape(1), torch.ones(1, device=loss.device) * stop]
     )
-    flat[:-1].mul_(weight)
+    flat[:-2].mul_(weight if grad_weight is None else grad_weight)
+    flat[-2].mul_(weight)
     dist.all_reduce(flat)
     offset = 0
     for g in grads:

@@ -11,12 +11,14 @@ A :class:`Trainer` owns its model, optimizer, scheduler and random streams
 while it trains), so that two trainers (``--compare-native``) can alternate
 epochs in one process and each still sees exactly what it would see alone.
 
-Where later features go: which rows form each step's batch is
-:meth:`Trainer.batches` and :meth:`Trainer.global_batch` (Poisson sampling
-would replace them), and what happens
-to the gradients between ``backward()`` and ``optimizer.step()`` is
-:meth:`Trainer.step` (clipping, noise); the model and its loss are the
-:class:`~train.model.Net`.
+With ``--dp`` (:mod:`train.privacy`) a step is DP-SGD's: its rows are
+Poisson-sampled (:meth:`Trainer.global_batch`), the backward pass runs inside
+:func:`manualgrad.per_sample` with ``clip=C`` (``.grad`` is the clipped sum of
+the per-sample gradients), the sums are added over the processes, and the
+noise is added once, to that global sum, and divided by the expected batch
+size (:meth:`Trainer.step`). The first step of a run also checks that its
+whole backward graph is manualgrad's (:func:`manualgrad.manual_coverage`);
+the model and its loss are the :class:`~train.model.Net`.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+import manualgrad
 import manualgrad.functional as MF
 
-from . import augment, data, distributed
+from . import augment, data, distributed, privacy
 from .config import Config
 from .errors import RunError
 from .model import Net
@@ -130,18 +133,34 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+NOISE_SEED_OFFSET = 0x9E3779B97F4A7C15  # --dp's noise stream is seeded with --seed + this (mod 2**64)
+
+
 class Trainer:
     """Trains one :class:`~train.model.Net` on ``mnist`` with the options of ``cfg``."""
 
     def __init__(self, net: Net, cfg: Config, mnist: data.MNIST, world: distributed.World, threads: Threads):
         self.net, self.cfg, self.data, self.world, self.threads = net, cfg, mnist, world, threads
         self.params = list(net.parameters())
-        self.steps_per_epoch = data.num_batches(len(mnist.train_y), cfg.batch_size)
+        n = len(mnist.train_y)
+        dp = cfg.dp and net.impl != "native"
+        self.steps_per_epoch = privacy.steps_per_epoch(n, cfg.batch_size) if dp else data.num_batches(n, cfg.batch_size)
+        # --dp: sigma for the planned steps; steps taken so far (the accountant's whole state)
+        self.privacy = privacy.Privacy.plan(cfg, n, self.steps_per_epoch) if dp else None
+        self.private_steps = 0
+        self.last_batch: Tensor | None = None
+        self.coverage_checked = net.impl == "native"  # our model's first step checks its backward graph
         self.optimizer = make_optimizer(cfg, self.params)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
-        # Batch order and augmentation: the same stream in every process. Dropout: torch's RNG,
-        # a different stream per process (seed + rank), kept here between epochs.
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        # Batch order (Poisson sampling) and augmentation: the same stream in every process. Dropout: torch's
+        # RNG, a different stream per process (seed + rank), kept here between epochs. --dp's noise: a stream
+        # of its own, the same in every process; with --secure-rng both shared streams are seeded from the
+        # OS's entropy (rank 0's, for every process).
+        data_seed, noise_seed = cfg.seed, (cfg.seed + NOISE_SEED_OFFSET) % 2**64
+        if dp and cfg.secure_rng:
+            data_seed, noise_seed = distributed.broadcast_object((privacy.secure_seed(), privacy.secure_seed()), world)
+        self.generator = torch.Generator().manual_seed(data_seed)
+        self.noise_generator = torch.Generator().manual_seed(noise_seed) if dp else None
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
             torch.manual_seed((cfg.seed + world.rank) % 2**64)
             self.torch_rng = rng_state(world.device)
@@ -151,7 +170,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Model, optimizer, scheduler and random streams. Collective: every process must call it (each
         contributes its own dropout stream)."""
-        return {
+        state = {
             "model": self.net.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -160,6 +179,10 @@ class Trainer:
                 "torch": distributed.gather_objects(self.torch_rng, self.world),
             },
         }
+        if self.privacy is not None:
+            state["rng"]["noise"] = self.noise_generator.get_state()
+            state["privacy"] = {"steps": self.private_steps, "noise_multiplier": self.privacy.noise_multiplier}
+        return state
 
     def load_state_dict(self, state: dict) -> bool:
         """Restore :meth:`state_dict`'s output; False when it was written by another number of processes
@@ -169,6 +192,11 @@ class Trainer:
         if self.scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["rng"]["data"])
+        if self.privacy is not None:
+            self.noise_generator.set_state(state["rng"]["noise"])
+            self.private_steps = int(state["privacy"]["steps"])
+            # the noise so far was drawn at the checkpoint's sigma: the accountant goes on with it
+            self.privacy.noise_multiplier = float(state["privacy"]["noise_multiplier"])
         per_rank = state["rng"]["torch"]
         self.torch_rng = per_rank[self.world.rank % len(per_rank)]
         return len(per_rank) == self.world.size
@@ -186,28 +214,67 @@ class Trainer:
     # ---- training
 
     def batches(self, resume: Position | None) -> Position:
-        """Where the epoch starts: a fresh random order of the training rows (from step 0), or ``resume``."""
+        """Where the epoch starts: a fresh random order of the training rows (from step 0), or ``resume``.
+        With --dp there is no order (each step samples its rows): an empty one."""
         if resume is not None:
             return resume
+        if self.privacy is not None:
+            return Position(step=0, order=torch.zeros(0, dtype=torch.long))
         return Position(step=0, order=data.epoch_order(len(self.data.train_y), self.generator))
 
     def global_batch(self, order: Tensor, step: int) -> Tensor:
-        """The rows of step ``step`` (0-based) of the epoch ordered by ``order``, for all processes together."""
+        """The rows of step ``step`` (0-based) of the epoch ordered by ``order``, for all processes together.
+        With --dp: a Poisson-sampled batch, drawn now from the data stream (``order`` is unused)."""
+        if self.privacy is not None:
+            return privacy.poisson_batch(len(self.data.train_y), self.privacy.sample_rate, self.generator)
         return order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
+
+    def _timing_rows(self, order: Tensor, step: int) -> Tensor:
+        """Rows for :meth:`_trial_step` at the start of an epoch, drawn from no random stream."""
+        if self.privacy is not None:
+            return torch.arange(min(self.cfg.batch_size, len(self.data.train_y)))
+        return self.global_batch(order, step)
+
+    def _backward(self, x: Tensor, y: Tensor) -> Tensor:
+        """The loss of ``(x, y)`` and its backward pass into ``.grad``: with --dp, inside per_sample, so that
+        ``.grad`` is the clipped sum Σ_n min(1, C/‖g_n‖) g_n of the per-sample gradients of the mean loss."""
+        if self.privacy is None:
+            loss = self.net.loss(x, y)
+            loss.backward()
+            return loss
+        with manualgrad.per_sample(self.net.module, clip=self.privacy.clip, loss_reduction="mean"):
+            loss = self.net.loss(x, y)
+            loss.backward()
+        return loss
+
+    def _check_coverage(self, x: Tensor, y: Tensor) -> None:
+        """Once per run: the whole backward graph of our model's loss is manualgrad's, else TrainingError."""
+        with torch.random.fork_rng(devices=[self.world.device] if self.world.device.type == "cuda" else []):
+            coverage = manualgrad.manual_coverage(self.net.loss(x, y))
+        if not coverage.complete:
+            raise TrainingError(f"the model's backward is not all manualgrad's Functions: {coverage}")
+        self.coverage_checked = True
 
     def step(self, x: Tensor, y: Tensor, weight: float, stop: bool) -> tuple[float, bool]:
         """One optimisation step on this process's rows ``(x, y)``, ``weight`` of the global batch;
         returns the global batch's mean loss and whether any process asked to stop."""
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.coverage_checked and len(y):
+            self._check_coverage(x, y)
         if len(y):
-            loss = self.net.loss(x, y)
-            loss.backward()
-        else:  # more processes than rows in a last, small batch
+            loss = self._backward(x, y)
+        else:  # more processes than rows in a last, small batch; or an empty Poisson sample (--dp)
             loss = torch.zeros((), device=self.world.device)
-            for p in self.params:
+        for p in self.params:
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        loss_value, stopping = distributed.reduce_step(self.params, loss, weight, stop, self.world)
+        # --dp: the clipped sums add up over the processes (weight 1); the loss is still the batch's mean
+        grad_weight = 1.0 if self.privacy is not None else weight
+        loss_value, stopping = distributed.reduce_step(self.params, loss, weight, stop, self.world, grad_weight)
         if math.isfinite(loss_value):
+            if self.privacy is not None:  # once, on the global sum: the same noise in every process
+                self.privacy.add_noise(self.params, self.noise_generator)
+                self.private_steps += 1
             self.optimizer.step()
             if self.scheduler:
                 self.scheduler.step()
@@ -218,7 +285,7 @@ class Trainer:
         if not len(y):
             return
         with torch.random.fork_rng(devices=[]):
-            self.net.loss(x, y).backward()
+            self._backward(x, y)
         self.optimizer.zero_grad(set_to_none=True)
 
     def train_epoch(self, epoch: int, stop: StopRequest, resume: Position | None = None, on_step=None) -> EpochResult:
@@ -243,18 +310,20 @@ class Trainer:
         )  # None: off unless a terminal
         start, stopping = time.perf_counter(), False
         self.threads.reset_counts()
-        first = distributed.share(self.global_batch(order, start_at.step), world)
+        first = distributed.share(self._timing_rows(order, start_at.step), world)
         self.threads.choose(functools.partial(self._trial_step, x_all[first], y_all[first]))
         try:
             for step in range(start_at.step, self.steps_per_epoch):
                 step_start = time.perf_counter()
                 batch = self.global_batch(order, step)
+                self.last_batch = batch  # the step's rows, all processes together (tests read it)
                 mine = distributed.share(batch, world)
                 x, y = x_all[mine], y_all[mine]
-                if cfg.augment != "none":
+                if cfg.augment != "none" and len(batch):
                     params = augment.draw(cfg.augment, len(batch), self.generator)
                     x = augment.apply(x, tuple(distributed.share(p, world) for p in params))
-                loss_value, stopping = self.step(x, y, len(mine) / len(batch), stop.requested)
+                share = len(mine) / len(batch) if len(batch) else 0.0  # an empty Poisson sample (--dp)
+                loss_value, stopping = self.step(x, y, share, stop.requested)
                 if not math.isfinite(loss_value):
                     raise TrainingError(
                         f"the training loss became {loss_value} at epoch {epoch}, step {step + 1}; "

@@ -1,4 +1,8 @@
-"""The model: an MLP of manualgrad modules, and the ways to run it.
+"""The model: an MLP or a CNN of manualgrad modules, and the ways to run it.
+
+Two models (``--model``): the MLP ``784 -> hidden... -> 10``, and the classic
+MNIST CNN of pytorch/examples (:func:`build_cnn`: two 3x3 convolutions, a 2x2
+max-pool, dropout, then fully connected layers), fed images ``(N, 1, 28, 28)``.
 
 ``Net`` pairs a module with its training loss, so that the training loop does
 not care which implementation it drives:
@@ -7,7 +11,7 @@ not care which implementation it drives:
   the whole MLP and its softmax cross-entropy are ONE autograd Function;
 * ``layers``: the same modules as a plain ``nn.Sequential``
   (:meth:`~manualgrad.nn.MLP.per_layer`), one manualgrad Function per layer,
-  with :class:`manualgrad.nn.CrossEntropyLoss`;
+  with :class:`manualgrad.nn.CrossEntropyLoss`; the CNN's only way;
 * ``native`` (for ``--compare-native`` and ``--check-grads`` only): the same
   architecture and weights as plain ``torch.nn`` modules and
   ``torch.nn.functional.cross_entropy``, i.e. torch autograd's backward.
@@ -15,8 +19,7 @@ not care which implementation it drives:
 All three have the same ``state_dict`` keys, so one checkpoint fits all.
 
 :func:`build` makes the run's ``Net`` from its configuration; it is the one
-place that knows which model a run trains (another model, e.g. a CNN, is
-another branch there and another ``Net``: the loop needs only ``loss``,
+place that knows which model a run trains (the loop needs only ``loss``,
 ``logits``, ``parameters``, ``module``, ``twin``, ``with_impl`` and
 ``describe``).
 """
@@ -31,7 +34,8 @@ from torch import Tensor
 
 import manualgrad.nn as mnn
 
-IN_FEATURES, CLASSES = 28 * 28, 10
+IN_FEATURES, CLASSES, SIDE = 28 * 28, 10, 28
+CNN_CHANNELS = (32, 64)  # the two 3x3 convolutions' output channels (pytorch/examples mnist/main.py)
 
 
 def build_mlp(hidden, activation: str, dropout: float, device) -> mnn.MLP:
@@ -39,12 +43,37 @@ def build_mlp(hidden, activation: str, dropout: float, device) -> mnn.MLP:
     return mnn.MLP([IN_FEATURES, *hidden, CLASSES], activation=activation, dropout=dropout, device=device)
 
 
-def torch_twin(mlp: mnn.MLP) -> torch.nn.Sequential:
-    """The same layers as plain torch.nn modules (``torch.nn.Linear``, ``torch.nn.ReLU``...), with a copy
+def build_cnn(hidden, activation: str, dropout: float, device) -> torch.nn.Sequential:
+    """The classic MNIST CNN, of manualgrad modules only: ``Conv2d(1, 32, 3)``, activation, ``Conv2d(32, 64,
+    3)``, activation, ``MaxPool2d(2)``, ``Dropout(dropout / 2)``, ``Flatten``, then for each width in
+    ``hidden`` a ``Linear``, the activation and ``Dropout(dropout)``, and ``Linear(.., 10)``: with ``hidden``
+    ``(128,)``, dropout 0.5 and relu, pytorch/examples' model (dropouts 0.25 and 0.5). Images ``(N, 1, 28,
+    28)`` in, logits ``(N, 10)`` out. PyTorch's default initialisation (seed the global RNG first)."""
+    act = mnn.ACTIVATIONS[activation]
+    (c1, c2), side = CNN_CHANNELS, (SIDE - 4) // 2  # two unpadded 3x3 convolutions, then a 2x2 pool
+    layers = [
+        mnn.Conv2d(1, c1, 3, device=device),
+        act(),
+        mnn.Conv2d(c1, c2, 3, device=device),
+        act(),
+        mnn.MaxPool2d(2),
+        *([mnn.Dropout(dropout / 2)] if dropout > 0 else []),
+        mnn.Flatten(),
+    ]
+    width = c2 * side * side  # 9216
+    for h in hidden:
+        layers += [mnn.Linear(width, h, device=device), act(), *([mnn.Dropout(dropout)] if dropout > 0 else [])]
+        width = h
+    layers.append(mnn.Linear(width, CLASSES, device=device))
+    return torch.nn.Sequential(*layers)
+
+
+def torch_twin(model: torch.nn.Module) -> torch.nn.Sequential:
+    """The same layers as plain torch.nn modules (``torch.nn.Linear``, ``torch.nn.Conv2d``...), with a copy
     of the weights. Every manualgrad module subclasses its torch.nn namesake and adds no state, so the
     twin is a copy with each module's class set back to that namesake."""
-    twin = copy.deepcopy(mlp.per_layer())
-    for module in twin:
+    twin = copy.deepcopy(model.per_layer() if isinstance(model, mnn.MLP) else model)
+    for module in twin.modules():
         torch_class = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
         module.__class__ = torch_class
     return twin
@@ -53,6 +82,14 @@ def torch_twin(mlp: mnn.MLP) -> torch.nn.Sequential:
 def build(cfg, device) -> Net:
     """The Net that ``cfg`` (a :class:`~train.config.Config`) trains, its weights drawn from the global
     RNG (seed it first)."""
+    if cfg.model == "cnn":
+        cnn = build_cnn(cfg.hidden, cfg.activation, cfg.dropout, device)
+        c1, c2 = CNN_CHANNELS
+        widths = "-".join(str(h) for h in (*cfg.hidden, CLASSES))
+        architecture = (
+            f"CNN conv{c1}-conv{c2}-pool-{widths}, {cfg.activation}, dropout {cfg.dropout / 2:g}/{cfg.dropout:g}"
+        )
+        return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
     mlp = build_mlp(cfg.hidden, cfg.activation, cfg.dropout, device)
     sizes = "-".join(str(s) for s in mlp.sizes)
     return Net(mlp, cfg.impl, cfg.label_smoothing, f"MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}")
@@ -61,11 +98,19 @@ def build(cfg, device) -> Net:
 class Net:
     """A module (parameters, ``train()``/``eval()``, ``state_dict``) and how to compute its loss and logits."""
 
-    impls = ("fused", "layers")  # the ways of computing our gradients that --check-grads checks
-
-    def __init__(self, module: torch.nn.Module, impl: str, label_smoothing: float = 0.0, architecture: str = ""):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        impl: str,
+        label_smoothing: float = 0.0,
+        architecture: str = "",
+        image_shape: tuple | None = None,
+    ):
         self.module, self.impl, self.label_smoothing = module, impl, label_smoothing
         self.architecture = architecture  # for the log: e.g. "MLP 784-512-256-10, relu, dropout 0.1"
+        self.image_shape = image_shape  # None: the model takes rows (N, 784); else images (N, *image_shape)
+        # the ways of computing our gradients that --check-grads checks
+        self.impls = ("fused", "layers") if isinstance(module, mnn.MLP) else ("layers",)
         if impl == "fused":
             assert isinstance(module, mnn.MLP)
         elif impl == "layers":
@@ -74,8 +119,13 @@ class Net:
         elif impl != "native":
             raise ValueError(f"unknown impl {impl!r}")
 
+    def inputs(self, x: Tensor) -> Tensor:
+        """The model's input from rows of normalised pixels ``(N, 784)``: those rows, or images ``(N, 1, 28, 28)``."""
+        return x if self.image_shape is None else x.reshape(len(x), *self.image_shape)
+
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Mean (label-smoothed) softmax cross-entropy over the rows of ``x``."""
+        x = self.inputs(x)
         if self.impl == "fused":
             return self.module.loss(x, y, label_smoothing=self.label_smoothing)
         if self.impl == "layers":
@@ -83,18 +133,18 @@ class Net:
         return F.cross_entropy(self.module(x), y, label_smoothing=self.label_smoothing)
 
     def logits(self, x: Tensor) -> Tensor:
-        return (self._sequential if self.impl == "layers" else self.module)(x)
+        return (self._sequential if self.impl == "layers" else self.module)(self.inputs(x))
 
     def parameters(self):
         return self.module.parameters()
 
     def with_impl(self, impl: str) -> Net:
         """The same module (same weights), its loss computed the ``impl`` way."""
-        return Net(self.module, impl, self.label_smoothing, self.architecture)
+        return Net(self.module, impl, self.label_smoothing, self.architecture, self.image_shape)
 
     def twin(self) -> Net:
         """A torch.nn copy (same weights, torch autograd's backward): --compare-native, --check-grads."""
-        return Net(torch_twin(self.module), "native", self.label_smoothing, self.architecture)
+        return Net(torch_twin(self.module), "native", self.label_smoothing, self.architecture, self.image_shape)
 
     def describe(self) -> str:
         count = sum(p.numel() for p in self.parameters())

@@ -26,12 +26,20 @@ def title(metrics: dict) -> str:
     text = f"{metrics.get('model', 'model')}; {config.get('optimizer')} lr {config.get('lr')}"
     text += f", seed {config.get('seed')}"
     augment = config.get("augment", "none")
-    return text + (f", {augment} augmentation" if augment != "none" else "")
+    text += f", {augment} augmentation" if augment != "none" else ""
+    private = metrics.get("privacy")
+    if private:
+        text += (
+            f"\nDP-SGD: batch {config.get('batch_size')} expected, clip {private['clip']:g}, noise multiplier "
+            f"{private['noise_multiplier']:.3f}, ({private['spent_epsilon']:.2f}, {private['delta']:g})-DP"
+        )
+    return text
 
 
 def curves_png(metrics: dict) -> bytes:
     """The figure for ``metrics`` (what ``metrics.json`` holds), as PNG bytes. Two panels: train and test
-    loss (log scale), and test accuracy in percent; the torch.nn run's too, dashed, when there is one.
+    loss (log scale), and test accuracy in percent; the torch.nn run's too, dashed, when there is one;
+    for a --dp run, the epsilon spent so far on the accuracy panel's right axis.
 
     The train loss is the training objective (label-smoothed when the run smooths labels, which keeps
     it well above the test loss); the test loss is the plain cross-entropy.
@@ -72,9 +80,15 @@ def curves_png(metrics: dict) -> bytes:
             )
         low = min(accuracies[len(accuracies) // 4 :])  # skip the steep start
         ax_acc.set_ylim(max(low - 0.2, best - 3), min(100.0, best + 0.3))
+    spent = [(r["epoch"], r["epsilon"]) for r in epochs if r.get("epsilon") is not None]
+    if spent:
+        ax_eps = ax_acc.twinx()
+        ax_eps.plot(*zip(*spent), ":", color="tab:gray", marker=".", ms=3, label="epsilon spent")
+        ax_eps.set(ylabel="epsilon spent", ylim=(0, 1.05 * max(e for _, e in spent)))
+        ax_eps.legend(loc="lower right")
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper right" if ax is ax_loss else "center right")
         ax.xaxis.get_major_locator().set_params(integer=True)
     if config:
         fig.suptitle(title(metrics), fontsize=10)

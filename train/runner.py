@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, distributed, model
 from .checks import check_all
-from .config import Config, resume_config
+from .config import Config, check, resume_config
 from .engine import EpochResult, Position, StopRequest, Trainer, TrainingError
 from .errors import RunError
 from .folder import RunFolder
@@ -79,6 +79,7 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     resumed = checkpoint.load(cfg.resume) if cfg.resume else None
     if resumed is not None:
         cfg = resume_config(cfg, Config.from_dict(resumed["config"]), given)
+    check(cfg)
     threads = Threads(cfg.threads, world.local_size, world.device)
     mnist = load_data(cfg, world)
     if resumed is not None:
@@ -141,12 +142,16 @@ def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.M
     native = Trainer(net.twin(), cfg, mnist, world, threads) if cfg.compare_native else None
     processes = _plural(world.size, "process", "processes")
     log(world, f"model: {net.describe()}; device {world.device}, {threads.describe()}, {processes}")
+    batch = f"Poisson-sampled batches of {cfg.batch_size} expected" if cfg.dp else f"batch {cfg.batch_size}"
     log(
         world,
-        f"training: {_plural(cfg.epochs, 'epoch')}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g} "
+        f"training: {_plural(cfg.epochs, 'epoch')}, {batch}, {cfg.optimizer} lr {cfg.lr:g} "
         f"weight decay {cfg.weight_decay:g}, schedule {cfg.schedule}, label smoothing {cfg.label_smoothing:g}, "
         f"augment {cfg.augment}, seed {cfg.seed}",
     )
+    if trainer.privacy is not None:
+        rng = "the OS's entropy (--secure-rng)" if cfg.secure_rng else "--seed (reproducible: see --secure-rng)"
+        log(world, f"privacy: {trainer.privacy.describe()}; batches and noise seeded from {rng}")
     return trainer, native
 
 
@@ -234,6 +239,8 @@ def record(trainer: Trainer, epoch: int, result: EpochResult) -> dict:
     r = {"epoch": epoch, "train_loss": result.train_loss, "seconds": result.seconds}
     if trainer.world.main:
         r["test_loss"], r["test_accuracy"] = trainer.evaluate()
+    if trainer.privacy is not None:  # what the run has spent so far (at its delta)
+        r["epsilon"], r["steps"] = trainer.privacy.epsilon(trainer.private_steps), trainer.private_steps
     r["threads"] = trainer.threads.most_used()
     return r
 
@@ -264,9 +271,12 @@ def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: Run
         log(world, f"continue with: python -m train --resume {folder.path}")
     elif world.main and progress.history:
         epochs = _plural(len(progress.history), "epoch")
+        private = ""
+        if trainer.privacy is not None:
+            private = f", ({metrics['privacy']['spent_epsilon']:.3f}, {cfg.delta:g})-DP"
         log(
             world,
-            f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {epochs}, "
+            f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {epochs}{private}, "
             f"{metrics['train_seconds']:.1f} s of training; files in {folder.path}",
         )
         if native is not None and progress.native_history:
@@ -294,6 +304,9 @@ def metrics_of(cfg: Config, world: distributed.World, trainer: Trainer, native, 
             "torch": torch.__version__,
         },
     }
+    if trainer.privacy is not None:
+        spent = trainer.privacy.epsilon(trainer.private_steps)  # an interrupted epoch's steps count too
+        metrics["privacy"] = {**trainer.privacy.to_dict(), "spent_epsilon": spent, "steps": trainer.private_steps}
     if native is not None:
         native_history = progress.native_history
         metrics["native"] = {
@@ -355,9 +368,10 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 
 def _summary(r: dict, epochs: int) -> str:
     head = f"epoch {r['epoch']:>3}/{epochs}  " if epochs else ""
+    spent = f"  epsilon {r['epsilon']:.3f}" if "epsilon" in r else ""
     return (
         f"{head}train loss {r['train_loss']:.4f}  test loss {r['test_loss']:.4f}  "
-        f"test acc {100 * r['test_accuracy']:.2f}%  {r['seconds']:.1f} s"
+        f"test acc {100 * r['test_accuracy']:.2f}%{spent}  {r['seconds']:.1f} s"
     )
 
 

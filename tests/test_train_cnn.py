@@ -1,0 +1,169 @@
+"""Tests of ``--model cnn``: the classic MNIST CNN of manualgrad modules, and everything the MLP has
+(resume, --compare-native, --check-grads, augmentations, presets, checkpoints) working for it too.
+
+Tiny IDX files written by the tests; the CNN's fully connected layer is narrowed to 16 to keep it fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import interrupt_at, load_params, make_mnist, run, run_main, tiny_argv, tiny_config, without_timing
+
+import manualgrad
+import manualgrad.nn as mnn
+from train import checkpoint, model
+from train.config import MODEL_DEFAULTS, PRESETS, defaults, parse_args
+from train.engine import TrainingError
+from train.errors import ConfigError
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    return make_mnist(tmp_path / "mnist")
+
+
+def cnn_config(tiny, out, **changes):
+    return tiny_config(tiny, out, **{"model": "cnn", "impl": "layers", "hidden": (16,), "dropout": 0.0, **changes})
+
+
+def test_the_classic_cnn_of_manualgrad_modules_only():
+    torch.manual_seed(0)
+    cnn = model.build_cnn((128,), "relu", 0.5, "cpu")
+    kinds = [type(m) for m in cnn]
+    assert kinds == [
+        mnn.Conv2d,
+        mnn.ReLU,
+        mnn.Conv2d,
+        mnn.ReLU,
+        mnn.MaxPool2d,
+        mnn.Dropout,
+        mnn.Flatten,
+        mnn.Linear,
+        mnn.ReLU,
+        mnn.Dropout,
+        mnn.Linear,
+    ]
+    assert [cnn[5].p, cnn[9].p] == [0.25, 0.5]  # pytorch/examples' dropouts
+    shapes = {k: tuple(v.shape) for k, v in cnn.state_dict().items()}
+    assert shapes == {
+        "0.weight": (32, 1, 3, 3),
+        "0.bias": (32,),
+        "2.weight": (64, 32, 3, 3),
+        "2.bias": (64,),
+        "7.weight": (128, 9216),
+        "7.bias": (128,),
+        "10.weight": (10, 128),
+        "10.bias": (10,),
+    }
+    net = model.Net(cnn, "layers", 0.1, image_shape=(1, 28, 28))
+    x, y = torch.randn(4, 784), torch.tensor([0, 1, 2, 3])
+    assert net.logits(x).shape == (4, 10)
+    coverage = manualgrad.manual_coverage(net.loss(x, y))
+    assert coverage.complete, coverage
+    twin = net.twin()  # plain torch.nn modules, the same weights and outputs
+    assert all(type(m).__module__.startswith("torch.nn") for m in twin.module.modules())
+    cnn.eval(), twin.module.eval()
+    assert torch.allclose(net.logits(x), twin.logits(x), atol=1e-5)
+
+
+def test_cnn_defaults_and_presets():
+    cfg, given = parse_args(["--model", "cnn"])
+    assert given == {"model"} and cfg.model == "cnn"
+    for key, value in MODEL_DEFAULTS["cnn"].items():
+        assert getattr(cfg, key) == value
+    mlp, _ = parse_args([])
+    assert mlp.model == "mlp" and mlp.hidden == (512, 256) and mlp.impl == "fused"  # the MLP stays the default
+    best, _ = parse_args(["--preset", "best"])
+    assert best.model == PRESETS["best"]["model"] and best.impl == "layers"
+    assert best.epochs == PRESETS["best"]["epochs"] and best.augment == PRESETS["best"]["augment"]
+    old, _ = parse_args(["--preset", "best-mlp"])
+    assert (old.model, old.hidden, old.epochs, old.augment) == ("mlp", (1024, 1024), 50, "elastic")
+    explicit, _ = parse_args(["--model", "cnn", "--epochs", "2", "--hidden", "64,32"])
+    assert (explicit.epochs, explicit.hidden) == (2, (64, 32))
+    assert defaults(model="cnn") == dataclasses.replace(cfg, preset="default")
+
+
+def test_the_cnn_has_no_fused_implementation(tiny, tmp_path, capsys):
+    status, _, err = run_main(tiny_argv(tiny, tmp_path / "run", "--model", "cnn", "--impl", "fused"), capsys)
+    assert status == 2 and "--model cnn has one Function per layer only" in err
+    with pytest.raises(ConfigError, match="--impl layers"):
+        run(tiny_config(tiny, tmp_path / "run", model="cnn"))  # from Python: impl still the MLP's "fused"
+    assert not (tmp_path / "run").exists()
+
+
+def test_cnn_learns_and_writes_its_files(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = run(cnn_config(tiny, out, epochs=6))  # (augmentations: the resume test below)
+    printed = capsys.readouterr().out
+    assert "model: CNN conv32-conv64-pool-16-10" in printed
+    losses = [r["train_loss"] for r in metrics["epochs"]]
+    assert losses[-1] < 0.5 * losses[0] and metrics["test_accuracy"] >= 0.8
+    assert metrics["model"].startswith("CNN") and metrics["config"]["model"] == "cnn"
+    state = checkpoint.load(str(out))
+    assert state["model"]["0.weight"].shape == (32, 1, 3, 3) and state["config"]["model"] == "cnn"
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_foreign_backward_node_fails_the_run_clearly(tiny, tmp_path, monkeypatch):
+    original = model.build_cnn
+
+    def with_torch_flatten(*args):  # torch.nn.Flatten's backward is torch's (a view's), not ours
+        return torch.nn.Sequential(*(torch.nn.Flatten() if isinstance(m, mnn.Flatten) else m for m in original(*args)))
+
+    monkeypatch.setattr(model, "build_cnn", with_torch_flatten)
+    with pytest.raises(TrainingError, match=r"not all manualgrad's Functions: .*foreign: (?!none)"):
+        run(cnn_config(tiny, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("where", [(1, 2), (2, 1)], ids=["mid-epoch-1", "mid-epoch-2"])
+def test_cnn_resume_gives_identical_results(tiny, tmp_path, where):
+    cfg = cnn_config(tiny, tmp_path / "whole", epochs=2, dropout=0.4, augment="elastic")
+    whole = run(cfg)
+    part = dataclasses.replace(cfg, out=str(tmp_path / "part"))
+    assert run(part, on_step=interrupt_at(*where))["interrupted"]
+    resumed = run(dataclasses.replace(part, resume=part.out))
+    assert without_timing(resumed["epochs"]) == without_timing(whole["epochs"])
+    ours, reference = load_params(Path(part.out)), load_params(Path(cfg.out))
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
+def test_cnn_compare_native_and_check_grads(tiny, tmp_path, capsys):
+    cfg = cnn_config(tiny, tmp_path / "run", epochs=2, dropout=0.5, compare_native=True, check_grads=True)
+    metrics = run(cfg)
+    printed = capsys.readouterr().out
+    assert "check-grads [layers]" in printed and "check-grads [fused]" not in printed and "MISMATCH" not in printed
+    assert "Conv2dFunctionBackward x2" in printed and "every backward node is manualgrad's" in printed
+    assert "epoch-time ratio" in printed and metrics["native"]["time_ratio"]["mean"] > 0
+    for ours, theirs in zip(metrics["epochs"], metrics["native"]["epochs"]):  # same weights, batches, masks
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+        assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-4)
+
+
+def test_resuming_with_another_model_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(tiny_config(tiny, out, epochs=2), on_step=interrupt_at(1, 2))
+    before = (out / "checkpoint.pt").read_bytes()
+    status, _, err = run_main(["--resume", str(out), "--model", "cnn", "--no-progress"], capsys)
+    assert status == 2 and "--model differ from its checkpoint" in err
+    with pytest.raises(ConfigError, match="--model"):
+        run(cnn_config(tiny, tmp_path / "other", resume=str(out)))
+    assert (out / "checkpoint.pt").read_bytes() == before  # the interrupted MLP run is left as it was
+
+
+def test_a_checkpoint_from_before_the_model_option_resumes_as_the_mlp(tiny, tmp_path):
+    """Checkpoints written before --model and --dp existed lack them: they are MLP runs without DP."""
+    cfg = tiny_config(tiny, tmp_path / "whole", epochs=2)
+    whole = run(cfg)
+    part = dataclasses.replace(cfg, out=str(tmp_path / "part"))
+    run(part, on_step=interrupt_at(1, 2))
+    state = checkpoint.load(part.out)
+    for key in ("model", "dp", "epsilon", "delta", "clip", "accountant", "secure_rng"):
+        del state["config"][key]
+    checkpoint.save(state, str(Path(part.out) / "checkpoint.pt"))
+    resumed = run(dataclasses.replace(part, resume=part.out))
+    assert resumed["config"]["model"] == "mlp" and not resumed["config"]["dp"]
+    assert without_timing(resumed["epochs"]) == without_timing(whole["epochs"])
