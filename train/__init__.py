@@ -1,7 +1,7 @@
 """The manualgrad showcase: an MLP or a CNN made only of manualgrad modules learns MNIST, optionally
 with differential privacy (DP-SGD, ``--dp``).
 
-Command line: ``python -m train`` (or ``manualgrad-train``); several processes:
+Command line: ``python -m train``; several processes:
 ``torchrun --nproc_per_node=2 -m train``; the plot of a run folder again:
 ``python -m train.plot RUN_FOLDER``. From Python::
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import checkpoint, plot
+from . import checkpoint
 from .files import FileError, FolderLock, remove_temporaries, write_atomically, write_json
 
 CONFIG, METRICS, CURVES = "config.json", "metrics.json", "curves.png"
@@ -61,6 +61,8 @@ class RunFolder:
         checkpoint.save(state, self.file(checkpoint.FILENAME))
 
     def draw_curves(self, metrics: dict) -> None:
+        from . import plot  # here, not at import: `python -m train.plot` must find train.plot not yet imported
+
         write_atomically(self.file(CURVES), plot.curves_png(metrics))
 
     def close(self) -> None:
