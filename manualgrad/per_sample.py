@@ -100,7 +100,7 @@ class PerSample:
                 bias.norm_sample = scale * bias_norms
                 self._squared.append(bias.norm_sample.square())
         if self.grads:
-            per_sample = torch.bmm(grad.transpose(1, 2), a.to(grad.dtype)) * scale  # G[n]^T A[n]
+            per_sample = torch.bmm((grad * scale).transpose(1, 2), a.to(grad.dtype))  # scale · G[n]^T A[n]
             weight.grad_sample = per_sample.reshape(grad.shape[0], *weight.shape).to(weight.dtype)
             if bias is not None:
                 bias.grad_sample = (grad.sum(1) * scale).to(bias.dtype)
