@@ -101,6 +101,16 @@ def _steps(quick: bool):
         MF.nll_loss(cnn(xc), yc).backward()
 
     steps["MNIST CNN"] = cnn_step
+    # an autoencoder (pytorch/examples' VAE without its sampling): the loss's arrays are the images' size
+    wide, code = (6, 3) if quick else (784, 400)
+    autoencoder = mnn.Sequential(mnn.Linear(wide, code), mnn.ReLU(), mnn.Linear(code, wide))
+    xa = torch.rand(batch, wide)
+
+    def autoencoder_step():
+        autoencoder.zero_grad(set_to_none=True)
+        MF.binary_cross_entropy_with_logits(autoencoder(xa), xa, reduction="sum").backward()
+
+    steps[f"autoencoder {wide}-{code}-{wide}, BCE with logits"] = autoencoder_step
     return steps
 
 

@@ -95,6 +95,7 @@ def test_the_cnn_has_no_fused_implementation(tiny, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cnn_learns_and_writes_its_files(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = run(cnn_config(tiny, out, epochs=6))  # (augmentations: the resume test below)
@@ -119,6 +120,7 @@ def test_a_foreign_backward_node_fails_the_run_clearly(tiny, tmp_path, monkeypat
         run(cnn_config(tiny, tmp_path / "run"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", [(1, 2), (2, 1)], ids=["mid-epoch-1", "mid-epoch-2"])
 def test_cnn_resume_gives_identical_results(tiny, tmp_path, where):
     cfg = cnn_config(tiny, tmp_path / "whole", epochs=2, dropout=0.4, augment="elastic")

@@ -73,6 +73,7 @@ def without_noise(monkeypatch) -> None:
 # ---- Poisson sampling
 
 
+@pytest.mark.slow
 def test_poisson_batches_vary_and_can_be_empty(tiny, tmp_path):
     # 64 images, expected batch 2: q = 1/32, 32 steps an epoch; P(empty batch) = (31/32)^64 ≈ 13%
     sizes = []
@@ -127,6 +128,7 @@ def test_the_step_is_the_clipped_sum_over_the_expected_batch(tiny, tmp_path, mon
     assert len(steps) == 2 and any(len(rows) for _, rows in steps)
 
 
+@pytest.mark.slow
 def test_a_tiny_clip_bounds_every_update(tiny, tmp_path, monkeypatch):
     """Every per-sample gradient is far above C = 1e-3: ‖Δθ‖ ≤ C · |batch| / B, and is about that."""
     without_noise(monkeypatch)
@@ -163,6 +165,7 @@ def test_the_noise_is_sigma_clip_z_over_the_expected_batch():
     assert abs(noise.mean().item()) < 5 * 1.7 * 0.5 / 32 / math.sqrt(noise.numel())
 
 
+@pytest.mark.slow
 def test_the_noise_in_a_run_has_the_planned_scale(tiny, tmp_path):
     """Each step moves every weight by σ C z / B plus the clipped sum over B, whose norm is at most C: spread
     over the >100k weights it is ~300x smaller than the noise per weight. (C is not smaller still: the moves
@@ -182,6 +185,7 @@ def test_the_noise_in_a_run_has_the_planned_scale(tiny, tmp_path):
 # ---- the accountant
 
 
+@pytest.mark.slow
 def test_epsilon_is_reported_increasing_up_to_the_target(tiny, tmp_path, capsys):
     cfg = dp_config(tiny, tmp_path / "run", epochs=3, epsilon=1.5, delta=1e-4)
     metrics = run(cfg)
@@ -200,6 +204,7 @@ def test_epsilon_is_reported_increasing_up_to_the_target(tiny, tmp_path, capsys)
     assert "noise multiplier" in printed and "(reproducible: see --secure-rng)" in printed
 
 
+@pytest.mark.slow
 def test_the_accountants_agree_with_opacus():
     """Our plan's epsilon from dp-accounting against Opacus's own RDP accountant (another implementation)."""
     opacus = pytest.importorskip("opacus.accountants")
@@ -225,6 +230,7 @@ def test_an_impossible_budget_is_a_clear_error(tiny, tmp_path):
 # ---- resume, secure streams, processes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", [(1, 4), (2, 2)], ids=["epoch-end", "mid-epoch"])
 def test_dp_resume_gives_identical_results(tiny, tmp_path, where):
     cfg = dp_config(tiny, tmp_path / "whole", epochs=2, dropout=0.2, augment="affine")
@@ -241,6 +247,7 @@ def test_dp_resume_gives_identical_results(tiny, tmp_path, where):
     assert all(torch.equal(ours[k], reference[k]) for k in reference)
 
 
+@pytest.mark.slow
 def test_a_dp_checkpoint_without_its_privacy_state_is_refused(tiny, tmp_path):
     out = tmp_path / "run"
     run(dp_config(tiny, out, epochs=2), on_step=interrupt_at(1, 2))
@@ -251,6 +258,7 @@ def test_a_dp_checkpoint_without_its_privacy_state_is_refused(tiny, tmp_path):
         checkpoint.load(str(tmp_path / "bad.pt"))
 
 
+@pytest.mark.slow
 def test_secure_rng_is_not_the_seed(tiny, tmp_path):
     cfg = dp_config(tiny, tmp_path / "a", epochs=2, secure_rng=True)
     a = run(cfg)
@@ -260,6 +268,7 @@ def test_secure_rng_is_not_the_seed(tiny, tmp_path):
     assert a["epochs"][-1]["epsilon"] == b["epochs"][-1]["epsilon"]  # the same plan
 
 
+@pytest.mark.slow
 def test_secure_rng_resume_continues_the_saved_streams(tiny, tmp_path, monkeypatch):
     seeds = iter(range(1000, 2000))
     monkeypatch.setattr(privacy, "secure_seed", lambda: next(seeds))  # the same entropy for both runs

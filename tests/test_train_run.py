@@ -73,10 +73,10 @@ def test_smoke_writes_well_formed_files(tiny, tmp_path):
 
 
 def test_curves_are_drawn_once_at_the_end(tiny, tmp_path, monkeypatch):
-    from train import folder
+    from train import plot
 
     drawn = []
-    monkeypatch.setattr(folder.plot, "curves_png", lambda metrics: drawn.append(len(metrics["epochs"])) or b"png")
+    monkeypatch.setattr(plot, "curves_png", lambda metrics: drawn.append(len(metrics["epochs"])) or b"png")
     run(tiny_config(tiny, tmp_path / "run", epochs=3))
     assert drawn == [3]
 
@@ -116,6 +116,7 @@ def test_one_epoch_on_real_mnist(tmp_path):
 # ---- resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", [(1, 4), (1, 2), (2, 1)], ids=["epoch-end", "mid-epoch-1", "mid-epoch-2"])
 def test_resume_gives_identical_results(tiny, tmp_path, where):
     # dropout and augmentation on, so that every random stream must be restored
