@@ -16,3 +16,11 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     manual_seed(0)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Tiny MNIST IDX files for the training program's tests (``train_helpers.make_mnist``)."""
+    from train_helpers import make_mnist
+
+    return make_mnist(tmp_path / "mnist")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import interrupt_at, load_params, make_mnist, run, run_main, tiny_argv, tiny_config, without_timing
+from train_helpers import interrupt_at, load_params, run, run_main, tiny_argv, tiny_config, without_timing
 
 import manualgrad
 import manualgrad.nn as mnn
@@ -19,11 +19,6 @@ from train import checkpoint, model
 from train.config import MODEL_DEFAULTS, PRESETS, defaults, parse_args
 from train.engine import TrainingError
 from train.errors import ConfigError
-
-
-@pytest.fixture
-def tiny(tmp_path) -> Path:
-    return make_mnist(tmp_path / "mnist")
 
 
 def cnn_config(tiny, out, **changes):

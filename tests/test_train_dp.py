@@ -22,7 +22,6 @@ from train_helpers import (
     free_port,
     interrupt_at,
     load_params,
-    make_mnist,
     run,
     run_main,
     tiny_argv,
@@ -35,11 +34,6 @@ from train import checkpoint, data, privacy
 from train import model as train_model
 from train.config import parse_args
 from train.errors import ConfigError
-
-
-@pytest.fixture
-def tiny(tmp_path) -> Path:
-    return make_mnist(tmp_path / "mnist")
 
 
 def dp_config(tiny, out, **changes):

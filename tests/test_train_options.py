@@ -7,18 +7,12 @@ process's exit status and stderr are the subject.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
-from train_helpers import Config, make_mnist, run, run_cli, run_main, tiny_argv, tiny_config
+from train_helpers import Config, run, run_cli, run_main, tiny_argv, tiny_config
 
 from train.config import TRAINING_OPTIONS, build_parser, parse_args, resume_config
 from train.errors import ConfigError
-
-
-@pytest.fixture
-def tiny(tmp_path) -> Path:
-    return make_mnist(tmp_path / "mnist")
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,6 @@ from train_helpers import (
     free_port,
     interrupt_at,
     load_params,
-    make_mnist,
     run,
     tiny_argv,
     tiny_config,
@@ -33,12 +32,6 @@ from train_helpers import (
 import manualgrad.nn as mnn
 from train import checkpoint
 from train.engine import TrainingError
-
-
-@pytest.fixture
-def tiny(tmp_path) -> Path:
-    return make_mnist(tmp_path / "mnist")
-
 
 # ---- files of a run
 

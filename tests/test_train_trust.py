@@ -25,11 +25,6 @@ from train.errors import RunError
 from train.files import FileError, FolderLock
 
 
-@pytest.fixture
-def tiny(tmp_path) -> Path:
-    return make_mnist(tmp_path / "mnist")
-
-
 def strict_json(path: Path):
     """Parse JSON as strict readers do: NaN and Infinity are errors."""
 
