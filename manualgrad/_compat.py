@@ -11,8 +11,17 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode  # every aten op, as it runs (manualgrad.testing)
 
-__all__ = ["assert_async", "batched", "forward_ad_enabled", "functorch_active", "queue_callback", "traced"]
+__all__ = [
+    "TorchDispatchMode",
+    "assert_async",
+    "batched",
+    "forward_ad_enabled",
+    "functorch_active",
+    "queue_callback",
+    "traced",
+]
 
 
 def forward_ad_enabled() -> bool:

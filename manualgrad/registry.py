@@ -10,18 +10,26 @@ gives, with nothing else to edit:
   calls the wrapper with the module's own attributes (:mod:`manualgrad.nn`);
 * :func:`manualgrad.convert`: ``torch.nn.ReLU`` modules become that twin;
 * the fused :class:`manualgrad.nn.MLP`: an activation module maps to its Function;
-* the test suite (gradcheck, gradgradcheck, forward AD, parity with torch in
-  every dtype, PyTorch's OpInfo database, no derivative kernel, vmap, compile)
-  and ``python -m benchmarks``, which run every registered operation on its
-  :attr:`Op.examples`.
+* :func:`manualgrad.testing.check` and the test suite (gradcheck, gradgradcheck,
+  forward AD, parity in every dtype with :attr:`Op.reference`, no derivative
+  kernel, vmap, compile) and ``python -m benchmarks``. The calls they make
+  (examples, kinks, random operations) are not here: they are
+  :mod:`manualgrad.testing`'s table, as OpInfo's samples live in
+  ``torch.testing``; an operation missing there gets examples made from its
+  signature (an activation) or from the inputs given to ``check``.
 
 Two ways to declare:
 
 * an elementwise activation is a Function and one line,
-  ``relu = activation("relu", ReLUFunction, torch.nn.ReLU, kinks=(0.0,))``:
+  ``relu = activation("relu", ReLUFunction, torch.nn.ReLU)``:
   the wrapper takes ``forward``'s parameters after the input, in order;
 * anything else is its wrapper, written out and decorated:
-  ``@operation(torch.nn.MSELoss, MSELossFunction, kind="loss", examples=...)``.
+  ``@operation(torch.nn.MSELoss, MSELossFunction, kind="loss")``.
+
+Both take ``reference=``: a function computing the same thing with PyTorch's
+own backward, which the checks compare with. Without one, an operation that
+backs a ``torch.nn`` module is compared with torch's function of the same
+name, and any other with autograd through its Function's plain ``forward``.
 """
 
 from __future__ import annotations
@@ -29,26 +37,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 from . import _checks
 from .functions.base import ManualFunction, apply
 
-__all__ = ["OPS", "Example", "Op", "activation", "operation", "ops"]
-
-
-class Example(NamedTuple):
-    """One call of an operation, ``functional(*args, **kwargs)``; ``id`` names it in test reports."""
-
-    id: str
-    args: tuple
-    kwargs: dict
-
-
-#: ``examples(dtype, device, bench=False)``: calls the tests make (small tensors) or the benchmarks time (``bench``).
-Examples = Callable[..., list[Example]]
+__all__ = ["OPS", "Op", "activation", "operation", "ops"]
 
 
 @dataclass(eq=False)
@@ -60,22 +55,22 @@ class Op:
     functions: tuple[type[ManualFunction], ...]  #: the Functions it applies
     module: type[torch.nn.Module] | None  #: the torch.nn class its twin subclasses
     kind: str  #: ``"activation"``, ``"loss"`` or ``"layer"``
-    examples: Examples  #: the calls every test and benchmark makes
-    #: where the derivative jumps (the tests look at both sides, and at the kink); a tuple, or a function of a
-    #: variant's keyword arguments returning one
-    kinks: tuple[float, ...] | Callable[..., tuple[float, ...]] = ()
-    random: bool = False  #: draws random numbers (dropout): the tests fix the seed per call
     parameters: tuple[str, ...] = ()  #: an activation's parameters after the input, in order (its forward's)
     #: the twin's ``forward(self, input)``, for a module whose attributes are not named as the wrapper's
     #: parameters (``Unflatten.unflattened_size``); None: the generic one of :mod:`manualgrad.nn`
     module_forward: Callable | None = None
-
-    def kinks_of(self, kwargs: dict) -> tuple[float, ...]:
-        return self.kinks(**kwargs) if callable(self.kinks) else self.kinks
+    #: what the checks compare with (see :attr:`reference`); None: the default
+    given_reference: Callable | None = None
 
     @property
     def reference(self) -> Callable | None:
-        """PyTorch's own function of the same name (the tests' reference), or None."""
+        """The function the checks compare with: the one declared (``reference=``), else, for an operation that
+        backs a ``torch.nn`` module, PyTorch's own function of the same name; else None (the checks then use
+        autograd through the Function's plain ``forward``)."""
+        if self.given_reference is not None:
+            return self.given_reference
+        if self.module is None or not self.module.__module__.startswith("torch."):
+            return None
         return getattr(torch.nn.functional, self.name, None) or getattr(torch, self.name, None)
 
     @property
@@ -103,15 +98,15 @@ def operation(
     module: type[torch.nn.Module] | None,
     *functions: type[ManualFunction],
     kind: str,
-    examples: Examples,
-    random: bool = False,
+    reference: Callable | None = None,
     module_forward: Callable | None = None,
 ):
     """Decorator: register a written-out wrapper (named as in torch) applying ``functions``."""
 
     def register(functional: Callable) -> Callable:
         name = functional.__name__
-        _register(Op(name, functional, functions, module, kind, examples, random=random, module_forward=module_forward))
+        op = Op(name, functional, functions, module, kind, module_forward=module_forward, given_reference=reference)
+        _register(op)
         return functional
 
     return register
@@ -122,32 +117,23 @@ def activation(
     function: type[ManualFunction],
     module: type[torch.nn.Module] | None,
     *,
-    kinks: tuple[float, ...] | Callable[..., tuple[float, ...]] = (),
-    variants: tuple[dict, ...] = ({},),
+    reference: Callable | None = None,
 ) -> Callable:
     """Register an elementwise activation; return its wrapper ``name(input, <forward's parameters>)``.
 
     The wrapper checks that the input is a real floating-point tensor and the
     options are valid (``function.check``), handles ``inplace=True`` (see
-    :func:`_elementwise`), and applies the Function. ``variants`` are the
-    keyword arguments the tests and benchmarks run (the first is the default).
+    :func:`_elementwise`), and applies the Function. ``reference``: see the
+    module docstring.
     """
     params = list(inspect.signature(function.forward).parameters.values())[1:]
     call = _elementwise(name, function, inplace=any(p.name == "inplace" for p in params))
     functional = _with_signature(name, params, call, function.__doc__)
 
-    def examples(dtype, device, bench=False):
-        shape = (256, 4096) if bench else (6, 7)
-        z = torch.randn(shape, device=device).mul_(3).to(dtype)
-        return [Example(_variant_id(kw), (z,), kw) for kw in variants]
-
     names = tuple(p.name for p in params)
-    _register(Op(name, functional, (function,), module, "activation", examples, kinks, parameters=names))
+    op = Op(name, functional, (function,), module, "activation", parameters=names, given_reference=reference)
+    _register(op)
     return functional
-
-
-def _variant_id(kwargs: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in kwargs.items()) or "default"
 
 
 def _with_signature(name: str, params: list[inspect.Parameter], call: Callable, doc: str | None) -> Callable:

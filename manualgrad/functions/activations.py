@@ -152,7 +152,7 @@ def indicator(compare, s: Tensor, value: float) -> Tensor:
     return compare(s, value, out=torch.empty_like(s))
 
 
-relu = activation("relu", ReLUFunction, torch.nn.ReLU, kinks=(0.0,))
+relu = activation("relu", ReLUFunction, torch.nn.ReLU)
 
 
 class LeakyReLUFunction(Elementwise):
@@ -176,13 +176,7 @@ class LeakyReLUFunction(Elementwise):
         return positive + (1 - positive) * negative_slope  # 1 where z > 0, else a
 
 
-leaky_relu = activation(
-    "leaky_relu",
-    LeakyReLUFunction,
-    torch.nn.LeakyReLU,
-    kinks=(0.0,),
-    variants=({}, {"negative_slope": 0.2}, {"negative_slope": -0.3}, {"negative_slope": 1.5}),
-)
+leaky_relu = activation("leaky_relu", LeakyReLUFunction, torch.nn.LeakyReLU)
 
 
 class SigmoidFunction(Elementwise):
@@ -268,7 +262,7 @@ class GELUFunction(Elementwise):
         return cdf + z * pdf
 
 
-gelu = activation("gelu", GELUFunction, torch.nn.GELU, variants=({}, {"approximate": "tanh"}))
+gelu = activation("gelu", GELUFunction, torch.nn.GELU)
 
 
 class SiLUFunction(Elementwise):
@@ -315,7 +309,7 @@ class ELUFunction(Elementwise):
         return positive + (1 - positive) * alpha * torch.exp(s.clamp(max=0))  # 1 where z > 0, else α e^z
 
 
-elu = activation("elu", ELUFunction, torch.nn.ELU, kinks=(0.0,), variants=({}, {"alpha": 2.0}, {"alpha": -0.5}))
+elu = activation("elu", ELUFunction, torch.nn.ELU)
 
 
 class SoftplusFunction(Elementwise):
@@ -337,13 +331,7 @@ class SoftplusFunction(Elementwise):
         return beyond + (1 - beyond) * _sigmoid(beta * z)  # 1 beyond the threshold, else σ(βz)
 
 
-softplus = activation(
-    "softplus",
-    SoftplusFunction,
-    torch.nn.Softplus,
-    kinks=lambda beta=1.0, threshold=20.0: (threshold / beta,),
-    variants=({}, {"beta": 2.0, "threshold": 3.0}),
-)
+softplus = activation("softplus", SoftplusFunction, torch.nn.Softplus)
 
 
 def _softplus(z: Tensor) -> Tensor:

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from .. import _checks, per_sample
 from ..errors import InputError
-from ..registry import Example, operation
+from ..registry import operation
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
 from .shape import PadFunction
 
@@ -411,30 +411,6 @@ def _geometry(input: Tensor, weight: Tensor, bias, stride, padding, dilation, gr
 # ---- the operation --------------------------------------------------------------------------------
 
 
-def _examples(dtype, device, bench=False):
-    def make(*shape):
-        return torch.randn(shape, device=device).to(dtype)
-
-    if bench:  # the MNIST network's two convolutions
-        return [
-            Example("64x1x28x28->32,k3", (make(64, 1, 28, 28), make(32, 1, 3, 3), make(32)), {}),
-            Example("64x32x26x26->64,k3", (make(64, 32, 26, 26), make(64, 32, 3, 3), make(64)), {}),
-        ]
-    x = make(1, 2, 4, 5)  # tiny: the gradient checks cost a few evaluations per element
-    return [
-        Example("2x2x4x4->2,k2", (make(2, 2, 4, 4), make(2, 2, 2, 2), make(2)), {}),
-        Example("stride,padding,nobias", (x, make(2, 2, 3, 3)), {"stride": 2, "padding": 1}),
-        Example("tuples", (x, make(2, 2, 2, 3), make(2)), {"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2)}),
-        Example("dilation,groups", (make(1, 2, 5, 5), make(4, 1, 2, 2), make(4)), {"dilation": 2, "groups": 2}),
-        # patches of 2·4·4 = SWAP_AT numbers: G_W as a convolution over the batch
-        Example("same,even-kernel", (x, make(2, 2, 4, 4), make(2)), {"padding": "same", "dilation": (2, 1)}),
-        Example("unbatched", (make(2, 4, 5), make(2, 2, 3, 3), make(2)), {"padding": 1}),
-        Example(
-            "stride>kernel,valid", (make(1, 2, 5, 5), make(2, 2, 2, 2), make(2)), {"stride": 3, "padding": "valid"}
-        ),
-    ]
-
-
 def _module_forward(self: torch.nn.Conv2d, input: Tensor) -> Tensor:
     """``torch.nn.Conv2d.forward``: a ``padding_mode`` other than ``'zeros'`` pads first (our :class:`PadFunction`,
     as torch pads with ``F.pad``), then convolves without padding."""
@@ -444,7 +420,7 @@ def _module_forward(self: torch.nn.Conv2d, input: Tensor) -> Tensor:
     return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-@operation(torch.nn.Conv2d, Conv2dFunction, kind="layer", examples=_examples, module_forward=_module_forward)
+@operation(torch.nn.Conv2d, Conv2dFunction, kind="layer", module_forward=_module_forward)
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1):
     r""":math:`Z = W \star X + b` over 2-D inputs; see :class:`~manualgrad.functions.Conv2dFunction`.
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..errors import InputError
-from ..registry import Example, operation
+from ..registry import operation
 from .base import ManualFunction, apply, save_for_forward
 
 __all__ = ["DropoutFunction", "dropout", "dropout2d"]
@@ -77,12 +77,7 @@ def _apply(input: Tensor, p: float, inplace: bool, channels: bool) -> Tensor:
     return apply(DropoutFunction, input, float(p), inplace, channels)[0]
 
 
-def _examples(dtype, device, bench=False):
-    x = torch.randn((256, 4096) if bench else (6, 5), device=device).to(dtype)
-    return [Example("p=0.3", (x,), {"p": 0.3}), Example("p=1", (x,), {"p": 1.0})]
-
-
-@operation(torch.nn.Dropout, DropoutFunction, kind="layer", examples=_examples, random=True)
+@operation(torch.nn.Dropout, DropoutFunction, kind="layer")
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     r"""Zeroes each element with probability ``p`` and scales the rest by :math:`1/(1-p)`.
 
@@ -97,12 +92,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     return _apply(input, p, inplace, channels=False)
 
 
-def _examples_2d(dtype, device, bench=False):
-    x = torch.randn((64, 32, 24, 24) if bench else (3, 4, 2, 2), device=device).to(dtype)
-    return [Example("p=0.3", (x,), {"p": 0.3})]
-
-
-@operation(torch.nn.Dropout2d, DropoutFunction, kind="layer", examples=_examples_2d, random=True)
+@operation(torch.nn.Dropout2d, DropoutFunction, kind="layer")
 def dropout2d(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     r"""Zeroes whole channels: each ``input[n, c]`` with probability ``p``; the rest scaled by :math:`1/(1-p)`.
 

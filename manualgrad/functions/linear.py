@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, per_sample
-from ..registry import Example, operation
+from ..registry import operation
 from .base import ManualFunction, apply, cast, save_for_forward
 
 __all__ = ["LinearFunction", "linear"]
@@ -98,25 +98,7 @@ class LinearFunction(ManualFunction):
         return tangent
 
 
-def _examples(dtype, device, bench=False):
-    sizes = [(64, 64, 64), (128, 784, 512), (256, 1024, 1024)] if bench else [(4, 5, 3)]
-
-    def make(*shape):
-        return torch.randn(shape, device=device).to(dtype)
-
-    out = []
-    for n, q, p in sizes:
-        out.append(Example(f"{n}x{q}->{p}", (make(n, q), make(p, q), make(p)), {}))
-    if not bench:
-        out += [
-            Example("1d", (make(5), make(3, 5), make(3)), {}),
-            Example("3d,nobias", (make(2, 3, 5), make(4, 5)), {}),
-            Example("empty", (make(0, 5), make(3, 5), make(3)), {}),
-        ]
-    return out
-
-
-@operation(torch.nn.Linear, LinearFunction, kind="layer", examples=_examples)
+@operation(torch.nn.Linear, LinearFunction, kind="layer")
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     r""":math:`y = x W^\top + b`; see :class:`~manualgrad.functions.LinearFunction`.
 

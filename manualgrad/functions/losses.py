@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _compat
-from ..registry import Example, operation
+from ..registry import operation
 from .activations import _sigmoid
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
 from .softmax import LogSoftmaxFunction, SoftmaxFunction
@@ -321,38 +321,7 @@ class CrossEntropyFunction(ManualFunction):
         return cast(_reduce(rows, reduction, terms.divisor), ctx.dtype)
 
 
-def _cross_entropy_examples(dtype, device, bench=False):
-    def make(*shape):
-        return torch.randn(shape, device=device).mul_(3).to(dtype)
-
-    if bench:
-        return [Example(f"256x{c}", (make(256, c), torch.randint(0, c, (256,), device=device)), {}) for c in (10, 1000)]
-    target = torch.randint(0, 5, (6,), device=device)
-    target[1] = -100  # an ignored row
-    weight = (torch.rand(5, device=device) + 0.5).to(dtype)
-    probs = torch.softmax(torch.randn(6, 5, device=device), 1).to(dtype)
-    spatial = torch.randint(0, 5, (3, 2, 2), device=device)
-    return [Example(f"{r}", (make(6, 5), target), {"reduction": r}) for r in ("mean", "sum", "none")] + [
-        Example("smoothing", (make(6, 5), target), {"label_smoothing": 0.2}),
-        Example(
-            "weight,smoothing,sum", (make(6, 5), target), {"weight": weight, "label_smoothing": 0.1, "reduction": "sum"}
-        ),
-        Example("weight", (make(6, 5), target), {"weight": weight}),
-        Example("ignore_index=3", (make(6, 5), target.clamp(min=0)), {"ignore_index": 3}),
-        Example("no ignored row", (make(6, 5), target.clamp(min=0)), {}),
-        Example(
-            "no ignored row,smoothing,none",
-            (make(6, 5), target.clamp(min=0)),
-            {"label_smoothing": 0.1, "reduction": "none"},
-        ),
-        Example("1d", (make(5), target[0]), {}),
-        Example("spatial", (make(3, 5, 2, 2), spatial), {"label_smoothing": 0.1}),
-        Example("probabilities", (make(6, 5), probs), {"weight": weight, "label_smoothing": 0.1}),
-        Example("probabilities,none", (make(6, 5), probs), {"reduction": "none"}),
-    ]
-
-
-@operation(torch.nn.CrossEntropyLoss, CrossEntropyFunction, kind="loss", examples=_cross_entropy_examples)
+@operation(torch.nn.CrossEntropyLoss, CrossEntropyFunction, kind="loss")
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -436,17 +405,7 @@ class NLLLossFunction(ManualFunction):
         return _reduce(rows, reduction, divisor)
 
 
-def _nll_examples(dtype, device, bench=False):
-    examples = _cross_entropy_examples(dtype, device, bench)
-    log_probs = [
-        Example(e.id, (torch.log_softmax(e.args[0].float(), class_dim(e.args[0])).to(dtype), e.args[1]), e.kwargs)
-        for e in examples
-        if not e.args[1].is_floating_point() and "label_smoothing" not in e.kwargs
-    ]
-    return log_probs
-
-
-@operation(torch.nn.NLLLoss, NLLLossFunction, kind="loss", examples=_nll_examples)
+@operation(torch.nn.NLLLoss, NLLLossFunction, kind="loss")
 def nll_loss(
     input: Tensor,
     target: Tensor,
@@ -545,34 +504,6 @@ class PointwiseLoss(ManualFunction):
         super().__init_subclass__(**kwargs)
 
 
-def _pointwise_examples(*variants: dict):
-    """Every reduction, then each of ``variants`` (keyword arguments; a tensor weight is written ``weight=True``).
-    Broadcasting (with its warning) is tested in ``tests/test_losses.py``."""
-
-    def examples(dtype, device, bench=False):
-        def make(*shape):
-            return torch.randn(shape, device=device).mul_(2).to(dtype)
-
-        if bench:
-            return [Example("256x4096", (make(256, 4096), make(256, 4096)), {})]
-        calls = [Example(r, (make(4, 3), make(4, 3)), {"reduction": r}) for r in ("mean", "sum", "none")]
-        for variant in variants:
-            kwargs = dict(variant)
-            if kwargs.get("weight"):
-                kwargs["weight"] = (torch.rand(4, 3, device=device) + 0.1).to(dtype)
-            calls.append(Example(_variant_id(variant), (make(4, 3), make(4, 3)), kwargs))
-        return calls
-
-    return examples
-
-
-def _variant_id(kwargs: dict) -> str:
-    return ",".join(k if v is True else f"{k}={v}" for k, v in kwargs.items())
-
-
-_WEIGHTED = ({"weight": True}, {"weight": True, "reduction": "none"})
-
-
 class MSELossFunction(PointwiseLoss):
     r"""``apply(input, target, weight, reduction, None)``: :math:`\ell = w (\hat Y - T)^2`, :math:`\rho'(d) = 2d`:
     :math:`G_{\hat Y} = 2 w (\hat Y - T) \odot \partial R/\partial\ell`, :math:`G_T = -G_{\hat Y}`.
@@ -587,7 +518,7 @@ class MSELossFunction(PointwiseLoss):
         return d, 2.0  # ρ′(d) = 2d
 
 
-@operation(torch.nn.MSELoss, MSELossFunction, kind="loss", examples=_pointwise_examples(*_WEIGHTED))
+@operation(torch.nn.MSELoss, MSELossFunction, kind="loss")
 def mse_loss(
     input: Tensor,
     target: Tensor,
@@ -621,7 +552,7 @@ class L1LossFunction(PointwiseLoss):
         return torch.sign(d, out=out), 1.0  # ρ′(d) = sign d
 
 
-@operation(torch.nn.L1Loss, L1LossFunction, kind="loss", examples=_pointwise_examples(*_WEIGHTED))
+@operation(torch.nn.L1Loss, L1LossFunction, kind="loss")
 def l1_loss(
     input: Tensor,
     target: Tensor,
@@ -660,7 +591,6 @@ class SmoothL1LossFunction(PointwiseLoss):
     torch.nn.SmoothL1Loss,
     SmoothL1LossFunction,
     kind="loss",
-    examples=_pointwise_examples({"beta": 0.5}, {"beta": 0.0, "reduction": "sum"}, {"beta": 3.0, "reduction": "none"}),
 )
 def smooth_l1_loss(
     input: Tensor,
@@ -706,7 +636,6 @@ class HuberLossFunction(PointwiseLoss):
     torch.nn.HuberLoss,
     HuberLossFunction,
     kind="loss",
-    examples=_pointwise_examples(*_WEIGHTED, {"delta": 0.5}, {"delta": 3.0, "weight": True, "reduction": "sum"}),
 )
 def huber_loss(
     input: Tensor,
@@ -800,24 +729,6 @@ def _bce_ratio(x: Tensor, t: Tensor, in_place: bool) -> Tensor:
     return (x - t).div_((1 - x).mul_(x).clamp_(min=_BCE_EPSILON))
 
 
-def _bce_examples(dtype, device, bench=False):
-    def probabilities(*shape):  # away from 0 and 1, where finite differences would step outside [0, 1]
-        return (torch.rand(shape, device=device) * 0.9 + 0.05).to(dtype)
-
-    if bench:
-        return [Example("256x4096", (probabilities(256, 4096), probabilities(256, 4096)), {})]
-    weight = (torch.rand(4, 3, device=device) + 0.5).to(dtype)
-    return [
-        Example(r, (probabilities(4, 3), probabilities(4, 3)), {"reduction": r}) for r in ("mean", "sum", "none")
-    ] + [
-        Example("weight", (probabilities(4, 3), probabilities(4, 3)), {"weight": weight}),
-        Example(
-            "class weight,sum", (probabilities(4, 3), probabilities(4, 3)), {"weight": weight[0], "reduction": "sum"}
-        ),
-        Example("1d", (probabilities(5), probabilities(5)), {}),
-    ]
-
-
 def _probabilities(layer: str, input: Tensor) -> None:
     """Every element of ``input`` in [0, 1], as PyTorch's CPU kernel requires (a NaN is outside): on the CPU from
     two numbers; on CUDA a device-side assert (no host sync); not read under ``torch.compile`` or ``torch.func``."""
@@ -834,7 +745,7 @@ def _probabilities(layer: str, input: Tensor) -> None:
         )
 
 
-@operation(torch.nn.BCELoss, BinaryCrossEntropyFunction, kind="loss", examples=_bce_examples)
+@operation(torch.nn.BCELoss, BinaryCrossEntropyFunction, kind="loss")
 def binary_cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -948,34 +859,7 @@ def _bce_logits_dt(z: Tensor, pos_weight: Tensor) -> Tensor:
     return _log_sigmoid(-z) - opmath(pos_weight) * _log_sigmoid(z)
 
 
-def _bce_logits_examples(dtype, device, bench=False):
-    def make(*shape):
-        return torch.randn(shape, device=device).mul_(3).to(dtype)
-
-    def targets(*shape):
-        return torch.rand(shape, device=device).to(dtype)
-
-    if bench:
-        return [Example("256x4096", (make(256, 4096), targets(256, 4096)), {})]
-    weight = (torch.rand(4, 3, device=device) + 0.5).to(dtype)
-    pos_weight = (torch.rand(3, device=device) * 3 + 0.2).to(dtype)
-    return [Example(r, (make(4, 3), targets(4, 3)), {"reduction": r}) for r in ("mean", "sum", "none")] + [
-        Example("pos_weight", (make(4, 3), targets(4, 3)), {"pos_weight": pos_weight}),
-        Example(
-            "weight,pos_weight,none",
-            (make(4, 3), targets(4, 3)),
-            {"weight": weight[0], "pos_weight": pos_weight, "reduction": "none"},
-        ),
-        Example(
-            "pos_weight,spatial,sum",
-            (make(2, 3, 2, 2), targets(2, 3, 2, 2)),
-            {"pos_weight": pos_weight[:, None, None], "reduction": "sum"},
-        ),
-        Example("hard targets", (make(4, 3), targets(4, 3).round()), {"pos_weight": pos_weight}),
-    ]
-
-
-@operation(torch.nn.BCEWithLogitsLoss, BinaryCrossEntropyWithLogitsFunction, kind="loss", examples=_bce_logits_examples)
+@operation(torch.nn.BCEWithLogitsLoss, BinaryCrossEntropyWithLogitsFunction, kind="loss")
 def binary_cross_entropy_with_logits(
     input: Tensor,
     target: Tensor,

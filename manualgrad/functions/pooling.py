@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..errors import InputError
-from ..registry import Example, operation
+from ..registry import operation
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
 from .conv import pair
 
@@ -134,28 +134,7 @@ def _pool_geometry(layer, input, kernel_size, stride, padding, dilation, ceil_mo
     return kernel, stride, padding, dilation, out
 
 
-def _max_pool_examples(dtype, device, bench=False):
-    def make(*shape):
-        return torch.randn(shape, device=device).to(dtype)
-
-    if bench:  # the MNIST network's pooling
-        return [Example("64x64x24x24,k2", (make(64, 64, 24, 24),), {"kernel_size": 2})]
-    x = make(1, 2, 4, 5)  # tiny: the gradient checks cost a few evaluations per element
-    return [
-        Example("k2", (x,), {"kernel_size": 2}),
-        Example("k3,stride1,overlapping", (x,), {"kernel_size": 3, "stride": 1}),
-        Example("tuples,padding", (x,), {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 0)}),
-        Example("dilation", (x,), {"kernel_size": 2, "dilation": 2}),
-        Example("ceil_mode", (x,), {"kernel_size": 2, "ceil_mode": True}),
-        Example(
-            "unbatched,ceil_mode,padding",
-            (make(1, 5, 5),),
-            {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
-        ),
-    ]
-
-
-@operation(torch.nn.MaxPool2d, MaxPool2dFunction, kind="layer", examples=_max_pool_examples)
+@operation(torch.nn.MaxPool2d, MaxPool2dFunction, kind="layer")
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     r"""The maximum of each window; see :class:`~manualgrad.functions.MaxPool2dFunction`.
 
@@ -243,28 +222,7 @@ class AvgPool2dFunction(_SeparablePool):
         ctx.n_options = 6
 
 
-def _avg_pool_examples(dtype, device, bench=False):
-    def make(*shape):
-        return torch.randn(shape, device=device).to(dtype)
-
-    if bench:
-        return [Example("64x64x24x24,k2", (make(64, 64, 24, 24),), {"kernel_size": 2})]
-    x = make(1, 2, 4, 5)
-    return [
-        Example("k2", (x,), {"kernel_size": 2}),
-        Example("k3,stride1,padding", (x,), {"kernel_size": 3, "stride": 1, "padding": 1}),
-        Example("ceil_mode,padding", (x,), {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True}),
-        Example(
-            "tuples,ceil_mode,exclude_pad",
-            (x,),
-            {"kernel_size": (3, 2), "stride": (2, 1), "padding": 1, "ceil_mode": True, "count_include_pad": False},
-        ),
-        Example("divisor_override", (x,), {"kernel_size": 2, "stride": 1, "divisor_override": 3}),
-        Example("unbatched", (make(1, 4, 5),), {"kernel_size": 2, "stride": (1, 2)}),
-    ]
-
-
-@operation(torch.nn.AvgPool2d, AvgPool2dFunction, kind="layer", examples=_avg_pool_examples)
+@operation(torch.nn.AvgPool2d, AvgPool2dFunction, kind="layer")
 def avg_pool2d(
     input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
 ):
@@ -309,22 +267,7 @@ class AdaptiveAvgPool2dFunction(_SeparablePool):
         ctx.n_options = 1
 
 
-def _adaptive_examples(dtype, device, bench=False):
-    def make(*shape):
-        return torch.randn(shape, device=device).to(dtype)
-
-    if bench:  # a classifier head's global average
-        return [Example("64x512x7x7->1", (make(64, 512, 7, 7),), {"output_size": 1})]
-    x = make(1, 2, 4, 5)
-    return [
-        Example("(2,3)", (x,), {"output_size": (2, 3)}),
-        Example("3,overlapping", (x,), {"output_size": 3}),
-        Example("(None,7),larger", (x,), {"output_size": (None, 7)}),
-        Example("unbatched,1", (make(2, 3, 4),), {"output_size": 1}),
-    ]
-
-
-@operation(torch.nn.AdaptiveAvgPool2d, AdaptiveAvgPool2dFunction, kind="layer", examples=_adaptive_examples)
+@operation(torch.nn.AdaptiveAvgPool2d, AdaptiveAvgPool2dFunction, kind="layer")
 def adaptive_avg_pool2d(input, output_size):
     r"""The mean of each adaptive window; see :class:`~manualgrad.functions.AdaptiveAvgPool2dFunction`.
 

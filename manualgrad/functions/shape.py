@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..errors import InputError
-from ..registry import Example, operation
+from ..registry import operation
 from .base import ManualFunction, apply, cast, opmath
 
 __all__ = ["PadFunction", "ReshapeFunction", "flatten", "unflatten"]
@@ -77,24 +77,7 @@ def _dim(layer: str, name: str, dim, ndim: int) -> int:
     return dim % ndim
 
 
-def _flatten_examples(dtype, device, bench=False):
-    if bench:  # the MNIST network's flatten: (64, 64, 12, 12) -> (64, 9216)
-        return [
-            Example(
-                "64x64x12x12,start_dim=1", (torch.randn(64, 64, 12, 12, device=device).to(dtype),), {"start_dim": 1}
-            )
-        ]
-    x = torch.randn(2, 3, 2, 2, device=device).to(dtype)
-    return [
-        Example("default", (x,), {}),
-        Example("start_dim=1", (x,), {"start_dim": 1}),
-        Example("start_dim=1,end_dim=2", (x,), {"start_dim": 1, "end_dim": 2}),
-        Example("start_dim=end_dim", (x,), {"start_dim": -2, "end_dim": -2}),
-        Example("0d", (torch.randn((), device=device).to(dtype),), {"start_dim": 0}),
-    ]
-
-
-@operation(torch.nn.Flatten, ReshapeFunction, kind="layer", examples=_flatten_examples)
+@operation(torch.nn.Flatten, ReshapeFunction, kind="layer")
 def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     r"""Dimensions ``start_dim`` to ``end_dim`` merged into one; see :class:`~manualgrad.functions.ReshapeFunction`.
 
@@ -116,23 +99,6 @@ def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     return apply(ReshapeFunction, input, merged)
 
 
-def _unflatten_examples(dtype, device, bench=False):
-    if bench:
-        return [
-            Example(
-                "64x9216->64x64x12x12",
-                (torch.randn(64, 9216, device=device).to(dtype),),
-                {"dim": 1, "sizes": (64, 12, 12)},
-            )
-        ]
-    x = torch.randn(4, 6, device=device).to(dtype)
-    return [
-        Example("dim=1,(2,3)", (x,), {"dim": 1, "sizes": (2, 3)}),
-        Example("dim=-2,(2,-1)", (x,), {"dim": -2, "sizes": (2, -1)}),
-        Example("dim=0,[1,4,1]", (x,), {"dim": 0, "sizes": [1, 4, 1]}),
-    ]
-
-
 def _unflatten_module_forward(self: torch.nn.Unflatten, input: Tensor) -> Tensor:
     """``torch.nn.Unflatten.forward``: the module keeps ``sizes`` as ``unflattened_size``."""
     return unflatten(input, self.dim, self.unflattened_size)
@@ -142,7 +108,6 @@ def _unflatten_module_forward(self: torch.nn.Unflatten, input: Tensor) -> Tensor
     torch.nn.Unflatten,
     ReshapeFunction,
     kind="layer",
-    examples=_unflatten_examples,
     module_forward=_unflatten_module_forward,
 )
 def unflatten(input: Tensor, dim: int, sizes) -> Tensor:

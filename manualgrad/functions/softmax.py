@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from ..registry import Example, operation
+from ..registry import operation
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
 
 __all__ = ["LogSoftmaxFunction", "SoftmaxFunction", "log_softmax", "softmax"]
@@ -110,31 +110,19 @@ def _dim(layer: str, input: Tensor, dim: int | None) -> int:
     return dim
 
 
-def _examples(dtype, device, bench=False):
-    x = torch.randn((256, 1000) if bench else (4, 5), device=device).to(dtype)
-    out = [Example("dim=1", (x,), {"dim": 1})]
-    if not bench:
-        out += [
-            Example("dim=0", (x,), {"dim": 0}),
-            Example("3d,dim=-1", (torch.randn(2, 3, 4, device=device).to(dtype),), {"dim": -1}),
-            Example("0d", (torch.randn((), device=device).to(dtype),), {"dim": 0}),
-        ]
-    return out
-
-
 def _softmax_call(layer: str, function, input, dim, dtype):
     _checks.real_floating(layer, "input", input)
     return apply(function, input, _dim(layer, input, dim), dtype)
 
 
-@operation(torch.nn.Softmax, SoftmaxFunction, kind="layer", examples=_examples)
+@operation(torch.nn.Softmax, SoftmaxFunction, kind="layer")
 def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
     r""":math:`\operatorname{softmax}(x)_i = e^{x_i} / \sum_j e^{x_j}` along ``dim``;
     see :class:`~manualgrad.functions.SoftmaxFunction`. ``dtype``: cast the input first."""
     return _softmax_call("softmax", SoftmaxFunction, input, dim, dtype)
 
 
-@operation(torch.nn.LogSoftmax, LogSoftmaxFunction, kind="layer", examples=_examples)
+@operation(torch.nn.LogSoftmax, LogSoftmaxFunction, kind="layer")
 def log_softmax(
     input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
 ) -> Tensor:
