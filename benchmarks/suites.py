@@ -11,6 +11,7 @@ import torch
 
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
+from manualgrad import testing
 from manualgrad.registry import OPS, ops
 
 from .memory import peak_cuda_bytes, saved_bytes
@@ -34,7 +35,7 @@ def functions(device: str, quick: bool = False, rounds: int = 30) -> list[dict]:
     """Forward + backward of every registered operation alone, on its benchmark examples, against torch's."""
     rows = []
     for op in ops():
-        examples = op.examples(torch.float32, device, bench=not quick)
+        examples = testing.examples(op, torch.float32, device, bench=not quick)
         for example in examples[:1] if quick else examples:
             inputs = [
                 a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a

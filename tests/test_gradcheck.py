@@ -8,11 +8,12 @@ import itertools
 
 import pytest
 import torch
-from support import DEVICES, F64, differentiable, example, example_params, nudge_off_kinks, op_params, seeded
+from support import DEVICES, F64, differentiable, example, example_params, has_kinks, nudge_off_kinks, op_params, seeded
 from torch.autograd import gradcheck, gradgradcheck
 
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
+from manualgrad import testing
 from manualgrad.functions import MLPCrossEntropyFunction, MLPFunction
 
 FULL = dict(check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True, check_undefined_grad=True)
@@ -43,17 +44,17 @@ def as_function_of_leaves(op, args, kwargs):
 def test_every_example(device, op, index):
     args, kwargs = example(op, index, F64, device)
     if op.kind == "activation":  # keep finite differences off the kinks
-        args = (nudge_off_kinks(args[0].detach(), op.kinks_of(kwargs)).requires_grad_(),)
+        args = (nudge_off_kinks(args[0].detach(), testing.kinks(op, kwargs)).requires_grad_(),)
     fn, leaves = as_function_of_leaves(op, args, kwargs)
-    check(fn, leaves, random=op.random)
+    check(fn, leaves, random=testing.is_random(op))
 
 
-@pytest.mark.parametrize("op", op_params("activation", where=lambda op: bool(op.kinks)))
+@pytest.mark.parametrize("op", op_params("activation", where=has_kinks))
 def test_activation_near_kink(op):
     """Both sides of each kink, a finite-difference step away: each one-sided derivative is right."""
     offsets = torch.tensor([-1e-3, -1e-4, 1e-4, 1e-3], dtype=F64)
-    for variant in op.examples(F64, "cpu"):
-        for kink in op.kinks_of(variant.kwargs):
+    for variant in testing.examples(op, F64, "cpu"):
+        for kink in testing.kinks(op, variant.kwargs):
             z = (kink + offsets).requires_grad_()
             check(lambda t, kw=variant.kwargs: op.functional(t, **kw), (z,), eps=1e-6)
 
@@ -61,7 +62,7 @@ def test_activation_near_kink(op):
 @pytest.mark.parametrize("op", op_params("activation"))
 @pytest.mark.parametrize("shape", [(7,), (2, 3, 5)], ids=["1d", "3d"])
 def test_activation_shapes(op, shape):
-    z = nudge_off_kinks(torch.randn(*shape, dtype=F64) * 3, op.kinks_of({})).requires_grad_()
+    z = nudge_off_kinks(torch.randn(*shape, dtype=F64) * 3, testing.kinks(op, {})).requires_grad_()
     check(op.functional, (z,))
 
 

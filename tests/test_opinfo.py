@@ -16,6 +16,8 @@ import torch
 from support import op_params
 from torch.autograd import gradcheck
 
+from manualgrad import testing
+
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:dropout2d:UserWarning")]
 
 
@@ -60,7 +62,7 @@ def _first(out):
 def _compare(op, info, sample, dtype):
     """Ours and torch's on one sample: outputs, then gradients of every input that requires grad."""
     rtol, atol = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}[dtype]
-    if op.random:  # torch's entry draws from seed 42 (wrapper_set_seed); so do we
+    if testing.is_random(op):  # torch's entry draws from seed 42 (wrapper_set_seed); so do we
         from torch.testing._internal.common_methods_invocations import wrapper_set_seed
 
         ours = _first(wrapper_set_seed(op.functional, sample.input, *sample.args, **sample.kwargs))
@@ -109,7 +111,7 @@ def test_samples_match_torch(op, dtype):
     assert count, f"{op.name}: PyTorch's database has no {dtype} sample"
 
 
-@pytest.mark.parametrize("op", op_params(where=lambda op: not op.random))
+@pytest.mark.parametrize("op", op_params(where=lambda op: not testing.is_random(op)))
 def test_float64_samples_pass_gradcheck(op):
     """Every float64 sample_inputs sample passes gradcheck (with forward-mode AD) through our backward."""
     for info in entries(op):

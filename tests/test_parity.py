@@ -15,6 +15,7 @@ from support import DEVICES, DTYPES, TOL, example, example_params, grads_of, non
 import manualgrad
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
+from manualgrad import testing
 from manualgrad.registry import ops
 
 
@@ -70,7 +71,7 @@ def assert_as_accurate(op, args, kwargs, grad_output, dtype):
 
 def _with_kinks(op, args, kwargs):
     """An activation's example with a few values exactly at its kinks (where PyTorch has a convention)."""
-    kinks = op.kinks_of(kwargs) if op.kind == "activation" else ()
+    kinks = testing.kinks(op, kwargs) if op.kind == "activation" else ()
     if not kinks or args[0].dim() < 2 or not args[0].shape[0]:
         return args
     z = args[0].detach().clone()
@@ -89,7 +90,7 @@ def test_parity_with_torch(device, dtype, op, index):
     if out.dim() >= 2 and out.numel():
         gradients.append(non_contiguous_like(out))
     for g in gradients:
-        if dtype != torch.float64 and not op.random:
+        if dtype != torch.float64 and not testing.is_random(op):
             assert_as_accurate(op, args, kwargs, g, dtype)
         else:
             assert_parity(op, args, kwargs, g, dtype)
@@ -102,7 +103,7 @@ def test_activation_gradient_at_nan_and_inf_is_torchs(op):
     The values sit in the part of a long tensor that torch's CPU kernels run vectorized: for ELU at NaN its
     vectorized loop gives NaN and its scalar tail 1; we follow the vectorized result.
     """
-    for variant in op.examples(torch.float64, "cpu"):
+    for variant in testing.examples(op, torch.float64, "cpu"):
         z = torch.linspace(-3, 3, 32, dtype=torch.float64)
         z[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
         g = torch.linspace(1, 2, 32, dtype=torch.float64)

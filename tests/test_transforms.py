@@ -10,6 +10,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
+from manualgrad import testing
 
 
 def _samples(op, index, n=3):
@@ -34,7 +35,7 @@ def test_vmap_per_sample_gradients_match_a_loop(op, index):
         out = op.functional(*args[:-1], **kwargs)
         return (out * args[-1]).sum()
 
-    randomness = "same" if op.random else "error"
+    randomness = "same" if testing.is_random(op) else "error"
     torch.manual_seed(7)
     per_sample = vmap(grad(objective, argnums=tuple(positions)), randomness=randomness)(*stacked, g)
     for n, args in enumerate(loop):

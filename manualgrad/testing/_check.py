@@ -781,7 +781,7 @@ def _table(target, cases) -> list[str]:
     points = z.sort().values[torch.linspace(0, z.numel() - 1, min(6, z.numel())).round().long()]
     ours = _derivative_of(target.call, case.kwargs)(points)
     theirs = _derivative_of(target.reference, case.kwargs)(points)
-    lines = [f"h' at a few points of example {case.id!r} (autograd's: through {target.reference_label})"]
+    lines = [f"h' at a few points of example {case.id!r} (autograd's h': {target.reference_label})"]
     lines.append(f"  {'z':>10} {'your h_prime':>14} {'autograd h_prime':>17} {'ratio':>8}")
     for zi, a, b in zip(points.tolist(), ours.tolist(), theirs.tolist()):
         ratio = f"{a / b:8.4f}" if b != 0 else ("       1" if a == 0 else "     inf")
