@@ -554,7 +554,7 @@ def _vmap(target, cases, state, **_):
         f, leaves = _leaves_of(target, case)
         if not leaves:
             continue
-        batch = [torch.stack([x.detach() * (1 + 0.1 * b) for b in range(3)]) for x in leaves]
+        batch = [torch.stack([x.detach() * (1 - 0.1 * b) for b in range(3)]) for x in leaves]
         out = f(*leaves)
         grads_out = torch.randn(3, *out.shape, dtype=out.dtype)
         randomness = "same" if target.random else "error"
