@@ -70,7 +70,7 @@ def battery(fn, *example_inputs, compile: bool = False, **options):
         report = check(fn, *example_inputs, compile=compile, properties=[property], **options)
         result = report[property]
         if result.status == "skipped":
-            pytest.skip(result.message)
+            pytest.skip(result.message.removeprefix("skipped: "))
         report.assert_ok()
 
     return test

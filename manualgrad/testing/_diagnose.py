@@ -100,7 +100,12 @@ def jacobian(
         return d
     if signal.any():
         c = ((a[signal] * n[signal]).sum() / (n[signal] ** 2).sum()).item()
-        if math.isfinite(c) and abs(c) > 1e-6 and abs(c - 1) > 1e-3 and _close(a, c * n, atol=ATOL * max(1.0, abs(c))).all():
+        if (
+            math.isfinite(c)
+            and abs(c) > 1e-6
+            and abs(c - 1) > 1e-3
+            and _close(a, c * n, atol=ATOL * max(1.0, abs(c))).all()
+        ):
             _factor(d, c, in_shape, out_shape, name)
             return d
     if a.shape[0] == a.shape[1] and _close(a, n.T).all():
