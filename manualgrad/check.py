@@ -29,11 +29,13 @@ def load(target: str):
         path = Path(where).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"no file {where}")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        sys.path.insert(0, str(path.parent))
-        spec.loader.exec_module(module)
+        module = next((m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(path)), None)
+        if module is None:  # once: a second run would register its operations again
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            sys.path.insert(0, str(path.parent))
+            spec.loader.exec_module(module)
     else:
         module = importlib.import_module(where)
     try:

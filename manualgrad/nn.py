@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -116,14 +116,74 @@ def _role_of(cls: type) -> str | Op | None:
     for op in ops("activation"):
         if op.module is not None and issubclass(cls, op.module):
             return op if cls.forward in (op.module.forward, _twin_forward) else None
+        if op.module is None and getattr(cls, "_op", None) is op:  # the module of an activation without one
+            return op if cls.forward is _twin_forward else None
     return None
 
 
 _ROLES: dict[tuple, str | Op | None] = {}
 
 
-#: The activation names :class:`MLP` (and the training program) accept, with the module each one builds.
-ACTIVATIONS: dict[str, type[torch.nn.Module]] = {op.name: twin(op) for op in ops("activation") if op.module}
+def activation_module(op: Op) -> type[torch.nn.Module]:
+    """The module class of a registered activation: its twin, or for one declared without a ``torch.nn`` class
+    (``activation("squareplus", SquarePlusFunction, None)``) a ``torch.nn.Module`` whose constructor takes the
+    activation's parameters (``SquarePlus(b=1.0)``) and whose forward applies it."""
+    if op.module is not None:
+        return twin(op)
+    if op.name not in _MODULES or _MODULES[op.name]._op is not op:  # made once per registration
+        defaults = {p.name: p.default for p in inspect.signature(op.functional).parameters.values()}
+
+        def __init__(self, **kwargs):
+            torch.nn.Module.__init__(self)
+            unknown = set(kwargs) - set(op.parameters)
+            if unknown:
+                raise TypeError(f"{op.name}: unexpected arguments {sorted(unknown)}")
+            for name in op.parameters:
+                setattr(self, name, kwargs.get(name, defaults[name]))
+
+        def extra_repr(self):
+            return ", ".join(f"{name}={getattr(self, name)!r}" for name in op.parameters)
+
+        name = "".join(part.capitalize() for part in op.name.split("_"))
+        _MODULES[op.name] = type(
+            name,
+            (torch.nn.Module,),
+            {
+                "__init__": __init__,
+                "forward": _twin_forward,
+                "extra_repr": extra_repr,
+                "_op": op,
+                "__module__": __name__,
+            },
+        )
+    return _MODULES[op.name]
+
+
+_MODULES: dict[str, type[torch.nn.Module]] = {}
+
+
+class _Activations(Mapping):
+    """Name -> module class of every registered activation, read from the registry at each use: an activation
+    registered after import (a user's own) is there too."""
+
+    def _table(self) -> dict[str, type[torch.nn.Module]]:
+        return {op.name: activation_module(op) for op in ops("activation")}
+
+    def __getitem__(self, name: str) -> type[torch.nn.Module]:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __repr__(self) -> str:
+        return f"ACTIVATIONS({', '.join(self)})"
+
+
+#: The activation names :class:`MLP` (and the training program) accept, with the module each one builds (live).
+ACTIVATIONS: Mapping[str, type[torch.nn.Module]] = _Activations()
 
 
 class MLP(torch.nn.Sequential):

@@ -59,6 +59,62 @@ def test_mish_is_one_class_and_one_line_and_everything_follows():
     assert "mish" in mnn.ACTIVATIONS
 
 
+def test_registries_are_live_mlp_train_and_convert_see_an_operation_registered_after_import(squareplus, tmp_path):
+    from train.config import parse_args
+
+    model = mnn.MLP([4, 5, 3], activation="squareplus").double()
+    assert type(model[1]).__name__ == "Squareplus" and model[1].b == 4.0
+    x, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    torch.testing.assert_close(model.loss(x, y), MF.cross_entropy(model.per_layer()(x), y))
+    assert "squareplus" in mnn.ACTIVATIONS
+    cfg, _ = parse_args(["--activation", "squareplus"])
+    assert cfg.activation == "squareplus"
+
+    class Cube(torch.nn.Module):
+        def forward(self, x):
+            return x**3
+
+    class CubeFunction(Elementwise):
+        @staticmethod
+        def forward(z):
+            return z**3
+
+        @staticmethod
+        def derivative(z):
+            return 3 * z * z
+
+    activation("cube", CubeFunction, Cube)
+    try:
+        converted = manualgrad.convert(torch.nn.Sequential(Cube()))
+        assert isinstance(converted[0], Cube) and type(converted[0]) is mnn.twin(OPS["cube"])
+    finally:
+        del OPS["cube"]
+
+
+def test_train_imports_a_users_activation_given_as_file_and_name(tmp_path):
+    from train.config import parse_args
+
+    (tmp_path / "my_acts.py").write_text(
+        "import torch\n"
+        "from manualgrad.functions import Elementwise\n"
+        "from manualgrad.registry import activation\n\n\n"
+        "class HalfFunction(Elementwise):\n"
+        "    @staticmethod\n"
+        "    def forward(z):\n"
+        "        return z / 2\n\n"
+        "    @staticmethod\n"
+        "    def derivative(z):\n"
+        "        return torch.full_like(z, 0.5)\n\n\n"
+        "half = activation('half', HalfFunction, None)\n"
+    )
+    try:
+        cfg, _ = parse_args(["--activation", f"{tmp_path / 'my_acts.py'}:half"])
+        assert cfg.activation == "half"
+        assert mnn.MLP([3, 4, 2], activation=cfg.activation)(torch.randn(2, 3)).shape == (2, 2)
+    finally:
+        OPS.pop("half", None)
+
+
 def test_registering_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="an operation named 'relu' is registered already"):
         activation("relu", OPS["tanh"].function, None)

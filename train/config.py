@@ -243,6 +243,23 @@ def hidden_sizes(text: str) -> tuple:
     return sizes
 
 
+def activation_name(text: str) -> str:
+    """A registered activation's name (the registry is read now: one registered after import counts);
+    ``file.py:name`` or ``module:name`` imports that first and names the activation it registered."""
+    if ":" in text:
+        from manualgrad.check import load
+
+        try:
+            found = load(text)
+        except (ImportError, OSError, AttributeError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        names = [name for name, module in ACTIVATIONS.items() if getattr(module, "_op", None) is not None]
+        text = next((n for n in names if ACTIVATIONS[n]._op.functional is found), text.rsplit(":", 1)[1])
+    if text not in ACTIVATIONS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(ACTIVATIONS)})")
+    return text
+
+
 def path(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -377,9 +394,11 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
     add(
         g,
         "--activation",
-        choices=tuple(ACTIVATIONS),
+        type=activation_name,
+        metavar="{" + ",".join(ACTIVATIONS) + "}",
         default=default(d.activation),
-        help="activation after every hidden layer",
+        help="activation after every hidden layer; your own: my_ops.py:squareplus or my_module:squareplus "
+        "(imported first, so that its registration runs)",
     )
     add(
         g,
