@@ -58,3 +58,27 @@ def test_the_mish_example_is_the_code():
     block = next(b for b in python_blocks() if "class MishFunction" in b)
     source = (Path(__file__).resolve().parents[1] / "manualgrad" / "functions" / "activations.py").read_text()
     assert block.strip() in source
+
+
+def test_the_squareplus_walkthrough_runs_and_its_printed_report_is_what_check_prints(capsys):
+    """Adding an operation: SquarePlus with its imports and its check of b, then the same op with the ½ lost;
+    every line of the README's printed report (times aside) is a line of the report check() prints."""
+    from manualgrad.registry import OPS
+
+    blocks = python_blocks()
+    correct = next(b for b in blocks if "class SquarePlusFunction" in b)
+    wrong = next(b for b in blocks if "class WrongSquarePlus" in b)
+    namespace: dict = {}
+    try:
+        exec(correct, namespace)
+        assert "squareplus: b must be positive, got 0.0" in capsys.readouterr().out
+        exec(wrong, namespace)
+    finally:
+        OPS.pop("squareplus", None)
+    report = namespace["report"]
+    assert not report.ok and report.mistakes == ["factor"]
+    shown = README[README.index("check(WrongSquarePlus): 6 FAILED") :].split("```")[0].strip().splitlines()
+    printed = [line.rstrip() for line in str(report).splitlines()]
+    assert re.sub(r"\(.* s\)", "", shown[0]) == re.sub(r"\(.* s\)", "", printed[0])
+    for line in shown[1:]:
+        assert line.rstrip() in printed, line
