@@ -354,3 +354,11 @@ def test_the_command_line_prints_the_report_and_fails_on_a_wrong_backward(tmp_pa
     assert registered.returncode == 0 and "torch.nn.functional.tanh" in registered.stdout
     missing = _run(["-m", "manualgrad.check", "my_ops.py:Nothing"], tmp_path)
     assert missing.returncode == 2 and "Nothing" in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", op_params())
+def test_every_registered_operation_compiles_without_graph_breaks_under_check(op):
+    """The compile property too (opt-in, slow): no false alarm, random operations included (seeded outside)."""
+    report = check(op.name, compile=True, properties=["compile"])
+    assert report["compile"].status == "ok", report["compile"].message

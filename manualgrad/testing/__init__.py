@@ -23,7 +23,7 @@ What a numeric check can and cannot see: see :func:`check`.
 
 from __future__ import annotations
 
-from ._check import CONSISTENCY, CORRECTNESS, PROPERTIES, TOLERANCES, CheckFailed, Report, Result, check
+from ._check import CONSISTENCY, CORRECTNESS, PROPERTIES, TOLERANCES, CheckFailed, Report, Result, check, compare
 from ._diagnose import Diagnosis
 from ._tools import RecordOps, grads_of, manual_seed, non_contiguous_like, nudge_off_kinks, saved_bytes, seeded
 from .samples import SAMPLES, Example, Samples, examples, is_random, kinks, samples
@@ -43,6 +43,7 @@ __all__ = [
     "Samples",
     "battery",
     "check",
+    "compare",
     "examples",
     "grads_of",
     "is_random",

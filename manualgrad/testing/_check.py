@@ -17,7 +17,17 @@ from . import _diagnose
 from ._tools import RecordOps, manual_seed, nudge_off_kinks, saved_bytes, seeded
 from .samples import Example, examples, is_random, kinks
 
-__all__ = ["CONSISTENCY", "CORRECTNESS", "PROPERTIES", "TOLERANCES", "CheckFailed", "Report", "Result", "check"]
+__all__ = [
+    "CONSISTENCY",
+    "CORRECTNESS",
+    "PROPERTIES",
+    "TOLERANCES",
+    "CheckFailed",
+    "Report",
+    "Result",
+    "check",
+    "compare",
+]
 
 CORRECTNESS = "correctness"  #: against finite differences or the reference: a wrong derivative fails
 CONSISTENCY = "consistency"  #: against your own first derivative or eager mode: a wrong derivative may pass
@@ -54,6 +64,12 @@ TOLERANCES = {
     torch.float32: {"slack": 1.1, "units": 2},
     torch.float16: {"slack": 1.1, "units": 2},
     torch.bfloat16: {"slack": 1.1, "units": 2},
+    #: a random op in a lower precision: against the reference in that dtype, with the same mask
+    "same mask": {
+        torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+        torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+        torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2},
+    },
 }
 
 #: finite differences: step, and gradcheck's own closeness
@@ -371,8 +387,9 @@ def check(
     return Report(target.title, results, table, time.perf_counter() - start)
 
 
-def _leaves_of(target: _Target, case: Example, nudge: bool = True):
-    """``f(*leaves)`` over the case's floating tensors (reseeded if random), and those leaves (float64 copies)."""
+def _leaves_of(target: _Target, case: Example, nudge: bool = True, reseed: bool = True):
+    """``f(*leaves)`` over the case's floating tensors (reseeded if random, unless not ``reseed``), and those
+    leaves (copies)."""
     args = list(case.args)
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
     if nudge and target.elementwise and positions:
@@ -385,7 +402,7 @@ def _leaves_of(target: _Target, case: Example, nudge: bool = True):
             full[i] = v
         return _first(target.call(*full, **case.kwargs))
 
-    return (seeded(f) if target.random else f), leaves
+    return (seeded(f) if target.random and reseed else f), leaves
 
 
 def _jacobians(f, leaves):
@@ -602,7 +619,7 @@ def _jacrev_jacfwd(target, cases, state, **_):
 
 def _compile(target, cases, state, **_):
     case = cases[0]
-    f, leaves = _leaves_of(target, case)
+    f, leaves = _leaves_of(target, case, reseed=False)  # seeded below, outside the compiled code
     if not leaves:
         raise _Skip("no floating-point input to differentiate")
     torch._dynamo.reset()
@@ -667,33 +684,36 @@ def _parity(target, cases, state, name, seed, **_):
                 )
             if not true.numel():
                 continue
-            if dtype == torch.float64 or target.random:
-                tol = (
-                    TOLERANCES[torch.float64]
-                    if dtype == torch.float64
-                    else {
-                        "rtol": 1e-5 if dtype == torch.float32 else 1e-2,
-                        "atol": 1e-5 if dtype == torch.float32 else 1e-2,
-                    }
-                )
-                ok = torch.isclose(mine, ref, rtol=tol["rtol"], atol=tol["atol"], equal_nan=True)
-                error = (mine.double() - ref.double()).abs().nan_to_num().max().item()
-                if not ok.all():
-                    raise AssertionError(f"{label}: max |ours - reference| {error:.3g} ({case.id})")
-            else:
-                tol = TOLERANCES[dtype]
-                scale = true.abs().nan_to_num().max().clamp(min=torch.finfo(dtype).tiny).item()
-                units = tol["units"] * torch.finfo(dtype).eps * scale
-                error = (mine.double() - true).abs().nan_to_num(nan=float("inf")).max().item()
-                their = (ref.double() - true).abs().nan_to_num(nan=float("inf")).max().item()
-                if not error <= max(tol["slack"] * their, units):
-                    raise AssertionError(
-                        f"{label}: error {error:.3g} against the float64 truth; the reference's {their:.2g}, "
-                        f"allowed {max(tol['slack'] * their, units):.2g} ({case.id})"
-                    )
+            error, failure = compare(mine, ref, true, dtype, same_mask=target.random)
+            if failure:
+                raise AssertionError(f"{label}: {failure} ({case.id})")
             worst = max(worst, error)
     how = "error vs float64 truth" if dtype != torch.float64 else "|ours - ref|"
     return "ok", f"= {target.reference_label} ({how} <= {worst:.2g})"
+
+
+def compare(mine, reference, truth, dtype, same_mask: bool = False) -> tuple[float, str | None]:
+    """Ours against the reference by :data:`TOLERANCES`: (our error, None) or (our error, why it fails).
+
+    ``truth`` is the reference computed in float64. In float64, and for a random op (whose float64 run
+    draws other numbers), ours is compared with the reference itself; in lower precisions with the truth.
+    """
+    if dtype == torch.float64 or same_mask:
+        tol = TOLERANCES[torch.float64] if dtype == torch.float64 else TOLERANCES["same mask"][dtype]
+        error = (mine.double() - reference.double()).abs().nan_to_num().max().item()
+        if not torch.isclose(mine, reference, rtol=tol["rtol"], atol=tol["atol"], equal_nan=True).all():
+            return error, f"max |ours - reference| {error:.3g}"
+        return error, None
+    tol = TOLERANCES[dtype]
+    scale = truth.abs().nan_to_num().max().clamp(min=torch.finfo(dtype).tiny).item()
+    allowed = max(
+        tol["slack"] * (reference.double() - truth).abs().nan_to_num(nan=float("inf")).max().item(),
+        tol["units"] * torch.finfo(dtype).eps * scale,
+    )
+    error = (mine.double() - truth).abs().nan_to_num(nan=float("inf")).max().item()
+    if not error <= allowed:
+        return error, f"error {error:.3g} against the float64 truth, allowed {allowed:.2g} (1.1x the reference's)"
+    return error, None
 
 
 def _derivative_kernels(target, cases, state, **_):
