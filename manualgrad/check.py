@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", help="path/to/file.py:Name, module:name, or a registered operation's name")
     parser.add_argument("--shape", action="append", default=[], help="an input's shape, e.g. 4,5 (repeat per input)")
     parser.add_argument("--kinks", default=None, help="where the derivative jumps, comma-separated (e.g. 0)")
-    parser.add_argument("--compile", action="store_true", help="also check torch.compile (~10-30 s)")
+    parser.add_argument(
+        "--compile", action="store_true", help="also check torch.compile (backend aot_eager; a few seconds)"
+    )
     args = parser.parse_args(argv)
     from .testing import check
 
