@@ -31,5 +31,8 @@ def test_the_wheel_holds_manualgrad_only(tmp_path):
         capture_output=True,
     )
     (wheel,) = tmp_path.glob("manualgrad-*.whl")
-    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "manualgrad/testing/__init__.py" in names and "manualgrad/testing/samples.py" in names  # public
+    assert "manualgrad/check.py" in names  # python -m manualgrad.check
+    top = {name.split("/")[0] for name in names}
     assert top == {"manualgrad", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
