@@ -6,7 +6,9 @@
 * :mod:`manualgrad.nn`: drop-in twins of ``torch.nn`` modules, and the fused :class:`~manualgrad.nn.MLP`;
 * :func:`convert` switches a torch.nn model's layers to those twins in place;
 * :func:`manual_coverage` shows which backward nodes behind a tensor are ours;
-* :func:`per_sample`: per-sample gradient norms, gradients and DP-SGD's clipped sum from the same backward.
+* :func:`per_sample`: per-sample gradient norms, gradients and DP-SGD's clipped sum from the same backward;
+* :mod:`manualgrad.testing`: ``check`` a hand-written backward (yours or ours), with a diagnosis of a wrong one;
+  ``python -m manualgrad.check file.py:Name``.
 """
 
 from . import functional, functions, nn, registry

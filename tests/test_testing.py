@@ -362,3 +362,28 @@ def test_every_registered_operation_compiles_without_graph_breaks_under_check(op
     """The compile property too (opt-in, slow): no false alarm, random operations included (seeded outside)."""
     report = check(op.name, compile=True, properties=["compile"])
     assert report["compile"].status == "ok", report["compile"].message
+
+
+def test_a_declared_reference_is_what_parity_compares_with():
+    """activation(..., reference=fn): the checks compare with fn (a wrong one makes parity fail, nothing else)."""
+    from manualgrad.registry import OPS, activation
+
+    def squareplus_torch(z, b=4.0):
+        return (z + torch.sqrt(z * z + b)) / 2
+
+    try:
+        activation("squareplus_ref", SquarePlusFunction, None, reference=squareplus_torch)
+        report = check("squareplus_ref")
+        report.assert_ok()
+        assert "squareplus_torch" in report["parity float64"].message
+        del OPS["squareplus_ref"]
+        activation("squareplus_ref", SquarePlusFunction, None, reference=lambda z, b=4.0: torch.tanh(z))
+        report = check("squareplus_ref")
+        assert {r.name for r in report.failed} == {
+            "parity float64",
+            "parity float32",
+            "parity float16",
+            "parity bfloat16",
+        }
+    finally:
+        OPS.pop("squareplus_ref", None)
