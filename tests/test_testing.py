@@ -387,3 +387,27 @@ def test_a_declared_reference_is_what_parity_compares_with():
         }
     finally:
         OPS.pop("squareplus_ref", None)
+
+
+def test_a_ctx_style_function_without_vmap_rule_or_jvp_gets_skips_with_reasons_not_failures():
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x**3
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 3 * x * x * g
+
+    report = check(Cube, torch.randn(3, 4, dtype=torch.float64))
+    assert report.ok, report
+    assert report["gradcheck"].status == "ok"
+    for name, why in [("jvp", "no jvp"), ("vmap", "no vmap rule"), ("parity float32", "no reference")]:
+        assert report[name].status == "skipped" and why in report[name].message, report[name]
+
+
+def test_an_example_too_large_for_full_jacobians_is_skipped_with_its_size():
+    report = check(SquarePlusFunction, torch.randn(80, 80, dtype=torch.float64), properties=["gradcheck"])
+    assert report["gradcheck"].status == "skipped" and "6400" in report["gradcheck"].message

@@ -75,6 +75,8 @@ TOLERANCES = {
 #: finite differences: step, and gradcheck's own closeness
 EPS, ATOL, RTOL = 1e-6, _diagnose.ATOL, _diagnose.RTOL
 #: where the kink property looks: a finite-difference step (1e-6) is far smaller than the nearest
+#: the largest input or output (in numbers) whose full Jacobians the finite-difference properties build
+MAX_ELEMENTS = 4096
 KINK_OFFSETS = (-3e-2, -1e-2, -1e-3, -1e-4, 1e-4, 1e-3, 1e-2, 3e-2)
 
 
@@ -180,7 +182,7 @@ def _positional(function: type, args: tuple, kwargs: dict) -> tuple:
 
 
 def _defines_jvp(function: type) -> bool:
-    return any("jvp" in k.__dict__ for k in function.__mro__ if k not in (torch.autograd.Function, ManualFunction))
+    return function.jvp is not torch.autograd.Function.jvp
 
 
 def _given_cases(inputs: tuple, kwargs: dict, name: str = "given"):
@@ -238,14 +240,19 @@ def _target(fn, inputs: tuple, kwargs: dict, reference, kink_list, random) -> _T
             )
         else:
             raise ValueError(f"{fn.__name__}: pass example inputs, check({fn.__name__}, x, ...)")
-        ref, label = (
-            (reference, "reference") if reference else (_plain_forward(fn), f"autograd through {fn.__name__}.forward")
-        )
-        run = (
-            (lambda *a, **kw: apply(fn, *_positional(fn, a, kw)))
-            if issubclass(fn, ManualFunction)
-            else (lambda *a, **kw: fn.apply(*_positional(fn, a, kw)))
-        )
+        old_style = next(iter(inspect.signature(fn.forward).parameters), None) == "ctx"  # forward(ctx, ...)
+        if reference:
+            ref, label = reference, "reference"
+        elif old_style:  # its forward needs a ctx: it cannot run as a plain function
+            ref, label = None, ""
+        else:
+            ref, label = _plain_forward(fn), f"autograd through {fn.__name__}.forward"
+        if old_style:
+            run = lambda *a, **kw: fn.apply(*a, *kw.values())  # noqa: E731
+        elif issubclass(fn, ManualFunction):
+            run = lambda *a, **kw: apply(fn, *_positional(fn, a, kw))  # noqa: E731
+        else:
+            run = lambda *a, **kw: fn.apply(*_positional(fn, a, kw))  # noqa: E731
         return _Target(
             fn.__name__,
             run,
@@ -410,6 +417,11 @@ def _jacobians(f, leaves):
     """Analytic (backward) and numeric Jacobians, one ``(out elements, leaf elements)`` pair per leaf."""
     out = f(*leaves)
     m = out.numel()
+    if max(m, *(x.numel() for x in leaves)) > MAX_ELEMENTS:
+        raise _Skip(
+            f"an example of {m} output and {[x.numel() for x in leaves]} input numbers: full Jacobians need "
+            f"small examples (at most {MAX_ELEMENTS} numbers each); pass smaller inputs"
+        )
     analytic = [torch.zeros(m, leaf.numel(), dtype=torch.float64) for leaf in leaves]
     for r in range(m):
         e = torch.zeros(m, dtype=out.dtype)
@@ -565,7 +577,22 @@ def _gradgradcheck(target, cases, state, **_):
     return "ok", f"second derivative = finite differences of your first, on {count} example(s)"
 
 
+def _no_vmap_rule(error: Exception) -> bool:
+    return "generate_vmap_rule" in str(error) or "must override the setup_context" in str(error)
+
+
 def _vmap(target, cases, state, **_):
+    try:
+        return _vmap_checked(target, cases)
+    except RuntimeError as error:
+        if _no_vmap_rule(error):
+            raise _Skip(
+                "the Function has no vmap rule (torch.func needs setup_context and generate_vmap_rule = True)"
+            ) from None
+        raise
+
+
+def _vmap_checked(target, cases):
     from torch.func import vjp, vmap
 
     count = 0
@@ -596,6 +623,17 @@ def _vmap(target, cases, state, **_):
 
 
 def _jacrev_jacfwd(target, cases, state, **_):
+    try:
+        return _jacrev_jacfwd_checked(target, cases)
+    except RuntimeError as error:
+        if _no_vmap_rule(error):
+            raise _Skip(
+                "the Function has no vmap rule (torch.func needs setup_context and generate_vmap_rule = True)"
+            ) from None
+        raise
+
+
+def _jacrev_jacfwd_checked(target, cases):
     from torch.func import jacfwd, jacrev
 
     if not target.has_jvp:
