@@ -343,4 +343,4 @@ def _missing(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*_twins_by_name(), "MLP", "ACTIVATIONS", "twin", "activation_of"])
+    return sorted([*_twins_by_name(), "MLP", "ACTIVATIONS", "twin", "activation_of", "activation_module"])
