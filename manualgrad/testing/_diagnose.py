@@ -62,10 +62,10 @@ def _sizes(*shapes) -> dict[int, str]:
     for label, shape in shapes:
         for d, n in enumerate(shape):
             found.setdefault(int(n), f"the size of {label} dimension {d} ({n})")
-        for d in range(2, len(shape) + 1):
-            found.setdefault(math.prod(shape[:d]), f"the number of elements of {label}'s first {d} dims")
         if shape:
             found.setdefault(math.prod(shape), f"the number of elements of {label} ({math.prod(shape)})")
+        for d in range(2, len(shape)):
+            found.setdefault(math.prod(shape[:d]), f"the product of {label}'s first {d} dimension sizes")
     return {n: text for n, text in found.items() if n >= 3}
 
 
