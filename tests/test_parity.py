@@ -64,7 +64,8 @@ def assert_as_accurate(op, args, kwargs, grad_output, dtype):
         assert mine.dtype == reference.dtype
         if true.numel() == 0:
             continue
-        _, failure = testing.compare(mine, reference, true, dtype)
+        # 2 units: stricter than check()'s float32 default (8, for any op and seed); these examples are within 2
+        _, failure = testing.compare(mine, reference, true, dtype, units=2)
         assert failure is None, failure
 
 

@@ -434,3 +434,20 @@ def test_a_backward_that_raises_fails_its_properties_with_the_error_and_check_st
     report = check(Unwritten)
     assert report["gradcheck"].message == "NotImplementedError: h' not written yet"
     assert "(no table of h': NotImplementedError" in str(report)
+
+
+def test_a_different_convention_exactly_at_the_kink_fails_parity_only_and_says_so():
+    """h'(0) = 1 for ReLU is no mistake finite differences can see; parity puts values at the kink and names it."""
+
+    class ReLUOneAtZero(ReLUFunction):
+        @staticmethod
+        def saves_output(*_):
+            return False
+
+        @staticmethod
+        def derivative(z, *_):
+            return (z >= 0).to(z.dtype)
+
+    report = check(ReLUOneAtZero, kinks=(0.0,), reference=torch.relu)
+    assert {r.name for r in report.failed} == {"parity float64", "parity float32", "parity float16", "parity bfloat16"}
+    assert "only exactly at the kink (0)" in report["parity float64"].message

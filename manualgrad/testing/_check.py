@@ -58,10 +58,13 @@ _DTYPES = {
 #: Parity with the reference, per dtype. float64: ``|ours - ref| <= atol + rtol |ref|`` (two correct formulas
 #: differ by rounding, ~1e-15; a wrong one by far more). Lower precisions: ours is at least as close to the float64
 #: truth (the reference in float64) as the reference in that dtype is, within ``slack`` x its error, or within
-#: ``units`` x the dtype's eps at the result's magnitude (two correct implementations round differently).
+#: ``units`` x the dtype's eps at the result's magnitude (two correct implementations round differently; a formula
+#: of several rounded operations, or a sum of many terms, is a few units off). Measured on every registered
+#: operation over 30 seeds: at most 4.9 units in float32 (conv2d's bias gradient, a sum), 1.2 in float16/bfloat16.
+#: A wrong derivative is off by a fraction of the value itself, thousands of units in float32.
 TOLERANCES = {
     torch.float64: {"rtol": 1e-7, "atol": 1e-10},
-    torch.float32: {"slack": 1.1, "units": 2},
+    torch.float32: {"slack": 1.1, "units": 8},
     torch.float16: {"slack": 1.1, "units": 2},
     torch.bfloat16: {"slack": 1.1, "units": 2},
     #: a random op in a lower precision: against the reference in that dtype, with the same mask
@@ -702,6 +705,7 @@ def _parity(target, cases, state, name, seed, **_):
     manual_seed(seed)
     worst = 0.0
     for case in target.cases(dtype):
+        case = _at_kinks(target, case)
         exact = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in case.args]
         kw64 = {
             k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
@@ -728,6 +732,13 @@ def _parity(target, cases, state, name, seed, **_):
             if not true.numel():
                 continue
             error, failure = compare(mine, ref, true, dtype, same_mask=target.random)
+            points = target.kinks(case.kwargs) if target.elementwise else ()
+            if failure and points and mine.shape == case.args[0].shape:
+                rest = slice(len(points), None)
+                flat = [t.reshape(-1)[rest] for t in (mine, ref, true)]
+                if compare(*flat, dtype, same_mask=target.random)[1] is None:
+                    at = ", ".join(f"{k:g}" for k in points)
+                    failure = f"only exactly at the kink ({at}): h' there is a convention, yours is not the reference's"
             if failure:
                 raise AssertionError(f"{label}: {failure} ({case.id})")
             worst = max(worst, error)
@@ -735,8 +746,21 @@ def _parity(target, cases, state, name, seed, **_):
     return "ok", f"= {target.reference_label} ({how} <= {worst:.2g})"
 
 
-def compare(mine, reference, truth, dtype, same_mask: bool = False) -> tuple[float, str | None]:
-    """Ours against the reference by :data:`TOLERANCES`: (our error, None) or (our error, why it fails).
+def _at_kinks(target, case: Example) -> Example:
+    """An elementwise op's example with its first values exactly at the kinks: the derivative there is a
+    convention (ReLU's h'(0) = 0), which parity compares with the reference's."""
+    points = target.kinks(case.kwargs) if target.elementwise else ()
+    z = case.args[0] if case.args else None
+    if not points or not isinstance(z, torch.Tensor) or z.numel() < len(points):
+        return case
+    z = z.detach().clone()
+    z.view(-1)[: len(points)] = torch.tensor(points, dtype=z.dtype)
+    return Example(case.id, (z, *case.args[1:]), case.kwargs)
+
+
+def compare(mine, reference, truth, dtype, same_mask: bool = False, units: float | None = None):
+    """Ours against the reference by :data:`TOLERANCES` (``units``: another number of units of precision):
+    (our error, None) or (our error, why it fails).
 
     ``truth`` is the reference computed in float64. In float64, and for a random op (whose float64 run
     draws other numbers), ours is compared with the reference itself; in lower precisions with the truth.
@@ -751,11 +775,11 @@ def compare(mine, reference, truth, dtype, same_mask: bool = False) -> tuple[flo
     scale = truth.abs().nan_to_num().max().clamp(min=torch.finfo(dtype).tiny).item()
     allowed = max(
         tol["slack"] * (reference.double() - truth).abs().nan_to_num(nan=float("inf")).max().item(),
-        tol["units"] * torch.finfo(dtype).eps * scale,
+        (tol["units"] if units is None else units) * torch.finfo(dtype).eps * scale,
     )
     error = (mine.double() - truth).abs().nan_to_num(nan=float("inf")).max().item()
     if not error <= allowed:
-        return error, f"error {error:.3g} against the float64 truth, allowed {allowed:.2g} (1.1x the reference's)"
+        return error, f"error {error:.3g} against the float64 truth, allowed {allowed:.2g} (see TOLERANCES)"
     return error, None
 
 
