@@ -451,3 +451,12 @@ def test_a_different_convention_exactly_at_the_kink_fails_parity_only_and_says_s
     report = check(ReLUOneAtZero, kinks=(0.0,), reference=torch.relu)
     assert {r.name for r in report.failed} == {"parity float64", "parity float32", "parity float16", "parity bfloat16"}
     assert "only exactly at the kink (0)" in report["parity float64"].message
+
+
+def test_the_samples_table_names_registered_operations_only_and_every_operation_has_examples():
+    from manualgrad.registry import OPS, ops
+
+    assert set(testing.SAMPLES) <= set(OPS), set(testing.SAMPLES) - set(OPS)  # a typo would never be run
+    for op in ops():
+        assert testing.examples(op), f"{op.name}: no examples (declare them in manualgrad/testing/samples.py)"
+        assert testing.examples(op, torch.float32, bench=True), op.name

@@ -18,7 +18,8 @@ the sizes ``python -m benchmarks`` times)::
     @samples("layer_norm")
     def _layer_norm(dtype, device, bench=False):
         x = torch.randn((256, 1024) if bench else (3, 5), device=device).to(dtype)
-        return [Example("last dim", (x, (5,)), {}), Example("affine", (x, (5,), torch.randn(5).to(dtype)), {})]
+        weight = torch.randn(5, device=device).to(dtype)
+        return [Example("last dim", (x, (5,)), {}), Example("affine", (x, (5,), weight), {})]
 
 An activation needs no function: it gets ``randn(6, 7) * 3`` (``(256,
 4096)`` for benchmarks) once per variant; declare only what is special,
