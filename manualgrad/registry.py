@@ -69,6 +69,9 @@ class Op:
     #: the twin's ``forward(self, input)``, for a module whose attributes are not named as the wrapper's
     #: parameters (``Unflatten.unflattened_size``); None: the generic one of :mod:`manualgrad.nn`
     module_forward: Callable | None = None
+    #: its backward calls :mod:`manualgrad.functions.recorder` for the parameters' per-sample norms, gradients and
+    #: clipping (:func:`manualgrad.per_sample`, :mod:`manualgrad.privacy`)
+    per_sample: bool = False
 
     def kinks_of(self, kwargs: dict) -> tuple[float, ...]:
         return self.kinks(**kwargs) if callable(self.kinks) else self.kinks
@@ -106,12 +109,14 @@ def operation(
     examples: Examples,
     random: bool = False,
     module_forward: Callable | None = None,
+    per_sample: bool = False,
 ):
     """Decorator: register a written-out wrapper (named as in torch) applying ``functions``."""
 
     def register(functional: Callable) -> Callable:
         name = functional.__name__
-        _register(Op(name, functional, functions, module, kind, examples, random=random, module_forward=module_forward))
+        options = {"random": random, "module_forward": module_forward, "per_sample": per_sample}
+        _register(Op(name, functional, functions, module, kind, examples, **options))
         return functional
 
     return register

@@ -178,8 +178,9 @@ def test_layers_without_a_rule_are_refused_clearly():
         manualgrad.per_sample(model)
     with pytest.raises(InputError, match=r"0 \(Linear\).*manualgrad.convert"):
         manualgrad.per_sample(torch.nn.Sequential(torch.nn.Linear(2, 2)))
-    frozen = torch.nn.Sequential(torch.nn.BatchNorm1d(4).requires_grad_(False), mnn.Linear(4, 2))
-    manualgrad.per_sample(frozen)  # a module without trainable parameters needs no rule
+    frozen = torch.nn.Sequential(torch.nn.BatchNorm1d(4).requires_grad_(False).eval(), mnn.Linear(4, 2))
+    with manualgrad.per_sample(frozen):  # a module without trainable parameters needs no rule (if it mixes nothing)
+        pass
     with pytest.raises(InputError, match="clip must be a positive number"):
         manualgrad.per_sample(frozen, clip=0)
     with pytest.raises(InputError, match="loss_reduction must be 'mean' or 'sum'"):

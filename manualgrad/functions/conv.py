@@ -51,9 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _checks, per_sample
+from .. import _checks
 from ..errors import InputError
 from ..registry import Example, operation
+from . import recorder
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
 from .shape import PadFunction
 
@@ -206,7 +207,7 @@ class Conv2dFunction(ManualFunction):
     def setup_context(ctx, inputs, output):
         input, weight, bias, ctx.geometry = inputs
         needs_input, needs_weight, _ = ctx.needs_input_grad[:3]
-        ctx.per_sample = per_sample.layer(weight, bias)  # None unless a per_sample context tracks this weight
+        ctx.per_sample = recorder.layer(weight, bias)  # None unless a per_sample context tracks weight or bias
         ctx.save_for_backward(input if needs_weight or ctx.per_sample else None, weight if needs_input else None)
         save_for_forward(ctx, input, weight)
         ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -221,8 +222,9 @@ class Conv2dFunction(ManualFunction):
         grad_input = grad_weight = grad_bias = None
         if needs_input:  # G_X = W ⋆ᵀ G_Z
             grad_input = cast(_transposed(g, cast(weight, g.dtype), geometry), dtypes[0])
-        if ctx.per_sample is not None and _record_per_sample(ctx.per_sample, g, cast(input, g.dtype), geometry):
-            needs_weight = needs_bias = False  # clipping: G_W and G_b are formed at the end of the backward pass
+        if ctx.per_sample is not None:  # clipping: the recorder forms G_W and G_b at the end of the backward pass
+            taken = _record_per_sample(ctx.per_sample, g, cast(input, g.dtype), geometry)
+            needs_weight, needs_bias = needs_weight and not taken[0], needs_bias and not taken[1]
         if needs_weight:  # G_W = X ⋆ G_Z = Σ_{n,ℓ} G_Z[n,:,ℓ] X̂[n,:,ℓ]ᵀ
             grad_weight = cast(_correlated(cast(input, g.dtype), g, geometry), dtypes[1])
         if needs_bias:  # G_b = Σ_{n,ℓ} G_Z[n,:,ℓ]
@@ -245,9 +247,9 @@ class Conv2dFunction(ManualFunction):
         return tangent
 
 
-def _record_per_sample(layer, g: Tensor, x: Tensor, geometry: ConvGeometry) -> bool:
-    """Per-sample quantities (:mod:`manualgrad.per_sample`): sample n's G_W is G_Z[n] X̂[n]ᵀ, a Linear layer's over the
-    L output positions, so the layer hands ``G`` as ``(N, L, O)`` and the patches as ``(N, L, C k_h k_w)``."""
+def _record_per_sample(layer, g: Tensor, x: Tensor, geometry: ConvGeometry) -> tuple[bool, bool]:
+    """Per-sample quantities (:mod:`~manualgrad.functions.recorder`): sample n's G_W is G_Z[n] X̂[n]ᵀ, a Linear
+    layer's over the L output positions, so the layer hands ``G`` as ``(N, L, O)`` and the patches as ``(N, L, C k_h k_w)``."""
     g, x = _batched(g), _batched(x)
     return layer.record(g.flatten(2).transpose(1, 2), patches(x, geometry).transpose(1, 2))
 
@@ -444,7 +446,9 @@ def _module_forward(self: torch.nn.Conv2d, input: Tensor) -> Tensor:
     return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-@operation(torch.nn.Conv2d, Conv2dFunction, kind="layer", examples=_examples, module_forward=_module_forward)
+@operation(
+    torch.nn.Conv2d, Conv2dFunction, kind="layer", examples=_examples, module_forward=_module_forward, per_sample=True
+)
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1):
     r""":math:`Z = W \star X + b` over 2-D inputs; see :class:`~manualgrad.functions.Conv2dFunction`.
 
