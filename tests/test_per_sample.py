@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch.func import functional_call, grad, vmap
 
 import manualgrad
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import InputError
+from manualgrad.per_sample import EPSILON
 
 F64 = torch.float64
 
@@ -237,3 +239,180 @@ def test_grouped_convolutions_are_refused_clearly():
     model = torch.nn.Sequential(mnn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(InputError, match=r"per_sample: 0 \(Conv2d\) has groups=2"):
         manualgrad.per_sample(model)
+
+
+# --- the defects of issue 16, each with the test that failed before its fix --------------------------------------
+
+
+def per_sample_reference(layer, x, y, reduction="mean"):
+    """Each sample's gradient of its own loss term for a single torch Linear layer's trainable parameters."""
+    params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
+    grads = []
+    for n in range(x.shape[0]):
+        out = torch.nn.functional.linear(x[n : n + 1], layer.weight, layer.bias)
+        grads.append(torch.autograd.grad(torch.nn.functional.cross_entropy(out, y[n : n + 1]), params))
+    return [torch.stack([g[i] for g in grads]) for i in range(len(params))]
+
+
+def clipped_sum(per_sample_grads, clip):
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample_grads]).square().sum(0).sqrt()
+    factor = (clip / (norms + EPSILON)).clamp(max=1.0)
+    return [(g * factor.reshape(-1, *[1] * (g.dim() - 1))).sum(0) for g in per_sample_grads], norms
+
+
+@pytest.mark.parametrize("build", [per_layer_model, fused_model], ids=["per_layer", "fused"])
+def test_an_empty_batch_is_a_zero_clipped_sum(build):
+    model = build()
+    x, y = torch.randn(0, 6, dtype=F64), torch.randint(0, 3, (0,))
+    with manualgrad.per_sample(model, clip=1.0) as samples:
+        MF.cross_entropy(model(x), y).backward()
+    assert samples.norms.shape == (0,)
+    for p in model.parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_a_loss_whose_reduction_differs_from_the_declared_one_is_refused():
+    torch.manual_seed(0)
+    model = per_layer_model()
+    x, y = torch.randn(5, 6, dtype=F64), torch.randint(0, 3, (5,))
+    with manualgrad.per_sample(model, clip=1.0, loss_reduction="mean"):
+        with pytest.raises(InputError, match=r"reduction='sum' but the context was declared with loss_reduction='mean"):
+            MF.cross_entropy(model(x), y, reduction="sum").backward()
+    with manualgrad.per_sample(model, loss_reduction="sum"):
+        with pytest.raises(InputError, match=r"reduction='mean'"):
+            MF.mse_loss(model(x), torch.zeros(5, 3, dtype=F64)).backward()
+
+
+def test_a_frozen_weight_leaves_its_trainable_bias_clipped():
+    """BitFit: only the biases train; their per-sample gradients are clipped and get a norm_sample."""
+    torch.manual_seed(0)
+    layer = mnn.Linear(6, 3).double()
+    layer.weight.requires_grad_(False)
+    x, y = 5 * torch.randn(8, 6, dtype=F64), torch.randint(0, 3, (8,))
+    (bias_grads,) = per_sample_reference(layer, x, y)
+    (want,), norms = clipped_sum([bias_grads], 0.001)
+    with manualgrad.per_sample(layer, clip=0.001) as samples:
+        MF.cross_entropy(layer(x), y).backward()
+    torch.testing.assert_close(layer.bias.grad, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.bias.norm_sample, norms, rtol=0, atol=1e-12)
+    torch.testing.assert_close(samples.norms, norms, rtol=0, atol=1e-12)
+    assert layer.bias.grad.norm() <= 8 * 0.001 + 1e-12
+    assert layer.weight.grad is None and not hasattr(layer.weight, "norm_sample")
+
+
+@pytest.mark.parametrize("build", [per_layer_model, fused_model], ids=["per_layer", "fused"])
+def test_a_frozen_bias_gets_no_grad_and_does_not_count_in_the_norms(build):
+    torch.manual_seed(0)
+    model = build()
+    for name, p in model.named_parameters():
+        p.requires_grad_("bias" not in name)
+    x, y = torch.randn(6, 6, dtype=F64), torch.randint(0, 3, (6,))
+    with manualgrad.per_sample(model, grads=True) as samples:
+        MF.cross_entropy(model(x), y).backward()
+    weights = [p for name, p in model.named_parameters() if "weight" in name]
+    total = torch.stack([w.norm_sample for w in weights]).square().sum(0).sqrt()
+    torch.testing.assert_close(samples.norms, total, rtol=0, atol=1e-12)
+    model.zero_grad()
+    with manualgrad.per_sample(model, clip=0.01):
+        MF.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == ("bias" in name), name
+        assert hasattr(p, "norm_sample") != ("bias" in name), name
+
+
+def test_a_pruned_layer_is_refused():
+    model = per_layer_model()
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", 0.5)
+    with pytest.raises(InputError, match=r"per_sample: 0 \(Linear\) computes its weight .* pruning mask"):
+        manualgrad.per_sample(model, clip=1.0)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["norms", "clip"])
+def test_a_forward_outside_the_context_is_refused_in_backward(clip):
+    torch.manual_seed(0)
+    model = per_layer_model()
+    x, y = torch.randn(4, 6, dtype=F64), torch.randint(0, 3, (4,))
+    loss = MF.cross_entropy(model(x), y)
+    with manualgrad.per_sample(model, clip=clip), pytest.raises(InputError, match="forward ran outside"):
+        loss.backward()
+
+
+def test_contexts_are_per_thread():
+    """A context open in one thread neither clips another thread's plain step nor refuses its own context."""
+    import threading
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 6, dtype=F64), torch.randint(0, 3, (6,))
+    models = [per_layer_model() for _ in range(3)]
+    plain_model = models[2]
+    MF.cross_entropy(plain_model(x), y).backward()
+    plain = [p.grad.clone() for p in plain_model.parameters()]
+    plain_model.zero_grad()
+    expected = []
+    for model in models[:2]:
+        with manualgrad.per_sample(model, clip=0.01):
+            MF.cross_entropy(model(x), y).backward()
+        expected.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    barrier, errors = threading.Barrier(3, timeout=30), []
+
+    def clipped(model):
+        try:
+            with manualgrad.per_sample(model, clip=0.01):
+                barrier.wait()
+                MF.cross_entropy(model(x), y).backward()
+                barrier.wait()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    def unclipped():
+        barrier.wait()
+        MF.cross_entropy(plain_model(x), y).backward()
+        barrier.wait()
+
+    threads = [threading.Thread(target=clipped, args=(m,)) for m in models[:2]] + [threading.Thread(target=unclipped)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for model, want in zip(models, expected):
+        for p, w in zip(model.parameters(), want):
+            torch.testing.assert_close(p.grad, w, rtol=0, atol=1e-14)
+    for p, w in zip(plain_model.parameters(), plain):
+        torch.testing.assert_close(p.grad, w, rtol=0, atol=1e-14)
+
+
+def test_a_batchnorm_without_parameters_is_refused():
+    model = torch.nn.Sequential(mnn.Linear(4, 4), torch.nn.BatchNorm1d(4, affine=False), mnn.Linear(4, 2))
+    with pytest.raises(InputError, match=r"1 \(BatchNorm1d\) mixes the samples"):
+        with manualgrad.per_sample(model):
+            pass
+    model.eval()  # running statistics: each sample on its own
+    with manualgrad.per_sample(model):
+        pass
+
+
+def test_the_context_works_after_an_exception_mid_backward():
+    torch.manual_seed(0)
+    model = per_layer_model()
+    x, y = torch.randn(5, 6, dtype=F64), torch.randint(0, 3, (5,))
+    with manualgrad.per_sample(model, clip=0.1):
+        MF.cross_entropy(model(x), y).backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with manualgrad.per_sample(model, clip=0.1):
+        h = model[0](x)  # the last layers record first; then this hook raises
+        h.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            MF.cross_entropy(model[1:](h), y).backward()
+        model.zero_grad()
+        MF.cross_entropy(model(x), y).backward()
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("clip", [True, False, "1", float("nan"), -1.0])
+def test_clip_must_be_a_positive_number(clip):
+    with pytest.raises(InputError, match="clip must be a positive number"):
+        manualgrad.per_sample(per_layer_model(), clip=clip)
