@@ -249,7 +249,8 @@ class Conv2dFunction(ManualFunction):
 
 def _record_per_sample(layer, g: Tensor, x: Tensor, geometry: ConvGeometry) -> tuple[bool, bool]:
     """Per-sample quantities (:mod:`~manualgrad.functions.recorder`): sample n's G_W is G_Z[n] X̂[n]ᵀ, a Linear
-    layer's over the L output positions, so the layer hands ``G`` as ``(N, L, O)`` and the patches as ``(N, L, C k_h k_w)``."""
+    layer's over the L output positions, so the layer hands ``G`` as ``(N, L, O)`` and the patches as
+    ``(N, L, C k_h k_w)``."""
     g, x = _batched(g), _batched(x)
     return layer.record(g.flatten(2).transpose(1, 2), patches(x, geometry).transpose(1, 2))
 
