@@ -6,10 +6,11 @@
 * :mod:`manualgrad.nn`: drop-in twins of ``torch.nn`` modules, and the fused :class:`~manualgrad.nn.MLP`;
 * :func:`convert` switches a torch.nn model's layers to those twins in place;
 * :func:`manual_coverage` shows which backward nodes behind a tensor are ours;
-* :func:`per_sample`: per-sample gradient norms, gradients and DP-SGD's clipped sum from the same backward.
+* :func:`per_sample`: per-sample gradient norms, gradients and DP-SGD's clipped sum from the same backward;
+* :mod:`manualgrad.privacy`: DP-SGD with Opacus's interface (``PrivacyEngine``, ``BatchMemoryManager``).
 """
 
-from . import functional, functions, nn, registry
+from . import functional, functions, nn, privacy, registry
 from .convert import ConversionWarning, convert
 from .coverage import Coverage, manual_coverage
 from .errors import InputError
@@ -28,5 +29,6 @@ __all__ = [
     "manual_coverage",
     "nn",
     "per_sample",
+    "privacy",
     "registry",
 ]
