@@ -63,6 +63,7 @@ __all__ = [
     "PrivacyEngine",
     "PrivacyWarning",
     "get_noise_multiplier",
+    "poisson_sample",
 ]
 
 INSTALL = "pip install 'manualgrad[dp]'"
@@ -280,8 +281,13 @@ class PoissonSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten().tolist()
+            yield poisson_sample(self.num_samples, self.sample_rate, self.generator).tolist()
+
+
+def poisson_sample(num_samples: int, sample_rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The indices of one Poisson-sampled batch: each of ``range(num_samples)`` independently with probability
+    ``sample_rate`` (one uniform draw each, from ``generator``)."""
+    return (torch.rand(num_samples, generator=generator) < sample_rate).nonzero().flatten()
 
 
 def _empty_like(batch):
