@@ -3,6 +3,8 @@ gradients (torch.func.vmap(grad(...)) on the torch.nn twin, or one autograd.grad
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.utils.prune
@@ -416,3 +418,81 @@ def test_the_context_works_after_an_exception_mid_backward():
 def test_clip_must_be_a_positive_number(clip):
     with pytest.raises(InputError, match="clip must be a positive number"):
         manualgrad.per_sample(per_layer_model(), clip=clip)
+
+
+# --- the layers DP users train: LayerNorm, GroupNorm, Embedding -------------------------------------------------
+
+
+class TextModel(torch.nn.Module):
+    """Embedding, LayerNorm, Linear over a sequence; the loss is each sequence's mean over its positions."""
+
+    def __init__(self, padding_idx=None):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 6, padding_idx=padding_idx)
+        self.norm = torch.nn.LayerNorm(6)
+        self.act = torch.nn.Tanh()
+        self.out = torch.nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        return self.out(self.act(self.norm(self.embed(tokens))))
+
+
+def group_norm_cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(64, 3)
+    )
+
+
+def torch_per_sample(model, x, y):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, p, (xi[None],))
+        return torch.nn.functional.cross_entropy(out.reshape(-1, 3), yi.reshape(-1))
+
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+@pytest.mark.parametrize(
+    "build,inputs",
+    [
+        (TextModel, lambda: (torch.randint(0, 11, (5, 7)), torch.randint(0, 3, (5, 7)))),
+        (lambda: TextModel(padding_idx=2), lambda: (torch.randint(0, 11, (5, 7)), torch.randint(0, 3, (5, 7)))),
+        (group_norm_cnn, lambda: (torch.randn(5, 2, 6, 6, dtype=F64), torch.randint(0, 3, (5,)))),
+    ],
+    ids=["text", "text,padding_idx", "groupnorm"],
+)
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["grads", "clip"])
+def test_norm_and_embedding_layers_per_sample(build, inputs, clip):
+    """Per-sample gradients, norms (the embedding's by the Gram form) and the clipped sum against torch.func's
+    vmap(grad) on the torch.nn model, float64."""
+    torch.manual_seed(0)
+    reference = build().double()
+    model = manualgrad.convert(copy.deepcopy(reference))
+    x, y = inputs()
+    expected = torch_per_sample(reference, x, y)
+    with manualgrad.per_sample(model, grads=clip is None, clip=clip) as samples:
+        # the mean over N x T terms: sample n's term is the mean over its own T positions, as the reference's
+        MF.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()]).square().sum(0).sqrt()
+    torch.testing.assert_close(samples.norms, norms, rtol=0, atol=1e-10)
+    for name, p in model.named_parameters():
+        want = expected[name]
+        torch.testing.assert_close(p.norm_sample, want.flatten(1).norm(dim=1), rtol=0, atol=1e-10)
+        if clip is None:
+            torch.testing.assert_close(p.grad_sample, want, rtol=0, atol=1e-10)
+        else:
+            factor = (clip / (norms + EPSILON)).clamp(max=1.0).reshape(-1, *[1] * (want.dim() - 1))
+            torch.testing.assert_close(p.grad, (want * factor).sum(0), rtol=0, atol=1e-10)
+
+
+def test_embedding_padding_idx_matches_torch():
+    torch.manual_seed(0)
+    theirs = torch.nn.Embedding(7, 4, padding_idx=3).double()
+    ours = manualgrad.convert(copy.deepcopy(theirs))
+    tokens = torch.tensor([[3, 1, 3], [0, 3, 6]])
+    g = torch.randn(2, 3, 4, dtype=F64)
+    ours(tokens).backward(g)
+    theirs(tokens).backward(g)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=0, atol=1e-14)
+    assert not ours.weight.grad[3].any()

@@ -58,7 +58,7 @@ class Recorder:
         self._task: int | None = None  # the graph task (backward pass) the records below belong to
         self._seen: set[int] = set()  # parameters recorded in that backward pass
         self._squared: list[Tensor] = []  # their per-sample squared norms
-        self._deferred: list[tuple] = []  # (weight, bias, G, A, scale) whose products wait for the clip factors
+        self._deferred: list = []  # functions of the clip factors c (N,) that add Σ_n c_n g_n to .grad
         self.norms: Tensor | None = None  #: (N,): each sample's gradient norm over all tracked parameters
 
     # -- opening and closing -------------------------------------------------------------------------------------
@@ -125,11 +125,11 @@ class Recorder:
             )
         _compat.queue_callback(self._finish)
 
-    def _record(self, weight: Tensor | None, bias: Tensor | None, grad: Tensor, a: Tensor) -> tuple[bool, bool]:
-        """See :meth:`Layer.record`."""
+    def _track(self, *params: Tensor | None) -> None:
+        """Mark ``params`` recorded in this backward pass (starting it if it is a new one)."""
         if self._task != _compat.graph_task_id():
             self._start_pass()
-        for p in (weight, bias):
+        for p in params:
             if p is not None:
                 if id(p) in self._seen:
                     raise InputError(
@@ -137,14 +137,24 @@ class Recorder:
                         "its per-sample gradients would have to be summed before their norm is taken"
                     )
                 self._seen.add(id(p))
-        # sample n's gradient of its own term ℓ_n is scale · G[n]^T A[n] (a mean divides each term by N)
-        scale = grad.shape[0] if self.loss_reduction == "mean" else 1
+
+    def _scale(self, samples: int) -> int:
+        """Sample n's gradient of its own term ℓ_n is scale · (its share of ∂R/∂θ): a mean divides each term by N."""
+        return samples if self.loss_reduction == "mean" else 1
+
+    def _note_norm(self, p: Tensor, norms: Tensor) -> None:
+        p.norm_sample = norms
+        self._squared.append(norms.square())
+
+    def _record(self, weight: Tensor | None, bias: Tensor | None, grad: Tensor, a: Tensor) -> tuple[bool, bool]:
+        """See :meth:`Layer.record`."""
+        self._track(weight, bias)
+        scale = self._scale(grad.shape[0])
         if self.wants_norms:
             weight_norms, bias_norms = _norms(grad, a if weight is not None else None)
             for p, norms in ((weight, weight_norms), (bias, bias_norms)):
                 if p is not None:
-                    p.norm_sample = scale * norms
-                    self._squared.append(p.norm_sample.square())
+                    self._note_norm(p, scale * norms)
         if self.grads:
             if weight is not None:
                 per_sample = torch.bmm((grad * scale).transpose(1, 2), a.to(grad.dtype))  # scale · G[n]^T A[n]
@@ -153,8 +163,63 @@ class Recorder:
                 bias.grad_sample = (grad.sum(1) * scale).to(bias.dtype)
         if self.clip is None:
             return False, False
-        self._deferred.append((weight, bias, grad, a, scale))
+
+        def clipped(factor: Tensor) -> None:  # Σ_n c_n g_n = (c ⊙ G)^T A, and Σ_n c_n Σ_t G[n, t]
+            cg = (grad * (scale * factor).reshape(-1, 1, 1).to(grad.dtype)).reshape(-1, grad.shape[-1])
+            if weight is not None:
+                _accumulate(weight, cg.t().mm(a.reshape(-1, a.shape[-1]).to(cg.dtype)).reshape(weight.shape))
+            if bias is not None:
+                _accumulate(bias, cg.sum(0))
+
+        self._deferred.append(clipped)
         return weight is not None, bias is not None
+
+    def _record_samples(self, pairs: list[tuple[Tensor | None, Tensor | None]]) -> tuple[bool, ...]:
+        """See :meth:`Layer.record_samples`."""
+        tracked = [(p, g) for p, g in pairs if p is not None]
+        self._track(*(p for p, _ in tracked))
+        if not tracked:
+            return (False,) * len(pairs)
+        scale = self._scale(tracked[0][1].shape[0])
+        for p, g in tracked:
+            if self.wants_norms:
+                self._note_norm(p, scale * torch.linalg.vector_norm(opmath(g).flatten(1), dim=1))
+            if self.grads:
+                p.grad_sample = (g * scale).to(p.dtype)
+        if self.clip is None:
+            return (False,) * len(pairs)
+
+        def clipped(factor: Tensor) -> None:  # Σ_n c_n g_n
+            for p, g in tracked:
+                _accumulate(p, torch.tensordot((scale * factor).to(g.dtype), g, dims=1))
+
+        self._deferred.append(clipped)
+        return tuple(p is not None for p, _ in pairs)
+
+    def _record_lookup(self, weight: Tensor, grad: Tensor, index: Tensor) -> bool:
+        """See :meth:`Layer.record_lookup`."""
+        self._track(weight)
+        samples, _, width = grad.shape
+        rows = weight.shape[0]
+        scale = self._scale(samples)
+        g = opmath(grad)
+        if self.wants_norms:  # ‖g_n‖² = Σ_{t,s} [i_t = i_s] ⟨G[n,t], G[n,s]⟩: the Gram ("ghost") form
+            same = (index.unsqueeze(2) == index.unsqueeze(1)).to(g.dtype)
+            squared = (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+            self._note_norm(weight, scale * squared.clamp(min=0).sqrt())
+        if self.grads:
+            offsets = index + torch.arange(samples, device=index.device).reshape(-1, 1) * rows
+            per_sample = g.new_zeros(samples * rows, width).index_add_(0, offsets.flatten(), g.reshape(-1, width))
+            weight.grad_sample = (scale * per_sample).reshape(samples, rows, width).to(weight.dtype)
+        if self.clip is None:
+            return False
+
+        def clipped(factor: Tensor) -> None:  # Σ_n c_n g_n: the rows of c ⊙ G added at their indices
+            cg = (g * (scale * factor).reshape(-1, 1, 1).to(g.dtype)).reshape(-1, width)
+            _accumulate(weight, g.new_zeros(rows, width).index_add_(0, index.flatten(), cg))
+
+        self._deferred.append(clipped)
+        return True
 
     def _finish(self) -> None:
         """At the end of the backward pass: the total norms, and with ``clip`` the clipped sums added to ``.grad``."""
@@ -162,12 +227,8 @@ class Recorder:
             self.norms = torch.stack(self._squared).sum(0).sqrt()
         if self.clip is not None and self.norms is not None:
             factor = (self.clip / (self.norms + EPSILON)).clamp(max=1.0)  # c_n = min(1, C / (‖g_n‖ + 1e-6))
-            for weight, bias, grad, a, scale in self._deferred:
-                cg = (grad * (scale * factor).reshape(-1, 1, 1).to(grad.dtype)).reshape(-1, grad.shape[-1])  # c ⊙ G
-                if weight is not None:
-                    _accumulate(weight, cg.t().mm(a.reshape(-1, a.shape[-1]).to(cg.dtype)).reshape(weight.shape))
-                if bias is not None:  # Σ_n c_n Σ_t G[n, t]
-                    _accumulate(bias, cg.sum(0))
+            for clipped in self._deferred:
+                clipped(factor)
         self._task = None
         self._seen.clear()
         self._squared.clear()
@@ -189,6 +250,17 @@ class Layer(NamedTuple):
         returns None for them)."""
         return self.recorder._record(self.weight, self.bias, grad, a)
 
+    def record_samples(self, weight_grads: Tensor | None, bias_grads: Tensor | None) -> tuple[bool, bool]:
+        """For layers whose per-sample gradients are small (a norm layer's affine parameters): record them, given
+        ``(N, *p.shape)`` as shares of ``∂R/∂θ`` (None for an untracked parameter). Returns as :meth:`record`."""
+        return self.recorder._record_samples([(self.weight, weight_grads), (self.bias, bias_grads)])
+
+    def record_lookup(self, grad: Tensor, index: Tensor) -> bool:
+        """For an embedding: ``grad`` ``(N, T, d)`` at the looked-up rows ``index`` ``(N, T)``; the norms by the
+        Gram form, without the ``(N, rows, d)`` per-sample gradients. True when the recorder forms the weight's
+        gradient."""
+        return self.recorder._record_lookup(self.weight, grad, index)
+
 
 def active() -> bool:
     """Whether a recorder is entered in this thread."""
@@ -202,7 +274,7 @@ def layer(weight: Tensor, bias: Tensor | None) -> Layer | None:
     if recorder is None:
         return None
     ids = recorder._ids
-    tracked_weight = weight if id(weight) in ids else None
+    tracked_weight = weight if weight is not None and id(weight) in ids else None
     tracked_bias = bias if bias is not None and id(bias) in ids else None
     if tracked_weight is None and tracked_bias is None:
         return None
