@@ -58,3 +58,10 @@ def test_the_mish_example_is_the_code():
     block = next(b for b in python_blocks() if "class MishFunction" in b)
     source = (Path(__file__).resolve().parents[1] / "manualgrad" / "functions" / "activations.py").read_text()
     assert block.strip() in source
+
+
+def test_the_privacy_example_runs_as_written():
+    block = next(b for b in python_blocks() if "from manualgrad.privacy import PrivacyEngine" in b)
+    namespace: dict = {}
+    exec(block, namespace)
+    assert 0 < namespace["privacy_engine"].get_epsilon(1e-5) <= 2.0

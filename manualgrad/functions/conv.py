@@ -252,7 +252,12 @@ def _record_per_sample(layer, g: Tensor, x: Tensor, geometry: ConvGeometry) -> t
     layer's over the L output positions, so the layer hands ``G`` as ``(N, L, O)`` and the patches as
     ``(N, L, C k_h k_w)``."""
     g, x = _batched(g), _batched(x)
-    return layer.record(g.flatten(2).transpose(1, 2), patches(x, geometry).transpose(1, 2))
+
+    def weighted(c: Tensor):  # the clipped sums: X ⋆ (c ⊙ G) and Σ (c ⊙ G), no patches
+        cg = g * c.reshape(-1, 1, 1, 1).to(g.dtype)
+        return _weight_grad(x, cg, geometry), cg.sum((0, 2, 3))
+
+    return layer.record(g.flatten(2).transpose(1, 2), patches(x, geometry).transpose(1, 2), weighted)
 
 
 class ConvTranspose2dFunction(ManualFunction):

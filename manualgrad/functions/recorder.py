@@ -146,7 +146,9 @@ class Recorder:
         p.norm_sample = norms
         self._squared.append(norms.square())
 
-    def _record(self, weight: Tensor | None, bias: Tensor | None, grad: Tensor, a: Tensor) -> tuple[bool, bool]:
+    def _record(
+        self, weight: Tensor | None, bias: Tensor | None, grad: Tensor, a: Tensor, weighted=None
+    ) -> tuple[bool, bool]:
         """See :meth:`Layer.record`."""
         self._track(weight, bias)
         scale = self._scale(grad.shape[0])
@@ -165,6 +167,12 @@ class Recorder:
             return False, False
 
         def clipped(factor: Tensor) -> None:  # Σ_n c_n g_n = (c ⊙ G)^T A, and Σ_n c_n Σ_t G[n, t]
+            if weighted is not None:  # the layer's own weight-gradient map, of the scaled G
+                weight_sum, bias_sum = weighted(scale * factor)
+                for p, total in ((weight, weight_sum), (bias, bias_sum)):
+                    if p is not None:
+                        _accumulate(p, total)
+                return
             cg = (grad * (scale * factor).reshape(-1, 1, 1).to(grad.dtype)).reshape(-1, grad.shape[-1])
             if weight is not None:
                 _accumulate(weight, cg.t().mm(a.reshape(-1, a.shape[-1]).to(cg.dtype)).reshape(weight.shape))
@@ -243,12 +251,13 @@ class Layer(NamedTuple):
     weight: Tensor | None
     bias: Tensor | None
 
-    def record(self, grad: Tensor, a: Tensor) -> tuple[bool, bool]:
+    def record(self, grad: Tensor, a: Tensor, weighted=None) -> tuple[bool, bool]:
         """In the layer's backward: record sample n's gradient norms (and gradients) from ``grad = ∂R/∂Z``
         ``(N, T, p)`` and the layer's input (or patches) ``a`` ``(N, T, q)``. Returns whether the recorder forms the
         weight's and the bias's gradients itself (clipping: at the end of the backward pass; the Function then
-        returns None for them)."""
-        return self.recorder._record(self.weight, self.bias, grad, a)
+        returns None for them). ``weighted(c)``, if given, returns the layer's (G_W, G_b) of the samples' ``G``
+        scaled by ``c`` ``(N,)``, computed its own way (a convolution: without the patches)."""
+        return self.recorder._record(self.weight, self.bias, grad, a, weighted)
 
     def record_samples(self, weight_grads: Tensor | None, bias_grads: Tensor | None) -> tuple[bool, bool]:
         """For layers whose per-sample gradients are small (a norm layer's affine parameters): record them, given
