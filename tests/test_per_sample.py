@@ -496,3 +496,29 @@ def test_embedding_padding_idx_matches_torch():
     theirs(tokens).backward(g)
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=0, atol=1e-14)
     assert not ours.weight.grad[3].any()
+
+
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["grads", "clip"])
+def test_conv1d_per_sample(clip):
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(
+        torch.nn.Conv1d(2, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv1d(4, 3, 2, stride=2), torch.nn.Flatten()
+    ).double()
+    model = manualgrad.convert(copy.deepcopy(reference))
+    x, y = torch.randn(5, 2, 6, dtype=F64), torch.randint(0, 3, (5, 3))
+    params = {k: v.detach() for k, v in reference.named_parameters()}
+
+    def loss(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(reference, p, (xi[None],)).reshape(3, 3), yi)
+
+    expected = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    with manualgrad.per_sample(model, grads=clip is None, clip=clip) as samples:
+        MF.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()]).square().sum(0).sqrt()
+    torch.testing.assert_close(samples.norms, norms, rtol=0, atol=1e-10)
+    for name, p in model.named_parameters():
+        if clip is None:
+            torch.testing.assert_close(p.grad_sample, expected[name], rtol=0, atol=1e-10)
+        else:
+            factor = (clip / (norms + EPSILON)).clamp(max=1.0).reshape(-1, *[1] * (p.dim()))
+            torch.testing.assert_close(p.grad, (expected[name] * factor).sum(0), rtol=0, atol=1e-10)

@@ -17,7 +17,7 @@ from .activations import (
     TanhFunction,
 )
 from .base import ManualFunction
-from .conv import Conv2dFunction, Conv2dWeightFunction, ConvTranspose2dFunction
+from .conv import Conv1dFunction, Conv2dFunction, Conv2dWeightFunction, ConvTranspose2dFunction
 from .dropout import DropoutFunction
 from .embedding import EmbeddingFunction
 from .linear import LinearFunction
@@ -43,6 +43,7 @@ __all__ = [
     "AvgPool2dFunction",
     "BinaryCrossEntropyFunction",
     "BinaryCrossEntropyWithLogitsFunction",
+    "Conv1dFunction",
     "Conv2dFunction",
     "Conv2dWeightFunction",
     "ConvTranspose2dFunction",

@@ -329,5 +329,5 @@ def _norms(g: Tensor, a: Tensor | None) -> tuple[Tensor | None, Tensor]:
 
 def _accumulate(p: Tensor, grad: Tensor) -> None:
     """``p.grad += grad`` (torch's convention: gradients accumulate until ``zero_grad``)."""
-    grad = grad.to(p.dtype)
+    grad = grad.to(p.dtype).reshape(p.shape)  # a Conv1d's gradient arrives lifted to 2-D
     p.grad = grad if p.grad is None else p.grad + grad
