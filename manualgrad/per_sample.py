@@ -21,7 +21,8 @@ at the end, when every sample's total norm is known:
 :math:`\sum_n c_n g_n = (c \odot G)^\top A`.
 
 Usage (the model's parametrised layers must be manualgrad's: those whose registry declaration has a
-per-sample rule, ``Linear``, ``Conv2d``, the fused ``MLP``)::
+per-sample rule, ``Linear``, ``Conv1d``, ``Conv2d``, ``LayerNorm``, ``GroupNorm``, ``Embedding``, the fused
+``MLP``)::
 
     with manualgrad.per_sample(model, clip=1.0) as samples:
         loss = F.cross_entropy(model(x), y)    # a mean over the batch: loss_reduction="mean"
@@ -75,7 +76,8 @@ def per_sample(
     loss_reduction: str = "mean",
 ) -> PerSample:
     """A context manager around a forward and ``backward()`` of ``model`` that also computes, for every trainable
-    parameter of its manualgrad layers (``Linear``, ``Conv2d``, the fused ``MLP``), per-sample quantities:
+    parameter of its manualgrad layers (``Linear``, ``Conv1d``, ``Conv2d``, ``LayerNorm``, ``GroupNorm``,
+    ``Embedding``, the fused ``MLP``), per-sample quantities:
 
     * ``p.norm_sample`` ``(N,)``: the norm of sample n's gradient of ``p``;
       the handle's ``.norms`` ``(N,)``: sample n's gradient norm over all those parameters;

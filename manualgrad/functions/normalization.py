@@ -57,18 +57,18 @@ class _Normalization(ManualFunction):
     def affine_shape(ctx) -> tuple:  # γ's shape for broadcasting against the input
         raise NotImplementedError
 
-    @classmethod
+    @staticmethod
     def _parts(cls, ctx, input: Tensor):
         x = opmath(input)
         x_hat, r = _standardized(cls.slices(ctx, x), ctx.eps)
         return x_hat.reshape(x.shape), r, x_hat
 
-    @classmethod
-    def backward(cls, ctx, grad_output: Tensor):
+    @staticmethod
+    def _backward(cls, ctx, grad_output: Tensor):
         input, weight = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]
         g = opmath(grad_output)
-        x_hat, r, x_hat_rows = cls._parts(ctx, input)
+        x_hat, r, x_hat_rows = _Normalization._parts(cls, ctx, input)
         grad_input = grad_weight = grad_bias = None
         if needs_input:
             g_hat = g if weight is None else g * cast(weight, g.dtype).reshape(cls.affine_shape(ctx))  # G_Y ⊙ γ
@@ -85,10 +85,10 @@ class _Normalization(ManualFunction):
             grad_bias = cast(cls.reduce(ctx, g), ctx.bias_dtype)
         return grad_input, None, grad_weight, grad_bias, None
 
-    @classmethod
-    def jvp(cls, ctx, input_tangent, _, weight_tangent, bias_tangent, __):
+    @staticmethod
+    def _jvp(cls, ctx, input_tangent, weight_tangent, bias_tangent):
         input, weight = ctx.saved_tensors
-        x_hat, r, x_hat_rows = cls._parts(ctx, input)
+        x_hat, r, x_hat_rows = _Normalization._parts(cls, ctx, input)
         shape = cls.affine_shape(ctx)
         tangent = None
         if input_tangent is not None:  # γ ⊙ ẋ̂
@@ -128,6 +128,14 @@ class LayerNormFunction(_Normalization):
         _Normalization._setup(ctx, input, weight, bias, eps)
 
     @staticmethod
+    def backward(ctx, grad_output):
+        return _Normalization._backward(LayerNormFunction, ctx, grad_output)
+
+    @staticmethod
+    def jvp(ctx, input_tangent, _, weight_tangent, bias_tangent, __):
+        return _Normalization._jvp(LayerNormFunction, ctx, input_tangent, weight_tangent, bias_tangent)
+
+    @staticmethod
     def slices(ctx, t):
         return t.reshape(*t.shape[: t.dim() - len(ctx.normalized_shape)], math.prod(ctx.normalized_shape))
 
@@ -160,6 +168,14 @@ class GroupNormFunction(_Normalization):
         input, ctx.num_groups, weight, bias, eps = inputs
         ctx.channels, ctx.input_dim = input.shape[1], input.dim()
         _Normalization._setup(ctx, input, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _Normalization._backward(GroupNormFunction, ctx, grad_output)
+
+    @staticmethod
+    def jvp(ctx, input_tangent, _, weight_tangent, bias_tangent, __):
+        return _Normalization._jvp(GroupNormFunction, ctx, input_tangent, weight_tangent, bias_tangent)
 
     @staticmethod
     def slices(ctx, t):
