@@ -522,3 +522,27 @@ def test_conv1d_per_sample(clip):
         else:
             factor = (clip / (norms + EPSILON)).clamp(max=1.0).reshape(-1, *[1] * (p.dim()))
             torch.testing.assert_close(p.grad, (expected[name] * factor).sum(0), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "build,empty",
+    [
+        (
+            lambda: torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 3)),
+            (0, 1, 4, 4),
+        ),
+        (
+            lambda: torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.GroupNorm(1, 3), torch.nn.Flatten()),
+            (0, 2, 3),
+        ),
+        (lambda: TextModel(), "tokens"),
+    ],
+    ids=["conv2d,linear", "conv1d,groupnorm", "embedding,layernorm"],
+)
+def test_an_empty_batch_through_every_layer_with_a_rule(build, empty):
+    model = manualgrad.convert(build().double())
+    x = torch.zeros(0, 4, dtype=torch.long) if empty == "tokens" else torch.zeros(empty, dtype=F64)
+    with manualgrad.per_sample(model, clip=1.0) as samples:
+        MF.cross_entropy(model(x).reshape(-1, 3), torch.zeros(0, dtype=torch.long)).backward()
+    assert samples.norms.shape == (0,)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())

@@ -407,3 +407,16 @@ def test_no_noise_says_epsilon_is_infinite():
     assert engine.get_epsilon(1e-5) == 0.0  # no step yet
     engine.accountant.step(noise_multiplier=0.0, sample_rate=0.2)
     assert engine.get_epsilon(1e-5) == math.inf
+
+
+def test_the_fused_mlp_through_make_private_clips_as_the_torch_model():
+    reference = torch_mlp()
+    fused = manualgrad.nn.MLP([6, 8, 3], activation="tanh").double()
+    fused.load_state_dict(reference.state_dict())
+    _, model, optimizer, loader = private(fused, clip=0.05)
+    x, y = next(iter(loader))
+    want = clipped_sum(per_sample_grads(reference, x, y), 0.05)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[k], rtol=0, atol=1e-12)

@@ -14,6 +14,8 @@ forms the ``(N, rows, d)`` per-sample gradients. The row ``padding_idx`` gets no
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -59,7 +61,7 @@ class EmbeddingFunction(ManualFunction):
             g = torch.where((index == ctx.padding_idx).unsqueeze(-1), 0, g)
         if ctx.per_sample is not None:
             samples = index.shape[0]
-            rows_of = index.reshape(samples, -1)
+            rows_of = index.reshape(samples, math.prod(index.shape[1:]))  # (N, T), also for an empty batch
             if ctx.per_sample.record_lookup(g.reshape(samples, rows_of.shape[1], g.shape[-1]), rows_of):
                 return None, None, None  # clipping: the recorder forms G_W at the end of the backward pass
         width = g.shape[-1]
