@@ -458,9 +458,10 @@ def torch_per_sample(model, x, y):
     [
         (TextModel, lambda: (torch.randint(0, 11, (5, 7)), torch.randint(0, 3, (5, 7)))),
         (lambda: TextModel(padding_idx=2), lambda: (torch.randint(0, 11, (5, 7)), torch.randint(0, 3, (5, 7)))),
+        (TextModel, lambda: (torch.randint(0, 11, (4, 40)), torch.randint(0, 3, (4, 40)))),  # norms by row sums
         (group_norm_cnn, lambda: (torch.randn(5, 2, 6, 6, dtype=F64), torch.randint(0, 3, (5,)))),
     ],
-    ids=["text", "text,padding_idx", "groupnorm"],
+    ids=["text", "text,padding_idx", "text,40 positions", "groupnorm"],
 )
 @pytest.mark.parametrize("clip", [None, 0.05], ids=["grads", "clip"])
 def test_norm_and_embedding_layers_per_sample(build, inputs, clip):

@@ -211,10 +211,8 @@ class Recorder:
         rows = weight.shape[0]
         scale = self._scale(samples)
         g = opmath(grad)
-        if self.wants_norms:  # ‖g_n‖² = Σ_{t,s} [i_t = i_s] ⟨G[n,t], G[n,s]⟩: the Gram ("ghost") form
-            same = (index.unsqueeze(2) == index.unsqueeze(1)).to(g.dtype)
-            squared = (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-            self._note_norm(weight, scale * squared.clamp(min=0).sqrt())
+        if self.wants_norms:
+            self._note_norm(weight, scale * _lookup_norms(g, index, rows))
         if self.grads:
             offsets = index + torch.arange(samples, device=index.device).reshape(-1, 1) * rows
             per_sample = g.new_zeros(samples * rows, width).index_add_(0, offsets.flatten(), g.reshape(-1, width))
@@ -325,6 +323,24 @@ def _norms(g: Tensor, a: Tensor | None) -> tuple[Tensor | None, Tensor]:
     else:
         squared = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
     return squared.clamp(min=0).sqrt(), bias
+
+
+GRAM_POSITIONS = 16  #: an embedding's norms by the T x T Gram form up to this many positions, by row sums above
+
+
+def _lookup_norms(g: Tensor, index: Tensor, rows: int) -> Tensor:
+    """‖g_n‖ for an embedding, g_n = Σ_t e_{i_t} ⊗ G[n,t], the cheaper of two exact ways: the Gram ("ghost") form
+    ‖g_n‖² = Σ_{t,s} [i_t = i_s] ⟨G[n,t], G[n,s]⟩ (N T² d), or each sample's distinct rows summed,
+    ‖g_n‖² = Σ_v ‖Σ_{t: i_t = v} G[n,t]‖² (N T d, and a sort of the N T indices)."""
+    samples, positions, width = g.shape
+    if positions <= GRAM_POSITIONS:
+        same = (index.unsqueeze(2) == index.unsqueeze(1)).to(g.dtype)
+        return (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)).clamp(min=0).sqrt()
+    keys = index + torch.arange(samples, device=index.device).reshape(-1, 1) * rows  # (sample, row) pairs
+    distinct, inverse = torch.unique(keys.flatten(), return_inverse=True)
+    sums = g.new_zeros(len(distinct), width).index_add_(0, inverse, g.reshape(-1, width))
+    owner = torch.div(distinct, rows, rounding_mode="floor")
+    return g.new_zeros(samples).index_add_(0, owner, sums.square().sum(1)).sqrt()
 
 
 def _accumulate(p: Tensor, grad: Tensor) -> None:
