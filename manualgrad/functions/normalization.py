@@ -38,12 +38,15 @@ def _standardized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """x̂ and r over the last dimension of ``x`` (slices as rows), in plain arithmetic."""
     centred = x - x.mean(-1, keepdim=True)
     r = (centred.square().mean(-1, keepdim=True) + eps).rsqrt()
-    return centred * r, r
+    return (centred * r if centred.requires_grad else centred.mul_(r)), r
 
 
-def _through(g: Tensor, x_hat: Tensor, r: Tensor) -> Tensor:
-    """r (g − ⟨g⟩ − x̂ ⟨g ⊙ x̂⟩) over the last dimension: G_X from G_x̂ (and ẋ̂ from ẋ)."""
-    return r * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+def _through(g: Tensor, x_hat: Tensor, r: Tensor, g_x_hat: Tensor | None = None) -> Tensor:
+    """r (g − ⟨g⟩ − x̂ ⟨g ⊙ x̂⟩) over the last dimension: G_X from G_x̂ (and ẋ̂ from ẋ); ``g_x_hat``: g ⊙ x̂ if
+    already formed."""
+    g_x_hat = g * x_hat if g_x_hat is None else g_x_hat
+    centred = torch.addcmul(g - g.mean(-1, keepdim=True), x_hat, g_x_hat.mean(-1, keepdim=True), value=-1)
+    return centred.mul_(r) if not centred.requires_grad else centred * r
 
 
 class _Normalization(ManualFunction):
@@ -70,17 +73,22 @@ class _Normalization(ManualFunction):
         g = opmath(grad_output)
         x_hat, r, x_hat_rows = _Normalization._parts(cls, ctx, input)
         grad_input = grad_weight = grad_bias = None
+        g_x = g * x_hat  # G_Y ⊙ x̂: G_γ's terms
         if needs_input:
-            g_hat = g if weight is None else g * cast(weight, g.dtype).reshape(cls.affine_shape(ctx))  # G_Y ⊙ γ
-            grad_input = cast(_through(cls.slices(ctx, g_hat), x_hat_rows, r).reshape(input.shape), input.dtype)
+            g_hat, g_hat_x = g, g_x
+            if weight is not None:  # G_x̂ = G_Y ⊙ γ
+                w = cast(weight, g.dtype).reshape(cls.affine_shape(ctx))
+                g_hat, g_hat_x = g * w, g_x * w
+            rows = _through(cls.slices(ctx, g_hat), x_hat_rows, r, cls.slices(ctx, g_hat_x))
+            grad_input = cast(rows.reshape(input.shape), input.dtype)
         if ctx.per_sample is not None:  # sample n's G_γ and G_β: the same sums over its own rows
             per = ctx.per_sample
-            weight_grads = cls.reduce(ctx, g * x_hat, samples=True) if per.weight is not None else None
+            weight_grads = cls.reduce(ctx, g_x, samples=True) if per.weight is not None else None
             bias_grads = cls.reduce(ctx, g, samples=True) if per.bias is not None else None
             taken = per.record_samples(weight_grads, bias_grads)
             needs_weight, needs_bias = needs_weight and not taken[0], needs_bias and not taken[1]
         if needs_weight:  # G_γ = Σ G_Y ⊙ x̂
-            grad_weight = cast(cls.reduce(ctx, g * x_hat), weight.dtype)
+            grad_weight = cast(cls.reduce(ctx, g_x), weight.dtype)
         if needs_bias:  # G_β = Σ G_Y
             grad_bias = cast(cls.reduce(ctx, g), ctx.bias_dtype)
         return grad_input, None, grad_weight, grad_bias, None
