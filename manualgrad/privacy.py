@@ -41,6 +41,7 @@ not exactly Gaussian; ``secure_mode=True`` (Opacus's answer to both) is refused 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -378,7 +379,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.expected_batch_size, self.loss_reduction, self.generator = expected_batch_size, loss_reduction, generator
         self.step_hook = None
-        self._skip_next = False
+        self._skips: collections.deque[bool] = collections.deque()  # one per physical batch drawn, in order
         self._is_last_step_skipped = False
 
     @property
@@ -413,8 +414,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.step_hook = fn
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
-        """The next :meth:`step` only accumulates (it is not the last physical batch of its logical one)."""
-        self._skip_next = do_skip
+        """Whether the step of the physical batch just drawn only accumulates (it is not the last of its logical
+        batch). A queue, as Opacus's: a data loader with workers draws batches ahead of the steps."""
+        self._skips.append(do_skip)
 
     def add_noise(self) -> None:
         """``p.grad += σ C z``, ``z ~ N(0, I)`` from ``generator`` (drawn on the generator's device)."""
@@ -434,8 +436,8 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def pre_step(self) -> bool:
         """Noise and scaling at the end of a logical batch; False (nothing to do yet) before it."""
-        if self._skip_next:
-            self._skip_next, self._is_last_step_skipped = False, True
+        if self._skips and self._skips.popleft():
+            self._is_last_step_skipped = True
             return False
         self._is_last_step_skipped = False
         self.add_noise()
@@ -720,4 +722,4 @@ class BatchMemoryManager:
         )
 
     def __exit__(self, *exc) -> None:
-        self.optimizer.signal_skip_step(do_skip=False)
+        self.optimizer._skips.clear()  # batches drawn ahead and never stepped on

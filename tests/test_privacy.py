@@ -56,10 +56,12 @@ def clipped_sum(grads: dict, clip: float) -> dict:
     return {k: (g * factor.reshape(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in grads.items()}
 
 
-def private(model=None, data=None, batch_size=8, sigma=0.0, clip=0.05, lr=1.0, generator=None, **kwargs):
+def private(model=None, data=None, batch_size=8, sigma=0.0, clip=0.05, lr=1.0, generator=None, workers=0, **kwargs):
     model = model if model is not None else torch_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    loader = torch.utils.data.DataLoader(data or dataset(), batch_size=batch_size, generator=generator)
+    loader = torch.utils.data.DataLoader(
+        data or dataset(), batch_size=batch_size, generator=generator, num_workers=workers
+    )
     engine = PrivacyEngine(**kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrivacyWarning)  # sigma = 0
@@ -140,12 +142,14 @@ def test_the_sampler_draws_each_example_with_the_rate_and_empty_batches_happen()
     assert engine.accountant.history == [(0.0, 0.5, 2)]
 
 
-def test_batch_memory_manager_equals_one_big_batch():
-    """Float64, noise off: physical chunks of at most 3 add up to the logical batch's clipped sum."""
+@pytest.mark.parametrize("workers", [0, 1], ids=["in process", "1 worker"])
+def test_batch_memory_manager_equals_one_big_batch(workers):
+    """Float64, noise off: physical chunks of at most 3 add up to the logical batch's clipped sum. With a worker
+    the loader draws batches ahead of the steps (the optimizer queues which step ends a logical batch)."""
     runs = []
     for physical in (None, 3):
         engine, model, optimizer, loader = private(
-            batch_size=20, clip=0.1, lr=0.5, generator=torch.Generator().manual_seed(5)
+            batch_size=20, clip=0.1, lr=0.5, generator=torch.Generator().manual_seed(5), workers=workers
         )
         steps = 0
         for _ in range(3):
