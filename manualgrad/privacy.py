@@ -379,6 +379,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.expected_batch_size, self.loss_reduction, self.generator = expected_batch_size, loss_reduction, generator
         self.step_hook = None
+        self.recorder = None  # the model's per-sample recorder (make_private): one backward pass per step
         self._skips: collections.deque[bool] = collections.deque()  # one per physical batch drawn, in order
         self._is_last_step_skipped = False
 
@@ -434,8 +435,22 @@ class DPOptimizer(torch.optim.Optimizer):
             for p in self.params:
                 p.grad.div_(self.expected_batch_size)
 
+    def _one_backward_per_step(self) -> None:
+        """Two backward passes before a step add two clipped sums: an example drawn in both batches (or the same
+        batch twice) would move ``.grad`` by 2C, beyond what the noise covers."""
+        if self.recorder is None:
+            return
+        passes, self.recorder.passes = self.recorder.passes, 0
+        if passes > 1:
+            raise InputError(
+                f"DPOptimizer: {passes} backward passes before optimizer.step(): their clipped sums add up, and one "
+                "noise draw does not cover that; take one backward pass per step (larger logical batches: "
+                "BatchMemoryManager)"
+            )
+
     def pre_step(self) -> bool:
         """Noise and scaling at the end of a logical batch; False (nothing to do yet) before it."""
+        self._one_backward_per_step()
         if self._skips and self._skips.popleft():
             self._is_last_step_skipped = True
             return False
@@ -457,6 +472,8 @@ class DPOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not self._is_last_step_skipped:  # inside a logical batch the clipped sums keep adding up
             self.original_optimizer.zero_grad(set_to_none)
+            if self.recorder is not None:
+                self.recorder.passes = 0
 
     def state_dict(self):
         return self.original_optimizer.state_dict()
@@ -593,6 +610,7 @@ class PrivacyEngine:
             self.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate)
 
         optimizer.attach_step_hook(account)
+        optimizer.recorder = recorder
         if "ghost" in grad_sample_mode:
             return module, optimizer, criterion, data_loader
         return module, optimizer, data_loader

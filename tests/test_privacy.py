@@ -424,3 +424,17 @@ def test_the_fused_mlp_through_make_private_clips_as_the_torch_model():
     F.cross_entropy(model(x), y).backward()
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[k], rtol=0, atol=1e-12)
+
+
+def test_two_backward_passes_before_a_step_are_refused():
+    """Poisson sampling forbids accumulating two batches' clipped sums into one noisy step (Opacus refuses too)."""
+    _, model, optimizer, loader = private(sigma=1.0)
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    for _ in range(2):
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(InputError, match="2 backward passes before optimizer.step"):
+        optimizer.step()
+    optimizer.zero_grad()  # a fresh start is fine
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()

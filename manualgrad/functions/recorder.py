@@ -60,6 +60,7 @@ class Recorder:
         self._squared: list[Tensor] = []  # their per-sample squared norms
         self._deferred: list = []  # functions of the clip factors c (N,) that add Σ_n c_n g_n to .grad
         self.norms: Tensor | None = None  #: (N,): each sample's gradient norm over all tracked parameters
+        self.passes = 0  #: backward passes finished (DP's optimizer checks one per step)
 
     # -- opening and closing -------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -239,6 +240,7 @@ class Recorder:
         self._seen.clear()
         self._squared.clear()
         self._deferred.clear()
+        self.passes += 1
 
 
 class Layer(NamedTuple):
