@@ -187,6 +187,8 @@ def test_epsilon_agrees_with_opacus_accountants(sigma, rate, steps):
     opacus_rdp, opacus_prv = accountants.RDPAccountant(), accountants.PRVAccountant()
     opacus_rdp.history = opacus_prv.history = [(sigma, rate, steps)]
     assert engine.get_epsilon(1e-5) == pytest.approx(opacus_rdp.get_epsilon(1e-5), rel=1e-3)
+    epsilon, order = engine.accountant.get_privacy_spent(delta=1e-5)  # Opacus's RDP form: (ε, best order)
+    assert epsilon == engine.get_epsilon(1e-5) and order > 1
     assert pld.get_epsilon(1e-5) == pytest.approx(opacus_prv.get_epsilon(1e-5), rel=0.02)
 
 
