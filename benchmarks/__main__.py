@@ -6,6 +6,9 @@ Prints tables of ratios (ours / native; below 1 is better) and writes
     python -m benchmarks                  # CPU: 1 thread and all cores (a few minutes)
     python -m benchmarks --device cuda    # CUDA, float32 and bf16 autocast
     python -m benchmarks --quick          # tiny sizes: checks the code runs (the test suite does this)
+
+A DP-SGD step (:mod:`benchmarks.dp`: manualgrad.privacy beside a plain step and Opacus's two modes) runs on the
+CPU with the per-sample suite's thread count.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from train.files import write_atomically  # the repository's one atomic writer
 
-from . import per_sample, suites, tricks
+from . import dp, per_sample, suites, tricks
 
 RESULTS = Path("benchmarks") / "results"  # under the current directory: run from the repository's root
 
@@ -90,6 +93,14 @@ PER_SAMPLE_COLUMNS = [
     ("ratio", "ratio", ".2f"),
     ("to", "versus", "s"),
 ]
+DP_COLUMNS = [
+    ("model", "model", "s"),
+    ("batch", "batch", "d"),
+    ("step", "variant", "s"),
+    ("µs", "us", ".0f"),
+    ("/ plain step", "ratio", ".2f"),
+    ("/ manualgrad DP", "ours_speedup", ".2f"),
+]
 MEMORY_COLUMNS = [
     ("kind", "kind", "s"),
     ("native bytes", "native_bytes", ",d"),
@@ -127,6 +138,12 @@ def run(device: str, threads: list[int], quick: bool, rounds: int) -> dict:
     print(f"[{device}, {min(thread_counts)} thread(s)] per-sample norms, clipping, gradients ...", flush=True)
     report["per_sample"] = per_sample.per_sample_steps(device, quick)
     report["per_sample_threads"] = min(thread_counts)
+    if device == "cpu":
+        print(
+            f"[{device}, {min(thread_counts)} thread(s)] DP-SGD steps: manualgrad.privacy, plain, Opacus ...",
+            flush=True,
+        )
+        report["dp"] = dp.dp_steps(device, quick)
     print(f"[{device}, {min(thread_counts)} thread(s)] what each speed trick buys ...", flush=True)
     report["tricks"] = tricks.trick_gains(device, quick)
     return report
@@ -152,6 +169,12 @@ def markdown(report: dict) -> str:
             "(a whole step each; ratio to the plain manualgrad step of the same kind)\n"
         )
         parts.append(table(report["per_sample"], PER_SAMPLE_COLUMNS))
+    if report.get("dp"):
+        parts.append(
+            f"\n**A whole DP-SGD step (forward, clip, noise, SGD step), {report['per_sample_threads']} thread(s)** "
+            "(σ = 1, C = 1; ratio to the plain torch.nn step, and each step's time over manualgrad's DP step)\n"
+        )
+        parts.append(table(report["dp"], DP_COLUMNS))
     if report.get("tricks"):
         parts.append(
             f"\n**What each speed trick buys, {report['per_sample_threads']} thread(s)** "

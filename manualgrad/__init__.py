@@ -9,9 +9,10 @@
 * :func:`per_sample`: per-sample gradient norms, gradients and DP-SGD's clipped sum from the same backward;
 * :mod:`manualgrad.testing`: ``check`` a hand-written backward (yours or ours), with a diagnosis of a wrong one;
   ``python -m manualgrad.check file.py:Name``.
+* :mod:`manualgrad.privacy`: DP-SGD with Opacus's interface (``PrivacyEngine``, ``BatchMemoryManager``).
 """
 
-from . import functional, functions, nn, registry
+from . import functional, functions, nn, privacy, registry
 from .convert import ConversionWarning, convert
 from .coverage import Coverage, manual_coverage
 from .errors import InputError
@@ -30,5 +31,6 @@ __all__ = [
     "manual_coverage",
     "nn",
     "per_sample",
+    "privacy",
     "registry",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "batched",
     "forward_ad_enabled",
     "functorch_active",
+    "graph_task_id",
     "queue_callback",
     "traced",
 ]
@@ -52,3 +53,8 @@ def assert_async(condition: Tensor, message: str) -> None:
 def queue_callback(callback) -> None:
     """Run ``callback()`` once the backward pass now running has finished (as DDP and FSDP do)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def graph_task_id() -> int:
+    """An id of the backward pass now running in this thread (autograd's graph task), -1 outside one."""
+    return torch._C._current_graph_task_id()

@@ -61,6 +61,9 @@ class Op:
     module_forward: Callable | None = None
     #: what the checks compare with (see :attr:`reference`); None: the default
     given_reference: Callable | None = None
+    #: its backward calls :mod:`manualgrad.functions.recorder` for the parameters' per-sample norms, gradients and
+    #: clipping (:func:`manualgrad.per_sample`, :mod:`manualgrad.privacy`)
+    per_sample: bool = False
 
     @property
     def reference(self) -> Callable | None:
@@ -100,12 +103,22 @@ def operation(
     kind: str,
     reference: Callable | None = None,
     module_forward: Callable | None = None,
+    per_sample: bool = False,
 ):
     """Decorator: register a written-out wrapper (named as in torch) applying ``functions``."""
 
     def register(functional: Callable) -> Callable:
         name = functional.__name__
-        op = Op(name, functional, functions, module, kind, module_forward=module_forward, given_reference=reference)
+        op = Op(
+            name,
+            functional,
+            functions,
+            module,
+            kind,
+            module_forward=module_forward,
+            given_reference=reference,
+            per_sample=per_sample,
+        )
         _register(op)
         return functional
 

@@ -22,6 +22,10 @@ def test_benchmark_suite_runs_and_writes_results(tmp_path):
     functions = {row["function"] for row in report["runs"][0]["functions"]}
     assert functions == {op.name for op in ops()}  # every registered operation, from the registry
     assert "| MLP |" in (tmp_path / "quick.md").read_text()
+    dp_rows = written["dp"]  # a whole DP-SGD step beside the plain step (and Opacus's modes, when installed)
+    assert {row["model"] for row in dp_rows} == {"SampleConvNet", "MLP 8-6-10", "text 4x5 tokens"}
+    assert {"plain (torch.nn)", "manualgrad DP"} <= {row["variant"] for row in dp_rows}
+    assert all(math.isfinite(row["us"]) and row["us"] > 0 for row in dp_rows)
 
 
 def test_saved_memory_never_exceeds_native():

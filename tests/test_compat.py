@@ -80,3 +80,14 @@ def test_queue_callback_runs_at_the_end_of_the_backward_pass():
     (Probe.apply(x) * 3).sum().backward()
     order.append("after")
     assert order == ["backward", "callback", "after"]
+
+
+def test_graph_task_id():
+    assert _compat.graph_task_id() == -1
+    seen = []
+    x = torch.ones(2, requires_grad=True)
+    for _ in range(2):
+        y = x * 2
+        y.register_hook(lambda g: seen.append(_compat.graph_task_id()) or g)
+        y.sum().backward()
+    assert seen[0] >= 0 and seen[1] != seen[0]

@@ -46,6 +46,14 @@ def entries(op):
     return found
 
 
+def _ours(op):
+    """Our functional, taking its arguments in the OpInfo entry's order (embedding's entry passes the weight
+    first: ``lambda weight, idx, **kwargs: F.embedding(idx, weight, **kwargs)``)."""
+    if op.name == "embedding":
+        return lambda weight, index, **kwargs: op.functional(index, weight, **kwargs)
+    return op.functional
+
+
 def _call(fn, sample):
     return fn(sample.input, *sample.args, **sample.kwargs)
 
@@ -65,9 +73,9 @@ def _compare(op, info, sample, dtype):
     if testing.is_random(op):  # torch's entry draws from seed 42 (wrapper_set_seed); so do we
         from torch.testing._internal.common_methods_invocations import wrapper_set_seed
 
-        ours = _first(wrapper_set_seed(op.functional, sample.input, *sample.args, **sample.kwargs))
+        ours = _first(wrapper_set_seed(_ours(op), sample.input, *sample.args, **sample.kwargs))
     else:
-        ours = _first(_call(op.functional, sample))
+        ours = _first(_call(_ours(op), sample))
     theirs = _first(_call(info.op, sample))
     if theirs.grad_fn is None and theirs.requires_grad:  # torch returned its input leaf itself (flatten of 1-D)
         theirs = theirs.view_as(theirs)
@@ -125,7 +133,7 @@ def test_float64_samples_pass_gradcheck(op):
                 pick = lambda t: replace.get(id(t), t)  # noqa: E731
                 args = [pick(a) for a in sample.args]
                 kwargs = {k: pick(v) for k, v in sample.kwargs.items()}
-                return _first(op.functional(pick(sample.input), *args, **kwargs))
+                return _first(_ours(op)(pick(sample.input), *args, **kwargs))
 
             assert gradcheck(fn, leaves, check_forward_ad=True, check_batched_grad=True)
 
@@ -139,4 +147,4 @@ def test_error_inputs_raise_what_torch_raises(op):
             continue
         for error in info.error_inputs("cpu"):
             with pytest.raises(error.error_type):
-                _call(op.functional, error.sample_input)
+                _call(_ours(op), error.sample_input)

@@ -250,6 +250,11 @@ CONSTRUCTOR_VALUES = {
     "output_size": 2,
     "dim": 1,
     "unflattened_size": (2, 3),
+    "num_embeddings": 5,
+    "embedding_dim": 3,
+    "normalized_shape": 5,
+    "num_groups": 2,
+    "num_channels": 4,
 }
 
 

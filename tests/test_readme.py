@@ -82,3 +82,10 @@ def test_the_squareplus_walkthrough_runs_and_its_printed_report_is_what_check_pr
     assert re.sub(r"\(.* s\)", "", shown[0]) == re.sub(r"\(.* s\)", "", printed[0])
     for line in shown[1:]:
         assert line.rstrip() in printed, line
+
+
+def test_the_privacy_example_runs_as_written():
+    block = next(b for b in python_blocks() if "from manualgrad.privacy import PrivacyEngine" in b)
+    namespace: dict = {}
+    exec(block, namespace)
+    assert 0 < namespace["privacy_engine"].get_epsilon(1e-5) <= 2.0

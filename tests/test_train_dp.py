@@ -30,7 +30,8 @@ from train_helpers import (
 )
 
 import manualgrad.functional as MF
-from train import checkpoint, data, privacy
+from manualgrad import privacy
+from train import checkpoint, data, engine
 from train import model as train_model
 from train.config import parse_args
 from train.errors import ConfigError
@@ -52,16 +53,16 @@ def params_after_each_step(trainer, record: list) -> None:
 
 def without_noise(monkeypatch) -> None:
     """A test hook: the noise multiplier is 0 when the noise is added (the planned sigma is still reported)."""
-    original = privacy.Privacy.add_noise
+    original = privacy.DPOptimizer.add_noise
 
-    def add_no_noise(self, params, generator):
+    def add_no_noise(self):
         sigma, self.noise_multiplier = self.noise_multiplier, 0.0
         try:
-            original(self, params, generator)
+            original(self)
         finally:
             self.noise_multiplier = sigma
 
-    monkeypatch.setattr(privacy.Privacy, "add_noise", add_no_noise)
+    monkeypatch.setattr(privacy.DPOptimizer, "add_noise", add_no_noise)
 
 
 # ---- Poisson sampling
@@ -83,13 +84,13 @@ def test_poisson_batches_vary_and_can_be_empty(tiny, tmp_path):
 
 def test_poisson_batch_rows_are_independent_draws():
     g = torch.Generator().manual_seed(0)
-    batches = [privacy.poisson_batch(1000, 0.05, g) for _ in range(400)]
+    batches = [privacy.poisson_sample(1000, 0.05, g) for _ in range(400)]
     sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
     assert abs(sizes.mean().item() - 50) < 1.5  # binomial(1000, 0.05): mean 50, sd 6.9 (sd of the mean 0.34)
     assert 5.5 < sizes.std().item() < 8.5
     counts = torch.bincount(torch.cat(batches), minlength=1000).double()  # every row, alike: about 400 * 0.05
     assert counts.min() >= 5 and counts.max() <= 40 and all(len(b.unique()) == len(b) for b in batches)
-    assert privacy.steps_per_epoch(60000, 256) == 234 and privacy.steps_per_epoch(64, 1000) == 1
+    assert engine.dp_steps_per_epoch(60000, 256) == 234 and engine.dp_steps_per_epoch(64, 1000) == 1
 
 
 # ---- clipping
@@ -145,11 +146,12 @@ def test_a_tiny_clip_bounds_every_update(tiny, tmp_path, monkeypatch):
 
 
 def test_the_noise_is_sigma_clip_z_over_the_expected_batch():
-    plan = privacy.Privacy(0.1, 1.7, 0.5, 32.0, 10, 2.0, 1e-5, "rdp")
+    plan = engine.PrivatePlan(0.1, 1.7, 0.5, 32.0, 10, 2.0, 1e-5, "rdp")
     params = [torch.nn.Parameter(torch.zeros(300, 400)), torch.nn.Parameter(torch.zeros(50))]
     for p in params:
         p.grad = torch.full_like(p, 3.0)
-    plan.add_noise(params, torch.Generator().manual_seed(5))
+    optimizer = plan.optimizer(torch.optim.SGD(params, lr=0.0), torch.Generator().manual_seed(5))
+    optimizer.step()
     g = torch.Generator().manual_seed(5)
     for p in params:  # the same generator, in parameter order
         z = torch.randn(p.shape, generator=g)
@@ -203,11 +205,11 @@ def test_the_accountants_agree_with_opacus():
     """Our plan's epsilon from dp-accounting against Opacus's own RDP accountant (another implementation)."""
     opacus = pytest.importorskip("opacus.accountants")
     cfg = dataclasses.replace(tiny_config(Path("."), Path(".")), dp=True, epsilon=3.0, batch_size=600, epochs=5)
-    plan = privacy.Privacy.plan(dataclasses.replace(cfg, accountant="rdp"), 60000, 100)
+    plan = engine.PrivatePlan.plan(dataclasses.replace(cfg, accountant="rdp"), 60000, 100)
     theirs = opacus.RDPAccountant()
     theirs.history = [(plan.noise_multiplier, plan.sample_rate, plan.steps)]
     assert theirs.get_epsilon(cfg.delta) == pytest.approx(3.0, rel=0.03)  # they use fewer RDP orders
-    tight = privacy.Privacy.plan(dataclasses.replace(cfg, accountant="pld"), 60000, 100)
+    tight = engine.PrivatePlan.plan(dataclasses.replace(cfg, accountant="pld"), 60000, 100)
     assert tight.noise_multiplier < plan.noise_multiplier  # PLD is tighter: less noise for the same epsilon
     assert tight.epsilon(tight.steps) == pytest.approx(3.0, rel=1e-3) and tight.epsilon(tight.steps) <= 3.0
     prv = opacus.PRVAccountant()
@@ -265,7 +267,7 @@ def test_secure_rng_is_not_the_seed(tiny, tmp_path):
 @pytest.mark.slow
 def test_secure_rng_resume_continues_the_saved_streams(tiny, tmp_path, monkeypatch):
     seeds = iter(range(1000, 2000))
-    monkeypatch.setattr(privacy, "secure_seed", lambda: next(seeds))  # the same entropy for both runs
+    monkeypatch.setattr(engine, "secure_seed", lambda: next(seeds))  # the same entropy for both runs
     cfg = dp_config(tiny, tmp_path / "whole", epochs=2, secure_rng=True)
     whole = run(cfg)
     seeds = iter(range(1000, 2000))
@@ -351,5 +353,17 @@ def test_without_dp_accounting_the_error_says_how_to_install_it(tiny, tmp_path, 
     monkeypatch.setattr(builtins, "__import__", no_dp_accounting)
     status, _, err = run_main(tiny_argv(tiny, tmp_path / "run", "--dp", "--epsilon", "2"), capsys)
     assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "pip install -e '.[dp]'" in err and "dp-accounting" in err
+    assert "pip install 'manualgrad[dp]'" in err and "dp-accounting" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_very_large_epsilon_is_planned_quickly_and_says_what_it_means(tiny, tmp_path, capsys):
+    """Issue 19: ``--dp --epsilon 1e9`` said "MemoryError: Unable to allocate 1.41 TiB" after minutes of silence."""
+    import time
+
+    start = time.perf_counter()
+    metrics = run(dp_config(tiny, tmp_path / "run", epsilon=1e9, accountant="pld"))
+    assert time.perf_counter() - start < 60 and metrics["completed"]
+    printed = capsys.readouterr().out
+    assert "no meaningful privacy guarantee" in printed and "MemoryError" not in printed
+    assert 0 < metrics["privacy"]["spent_epsilon"] <= 1e9

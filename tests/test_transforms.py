@@ -37,7 +37,8 @@ def test_vmap_per_sample_gradients_match_a_loop(op, index):
 
     randomness = "same" if testing.is_random(op) else "error"
     torch.manual_seed(7)
-    per_sample = vmap(grad(objective, argnums=tuple(positions)), randomness=randomness)(*stacked, g)
+    in_dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in stacked) + (0,)  # options are shared
+    per_sample = vmap(grad(objective, argnums=tuple(positions)), in_dims=in_dims, randomness=randomness)(*stacked, g)
     for n, args in enumerate(loop):
         torch.manual_seed(7)
         expected = torch.autograd.grad(objective(*args, g[n]), [args[i] for i in positions])

@@ -13,11 +13,10 @@ Command line: ``python -m train``; several processes:
 concern each: ``config.py`` (options, presets, what a resumed run keeps),
 ``data.py`` (IDX files -> tensors), ``augment.py`` (batch distortions),
 ``model.py`` (the MLP, the CNN and their torch.nn twins), ``engine.py`` (an
-epoch of steps, evaluation), ``privacy.py`` (DP-SGD's sampling, noise and
-accountant), ``threads.py`` (the CPU thread count), ``checks.py``
-(``--check-grads``), ``checkpoint.py`` (checkpoint files), ``folder.py`` (the
-run folder and its lock), ``files.py`` (atomic writes), ``plot.py``
-(``curves.png``), ``distributed.py`` (torchrun), ``errors.py`` (errors that
+epoch of steps, evaluation, and --dp's plan on :mod:`manualgrad.privacy`),
+``threads.py`` (the CPU thread count), ``checks.py`` (``--check-grads``),
+``checkpoint.py`` (checkpoint files), ``folder.py`` (the run folder and its lock),
+``files.py`` (atomic writes), ``plot.py`` (``curves.png``), ``distributed.py`` (torchrun), ``errors.py`` (errors that
 are one-line messages), ``__main__.py`` (the command line).
 """
 

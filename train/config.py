@@ -49,7 +49,7 @@ class Config:
     augment: str = "none"
     impl: str = "fused"
     seed: int = 0
-    dp: bool = False  # DP-SGD (train/privacy.py): Poisson-sampled batches, per-sample clipping, Gaussian noise
+    dp: bool = False  # DP-SGD (manualgrad.privacy): Poisson-sampled batches, per-sample clipping, Gaussian noise
     epsilon: float | None = None  # the privacy budget ε that --dp spends over the whole run (required with --dp)
     delta: float = 1e-5
     clip: float = 1.0  # per-sample gradient norm bound C

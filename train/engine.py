@@ -11,13 +11,13 @@ A :class:`Trainer` owns its model, optimizer, scheduler and random streams
 while it trains), so that two trainers (``--compare-native``) can alternate
 epochs in one process and each still sees exactly what it would see alone.
 
-With ``--dp`` (:mod:`train.privacy`) a step is DP-SGD's: its rows are
+With ``--dp`` a step is DP-SGD's, from :mod:`manualgrad.privacy` (:class:`PrivatePlan`): its rows are
 Poisson-sampled (:meth:`Trainer.global_batch`), the backward pass runs inside
 :func:`manualgrad.per_sample` with ``clip=C`` (``.grad`` is the clipped sum of
 the per-sample gradients), the sums are added over the processes, and the
-noise is added once, to that global sum, and divided by the expected batch
-size (:meth:`Trainer.step`). The first step of a run also checks that its
-whole backward graph is manualgrad's (:func:`manualgrad.manual_coverage`);
+library's :class:`~manualgrad.privacy.DPOptimizer` adds the noise once, to that
+global sum, divides by the expected batch size and steps (:meth:`Trainer.step`).
+The first step of a run also checks that its whole backward graph is manualgrad's (:func:`manualgrad.manual_coverage`);
 the model and its loss are the :class:`~train.model.Net`.
 """
 
@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import functools
 import math
+import secrets
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +38,11 @@ from tqdm import tqdm
 
 import manualgrad
 import manualgrad.functional as MF
+from manualgrad import privacy
 
-from . import augment, data, distributed, privacy
+from . import augment, data, distributed
 from .config import Config
-from .errors import RunError
+from .errors import ConfigError, RunError
 from .model import Net
 from .threads import Threads
 
@@ -133,6 +136,91 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def dp_steps_per_epoch(n: int, batch_size: int) -> int:
+    """--dp: round(1/q) steps of expected size ``batch_size`` make an epoch of ``n`` images (at least 1)."""
+    return max(1, round(n / batch_size))
+
+
+def secure_seed() -> int:
+    """A seed from the operating system's entropy (``--secure-rng``)."""
+    return secrets.randbits(64)
+
+
+@dataclass
+class PrivatePlan:
+    """The DP-SGD plan of a --dp run: sampling rate, noise multiplier, clip, target (ε, δ), its accountant. The
+    noise multiplier is the smallest for which the planned steps are (ε, δ)-DP (dp-accounting, through
+    :func:`manualgrad.privacy.get_noise_multiplier`); the accountant's whole state is the number of steps taken,
+    which the checkpoint holds, so a resumed run accounts exactly as an uninterrupted one."""
+
+    sample_rate: float  # q = B / N
+    noise_multiplier: float  # σ: the noise's std is σ C
+    clip: float  # C
+    expected_batch: float  # q N = B: what the noisy sum is divided by
+    steps: int  # planned steps: epochs x steps per epoch
+    target_epsilon: float
+    delta: float
+    accountant: str  # "pld" or "rdp"
+    notes: tuple[str, ...] = ()  # what the calibration warned (a very large epsilon)
+
+    @classmethod
+    def plan(cls, cfg: Config, n: int, steps_per_epoch: int) -> PrivatePlan:
+        """Calibrate σ for ``cfg.epochs * steps_per_epoch`` steps at rate ``cfg.batch_size / n``; ConfigError
+        when that cannot be planned."""
+        if cfg.batch_size > n:
+            raise ConfigError(f"--dp: --batch-size {cfg.batch_size} is larger than the {n} training images")
+        rate, steps = cfg.batch_size / n, cfg.epochs * steps_per_epoch
+        target = {"target_epsilon": cfg.epsilon, "target_delta": cfg.delta}
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", privacy.PrivacyWarning)
+                sigma = privacy.get_noise_multiplier(**target, sample_rate=rate, steps=steps, accountant=cfg.accountant)
+        except manualgrad.InputError as e:
+            raise ConfigError(f"--dp: {e}") from None
+        notes = tuple(str(w.message) for w in caught if issubclass(w.category, privacy.PrivacyWarning))
+        return cls(rate, sigma, cfg.clip, float(cfg.batch_size), steps, cfg.epsilon, cfg.delta, cfg.accountant, notes)
+
+    def epsilon(self, steps: int) -> float:
+        """ε spent after ``steps`` steps (at this plan's δ): the accountant composed ``steps`` times."""
+        accountant = privacy.Accountant(self.accountant)
+        accountant.history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
+        key = (self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant)
+        if key not in _SPENT:
+            _SPENT[key] = accountant.get_epsilon(self.delta)
+        return _SPENT[key]
+
+    def optimizer(self, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> privacy.DPOptimizer:
+        """``optimizer`` wrapped: its step adds σ C z (z drawn from ``generator``) and divides by B first."""
+        return privacy.DPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.clip,
+            expected_batch_size=self.expected_batch,
+            generator=generator,
+        )
+
+    def describe(self) -> str:
+        notes = "".join(f"; {note}" for note in self.notes)
+        return (
+            f"DP-SGD: ({self.target_epsilon:g}, {self.delta:g})-DP over {self.steps} steps, sampling rate "
+            f"{self.sample_rate:.4g}, clip {self.clip:g}, noise multiplier {self.noise_multiplier:.4f} "
+            f"({self.accountant} accountant){notes}"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "epsilon": self.target_epsilon,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "clip": self.clip,
+            "planned_steps": self.steps,
+            "accountant": self.accountant,
+        }
+
+
+_SPENT: dict = {}  # (sigma, q, steps, delta, accountant) -> epsilon: the accountant's answers, computed once
+
 NOISE_SEED_OFFSET = 0x9E3779B97F4A7C15  # --dp's noise stream is seeded with --seed + this (mod 2**64)
 
 
@@ -144,9 +232,9 @@ class Trainer:
         self.params = list(net.parameters())
         n = len(mnist.train_y)
         dp = cfg.dp and net.impl != "native"
-        self.steps_per_epoch = privacy.steps_per_epoch(n, cfg.batch_size) if dp else data.num_batches(n, cfg.batch_size)
+        self.steps_per_epoch = dp_steps_per_epoch(n, cfg.batch_size) if dp else data.num_batches(n, cfg.batch_size)
         # --dp: sigma for the planned steps; steps taken so far (the accountant's whole state)
-        self.privacy = privacy.Privacy.plan(cfg, n, self.steps_per_epoch) if dp else None
+        self.privacy = PrivatePlan.plan(cfg, n, self.steps_per_epoch) if dp else None
         self.private_steps = 0
         self.last_batch: Tensor | None = None
         self.coverage_checked = net.impl == "native"  # our model's first step checks its backward graph
@@ -158,9 +246,11 @@ class Trainer:
         # OS's entropy (rank 0's, for every process).
         data_seed, noise_seed = cfg.seed, (cfg.seed + NOISE_SEED_OFFSET) % 2**64
         if dp and cfg.secure_rng:
-            data_seed, noise_seed = distributed.broadcast_object((privacy.secure_seed(), privacy.secure_seed()), world)
+            data_seed, noise_seed = distributed.broadcast_object((secure_seed(), secure_seed()), world)
         self.generator = torch.Generator().manual_seed(data_seed)
         self.noise_generator = torch.Generator().manual_seed(noise_seed) if dp else None
+        # --dp: the library's optimizer adds σ C z to the (global) clipped sums, divides by B, and steps
+        self.dp_optimizer = self.privacy.optimizer(self.optimizer, self.noise_generator) if dp else None
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
             torch.manual_seed((cfg.seed + world.rank) % 2**64)
             self.torch_rng = rng_state(world.device)
@@ -197,6 +287,7 @@ class Trainer:
             self.private_steps = int(state["privacy"]["steps"])
             # the noise so far was drawn at the checkpoint's sigma: the accountant goes on with it
             self.privacy.noise_multiplier = float(state["privacy"]["noise_multiplier"])
+            self.dp_optimizer.noise_multiplier = self.privacy.noise_multiplier
         per_rank = state["rng"]["torch"]
         self.torch_rng = per_rank[self.world.rank % len(per_rank)]
         return len(per_rank) == self.world.size
@@ -226,7 +317,7 @@ class Trainer:
         """The rows of step ``step`` (0-based) of the epoch ordered by ``order``, for all processes together.
         With --dp: a Poisson-sampled batch, drawn now from the data stream (``order`` is unused)."""
         if self.privacy is not None:
-            return privacy.poisson_batch(len(self.data.train_y), self.privacy.sample_rate, self.generator)
+            return privacy.poisson_sample(len(self.data.train_y), self.privacy.sample_rate, self.generator)
         return order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
 
     def _timing_rows(self, order: Tensor, step: int) -> Tensor:
@@ -273,9 +364,10 @@ class Trainer:
         loss_value, stopping = distributed.reduce_step(self.params, loss, weight, stop, self.world, grad_weight)
         if math.isfinite(loss_value):
             if self.privacy is not None:  # once, on the global sum: the same noise in every process
-                self.privacy.add_noise(self.params, self.noise_generator)
+                self.dp_optimizer.step()
                 self.private_steps += 1
-            self.optimizer.step()
+            else:
+                self.optimizer.step()
             if self.scheduler:
                 self.scheduler.step()
         return loss_value, stopping

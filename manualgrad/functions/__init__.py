@@ -17,8 +17,9 @@ from .activations import (
     TanhFunction,
 )
 from .base import ManualFunction
-from .conv import Conv2dFunction, Conv2dWeightFunction, ConvTranspose2dFunction
+from .conv import Conv1dFunction, Conv2dFunction, Conv2dWeightFunction, ConvTranspose2dFunction
 from .dropout import DropoutFunction
+from .embedding import EmbeddingFunction
 from .linear import LinearFunction
 from .losses import (
     BinaryCrossEntropyFunction,
@@ -32,6 +33,7 @@ from .losses import (
     SmoothL1LossFunction,
 )
 from .mlp import MLPCrossEntropyFunction, MLPFunction, MLPSpec
+from .normalization import GroupNormFunction, LayerNormFunction
 from .pooling import AdaptiveAvgPool2dFunction, AvgPool2dFunction, MaxPool2dFunction
 from .shape import PadFunction, ReshapeFunction
 from .softmax import LogSoftmaxFunction, SoftmaxFunction
@@ -41,6 +43,7 @@ __all__ = [
     "AvgPool2dFunction",
     "BinaryCrossEntropyFunction",
     "BinaryCrossEntropyWithLogitsFunction",
+    "Conv1dFunction",
     "Conv2dFunction",
     "Conv2dWeightFunction",
     "ConvTranspose2dFunction",
@@ -48,9 +51,12 @@ __all__ = [
     "DropoutFunction",
     "ELUFunction",
     "Elementwise",
+    "EmbeddingFunction",
     "GELUFunction",
+    "GroupNormFunction",
     "HuberLossFunction",
     "L1LossFunction",
+    "LayerNormFunction",
     "LeakyReLUFunction",
     "LinearFunction",
     "LogSoftmaxFunction",

@@ -51,13 +51,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _checks, per_sample
+from .. import _checks
 from ..errors import InputError
 from ..registry import operation
+from . import recorder
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
 from .shape import PadFunction
 
-__all__ = ["Conv2dFunction", "Conv2dWeightFunction", "ConvGeometry", "ConvTranspose2dFunction", "conv2d"]
+__all__ = [
+    "Conv1dFunction",
+    "Conv2dFunction",
+    "Conv2dWeightFunction",
+    "ConvGeometry",
+    "ConvTranspose2dFunction",
+    "conv1d",
+    "conv2d",
+]
 
 
 class ConvGeometry(NamedTuple):
@@ -206,7 +215,7 @@ class Conv2dFunction(ManualFunction):
     def setup_context(ctx, inputs, output):
         input, weight, bias, ctx.geometry = inputs
         needs_input, needs_weight, _ = ctx.needs_input_grad[:3]
-        ctx.per_sample = per_sample.layer(weight, bias)  # None unless a per_sample context tracks this weight
+        ctx.per_sample = recorder.layer(weight, bias)  # None unless a per_sample context tracks weight or bias
         ctx.save_for_backward(input if needs_weight or ctx.per_sample else None, weight if needs_input else None)
         save_for_forward(ctx, input, weight)
         ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -215,41 +224,100 @@ class Conv2dFunction(ManualFunction):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         input, weight = ctx.saved_tensors
-        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        geometry, dtypes = ctx.geometry, ctx.dtypes
-        g = opmath(grad_output)
-        grad_input = grad_weight = grad_bias = None
-        if needs_input:  # G_X = W ⋆ᵀ G_Z
-            grad_input = cast(_transposed(g, cast(weight, g.dtype), geometry), dtypes[0])
-        if ctx.per_sample is not None and _record_per_sample(ctx.per_sample, g, cast(input, g.dtype), geometry):
-            needs_weight = needs_bias = False  # clipping: G_W and G_b are formed at the end of the backward pass
-        if needs_weight:  # G_W = X ⋆ G_Z = Σ_{n,ℓ} G_Z[n,:,ℓ] X̂[n,:,ℓ]ᵀ
-            grad_weight = cast(_correlated(cast(input, g.dtype), g, geometry), dtypes[1])
-        if needs_bias:  # G_b = Σ_{n,ℓ} G_Z[n,:,ℓ]
-            grad_bias = cast(g.sum((0, 2, 3) if g.dim() == 4 else (1, 2)), dtypes[2])
-        return grad_input, grad_weight, grad_bias, None
+        return (*_conv_backward(ctx, input, weight, grad_output), None)
 
     @staticmethod
     def jvp(ctx, input_tangent, weight_tangent, bias_tangent, _):
         input, weight = ctx.saved_tensors
-        geometry = ctx.geometry
-        tangent = None
-        if input_tangent is not None:  # W ⋆ Ẋ
-            tangent = _conv(input_tangent, weight, geometry)
-        if weight_tangent is not None:  # + Ẇ ⋆ X
-            term = _conv(input, weight_tangent, geometry)
-            tangent = term if tangent is None else tangent + term
-        if bias_tangent is not None:  # + ḃ
-            term = bias_tangent.reshape(-1, 1, 1).expand(ctx.output_shape)
-            tangent = term if tangent is None else tangent + term
-        return tangent
+        return _conv_jvp(ctx, input, weight, input_tangent, weight_tangent, bias_tangent)
 
 
-def _record_per_sample(layer, g: Tensor, x: Tensor, geometry: ConvGeometry) -> bool:
-    """Per-sample quantities (:mod:`manualgrad.per_sample`): sample n's G_W is G_Z[n] X̂[n]ᵀ, a Linear layer's over the
-    L output positions, so the layer hands ``G`` as ``(N, L, O)`` and the patches as ``(N, L, C k_h k_w)``."""
+def _conv_backward(ctx, input: Tensor | None, weight: Tensor | None, grad_output: Tensor) -> tuple:
+    """Conv2dFunction's backward on (possibly lifted, :func:`_lift`) tensors: (G_X, G_W, G_b)."""
+    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    geometry, dtypes = ctx.geometry, ctx.dtypes
+    g = opmath(grad_output)
+    grad_input = grad_weight = grad_bias = None
+    if needs_input:  # G_X = W ⋆ᵀ G_Z
+        grad_input = cast(_transposed(g, cast(weight, g.dtype), geometry), dtypes[0])
+    if ctx.per_sample is not None:  # clipping: the recorder forms G_W and G_b at the end of the backward pass
+        taken = _record_per_sample(ctx.per_sample, g, cast(input, g.dtype), geometry)
+        needs_weight, needs_bias = needs_weight and not taken[0], needs_bias and not taken[1]
+    if needs_weight:  # G_W = X ⋆ G_Z = Σ_{n,ℓ} G_Z[n,:,ℓ] X̂[n,:,ℓ]ᵀ
+        grad_weight = cast(_correlated(cast(input, g.dtype), g, geometry), dtypes[1])
+    if needs_bias:  # G_b = Σ_{n,ℓ} G_Z[n,:,ℓ]
+        grad_bias = cast(g.sum((0, 2, 3) if g.dim() == 4 else (1, 2)), dtypes[2])
+    return grad_input, grad_weight, grad_bias
+
+
+def _conv_jvp(ctx, input, weight, input_tangent, weight_tangent, bias_tangent):
+    """Conv2dFunction's jvp on (possibly lifted) tensors: W ⋆ Ẋ + Ẇ ⋆ X + ḃ."""
+    geometry = ctx.geometry
+    tangent = None
+    if input_tangent is not None:  # W ⋆ Ẋ
+        tangent = _conv(input_tangent, weight, geometry)
+    if weight_tangent is not None:  # + Ẇ ⋆ X
+        term = _conv(input, weight_tangent, geometry)
+        tangent = term if tangent is None else tangent + term
+    if bias_tangent is not None:  # + ḃ
+        term = bias_tangent.reshape(-1, 1, 1).expand(ctx.output_shape)
+        tangent = term if tangent is None else tangent + term
+    return tangent
+
+
+def _lift(t: Tensor | None) -> Tensor | None:
+    """A 1-D convolution's tensor ``(..., L)`` as a 2-D one of height 1, ``(..., 1, L)`` (a view)."""
+    return None if t is None else t.unsqueeze(-2)
+
+
+def _drop(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.squeeze(-2)
+
+
+class Conv1dFunction(ManualFunction):
+    r"""``Conv1dFunction.apply(input, weight, bias, geometry)``: :math:`Z = W \star X + b` over 1-D inputs:
+    :class:`Conv2dFunction`'s formulas (backward, jvp, per-sample rule) on a height of 1, the tensors lifted by a
+    view and the gradients dropped back.
+
+    Shape:
+        - input: ``(N, C, L)`` or ``(C, L)``
+        - weight: ``(O, C / groups, k)``; bias: ``(O,)`` or ``None``
+        - output: ``(N, O, Z)`` or ``(O, Z)``
+    """
+
+    @staticmethod
+    def forward(input: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry) -> Tensor:
+        return _conv(_lift(input), _lift(weight), geometry, bias).squeeze(-2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        Conv2dFunction.setup_context(ctx, inputs, output)
+        ctx.output_shape = (*output.shape[:-1], 1, output.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        input, weight = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = _conv_backward(ctx, _lift(input), _lift(weight), _lift(grad_output))
+        return _drop(grad_input), _drop(grad_weight), grad_bias, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, weight_tangent, bias_tangent, _):
+        input, weight = ctx.saved_tensors
+        lifted = (_lift(input), _lift(weight), _lift(input_tangent), _lift(weight_tangent), bias_tangent)
+        return _drop(_conv_jvp(ctx, *lifted))
+
+
+def _record_per_sample(layer, g: Tensor, x: Tensor, geometry: ConvGeometry) -> tuple[bool, bool]:
+    """Per-sample quantities (:mod:`~manualgrad.functions.recorder`): sample n's G_W is G_Z[n] X̂[n]ᵀ, a Linear
+    layer's over the L output positions, so the layer hands ``G`` as ``(N, L, O)`` and the patches as
+    ``(N, L, C k_h k_w)``."""
     g, x = _batched(g), _batched(x)
-    return layer.record(g.flatten(2).transpose(1, 2), patches(x, geometry).transpose(1, 2))
+
+    def weighted(c: Tensor):  # the clipped sums: X ⋆ (c ⊙ G) and Σ (c ⊙ G), no patches
+        cg = g * c.reshape(-1, 1, 1, 1).to(g.dtype)
+        return _weight_grad(x, cg, geometry), cg.sum((0, 2, 3))
+
+    return layer.record(g.flatten(2).transpose(1, 2), patches(x, geometry).transpose(1, 2), weighted)
 
 
 class ConvTranspose2dFunction(ManualFunction):
@@ -344,9 +412,8 @@ def pair(layer: str, name: str, value, *, minimum: int) -> tuple[int, int]:
     return values
 
 
-def _geometry(input: Tensor, weight: Tensor, bias, stride, padding, dilation, groups) -> ConvGeometry:
+def _geometry(input: Tensor, weight: Tensor, bias, stride, padding, dilation, groups, layer="conv2d") -> ConvGeometry:
     """Check a conv2d call (what torch refuses, refused with the shapes named) and describe it."""
-    layer = "conv2d"
     _checks.tensor(layer, "input", input)
     _checks.tensor(layer, "weight", weight)
     if input.dim() not in (3, 4):
@@ -420,7 +487,7 @@ def _module_forward(self: torch.nn.Conv2d, input: Tensor) -> Tensor:
     return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-@operation(torch.nn.Conv2d, Conv2dFunction, kind="layer", module_forward=_module_forward)
+@operation(torch.nn.Conv2d, Conv2dFunction, kind="layer", module_forward=_module_forward, per_sample=True)
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1):
     r""":math:`Z = W \star X + b` over 2-D inputs; see :class:`~manualgrad.functions.Conv2dFunction`.
 
@@ -430,3 +497,47 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     """
     geometry = _geometry(input, weight, bias, stride, padding, dilation, groups)
     return apply(Conv2dFunction, input, weight, bias, geometry)
+
+
+def _conv1d_module_forward(self: torch.nn.Conv1d, input: Tensor) -> Tensor:
+    """``torch.nn.Conv1d.forward``: a ``padding_mode`` other than ``'zeros'`` pads first, then convolves."""
+    if self.padding_mode != "zeros":
+        input = PadFunction.pad(input, self._reversed_padding_repeated_twice, self.padding_mode, layer="Conv1d")
+        return conv1d(input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+    return conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _single(name: str, value):
+    """A 1-D convolution's int option, given as an int or a 1-tuple."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"conv1d: {name} must be an int or a 1-tuple, got {value!r}")
+    return value
+
+
+@operation(
+    torch.nn.Conv1d,
+    Conv1dFunction,
+    kind="layer",
+    module_forward=_conv1d_module_forward,
+    per_sample=True,
+)
+def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1):
+    r""":math:`Z = W \star X + b` over 1-D inputs; see :class:`~manualgrad.functions.Conv1dFunction`.
+
+    Shape: input ``(N, C, L)`` or ``(C, L)``, weight ``(O, C / groups, k)``, bias ``(O,)``. ``padding``: an int, a
+    1-tuple, ``'valid'`` or ``'same'``.
+    """
+    _checks.tensor("conv1d", "input", input)
+    _checks.tensor("conv1d", "weight", weight)
+    if input.dim() not in (2, 3) or weight.dim() != 3:
+        raise InputError(
+            f"conv1d: input must be (N, C, L) or (C, L) and weight (O, C / groups, k), got shapes "
+            f"{tuple(input.shape)} and {tuple(weight.shape)}"
+        )
+    if not isinstance(padding, str):
+        padding = (0, _single("padding", padding))
+    stride, dilation = (1, _single("stride", stride)), (1, _single("dilation", dilation))
+    geometry = _geometry(_lift(input), _lift(weight), bias, stride, padding, dilation, groups, layer="conv1d")
+    return apply(Conv1dFunction, input, weight, bias, geometry)

@@ -17,8 +17,9 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _checks, per_sample
+from .. import _checks
 from ..registry import operation
+from . import recorder
 from .base import ManualFunction, apply, cast, save_for_forward
 
 __all__ = ["LinearFunction", "linear"]
@@ -54,7 +55,7 @@ class LinearFunction(ManualFunction):
     def setup_context(ctx, inputs, output):
         input, weight, bias = inputs
         needs_input, needs_weight, _ = ctx.needs_input_grad
-        ctx.per_sample = per_sample.layer(weight, bias)  # None unless a per_sample context tracks this weight
+        ctx.per_sample = recorder.layer(weight, bias)  # None unless a per_sample context tracks weight or bias
         ctx.save_for_backward(input if needs_weight or ctx.per_sample else None, weight if needs_input else None)
         save_for_forward(ctx, input, weight)
         ctx.input_shape = input.shape
@@ -71,10 +72,9 @@ class LinearFunction(ManualFunction):
             weight = None if weight is None else cast(weight, grad_output.dtype)
         grad_z = rows(grad_output)  # N x p
         grad_input = grad_z.mm(weight).reshape(ctx.input_shape) if needs_input else None  # G_X = G_Z W
-        if ctx.per_sample is not None and ctx.per_sample.record(
-            per_sample.samples(grad_output), per_sample.samples(input)
-        ):
-            needs_weight = needs_bias = False  # clipping: G_W and G_b are formed at the end of the backward pass
+        if ctx.per_sample is not None:  # clipping: the recorder forms G_W and G_b at the end of the backward pass
+            taken = ctx.per_sample.record(recorder.samples(grad_output), recorder.samples(input))
+            needs_weight, needs_bias = needs_weight and not taken[0], needs_bias and not taken[1]
         grad_weight = grad_z.t().mm(rows(input)) if needs_weight else None  # G_W = G_Z^T X
         grad_bias = grad_z.sum(0) if needs_bias else None  # G_b = Σ_rows G_Z
         if ctx.mixed_dtypes:  # each gradient in its input's dtype
@@ -98,7 +98,7 @@ class LinearFunction(ManualFunction):
         return tangent
 
 
-@operation(torch.nn.Linear, LinearFunction, kind="layer")
+@operation(torch.nn.Linear, LinearFunction, kind="layer", per_sample=True)
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     r""":math:`y = x W^\top + b`; see :class:`~manualgrad.functions.LinearFunction`.
 

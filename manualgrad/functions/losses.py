@@ -62,6 +62,7 @@ from torch import Tensor
 
 from .. import _checks, _compat
 from ..registry import operation
+from . import recorder
 from .activations import _sigmoid
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
 from .softmax import LogSoftmaxFunction, SoftmaxFunction
@@ -99,7 +100,8 @@ def _along(v: Tensor, dim: int, ndim: int) -> Tensor:
 
 def _row_scale(grad: Tensor, reduction: str, divisor, valid: Tensor | None = None) -> Tensor:
     """∂R/∂ℓ_n: g/D (mean), g (sum), or g_n itself (none); zero on rows that count nowhere (``~valid``),
-    also where g/D is not finite (a mean over no rows)."""
+    also where g/D is not finite (a mean over no rows). Tells a per_sample recorder the loss's reduction."""
+    recorder.note_loss(reduction)
     scale = grad / divisor if reduction == "mean" else grad
     return scale if valid is None else torch.where(valid, scale, 0)
 

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import per_sample
+from . import recorder
 from .activations import Elementwise
 from .base import ManualFunction, cast, opmath
 from .linear import rows
@@ -118,7 +118,7 @@ def _backward(
     spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[_Kept], params: tuple, needs: tuple, records=None
 ) -> list:
     """The chain: G_W = G^T A, G_b = Σ_rows G, G ← (G W) ⊙ M ⊙ h'; ``needs`` flags (input, W1, b1, ...);
-    ``records``: each layer's :class:`~manualgrad.per_sample.Layer` (or None) under a per_sample context."""
+    ``records``: each layer's :class:`~manualgrad.functions.recorder.Layer` (or None) under a per_sample context."""
     dtype = grad.dtype  # the forward's compute dtype (the autocast dtype under autocast)
     grads = [None] * (1 + len(params))
     samples = input.shape[0] if input.dim() > 1 else 1
@@ -126,9 +126,9 @@ def _backward(
         weight, bias = params[2 * l], params[2 * l + 1]
         a = kept[l - 1].a if l else cast(rows(input), dtype)
         if records and records[l] is not None:
-            deferred = records[l].record(grad.reshape(samples, -1, grad.shape[-1]), a.reshape(samples, -1, a.shape[-1]))
-            if deferred:  # clipping: G_W and G_b are formed at the end of the backward pass
-                needs = needs[: 1 + 2 * l] + (False, False) + needs[3 + 2 * l :]
+            taken = records[l].record(_rows_of(grad, samples), _rows_of(a, samples))
+            kept_needs = (needs[1 + 2 * l] and not taken[0], needs[2 + 2 * l] and not taken[1])
+            needs = needs[: 1 + 2 * l] + kept_needs + needs[3 + 2 * l :]  # clipping: the recorder forms G_W, G_b
         if needs[1 + 2 * l]:
             grads[1 + 2 * l] = cast(grad.t().mm(a), weight.dtype)  # G_W = G^T A
         if needs[2 + 2 * l]:
@@ -148,11 +148,17 @@ def _backward(
     return grads
 
 
+def _rows_of(a: Tensor, samples: int) -> Tensor:
+    """Rows ``(N T, k)`` as ``(N, T, k)`` (also for an empty batch)."""
+    return a.reshape(samples, a.shape[0] // samples if samples else 1, a.shape[-1])
+
+
 def _per_sample_layers(params: tuple) -> list | None:
-    """Each layer's :class:`~manualgrad.per_sample.Layer` when a per_sample context tracks the MLP, else None."""
-    if not per_sample.active():
+    """Each layer's :class:`~manualgrad.functions.recorder.Layer` when a per_sample context tracks the MLP, else
+    None."""
+    if not recorder.active():
         return None
-    layers = [per_sample.layer(params[i], params[i + 1]) for i in range(0, len(params), 2)]
+    layers = [recorder.layer(params[i], params[i + 1]) for i in range(0, len(params), 2)]
     return layers if any(layer is not None for layer in layers) else None
 
 

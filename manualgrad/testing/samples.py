@@ -6,9 +6,7 @@ each operation's name, the calls :func:`manualgrad.testing.check`, the test
 suite and ``python -m benchmarks`` make, where its derivative has kinks, and
 whether it draws random numbers.
 
-**Declaring an operation's samples** (one entry per operation; the lead
-porting an ``@operation(..., examples=fn)`` declaration moves ``fn`` here and
-drops ``examples=``). Write a function ``(dtype, device, bench=False) ->
+**Declaring an operation's samples** (one entry per operation). Write a function ``(dtype, device, bench=False) ->
 list[Example]`` and decorate it with :func:`samples` and the operation's
 name; an ``Example`` is ``(id, args, kwargs)``, a call
 ``functional(*args, **kwargs)`` (small tensors, a few dozen numbers: the
@@ -419,3 +417,67 @@ samples("smooth_l1_loss")(
 samples("huber_loss")(
     _pointwise_examples(*_WEIGHTED, {"delta": 0.5}, {"delta": 3.0, "weight": True, "reduction": "sum"})
 )
+
+
+@samples("conv1d")
+def _conv1d(dtype, device, bench=False):
+    def make(*shape):
+        return torch.randn(shape, device=device).to(dtype)
+
+    if bench:
+        return [Example("64x16x128->32,k5", (make(64, 16, 128), make(32, 16, 5), make(32)), {})]
+    return [
+        Example("2x2x6->3,k3", (make(2, 2, 6), make(3, 2, 3), make(3)), {}),
+        Example(
+            "stride,padding,dilation,nobias", (make(2, 2, 7), make(3, 2, 2)), {"stride": 2, "padding": 1, "dilation": 2}
+        ),
+        Example("same,groups", (make(1, 2, 5), make(4, 1, 2), make(4)), {"padding": "same", "groups": 2}),
+        Example("unbatched", (make(2, 6), make(3, 2, 3), make(3)), {"padding": (1,)}),
+    ]
+
+
+@samples("embedding")
+def _embedding(dtype, device, bench=False):
+    def make(*shape):
+        return torch.randn(shape, device=device).to(dtype)
+
+    if bench:
+        return [
+            Example("64x128 of 10000x256", (torch.randint(0, 10000, (64, 128), device=device), make(10000, 256)), {})
+        ]
+    index = torch.tensor([[0, 2, 2], [4, 1, 0]], device=device)
+    return [
+        Example("2d", (index, make(5, 3)), {}),
+        Example("1d", (torch.tensor([1, 3, 3], device=device), make(4, 2)), {}),
+        Example("empty", (torch.zeros(0, 3, dtype=torch.long, device=device), make(5, 3)), {}),
+    ]
+
+
+@samples("layer_norm")
+def _layer_norm(dtype, device, bench=False):
+    def make(*shape):
+        return torch.randn(shape, device=device).to(dtype)
+
+    if bench:
+        return [Example("64x128x256", (make(64, 128, 256), (256,), make(256), make(256)), {})]
+    return [
+        Example("2d", (make(4, 5), (5,), make(5), make(5)), {}),
+        Example("3d,two dims", (make(2, 3, 5), (3, 5), make(3, 5), make(3, 5)), {"eps": 1e-3}),
+        Example("no affine", (make(3, 5), (5,)), {}),
+        Example("1d", (make(5), (5,), make(5), make(5)), {}),
+        Example("empty", (make(0, 5), (5,), make(5), make(5)), {}),
+    ]
+
+
+@samples("group_norm")
+def _group_norm(dtype, device, bench=False):
+    def make(*shape):
+        return torch.randn(shape, device=device).to(dtype)
+
+    if bench:
+        return [Example("64x32x16x16,g8", (make(64, 32, 16, 16), 8, make(32), make(32)), {})]
+    return [
+        Example("4d,g2", (make(3, 4, 3, 2), 2, make(4), make(4)), {}),
+        Example("3d,g1", (make(2, 4, 5), 1, make(4), make(4)), {"eps": 1e-3}),
+        Example("3d,g2,no affine", (make(4, 4, 3), 2), {}),
+    ]
