@@ -12,7 +12,13 @@ passing each of its parameters that the module stores under the same name
 Every other name of ``torch.nn`` (``Module``, ``Sequential``, ``Parameter``,
 ``init``, ``Conv3d``, ...) is handed on to torch, so ``import manualgrad.nn as
 nn`` never breaks a script; ``nn.functional`` is :mod:`manualgrad.functional`.
-``dir()`` and ``from manualgrad.nn import *`` list only what is ours.
+So are torch.nn's submodules: ``import manualgrad.nn.functional as F`` gives
+:mod:`manualgrad.functional`, and ``import manualgrad.nn.init``, ``from
+manualgrad.nn.utils import parametrize``, ``from manualgrad.nn.parameter
+import Parameter``, ... give torch's own modules (:class:`_TorchSubmodules`), so
+swapping ``torch`` for ``manualgrad`` in a ``torch.nn`` import line never breaks
+it. Only this package's names are ours: ``manualgrad.nn.modules.Linear`` is
+torch's. ``dir()`` and ``from manualgrad.nn import *`` list only what is ours.
 
 :class:`MLP` is the whole network as one Function.
 """
@@ -20,18 +26,23 @@ nn`` never breaks a script; ``nn.functional`` is :mod:`manualgrad.functional`.
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import inspect
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from . import _checks
-from . import functional as _functional
-from .errors import InputError
-from .functions import MLPCrossEntropyFunction, MLPFunction, MLPSpec
-from .functions.base import apply
-from .registry import OPS, Op, ops
+from .. import _checks
+from .. import functional as _functional
+from ..errors import InputError
+from ..functions import MLPCrossEntropyFunction, MLPFunction, MLPSpec
+from ..functions.base import apply
+from ..registry import OPS, Op, ops
 
 _TWINS: dict[str, type[torch.nn.Module]] = {}  # class name -> twin, made once per operation
 
@@ -284,3 +295,36 @@ def _missing(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*_twins_by_name(), "MLP", "ACTIVATIONS", "twin", "activation_of"])
+
+
+class _TorchSubmodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``manualgrad.nn.<name>`` as :mod:`manualgrad.functional` (``functional``) or as torch's own
+    ``torch.nn.<name>`` (``init``, ``utils.parametrize``, ``parameter``, ...): the same module object, so
+    that ``import torch.nn.X`` lines work with ``torch`` swapped for ``manualgrad``."""
+
+    PREFIX = __name__ + "."
+
+    def __init__(self) -> None:
+        self._specs: dict[str, importlib.machinery.ModuleSpec] = {}  # the aliased modules' own specs
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith(self.PREFIX) or importlib.util.find_spec(self._target(fullname)) is None:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    @classmethod
+    def _target(cls, fullname: str) -> str:
+        name = fullname[len(cls.PREFIX) :]
+        return _functional.__name__ if name == "functional" else f"torch.nn.{name}"
+
+    def create_module(self, spec):
+        module = importlib.import_module(self._target(spec.name))  # that module itself, not a copy
+        self._specs[module.__name__] = module.__spec__
+        return module
+
+    def exec_module(self, module) -> None:
+        module.__spec__ = self._specs.pop(module.__name__)  # the import system set it to the alias's
+
+
+if not any(isinstance(finder, _TorchSubmodules) for finder in sys.meta_path):  # once, even if reloaded
+    sys.meta_path.insert(0, _TorchSubmodules())  # before the path finder, which would load a second copy
