@@ -178,10 +178,13 @@ def _class_scores(layer, input, target, weight, reduction_) -> None:
 
 
 def class_index_target(layer: str, input: Tensor, target: Tensor, class_dim: int) -> None:
-    """An integer target with one class index per position of ``input`` outside its class dimension."""
-    if target.dtype in (torch.bool, torch.uint8) or target.is_complex() or target.is_floating_point():
+    """An integer target with one class index per position of ``input`` outside its class dimension: int64, or
+    uint8 for a ``(C)`` or ``(N, C)`` input (where torch's kernel takes it too)."""
+    if target.dtype != torch.int64 and not (target.dtype == torch.uint8 and input.dim() <= 2):
+        uint8 = "int64, or uint8 for a (C) or (N, C) input" if input.dim() > 2 else "int64 or uint8"
         raise InputError(
-            f"{layer}: target must hold class indices (int64) or class probabilities (float), got dtype {target.dtype}"
+            f"{layer}: target must hold class indices ({uint8}) or class probabilities (float), "
+            f"got dtype {target.dtype} for input of shape {shape(input)}"
         )
     expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if target.shape != expected:
