@@ -12,7 +12,15 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-__all__ = ["assert_async", "batched", "forward_ad_enabled", "functorch_active", "queue_callback", "traced"]
+__all__ = [
+    "assert_async",
+    "batched",
+    "forward_ad_enabled",
+    "functorch_active",
+    "has_call_hooks",
+    "queue_callback",
+    "traced",
+]
 
 
 def forward_ad_enabled() -> bool:
@@ -43,3 +51,20 @@ def assert_async(condition: Tensor, message: str) -> None:
 def queue_callback(callback) -> None:
     """Run ``callback()`` once the backward pass now running has finished (as DDP and FSDP do)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def has_call_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks: its own forward, forward-pre or backward hooks (``register_*_hook``;
+    ``torch.nn.utils.prune`` and the old ``weight_norm`` are forward-pre hooks), or a global module hook."""
+    from torch.nn.modules import module as _module
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )

@@ -80,3 +80,17 @@ def test_queue_callback_runs_at_the_end_of_the_backward_pass():
     (Probe.apply(x) * 3).sum().backward()
     order.append("after")
     assert order == ["backward", "callback", "after"]
+
+
+def test_has_call_hooks():
+    module = torch.nn.Linear(2, 2)
+    assert _compat.has_call_hooks(module) is False
+    handle = module.register_forward_pre_hook(lambda m, i: None)
+    assert _compat.has_call_hooks(module) is True
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None)
+    try:
+        assert _compat.has_call_hooks(module) is True
+    finally:
+        handle.remove()
+    assert _compat.has_call_hooks(module) is False

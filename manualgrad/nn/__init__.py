@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _compat
 from .. import functional as _functional
 from ..errors import InputError
 from ..functions import MLPCrossEntropyFunction, MLPFunction, MLPSpec
@@ -155,8 +155,16 @@ class MLP(torch.nn.Sequential):
     dropout, ``"0.weight", "3.weight", ...`` with it), so checkpoints move
     between the two. Every call reads its children as they are then: replace
     a layer (``mlp[-1] = Linear(256, 5)``), change an activation's parameter
-    or a dropout probability, and the fused Function computes that; a child it
-    cannot compute (e.g. a subclass with its own ``forward``) raises an
+    or a dropout probability, parametrise a weight
+    (``torch.nn.utils.parametrize``), put one dropout child alone in training
+    mode (``mlp.eval(); mlp[2].train()``, Monte Carlo dropout: each dropout
+    child drops as its own ``training`` says), and the fused Function computes
+    that, with the masks a per-layer model would draw under the same seed. A
+    child with hooks (``register_forward_hook`` and the like, also
+    ``torch.nn.utils.prune``'s and the old ``weight_norm``'s), or any global
+    module hook, is called as a module, so its hooks run: the call then runs
+    the children one by one, as ``per_layer()`` does (slower, same result). A
+    child it cannot compute (e.g. a subclass with its own ``forward``) raises an
     :class:`~manualgrad.InputError` that points to ``per_layer()``, which runs the
     same modules one by one. The fused path is first-order only (a double
     backward raises); ``torch.compile`` traces it without a graph break. For
@@ -243,14 +251,20 @@ class MLP(torch.nn.Sequential):
                 dropouts.append(0.0)
                 expect = ("Linear", "Dropout")
             else:
-                dropouts[-1] = module.p
+                dropouts[-1] = module.p if module.training else 0.0  # each dropout child drops as it says
                 expect = ("Linear",)
         if expect != ("activation",):
             raise InputError(f"{layer}: the last child must be a Linear layer, got {type(self[-1]).__name__}")
-        spec = MLPSpec(tuple(activations), tuple(dropouts), self.training, float(label_smoothing))
+        spec = MLPSpec(tuple(activations), tuple(dropouts), any(dropouts), float(label_smoothing))
         return spec, params
 
+    def _hooked(self) -> bool:
+        """Whether calling some child runs hooks, which the fused Function would skip."""
+        return any(_compat.has_call_hooks(module) for module in self)
+
     def forward(self, input: Tensor) -> Tensor:
+        if self._hooked():  # the children one by one, as modules, so that their hooks run
+            return super().forward(input)
         spec, params = self._structure("MLP")
         _checks.linear(input, params[0], params[1], layer="MLP")
         return apply(MLPFunction, input, spec, *params)[0]
@@ -263,6 +277,8 @@ class MLP(torch.nn.Sequential):
         backward in one autograd node. Shape: input ``(N, sizes[0])``, target ``(N,)``.
         """
         _checks.probability("MLP.loss", "label_smoothing", label_smoothing)
+        if self._hooked():  # the children one by one, as modules, so that their hooks run
+            return _functional.cross_entropy(super().forward(input), target, label_smoothing=label_smoothing)
         spec, params = self._structure("MLP.loss", label_smoothing)
         _checks.linear(input, params[0], params[1], layer="MLP.loss")
         _checks.class_indices("MLP.loss", input, target, params[-2].shape[0])
