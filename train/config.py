@@ -532,6 +532,45 @@ def defaults(preset: str = "default", model: str | None = None) -> Config:
     )
 
 
+def check_values(cfg: Config) -> None:
+    """Every option's value as the command line would take it, each through its own argparse type or choices
+    (a checkpoint's stored configuration is checked so): a one-line :class:`ConfigError` naming the option."""
+    for action in build_parser(Config())._actions:
+        if not hasattr(cfg, action.dest) or action.dest in ("help", "preset"):
+            continue
+        flag, value = action.option_strings[-1], getattr(cfg, action.dest)
+        if action.nargs == 0:  # a switch (--dp, --no-download, ...)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{flag}: expected true or false, got {value!r}")
+        elif value is None and action.default is None:  # "not given": --epsilon without --dp, --out, --resume
+            pass
+        elif action.choices is not None:
+            if not isinstance(value, str) or value not in action.choices:
+                raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        elif action.type is not None:
+            _check_typed(flag, action.type, value)
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"--preset: {cfg.preset!r} is not one of {', '.join(sorted(PRESETS))}")
+
+
+def _check_typed(flag: str, kind, value) -> None:
+    """``value`` written as on the command line, then parsed by the option's own type: it must come back equal."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
+        raise ConfigError(f"{flag}: {value!r} is not a valid value")
+    if isinstance(value, tuple):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{flag}: {list(value)!r} is not a list of widths")
+        text = ",".join(map(str, value)) if value else "none"
+    else:
+        text = repr(value) if isinstance(value, float) else str(value)
+    try:
+        parsed = kind(text)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"{flag} {text}: {e}") from None
+    if parsed != value or (isinstance(value, str) and not isinstance(parsed, str)):
+        raise ConfigError(f"{flag}: {value!r} is not a valid value")
+
+
 def check(cfg: Config) -> None:
     """Options that contradict each other: a :class:`ConfigError` (a usage error on the command line)."""
     if cfg.model not in MODELS:
