@@ -16,7 +16,7 @@ import os
 import time
 
 from . import checkpoint
-from .files import FileError, FolderLock, remove_temporaries, write_atomically, write_json
+from .files import FileError, FolderLock, read_only, remove_temporaries, write_atomically, write_json
 
 CONFIG, METRICS, CURVES = "config.json", "metrics.json", "curves.png"
 FILES = (CONFIG, checkpoint.FILENAME, METRICS, CURVES)
@@ -106,7 +106,8 @@ def _create(out: str | None) -> str:
     except OSError as e:
         raise FileError(f"cannot create the run folder {out}: {e.strerror or e}") from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise FileError(f"cannot write to the run folder {out}: permission denied")
+        why = "it is on a read-only file system" if read_only(out) else "permission denied"
+        raise FileError(f"cannot write to the run folder {out}: {why}")
     return out
 
 
