@@ -312,7 +312,8 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
         default=default(d.out, ""),
         help="run folder for metrics, checkpoint and plots (default: runs/<timestamp>; when resuming: the "
         "checkpoint's folder). One run at a time: a folder in use by a running run is refused, and so is "
-        "a folder holding another run's checkpoint",
+        "a folder holding any file a run writes (config.json, checkpoint.pt, metrics.json, curves.png), "
+        "except the folder of the checkpoint being resumed",
     )
     add(
         g,
