@@ -174,3 +174,12 @@ def test_fuzz_resuming_from_forged_checkpoints(interrupted, tiny, tmp_path, caps
         status, err = _resume(forged, tiny, tmp_path, capsys, name=f"forged-{case}")
         assert status in (0, 1, 2) and "Traceback" not in err, (what, err)
         assert status == 0 or len(err.strip().splitlines()) == 1, (what, err)
+
+
+def test_a_checkpoint_from_a_machine_with_more_cores_resumes(interrupted, tiny, tmp_path, capsys):
+    """Where and how a run runs (--threads, --device, ...) comes from the resuming command line: a stored
+    --threads beyond this machine's range is no reason to refuse the checkpoint."""
+    from train.config import MAX_THREADS
+
+    status, err = _resume(_set(interrupted, ("config", "threads"), MAX_THREADS + 1), tiny, tmp_path, capsys)
+    assert status == 0, err

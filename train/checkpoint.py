@@ -34,7 +34,7 @@ import re
 
 import torch
 
-from .config import Config, check, check_values
+from .config import RUN_OPTIONS, Config, check, check_values
 from .errors import ConfigError, RunError
 from .files import write_atomically
 
@@ -154,7 +154,7 @@ def _check(state: dict, path: str) -> None:
             raise bad(f"has a {type(state[key]).__name__} for {key}")
     try:
         saved = Config.from_dict(state["config"])
-        check_values(saved)
+        check_values(saved, skip=RUN_OPTIONS)  # those come from the resuming command line (e.g. --threads)
         check(saved)
     except (TypeError, ValueError, ConfigError) as e:
         raise bad(f"has an invalid configuration ({_first_line(e)})") from None

@@ -533,11 +533,12 @@ def defaults(preset: str = "default", model: str | None = None) -> Config:
     )
 
 
-def check_values(cfg: Config) -> None:
+def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
     """Every option's value as the command line would take it, each through its own argparse type or choices
-    (a checkpoint's stored configuration is checked so): a one-line :class:`ConfigError` naming the option."""
+    (a checkpoint's stored configuration is checked so, but for the options in ``skip``, which a resumed run
+    takes from its command line): a one-line :class:`ConfigError` naming the option."""
     for action in build_parser(Config())._actions:
-        if not hasattr(cfg, action.dest) or action.dest in ("help", "preset"):
+        if not hasattr(cfg, action.dest) or action.dest in ("help", "preset", *skip):
             continue
         flag, value = action.option_strings[-1], getattr(cfg, action.dest)
         if action.nargs == 0:  # a switch (--dp, --no-download, ...)
