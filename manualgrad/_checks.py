@@ -216,13 +216,14 @@ def class_values(layer: str, target: Tensor, classes: int, ignore_index: int | N
 
 
 def class_indices(layer: str, input: Tensor, target: Tensor, classes: int) -> None:
-    """A 1-D int64 target of one class index in [0, classes) per row of a 2-D input."""
+    """A 1-D int64 (or uint8, as torch's cross_entropy takes) target of one class index in [0, classes) per row
+    of a 2-D input."""
     tensor(layer, "target", target)
     if input.dim() != 2:
         raise InputError(f"{layer}: input must be (N, features), got shape {shape(input)}")
-    if target.dtype != torch.int64 or target.shape != input.shape[:1]:
+    if target.dtype not in (torch.int64, torch.uint8) or target.shape != input.shape[:1]:
         raise InputError(
-            f"{layer}: target must be class indices of dtype int64 and shape ({input.shape[0]},), "
+            f"{layer}: target must be class indices of dtype int64 (or uint8) and shape ({input.shape[0]},), "
             f"got dtype {target.dtype} and shape {shape(target)}"
         )
     same_device(layer, "input", input, "target", target)

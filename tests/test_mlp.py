@@ -309,3 +309,16 @@ def test_fused_equals_per_layer_under_random_child_states(model, rows, seed):
     x = torch.randn(rows, model.sizes[0], dtype=F64, generator=torch.Generator().manual_seed(seed))
     y = torch.randint(0, model.sizes[-1], (rows,), generator=torch.Generator().manual_seed(seed))
     _fused_equals_per_layer(model, x, y, dropout_seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.int32], ids=str)
+def test_loss_takes_the_target_dtypes_cross_entropy_takes(dtype):
+    """``mlp.loss(x, t)`` equals ``cross_entropy(mlp(x), t)``: for the targets torch takes (int64, uint8), and an
+    InputError naming MLP.loss for the others."""
+    model = mnn.MLP([4, 5, 3]).double()
+    x, y = torch.randn(6, 4, dtype=F64), torch.tensor([0, 1, 2, 2, 1, 0]).to(dtype)
+    if dtype == torch.int32:
+        with pytest.raises(InputError, match=r"^MLP.loss: target must be class indices of dtype int64"):
+            model.loss(x, y)
+        return
+    torch.testing.assert_close(model.loss(x, y), torch.nn.functional.cross_entropy(model(x), y))

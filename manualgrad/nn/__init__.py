@@ -282,6 +282,7 @@ class MLP(torch.nn.Sequential):
         spec, params = self._structure("MLP.loss", label_smoothing)
         _checks.linear(input, params[0], params[1], layer="MLP.loss")
         _checks.class_indices("MLP.loss", input, target, params[-2].shape[0])
+        target = target.long()  # uint8 class indices (as cross_entropy takes them) as the index dtype
         wants_grad = torch.is_grad_enabled() and (
             input.requires_grad or any(p is not None and p.requires_grad for p in params)
         )
