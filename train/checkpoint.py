@@ -165,7 +165,7 @@ def _check(state: dict, path: str) -> None:
     facts = state["data"]
     if not isinstance(facts.get("fingerprint"), str):
         raise bad("lacks the fingerprint of its data")
-    if not all(_is_int(facts.get(k)) and facts[k] >= 1 for k in ("train", "test")):
+    if not all(_is_int(facts.get(k)) and 1 <= facts[k] < 2**31 for k in ("train", "test")):
         raise bad("has no valid sizes of its training and test sets")
     for key in ("model", "optimizer"):
         if not all(isinstance(k, (str, int)) for k in state[key]):
@@ -203,6 +203,10 @@ def _check_rng(state: dict, saved: Config, bad) -> None:
     if not isinstance(per_rank, list) or not per_rank or not all(isinstance(r, dict) for r in per_rank):
         raise bad("has incomplete RNG states")
     streams += [r.get("cpu") for r in per_rank]
+    for r in per_rank:  # a CUDA run's: checked by the device's own generator when it is set; here its type
+        cuda = r.get("cuda", torch.zeros(1, dtype=torch.uint8))
+        if not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8 or cuda.dim() != 1:
+            raise bad("has an invalid RNG state")
     if saved.dp and "noise" in rng:
         streams.append(rng["noise"])
     for stream in streams:
@@ -276,13 +280,15 @@ def mismatch(expected, actual, where: str) -> str | None:
         return next((m for i, e in enumerate(expected) if (m := mismatch(e, actual[i], f"{where}[{i}]"))), None)
     if _is_number(expected):
         return None if _is_number(actual) and math.isfinite(actual) else f"{where} is {describe(actual)}, not a number"
-    if expected is None or isinstance(expected, (bool, str)):
-        return None if type(actual) is type(expected) else f"{where} is {describe(actual)}"
-    return None if type(actual) is type(expected) else f"{where} is {describe(actual)}"
+    return None if type(actual) is type(expected) else f"{where} is {describe(actual)}"  # bool, str, None, ...
 
 
 def describe(value) -> str:
-    return repr(value) if isinstance(value, (int, float, str, type(None))) else f"a {type(value).__name__}"
+    """``value`` for a one-line message: a short repr of a plain value, else its type."""
+    if isinstance(value, (int, float, str, type(None))):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return f"a {type(value).__name__}"
 
 
 def _first_line(e: Exception) -> str:

@@ -227,7 +227,7 @@ def _misfit(trainer: Trainer, resumed: dict) -> str | None:
         if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(state, dict):
             return f"optimizer state {checkpoint.describe(index)} is not a parameter's"
         if set(state) != set(expected):
-            return f"optimizer state {index} has entries {sorted(state)}, expected {sorted(expected)}"
+            return f"optimizer state {index} has entries {sorted(map(str, state))}, expected {sorted(expected)}"
         for name, value in state.items():
             like = expected[name]  # a 0-d tensor (the step count), or one of the parameter's shape (or None)
             shape = () if isinstance(like, torch.Tensor) and like.dim() == 0 else tuple(params[index].shape)
