@@ -170,13 +170,26 @@ def test_fuzz_the_checkpoint_loader(interrupted, tmp_path):
             assert len(str(e).splitlines()) == 1, (what, str(e))
 
 
+OTHER_RUNS = {
+    "sgd-cosine": dict(optimizer="sgd", schedule="cosine", augment="shift"),
+    "adam-constant": dict(optimizer="adam", schedule="none", hidden=()),
+    "cnn": dict(model="cnn", impl="layers", hidden=(8,), augment="none"),
+}
+
+
 @pytest.mark.slow
-def test_fuzz_resuming_from_forged_checkpoints(interrupted, tiny, tmp_path, capsys):
-    """``python -m train --resume`` of 100 forged checkpoints: each resumes (and finishes) or stops with a
-    one-line error; never a traceback."""
-    rng = random.Random(1919)
-    for case in range(100):
-        forged, what = _forge(interrupted, rng)
+@pytest.mark.parametrize("run_kind", ["adamw-onecycle", *OTHER_RUNS])
+def test_fuzz_resuming_from_forged_checkpoints(interrupted, tiny, tmp_path, capsys, run_kind):
+    """``python -m train --resume`` of 60 forged checkpoints of each kind of run (optimizer, schedule, model):
+    each resumes (and finishes) or stops with a one-line error; never a traceback."""
+    state = interrupted
+    if run_kind in OTHER_RUNS:
+        cfg = tiny_config(tiny, tmp_path / run_kind, epochs=3, dropout=0.2, **OTHER_RUNS[run_kind])
+        run(cfg, on_step=lambda e, s, t: (e, s) == (2, 2) and os.kill(os.getpid(), 2))
+        state = checkpoint.load(cfg.out)
+    rng = random.Random(f"1919-{run_kind}")
+    for case in range(60):
+        forged, what = _forge(state, rng)
         status, err = _resume(forged, tiny, tmp_path, capsys, name=f"forged-{case}")
         assert status in (0, 1, 2) and "Traceback" not in err, (what, err)
         assert status == 0 or len(err.strip().splitlines()) == 1, (what, err)
