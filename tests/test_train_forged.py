@@ -202,3 +202,14 @@ def test_a_checkpoint_from_a_machine_with_more_cores_resumes(interrupted, tiny, 
 
     status, err = _resume(_set(interrupted, ("config", "threads"), MAX_THREADS + 1), tiny, tmp_path, capsys)
     assert status == 0, err
+
+
+def test_optimizer_options_an_older_torch_lacked_are_no_reason_to_refuse(interrupted, tiny, tmp_path, capsys):
+    """A checkpoint written by an older torch lacks param_group options added since (torch's load_state_dict
+    fills them in): it resumes. An option torch does not know is refused."""
+    older = copy.deepcopy(interrupted)
+    del older["optimizer"]["param_groups"][0]["differentiable"]
+    status, err = _resume(older, tiny, tmp_path, capsys)
+    assert status == 0, err
+    status, err = _resume(_set(interrupted, ("optimizer", "param_groups", 0, "novel"), 1.0), tiny, tmp_path, capsys)
+    assert status == 1 and "optimizer param_groups[0] has other entries" in err

@@ -174,11 +174,15 @@ def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.Wor
     """The trainer's state and the run's progress from the checkpoint."""
     path = checkpoint.checkpoint_path(cfg.resume)
     reason = _misfit(trainer, resumed)
+    options = [set(group) for group in trainer.optimizer.param_groups]
     if reason is None:
         try:
             same_world = trainer.load_state_dict(resumed)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if reason is None:  # what an older torch's groups lacked, load_state_dict filled in: all of it?
+        lacking = sorted({k for group, keys in zip(trainer.optimizer.param_groups, options) for k in keys - set(group)})
+        reason = f"optimizer param_groups lack {', '.join(lacking)}" if lacking else None
     if reason is not None:
         raise checkpoint.CheckpointError(f"cannot resume from {path}: its state does not fit ({reason})") from None
     if not same_world:
@@ -208,12 +212,19 @@ def _misfit(trainer: Trainer, resumed: dict) -> str | None:
     saved = resumed["optimizer"]
     if set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
         return "optimizer has other entries"
-    found = checkpoint.mismatch(trainer.net.module.state_dict(), resumed["model"], "model") or checkpoint.mismatch(
-        fresh["param_groups"], saved["param_groups"], "optimizer param_groups"
-    )
+    found = checkpoint.mismatch(trainer.net.module.state_dict(), resumed["model"], "model")
     if found:
         return found
-    for number, (ours, theirs) in enumerate(zip(fresh["param_groups"], saved["param_groups"])):
+    groups = saved["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
+        return "optimizer param_groups are not this run's"
+    for number, (ours, theirs) in enumerate(zip(fresh["param_groups"], groups)):
+        # an older torch's groups may lack options added since (load_state_dict fills them in), never add any
+        if not isinstance(theirs, dict) or not set(theirs) <= set(ours):
+            return f"optimizer param_groups[{number}] has other entries"
+        found = checkpoint.mismatch({k: ours[k] for k in theirs}, theirs, f"optimizer param_groups[{number}]")
+        if found:
+            return found
         for key, value in theirs.items():  # the schedule moves lr and momentum; the rest is the configuration's
             if key in _SCHEDULED:
                 values = value if isinstance(value, (list, tuple)) else [value]
