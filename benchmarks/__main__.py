@@ -1,11 +1,15 @@
 """``python -m benchmarks``: manualgrad against torch.nn in the same process, interleaved.
 
 Prints tables of ratios (ours / native; below 1 is better) and writes
-``benchmarks/results/<device>.json`` and ``.md`` (the README's tables).
+``benchmarks/results/<device>.json`` and ``.md`` (the README's tables), or
+where ``--out`` says. A ``--quick`` run writes ``runs/benchmarks/<device>-quick``
+instead, and refuses to write into ``benchmarks/results/``: its toy sizes never
+replace the published results.
 
     python -m benchmarks                  # CPU: 1 thread and all cores (a few minutes)
     python -m benchmarks --device cuda    # CUDA, float32 and bf16 autocast
     python -m benchmarks --quick          # tiny sizes: checks the code runs (the test suite does this)
+    python -m benchmarks --out mine/cpu   # writes mine/cpu.json and mine/cpu.md
 
 A DP-SGD step (:mod:`benchmarks.dp`: manualgrad.privacy beside a plain step and Opacus's two modes) runs on the
 CPU with the per-sample suite's thread count.
@@ -27,6 +31,7 @@ from train.files import write_atomically  # the repository's one atomic writer
 from . import dp, per_sample, suites, tricks
 
 RESULTS = Path("benchmarks") / "results"  # under the current directory: run from the repository's root
+QUICK = Path("runs") / "benchmarks"  # --quick's results: never the published ones
 
 
 def machine(device: str) -> str:
@@ -196,16 +201,20 @@ def main(argv=None) -> dict:
         "--out",
         type=Path,
         default=None,
-        help="where to write <name>.json and <name>.md (default: benchmarks/results/<device>)",
+        help="write OUT.json and OUT.md (default: benchmarks/results/<device>, the published results; "
+        "with --quick: runs/benchmarks/<device>-quick)",
     )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    device = args.device.split(":")[0]
+    out = args.out or (QUICK / f"{device}-quick" if args.quick else RESULTS / device)
+    if args.quick and out.absolute().parent == RESULTS.absolute():
+        parser.error(f"--quick never writes into {RESULTS}/ (the published results); choose another --out")
     threads = sorted({int(t) for t in args.threads.split(",")})
     report = run(args.device, threads, args.quick, args.rounds)
     text = markdown(report)
     print("\n" + text)
-    out = args.out or RESULTS / args.device.split(":")[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(str(out.with_suffix(".json")), json.dumps(report, indent=1))
     write_atomically(str(out.with_suffix(".md")), text)

@@ -178,10 +178,13 @@ def _class_scores(layer, input, target, weight, reduction_) -> None:
 
 
 def class_index_target(layer: str, input: Tensor, target: Tensor, class_dim: int) -> None:
-    """An integer target with one class index per position of ``input`` outside its class dimension."""
-    if target.dtype in (torch.bool, torch.uint8) or target.is_complex() or target.is_floating_point():
+    """An integer target with one class index per position of ``input`` outside its class dimension: int64, or
+    uint8 for a ``(C)`` or ``(N, C)`` input (where torch's kernel takes it too)."""
+    if target.dtype != torch.int64 and not (target.dtype == torch.uint8 and input.dim() <= 2):
+        uint8 = "int64, or uint8 for a (C) or (N, C) input" if input.dim() > 2 else "int64 or uint8"
         raise InputError(
-            f"{layer}: target must hold class indices (int64) or class probabilities (float), got dtype {target.dtype}"
+            f"{layer}: target must hold class indices ({uint8}) or class probabilities (float), "
+            f"got dtype {target.dtype} for input of shape {shape(input)}"
         )
     expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if target.shape != expected:
@@ -213,13 +216,14 @@ def class_values(layer: str, target: Tensor, classes: int, ignore_index: int | N
 
 
 def class_indices(layer: str, input: Tensor, target: Tensor, classes: int) -> None:
-    """A 1-D int64 target of one class index in [0, classes) per row of a 2-D input."""
+    """A 1-D int64 (or uint8, as torch's cross_entropy takes) target of one class index in [0, classes) per row
+    of a 2-D input."""
     tensor(layer, "target", target)
     if input.dim() != 2:
         raise InputError(f"{layer}: input must be (N, features), got shape {shape(input)}")
-    if target.dtype != torch.int64 or target.shape != input.shape[:1]:
+    if target.dtype not in (torch.int64, torch.uint8) or target.shape != input.shape[:1]:
         raise InputError(
-            f"{layer}: target must be class indices of dtype int64 and shape ({input.shape[0]},), "
+            f"{layer}: target must be class indices of dtype int64 (or uint8) and shape ({input.shape[0]},), "
             f"got dtype {target.dtype} and shape {shape(target)}"
         )
     same_device(layer, "input", input, "target", target)

@@ -20,6 +20,7 @@ __all__ = [
     "forward_ad_enabled",
     "functorch_active",
     "graph_task_id",
+    "has_call_hooks",
     "queue_callback",
     "traced",
 ]
@@ -58,3 +59,20 @@ def queue_callback(callback) -> None:
 def graph_task_id() -> int:
     """An id of the backward pass now running in this thread (autograd's graph task), -1 outside one."""
     return torch._C._current_graph_task_id()
+
+
+def has_call_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks: its own forward, forward-pre or backward hooks (``register_*_hook``;
+    ``torch.nn.utils.prune`` and the old ``weight_norm`` are forward-pre hooks), or a global module hook."""
+    from torch.nn.modules import module as _module
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from benchmarks import suites
@@ -12,20 +13,33 @@ from benchmarks.__main__ import main
 from manualgrad.registry import ops
 
 
-def test_benchmark_suite_runs_and_writes_results(tmp_path):
-    report = main(["--quick", "--threads", "1", "--out", str(tmp_path / "quick")])
-    written = json.loads((tmp_path / "quick.json").read_text())
+def test_benchmark_suite_runs_and_writes_results(tmp_path, monkeypatch):
+    """Run from a checkout's root, a quick run writes runs/benchmarks/cpu-quick.*, never benchmarks/results/."""
+    monkeypatch.chdir(tmp_path)
+    report = main(["--quick", "--threads", "1"])
+    assert not (tmp_path / "benchmarks").exists(), "a quick run wrote where the published results are"
+    quick = tmp_path / "runs" / "benchmarks" / "cpu-quick"
+    written = json.loads(quick.with_suffix(".json").read_text())
     assert written["quick"] and written["runs"][0]["threads"] == 1
     step = written["runs"][0]["mlp_steps"][0]
     assert {"native_us", "layers_ratio", "mlp_ratio", "mlp.loss_ratio", "gemm_us"} <= set(step)
     assert all(math.isfinite(v) and v > 0 for k, v in step.items() if k.endswith(("_us", "_ratio")))
     functions = {row["function"] for row in report["runs"][0]["functions"]}
     assert functions == {op.name for op in ops()}  # every registered operation, from the registry
-    assert "| MLP |" in (tmp_path / "quick.md").read_text()
     dp_rows = written["dp"]  # a whole DP-SGD step beside the plain step (and Opacus's modes, when installed)
     assert {row["model"] for row in dp_rows} == {"SampleConvNet", "MLP 8-6-10", "text 4x5 tokens"}
     assert {"plain (torch.nn)", "manualgrad DP"} <= {row["variant"] for row in dp_rows}
     assert all(math.isfinite(row["us"]) and row["us"] > 0 for row in dp_rows)
+    assert "| MLP |" in quick.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("out", ["benchmarks/results/cpu", "benchmarks/results/mine"])
+def test_a_quick_run_refuses_to_replace_the_published_results(tmp_path, monkeypatch, capsys, out):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(["--quick", "--out", out])
+    assert exit.value.code == 2 and "--quick never writes into benchmarks/results/" in capsys.readouterr().err
+    assert not (tmp_path / "benchmarks").exists()
 
 
 def test_saved_memory_never_exceeds_native():

@@ -91,3 +91,17 @@ def test_graph_task_id():
         y.register_hook(lambda g: seen.append(_compat.graph_task_id()) or g)
         y.sum().backward()
     assert seen[0] >= 0 and seen[1] != seen[0]
+
+
+def test_has_call_hooks():
+    module = torch.nn.Linear(2, 2)
+    assert _compat.has_call_hooks(module) is False
+    handle = module.register_forward_pre_hook(lambda m, i: None)
+    assert _compat.has_call_hooks(module) is True
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None)
+    try:
+        assert _compat.has_call_hooks(module) is True
+    finally:
+        handle.remove()
+    assert _compat.has_call_hooks(module) is False

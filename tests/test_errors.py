@@ -115,7 +115,7 @@ def test_mlp_errors():
         model(torch.randn(2, 5))
     with pytest.raises(InputError, match=r"MLP.loss: target holds class indices outside \[0, 2\)"):
         model.loss(torch.randn(2, 3), torch.tensor([0, 2]))
-    with pytest.raises(InputError, match=r"target must be class indices of dtype int64 and shape \(2,\)"):
+    with pytest.raises(InputError, match=r"target must be class indices of dtype int64 \(or uint8\) and shape \(2,\)"):
         model.loss(torch.randn(2, 3), torch.tensor([0.0, 1.0]))
     for smoothing in (-0.1, 1.5):
         with pytest.raises(InputError, match=rf"MLP.loss: label_smoothing must be in \[0, 1\], got {smoothing}"):

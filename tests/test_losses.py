@@ -343,3 +343,67 @@ def test_jacobian_over_the_incoming_gradient(name, kwargs):
     ours = torch.func.jacrev(lambda a: getattr(MF, name)(a, t, **kwargs))(x)
     theirs = torch.func.jacrev(lambda a: getattr(TF, name)(a, t, **kwargs))(x)
     torch.testing.assert_close(ours, theirs)
+
+
+# ---- dtypes: accepted where torch accepts them, an InputError naming the layer where torch errors -----------------
+
+INTEGER_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+def _torch_accepts(fn, *args, **kwargs) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn(*args, **kwargs)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("input_shape", [(5,), (3, 5), (3, 5, 2)], ids=["C", "NC", "NCd"])
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=str)
+def test_class_index_target_dtypes_as_torch(name, input_shape, dtype):
+    """int64 everywhere, uint8 for a (C) or (N, C) input (torch's kernel takes both); int32 and the rest: torch
+    raises a bare RuntimeError, ours an InputError naming the layer and the dtype."""
+    x = torch.randn(input_shape, dtype=torch.float64)
+    target = torch.randint(0, 2, input_shape[:1] + input_shape[2:] if len(input_shape) > 1 else ()).to(dtype)
+    if _torch_accepts(getattr(TF, name), x, target):
+        assert_same_as_torch(name, (x, target), leaves=(0,), exact=False)
+    else:
+        with pytest.raises(InputError, match=rf"^{name}: target .*{dtype}"):
+            getattr(MF, name)(x, target)
+
+
+BCE_DTYPES = [torch.float32, torch.float64, torch.float16]
+
+
+@pytest.mark.parametrize(
+    ("input_dtype", "target_dtype"),
+    # float16 with float16 is test_bce_half_precision_at_the_ends's (torch's float16 kernel rounds otherwise)
+    [(a, b) for a in BCE_DTYPES for b in BCE_DTYPES if a != torch.float16 or b != torch.float16],
+    ids=str,
+)
+def test_bce_mixed_input_and_target_dtypes(input_dtype, target_dtype):
+    x, t = torch.rand(4, 3).to(input_dtype), torch.rand(4, 3).to(target_dtype)
+    if _torch_accepts(TF.binary_cross_entropy, x, t):
+        assert_same_as_torch("binary_cross_entropy", (x, t), exact=False)
+    else:
+        with pytest.raises(InputError, match=rf"^binary_cross_entropy: input has dtype {input_dtype} but target"):
+            MF.binary_cross_entropy(x, t)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("input_dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float32])
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.float64, torch.int64], ids=str)
+def test_softmax_of_an_integer_tensor_with_a_floating_dtype(name, input_dtype, dtype):
+    """``softmax(int_tensor, dim, dtype=torch.float32)`` casts first, as torch does; without a floating dtype
+    torch's kernel refuses and ours raises an InputError naming the layer."""
+    x = torch.tensor([[0, 1, 3], [2, 2, 1]]).to(input_dtype)
+    if _torch_accepts(getattr(TF, name), x, 1, dtype=dtype):
+        ours, theirs = getattr(MF, name)(x, 1, dtype=dtype), getattr(TF, name)(x, 1, dtype=dtype)
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs)
+    else:
+        with pytest.raises(InputError, match=rf"^{name}: "):
+            getattr(MF, name)(x, 1, dtype=dtype)

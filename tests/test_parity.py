@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import inspect
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -236,6 +237,52 @@ def test_dropout_inplace():
     assert out.data_ptr() == z.data_ptr()
     (grad,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(grad, (out != 0).float() / 0.5)
+
+
+VIEWS = {
+    "flatten": lambda t: torch.flatten(t, 1),
+    "view": lambda t: t.view(t.shape[0], -1),
+    "slice": lambda t: t[:, 1:3],
+    "transpose": lambda t: t.transpose(2, 3),
+}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("module", ["Dropout", "Dropout2d"])
+def test_inplace_dropout_on_a_view_works_as_torchs(module, view):
+    """Dropout(inplace=True) on a view of a tensor autograd records: the view and its base overwritten, the
+    same mask, output and gradient as torch.nn's (no autograd error about views of multi-output Functions)."""
+    x = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for layer in (getattr(mnn, module)(0.4, inplace=True), getattr(torch.nn, module)(0.4, inplace=True)):
+        base = x * 1.5
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Dropout2d on the 2-D views: torch's and our deprecation warning
+            torch.manual_seed(5)
+            out = layer(VIEWS[view](base))
+        (grad,) = torch.autograd.grad((out * torch.arange(out.numel()).reshape(out.shape)).sum(), x)
+        results.append((out.detach(), base.detach(), grad))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    {
+        "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+        "transposed": lambda t: t.transpose(1, 3),
+        "strided": lambda t: t[:, :, ::2],
+    }.items(),
+    ids=lambda item: item[0],
+)
+@pytest.mark.parametrize("name", ["dropout", "dropout2d"])
+def test_dropout_draws_torchs_mask_whatever_the_inputs_layout(name, layout):
+    x = layout[1](torch.randn(6, 5, 4, 4))
+    outs = []
+    for fn in (getattr(MF, name), getattr(torch.nn.functional, name)):
+        torch.manual_seed(2)
+        outs.append(fn(x, 0.5))
+    torch.testing.assert_close(*outs, rtol=0, atol=0)
 
 
 # ---- modules and signatures -----------------------------------------------------------------------

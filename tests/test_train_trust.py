@@ -302,3 +302,75 @@ def test_resume_on_the_same_data_elsewhere_is_fine(tiny, tmp_path):
     assert resumed["test_accuracy"] == whole["test_accuracy"]
     a, b = load_params(Path(cfg.out)), load_params(tmp_path / "whole")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- a fresh run never overwrites a file it would write
+
+
+def _files_a_fresh_run_writes(tiny, tmp_path) -> list[str]:
+    out = tmp_path / "probe"
+    run(tiny_config(tiny, out))
+    return sorted(p.name for p in out.iterdir() if p.name != FolderLock.NAME)  # .lock: reused, never data
+
+
+def test_a_fresh_run_refuses_a_folder_holding_any_file_it_writes(tiny, tmp_path, capsys):
+    """Each file a fresh run writes (found by running one), put alone in a folder (a user's own file, or a run
+    whose checkpoint was deleted): the run refuses with a one-line error and the file is left as it was."""
+    written = _files_a_fresh_run_writes(tiny, tmp_path)
+    assert {"config.json", "checkpoint.pt", "metrics.json", "curves.png"} <= set(written)
+    for name in written:
+        out = tmp_path / f"holds-{name}"
+        out.mkdir()
+        (out / name).write_text('{"mine": 1}\n')
+        status, _, err = run_main(tiny_argv(tiny, out), capsys)
+        assert status == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert f"{out} already holds" in err and name in err, err
+        assert (out / name).read_text() == '{"mine": 1}\n', f"{name} was overwritten"
+        assert {p.name for p in out.iterdir()} <= {name, FolderLock.NAME}
+
+
+def test_resuming_into_another_folder_refuses_its_files_too(tiny, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(tiny_config(tiny, a, epochs=2), on_step=lambda e, s, t: (e, s) == (1, 2) and os.kill(os.getpid(), 2))
+    b.mkdir()
+    (b / "metrics.json").write_text("mine")
+    status, _, err = run_main(["--resume", str(a), "--out", str(b), "--no-progress"], capsys)
+    assert status == 1 and "already holds metrics.json" in err and (b / "metrics.json").read_text() == "mine"
+
+
+def test_resuming_in_its_own_folder_still_works(tiny, tmp_path):
+    cfg = tiny_config(tiny, tmp_path / "run", epochs=2)
+    run(cfg, on_step=lambda e, s, t: (e, s) == (1, 2) and os.kill(os.getpid(), 2))
+    assert run(dataclasses.replace(cfg, resume=cfg.out, out=None))["completed"]
+
+
+# ---- --compare-native: the torch.nn twin's history survives a resume
+
+
+def test_resuming_a_finished_compare_native_run_keeps_its_native_block(tiny, tmp_path, capsys):
+    cfg = tiny_config(tiny, tmp_path / "run", epochs=2, compare_native=True)
+    first = run(cfg)
+    before = strict_json(Path(cfg.out) / "metrics.json")["native"]
+    assert len(before["epochs"]) == 2
+    status, _, err = run_main(["--resume", cfg.out, "--no-progress"], capsys)
+    assert status == 0, err
+    after = strict_json(Path(cfg.out) / "metrics.json")["native"]
+    assert after["epochs"] == before["epochs"] and after["test_accuracy"] == first["native"]["test_accuracy"]
+    assert after["time_ratio"]["per_epoch"] == before["time_ratio"]["per_epoch"]
+
+
+def test_resuming_an_interrupted_compare_native_run_keeps_the_native_epochs_recorded(tiny, tmp_path, capsys):
+    """Interrupted in epoch 2 of 3: the torch.nn epoch 1 already recorded stays in metrics.json, and the
+    comparison at the end covers the epochs both trained."""
+    cfg = tiny_config(tiny, tmp_path / "run", epochs=3, compare_native=True)
+    run(cfg, on_step=lambda e, s, t: (e, s) == (2, 2) and os.kill(os.getpid(), 2))
+    recorded = strict_json(Path(cfg.out) / "metrics.json")["native"]["epochs"]
+    assert [r["epoch"] for r in recorded] == [1]
+    status, out, err = run_main(["--resume", cfg.out, "--no-progress"], capsys)
+    assert status == 0, err
+    assert "--compare-native record (torch.nn epochs 1-1) is kept" in out
+    metrics = strict_json(Path(cfg.out) / "metrics.json")
+    assert metrics["completed"] and len(metrics["epochs"]) == 3
+    assert metrics["native"]["epochs"] == recorded
+    assert len(metrics["native"]["time_ratio"]["per_epoch"]) == 1
+    assert checkpoint.load(cfg.out)["native_history"] == recorded

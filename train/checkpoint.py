@@ -16,21 +16,26 @@ augmentations, and every process's torch RNG, which draws dropout masks); the
 metrics so far; the configuration; and the fingerprint of the data it was
 trained on. A ``--dp`` run's also holds ``privacy`` (the steps taken, which
 are the accountant's whole state, and the noise multiplier) and the noise
-stream's state (``rng["noise"]``). :func:`load` is the only reader, and checks
-all of that.
+stream's state (``rng["noise"]``); a ``--compare-native`` run's, the torch.nn
+twin's epochs (``native_history``). :func:`load` is the only reader, and checks
+all of that as the command line would (the configuration) and by type, shape
+and range (the state), so that a checkpoint forged with a valid checksum is a
+one-line error too; :func:`mismatch` checks the model, optimizer and scheduler
+states against the run's own before they are loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 
 import torch
 
-from .config import Config
-from .errors import RunError
+from .config import RUN_OPTIONS, Config, check, check_values
+from .errors import ConfigError, RunError
 from .files import write_atomically
 
 FORMAT = 2
@@ -135,6 +140,9 @@ def _foreign_archive(raw: bytes) -> str:
 
 
 def _check(state: dict, path: str) -> None:
+    """Everything :func:`load` promises: the keys and their types, the configuration as the command line
+    would take it, and the state's types and shapes (RNG states, history, position, privacy)."""
+
     def bad(problem: str) -> CheckpointError:
         return CheckpointError(f"cannot resume from {path}: the checkpoint {problem}")
 
@@ -146,22 +154,141 @@ def _check(state: dict, path: str) -> None:
             raise bad(f"has a {type(state[key]).__name__} for {key}")
     try:
         saved = Config.from_dict(state["config"])
-    except (TypeError, ValueError) as e:
-        raise bad(f"has an invalid configuration ({e})") from None
+        check_values(saved, skip=RUN_OPTIONS)  # those come from the resuming command line (e.g. --threads)
+        check(saved)
+    except (TypeError, ValueError, ConfigError) as e:
+        raise bad(f"has an invalid configuration ({_first_line(e)})") from None
     if not 0 <= state["epoch"] <= saved.epochs:
         raise bad(f"says {state['epoch']} epochs are done, of {saved.epochs}")
-    position = state["position"]
-    if position is not None and any(k not in position for k in POSITION_KEYS):
-        raise bad(f"has an incomplete position (needs {', '.join(POSITION_KEYS)})")
-    rng = state["rng"]
-    if not isinstance(rng.get("data"), torch.Tensor) or not isinstance(rng.get("torch"), list) or not rng["torch"]:
-        raise bad("has incomplete RNG states")
-    if not isinstance(state["data"].get("fingerprint"), str):
+    if not 1 <= state["world_size"] <= 2**16:
+        raise bad(f"says it was written by {state['world_size']} processes")
+    facts = state["data"]
+    if not isinstance(facts.get("fingerprint"), str):
         raise bad("lacks the fingerprint of its data")
+    if not all(_is_int(facts.get(k)) and 1 <= facts[k] < 2**31 for k in ("train", "test")):
+        raise bad("has no valid sizes of its training and test sets")
+    for key in ("model", "optimizer"):
+        if not all(isinstance(k, (str, int)) for k in state[key]):
+            raise bad(f"has a {key} state with keys that are not names")
+    if not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
+        raise bad("has a model state holding something other than tensors")
+    _check_rng(state, saved, bad)
+    _check_history(state["history"], state["epoch"], "history", bad)
+    if "native_history" in state:  # --compare-native's torch.nn twin (may stop short: see train.runner)
+        _check_history(state["native_history"], state["epoch"], "native_history", bad, complete=False)
+    if state["position"] is not None:
+        _check_position(state["position"], state, saved, bad)
     if saved.dp:
         private = state.get("privacy")
-        if not isinstance(private, dict) or not isinstance(private.get("steps"), int) or "noise" not in rng:
+        if not isinstance(private, dict) or not _is_int(private.get("steps")) or "noise" not in state["rng"]:
             raise bad("of a --dp run lacks its privacy state (steps taken, noise stream)")
+        sigma = private.get("noise_multiplier")
+        if private["steps"] < 0 or not _is_number(sigma) or not 0 < sigma < math.inf:
+            raise bad("of a --dp run has an invalid privacy state (steps taken, noise multiplier)")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rng(state: dict, saved: Config, bad) -> None:
+    """Each RNG state is one a generator takes: tried on a scratch generator of its kind."""
+    rng = state["rng"]
+    streams = [rng.get("data")]
+    per_rank = rng.get("torch")
+    if not isinstance(per_rank, list) or not per_rank or not all(isinstance(r, dict) for r in per_rank):
+        raise bad("has incomplete RNG states")
+    streams += [r.get("cpu") for r in per_rank]
+    for r in per_rank:  # a CUDA run's: checked by the device's own generator when it is set; here its type
+        cuda = r.get("cuda", torch.zeros(1, dtype=torch.uint8))
+        if not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8 or cuda.dim() != 1:
+            raise bad("has an invalid RNG state")
+    if saved.dp and "noise" in rng:
+        streams.append(rng["noise"])
+    for stream in streams:
+        try:
+            torch.Generator().set_state(stream)
+        except (TypeError, RuntimeError, ValueError):
+            raise bad("has an invalid RNG state") from None
+
+
+def _check_history(history: list, epochs: int, key: str, bad, complete: bool = True) -> None:
+    """One record per finished epoch (all of them, unless not ``complete``): epoch numbers 1, 2, ..., numbers."""
+    if len(history) > epochs or (complete and len(history) != epochs):
+        raise bad(f"has {len(history)} records in {key} for {epochs} finished epochs")
+    for number, record in enumerate(history, 1):
+        if not isinstance(record, dict) or not _is_int(record.get("epoch")) or record["epoch"] != number:
+            raise bad(f"has an invalid record in {key} (epoch {number})")
+        needed = ("train_loss", "seconds")
+        optional = ("test_loss", "test_accuracy", "epsilon", "steps")
+        if not set(record) <= {"epoch", "threads", *needed, *optional}:
+            raise bad(f"has an invalid record in {key} (epoch {number}: unknown entries)")
+        if not all(_is_number(record.get(k)) for k in needed) or not all(
+            _is_number(record[k]) for k in optional if record.get(k) is not None
+        ):
+            raise bad(f"has an invalid record in {key} (epoch {number})")
+        if "threads" in record and not (record["threads"] is None or _is_number(record["threads"])):
+            raise bad(f"has an invalid record in {key} (epoch {number})")
+
+
+def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
+    """Where an interrupted epoch stopped: a step inside an unfinished epoch, the epoch's batch order (a
+    permutation of the training rows; empty with --dp), and the loss, rows and seconds so far."""
+    from . import data, engine
+
+    if set(position) != set(POSITION_KEYS):
+        raise bad(f"has an incomplete position (needs {', '.join(POSITION_KEYS)}, nothing else)")
+    n = state["data"]["train"]
+    steps = engine.dp_steps_per_epoch(n, saved.batch_size) if saved.dp else data.num_batches(n, saved.batch_size)
+    step, order = position["step"], position["order"]
+    if state["epoch"] >= saved.epochs or not _is_int(step) or not 1 <= step < steps:
+        raise bad(
+            f"has an invalid position (step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps)"
+        )
+    expected = torch.zeros(0, dtype=torch.long) if saved.dp else torch.arange(n)
+    if (
+        not isinstance(order, torch.Tensor)
+        or order.dtype != torch.long
+        or order.shape != expected.shape
+        or not torch.equal(order.sort().values, expected)
+    ):
+        raise bad("has an invalid position (its batch order is not an order of the training rows)")
+    numbers = [position[k] for k in ("loss_sum", "rows", "seconds")]
+    if not all(_is_number(v) and 0 <= v < math.inf for v in numbers) or not _is_int(position["rows"]):
+        raise bad("has an invalid position (loss, rows or seconds so far)")
+
+
+def mismatch(expected, actual, where: str) -> str | None:
+    """Where ``actual`` (a loaded state) differs in structure from ``expected`` (a fresh one of the same run):
+    other keys, lengths or types, tensors of other shapes or dtypes, non-finite numbers; None when they fit."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape or actual.dtype != expected.dtype:
+            got = f"{tuple(actual.shape)} {actual.dtype}" if isinstance(actual, torch.Tensor) else describe(actual)
+            return f"{where} is {got}, expected {tuple(expected.shape)} {expected.dtype}"
+        return None
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict) or set(actual) != set(expected):
+            return f"{where} has other entries" if isinstance(actual, dict) else f"{where} is {describe(actual)}"
+        return next((m for k in expected if (m := mismatch(expected[k], actual[k], f"{where}[{k!r}]"))), None)
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
+            return f"{where} is {describe(actual)}, expected {len(expected)} entries"
+        return next((m for i, e in enumerate(expected) if (m := mismatch(e, actual[i], f"{where}[{i}]"))), None)
+    if _is_number(expected):
+        return None if _is_number(actual) and math.isfinite(actual) else f"{where} is {describe(actual)}, not a number"
+    return None if type(actual) is type(expected) else f"{where} is {describe(actual)}"  # bool, str, None, ...
+
+
+def describe(value) -> str:
+    """``value`` for a one-line message: a short repr of a plain value, else its type."""
+    if isinstance(value, (int, float, str, type(None))):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return f"a {type(value).__name__}"
 
 
 def _first_line(e: Exception) -> str:

@@ -329,7 +329,8 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
         default=default(d.out, ""),
         help="run folder for metrics, checkpoint and plots (default: runs/<timestamp>; when resuming: the "
         "checkpoint's folder). One run at a time: a folder in use by a running run is refused, and so is "
-        "a folder holding another run's checkpoint",
+        "a folder holding any file a run writes (config.json, checkpoint.pt, metrics.json, curves.png), "
+        "except the folder of the checkpoint being resumed",
     )
     add(
         g,
@@ -549,6 +550,55 @@ def defaults(preset: str = "default", model: str | None = None) -> Config:
     return dataclasses.replace(
         Config(), **{**MODEL_DEFAULTS[model], **PRESETS[preset], "preset": preset, "model": model}
     )
+
+
+def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
+    """Every option's value as the command line would take it, each through its own argparse type or choices
+    (a checkpoint's stored configuration is checked so, but for the options in ``skip``, which a resumed run
+    takes from its command line): a one-line :class:`ConfigError` naming the option."""
+    for action in build_parser(Config())._actions:
+        if not hasattr(cfg, action.dest) or action.dest in ("help", "preset", *skip):
+            continue
+        flag, value = action.option_strings[-1], getattr(cfg, action.dest)
+        if action.nargs == 0:  # a switch (--dp, --no-download, ...)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{flag}: expected true or false, got {_short(value)}")
+        elif value is None and action.default is None:  # "not given": --epsilon without --dp, --out, --resume
+            pass
+        elif action.choices is not None:
+            if not isinstance(value, str) or value not in action.choices:
+                raise ConfigError(f"{flag}: {_short(value)} is not one of {', '.join(map(str, action.choices))}")
+        elif action.type is not None:
+            _check_typed(flag, action.type, value)
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"--preset: {cfg.preset!r} is not one of {', '.join(sorted(PRESETS))}")
+
+
+def _check_typed(flag: str, kind, value) -> None:
+    """``value`` written as on the command line, then parsed by the option's own type: it must come back equal."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
+        raise ConfigError(f"{flag}: {_short(value)} is not a valid value")
+    if isinstance(value, tuple):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{flag}: {_short(list(value))} is not a list of widths")
+        text = ",".join(map(str, value)) if value else "none"
+    else:
+        text = repr(value) if isinstance(value, float) else str(value)
+    if kind is activation_name and ":" in text:  # a stored run names its activation; it never imports a file
+        raise ConfigError(f"{flag}: {_short(value)} is not a registered activation's name")
+    try:
+        parsed = kind(text)
+    except argparse.ArgumentTypeError as e:
+        problem = f"{flag} {text}: {e}" if len(text) <= 40 else f"{flag}: {_short(value)} is not a valid value"
+        raise ConfigError(problem) from None
+    if parsed != value or (isinstance(value, str) and not isinstance(parsed, str)):
+        raise ConfigError(f"{flag}: {_short(value)} is not a valid value")
+
+
+def _short(value) -> str:
+    """``repr(value)``, cut to a length a one-line message can hold."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check(cfg: Config) -> None:

@@ -1,9 +1,10 @@
 """MNIST as four tensors on the training device, and batches drawn from them by index.
 
 The IDX files are read by a small validating reader (torchvision is used only
-to download them): a missing, truncated or foreign file becomes a
-:class:`DataError` whose message names the folder and says how to provide the
-files, instead of a traceback from deep inside a loader.
+to download them): a missing, truncated or foreign file becomes a one-line
+:class:`DataError` that names the folder and says how to provide the files,
+instead of a traceback from deep inside a loader. A failed download leaves no
+empty folder behind.
 
 The whole dataset lives on the device as one normalised float tensor, and a
 batch is ``x[indices]``: no per-sample PIL transforms, no DataLoader workers
@@ -116,6 +117,11 @@ def fetch(folder: str) -> None:
     from torchvision.datasets import MNIST as TorchvisionMNIST
     from torchvision.datasets.utils import download_and_extract_archive
 
+    created = []  # the folders made here, deepest last: removed again if the download fails and they are empty
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        created.insert(0, parent)
+        parent = os.path.dirname(parent)
     os.makedirs(folder, exist_ok=True)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
@@ -132,6 +138,13 @@ def fetch(folder: str) -> None:
                     errors.append(f"{mirror}: {e}")
             else:
                 raise RuntimeError("; ".join(errors))
+    except BaseException:
+        for path in reversed(created):  # an offline failure leaves no empty data/MNIST/raw/ behind
+            try:
+                os.rmdir(path)  # only if empty: a partial download stays
+            except OSError:
+                break
+        raise
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -174,11 +187,12 @@ def read_idx(folder: str, name: str, digest=None) -> Tensor:
 
 
 def _error(folder: str, problem: str) -> DataError:
+    """One line: what is wrong, and how to provide the files."""
     names = ", ".join(FILES.values())
     return DataError(
-        f"MNIST data in {folder} is unusable: {problem}.\n"
-        f"Put the four IDX files ({names}; plain or .gz) in {folder}, e.g. from "
-        f"https://ossci-datasets.s3.amazonaws.com/mnist/, or point --data-dir at a folder that has them."
+        f"MNIST data in {folder} is unusable: {problem}; put the four IDX files ({names}; plain or .gz) "
+        f"there, e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/, or point --data-dir at a folder "
+        "that has them"
     )
 
 

@@ -91,6 +91,14 @@ def _finite(obj):
     return obj
 
 
+def read_only(path: str) -> bool:
+    """Whether ``path`` is on a file system mounted read-only (no write is possible, whatever the permissions)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def write_json(path: str, obj) -> None:
     write_atomically(path, json_text(obj))
 

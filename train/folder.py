@@ -4,8 +4,10 @@ Opening it (rank 0 only) creates the folder, locks it for the whole run (a
 second run on the same folder stops with a one-line message; the lock dies
 with its process, so a killed run never blocks the next), removes the
 temporary files of writes that a killed run left behind, and refuses a
-folder that holds another run's checkpoint: only the checkpoint being
-resumed may be there. Every file goes through :func:`train.files.write_atomically`.
+folder that holds any file a run writes (``config.json``, ``checkpoint.pt``,
+``metrics.json``, ``curves.png``: another run's, or a user's own), unless it
+is the folder of the checkpoint being resumed. Besides those, the folder
+holds the lock file ``.lock``. Every file goes through :func:`train.files.write_atomically`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import time
 
 from . import checkpoint
-from .files import FileError, FolderLock, remove_temporaries, write_atomically, write_json
+from .files import FileError, FolderLock, read_only, remove_temporaries, write_atomically, write_json
 
 CONFIG, METRICS, CURVES = "config.json", "metrics.json", "curves.png"
 FILES = (CONFIG, checkpoint.FILENAME, METRICS, CURVES)
@@ -35,13 +37,21 @@ class RunFolder:
         try:
             remove_temporaries(path, FILES)
             existing = os.path.join(path, checkpoint.FILENAME)
-            if os.path.exists(existing) and not (resuming and _same_file(existing, resuming)):
+            own = resuming and _same_file(existing, resuming)  # the folder of the run being resumed
+            if os.path.exists(existing) and not own:
                 if resuming:
                     raise FileError(
                         f"{path} already holds another run, which resuming would overwrite; choose another --out"
                     )
                 raise FileError(
                     f"{path} already holds a run; continue it with --resume {path}, or choose another --out"
+                )
+            taken = [name for name in FILES if os.path.lexists(os.path.join(path, name))]
+            if taken and not own:  # a user's own files, or a run whose checkpoint was deleted
+                them = "it" if len(taken) == 1 else "them"
+                raise FileError(
+                    f"{path} already holds {', '.join(taken)}, which this run would overwrite; move {them} away "
+                    "or choose another --out"
                 )
         except BaseException:
             lock.close()
@@ -96,7 +106,8 @@ def _create(out: str | None) -> str:
     except OSError as e:
         raise FileError(f"cannot create the run folder {out}: {e.strerror or e}") from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise FileError(f"cannot write to the run folder {out}: permission denied")
+        why = "it is on a read-only file system" if read_only(out) else "permission denied"
+        raise FileError(f"cannot write to the run folder {out}: {why}")
     return out
 
 

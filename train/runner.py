@@ -21,6 +21,8 @@ What the run has done so far is one :class:`Progress`, passed from step to step.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 import os
 import re
 import statistics
@@ -171,10 +173,17 @@ def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distr
 def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.World) -> Progress:
     """The trainer's state and the run's progress from the checkpoint."""
     path = checkpoint.checkpoint_path(cfg.resume)
-    try:
-        same_world = trainer.load_state_dict(resumed)
-    except (RuntimeError, ValueError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = _misfit(trainer, resumed)
+    options = [set(group) for group in trainer.optimizer.param_groups]
+    if reason is None:
+        try:
+            same_world = trainer.load_state_dict(resumed)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if reason is None:  # what an older torch's groups lacked, load_state_dict filled in: all of it?
+        lacking = sorted({k for group, keys in zip(trainer.optimizer.param_groups, options) for k in keys - set(group)})
+        reason = f"optimizer param_groups lack {', '.join(lacking)}" if lacking else None
+    if reason is not None:
         raise checkpoint.CheckpointError(f"cannot resume from {path}: its state does not fit ({reason})") from None
     if not same_world:
         log(
@@ -183,10 +192,95 @@ def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.Wor
             f"{world.size}: dropout masks will differ from an uninterrupted run",
         )
     position = Position(**resumed["position"]) if resumed["position"] is not None else None
-    progress = Progress(epoch=resumed["epoch"], position=position, history=resumed["history"])
+    native_history = resumed.get("native_history", [])
+    progress = Progress(resumed["epoch"], position, resumed["history"], native_history)
+    if native_history:
+        log(
+            world,
+            f"the checkpoint's --compare-native record (torch.nn epochs 1-{len(native_history)}) is kept in "
+            "metrics.json; a resumed run does not train the torch.nn twin further",
+        )
     where = f"epoch {progress.epoch + 1}" + (f", step {position.step + 1}" if position else "")
     log(world, f"resumed from {path}: continuing at {where}")
     return progress
+
+
+def _misfit(trainer: Trainer, resumed: dict) -> str | None:
+    """Where the checkpoint's model, optimizer or scheduler state differs in structure from this run's
+    (checked before loading: ``load_state_dict`` takes some misfits without a word, to fail later)."""
+    fresh = trainer.optimizer.state_dict()
+    saved = resumed["optimizer"]
+    if set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
+        return "optimizer has other entries"
+    found = checkpoint.mismatch(trainer.net.module.state_dict(), resumed["model"], "model")
+    if found:
+        return found
+    groups = saved["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
+        return "optimizer param_groups are not this run's"
+    for number, (ours, theirs) in enumerate(zip(fresh["param_groups"], groups)):
+        # an older torch's groups may lack options added since (load_state_dict fills them in), never add any
+        if not isinstance(theirs, dict) or not set(theirs) <= set(ours):
+            return f"optimizer param_groups[{number}] has other entries"
+        found = checkpoint.mismatch({k: ours[k] for k in theirs}, theirs, f"optimizer param_groups[{number}]")
+        if found:
+            return found
+        for key, value in theirs.items():  # the schedule moves lr and momentum; the rest is the configuration's
+            if key in _SCHEDULED:
+                values = value if isinstance(value, (list, tuple)) else [value]
+                if not all(0 <= v < _SCHEDULED[key] for v in values):
+                    return f"optimizer param_groups[{number}][{key!r}] is {value!r}, out of range"
+            elif value != ours[key]:
+                return f"optimizer param_groups[{number}][{key!r}] is {value!r}, this run's is {ours[key]!r}"
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    expected = _optimizer_state_of_one_step(trainer.optimizer)
+    for index, state in saved["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(state, dict):
+            return f"optimizer state {checkpoint.describe(index)} is not a parameter's"
+        if set(state) != set(expected):
+            return f"optimizer state {index} has entries {sorted(map(str, state))}, expected {sorted(expected)}"
+        for name, value in state.items():
+            like = expected[name]  # a 0-d tensor (the step count), or one of the parameter's shape (or None)
+            shape = () if isinstance(like, torch.Tensor) and like.dim() == 0 else tuple(params[index].shape)
+            if (like is None and value is None) or (
+                isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.is_floating_point()
+            ):
+                continue
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+            return f"optimizer state {index} {name} is {got}, expected a tensor of shape {shape}"
+    if trainer.scheduler is None:
+        return None if resumed["scheduler"] is None else "scheduler is there, but this run has none"
+    fresh, saved = trainer.scheduler.state_dict(), resumed["scheduler"]
+    found = checkpoint.mismatch(fresh, saved, "scheduler")
+    if found:
+        return found
+    # the schedule is the configuration's; only how far along it is comes from the checkpoint, and that is
+    # the number of steps taken
+    changed = [k for k in fresh if k not in _SCHEDULE_PROGRESS and saved[k] != fresh[k]]
+    if changed:
+        return f"scheduler {', '.join(changed)} differ from this run's schedule"
+    position = resumed["position"]
+    steps = resumed["epoch"] * trainer.steps_per_epoch + (position["step"] if position else 0)
+    if saved["last_epoch"] != steps or saved["_step_count"] != steps + 1:
+        return f"scheduler is at step {saved['last_epoch']!r}, the checkpoint at step {steps}"
+    return None
+
+
+# An optimizer's hyperparameters that a learning-rate schedule moves, and the bound of their range.
+_SCHEDULED = {"lr": math.inf, "betas": 1.0, "momentum": 1.0}
+# What a learning-rate scheduler's state_dict holds of its progress: the rest is fixed by the configuration.
+_SCHEDULE_PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step"})
+
+
+def _optimizer_state_of_one_step(optimizer: torch.optim.Optimizer) -> dict:
+    """The state one step gives a parameter under an optimizer like ``optimizer`` (its class and defaults),
+    taken on a throwaway one-element parameter: which entries there are, and which are 0-d (step counts)."""
+    probe = torch.nn.Parameter(torch.zeros(1))
+    probe.grad = torch.zeros(1)
+    accepted = inspect.signature(type(optimizer)).parameters
+    throwaway = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+    throwaway.step()
+    return dict(throwaway.state[probe])
 
 
 # ---- the epochs
@@ -256,6 +350,8 @@ def save(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFo
         history=progress.history,
         world_size=world.size,
     )
+    if progress.native_history:  # --compare-native: the torch.nn twin's epochs, kept on resume
+        state["native_history"] = progress.native_history
     metrics = metrics_of(cfg, world, trainer, native, progress)
     distributed.on_main(world, folder.save_checkpoint, state)
     distributed.on_main(world, folder.write_metrics, metrics)
@@ -279,7 +375,7 @@ def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: Run
             f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {epochs}{private}, "
             f"{metrics['train_seconds']:.1f} s of training; files in {folder.path}",
         )
-        if native is not None and progress.native_history:
+        if progress.native_history:
             metrics["native"]["time_ratio"] = _print_comparison(world, cfg, progress.history, progress.native_history)
     distributed.on_main(world, folder.write_metrics, metrics)
     distributed.on_main(world, draw_curves, folder, metrics)
@@ -307,7 +403,7 @@ def metrics_of(cfg: Config, world: distributed.World, trainer: Trainer, native, 
     if trainer.privacy is not None:
         spent = trainer.privacy.epsilon(trainer.private_steps)  # an interrupted epoch's steps count too
         metrics["privacy"] = {**trainer.privacy.to_dict(), "spent_epsilon": spent, "steps": trainer.private_steps}
-    if native is not None:
+    if native is not None or progress.native_history:  # a resumed run keeps the twin's epochs so far
         native_history = progress.native_history
         metrics["native"] = {
             "test_accuracy": native_history[-1].get("test_accuracy") if native_history else None,
@@ -376,7 +472,11 @@ def _summary(r: dict, epochs: int) -> str:
 
 
 def _print_comparison(world, cfg: Config, ours: list[dict], theirs: list[dict]) -> dict:
-    """The two runs side by side; returns the epoch-time ratios (manualgrad / torch.nn)."""
+    """The two runs side by side, over the epochs both trained (a resumed run trains ours only); returns the
+    epoch-time ratios (manualgrad / torch.nn)."""
+    if len(theirs) < len(ours):
+        log(world, f"\n(torch.nn trained epochs 1-{len(theirs)} only, before the run was resumed: compared there)")
+        ours = ours[: len(theirs)]
     ratios = [a["seconds"] / b["seconds"] for a, b in zip(ours, theirs)]
     mean_ours = statistics.fmean(r["seconds"] for r in ours)
     mean_theirs = statistics.fmean(r["seconds"] for r in theirs)

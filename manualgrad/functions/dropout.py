@@ -2,9 +2,13 @@ r"""Dropout: :math:`Y = X \odot M`, :math:`G_X = G_Y \odot M`, with :math:`M = K
 
 :math:`K` keeps each element (``dropout``) or each channel (``dropout2d``: one
 draw per sample and channel, broadcast over the rest) with probability
-:math:`1 - p`. It is drawn as PyTorch's CPU kernels draw it
-(``empty(...).bernoulli_(1 - p)``), so on the CPU the same seed gives the same
-mask as ``torch.nn.Dropout`` and ``torch.nn.Dropout2d``; the backward keeps
+:math:`1 - p`. It is drawn as PyTorch's CPU kernels draw it: ``dropout``'s as
+``empty_like(input).bernoulli_(1 - p)``, in the input's memory order (so a
+channels_last, transposed or sliced input gets the mask torch would give
+it), ``dropout2d``'s as ``empty((N, C, 1, ...)).bernoulli_(1 - p)``. On the
+CPU the same seed therefore gives the same mask as ``torch.nn.Dropout`` and
+``torch.nn.Dropout2d`` for any layout (tested); other devices' kernels may
+draw in another order. The backward keeps
 :math:`M` in the input's dtype and multiplies once. At :math:`p = 1` every
 element is dropped, :math:`Y = 0` and :math:`M = 0` (no draw, as in PyTorch).
 """
@@ -21,60 +25,60 @@ from ..errors import InputError
 from ..registry import operation
 from .base import ManualFunction, apply, save_for_forward
 
-__all__ = ["DropoutFunction", "dropout", "dropout2d"]
+__all__ = ["DropoutFunction", "draw_mask", "dropout", "dropout2d"]
 
 
 class DropoutFunction(ManualFunction):
-    r"""``apply(input, p, inplace, channels)`` → ``(output, mask)``: training-mode dropout.
+    r"""``apply(input, mask, inplace)`` → output: training-mode dropout with a drawn mask (:func:`draw_mask`).
 
-    Forward: :math:`Y = X \odot M`, :math:`M = K / (1 - p)` (:math:`M = 0` at
-    :math:`p = 1`), :math:`K` of shape ``(N, C, 1, ...)`` when ``channels``
-    (dropout2d) else of the input's shape. The mask is the second output (not
-    differentiable), so that ``setup_context`` can keep it. With ``inplace``
-    the input is overwritten (the backward needs only :math:`M`).
+    Forward: :math:`Y = X \odot M`, the mask :math:`M = K / (1 - p)` broadcast
+    over the input (of its shape, or ``(N, C, 1, ...)`` for dropout2d). With
+    ``inplace`` the input is overwritten (the backward needs only :math:`M`);
+    one output, so that, as the in-place activations, it works on a view.
     Backward: :math:`G_X = G_Y \odot M`. Forward mode: :math:`\dot Y = \dot X \odot M`.
     """
 
     @staticmethod
-    def forward(input: Tensor, p: float, inplace: bool = False, channels: bool = False):
-        shape = input.shape[:2] + (1,) * (input.dim() - 2) if channels else input.shape
-        if p == 1:
-            mask = input.new_zeros(shape)
-        else:
-            mask = input.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
-        return (input.mul_(mask) if inplace else input * mask), mask
+    def forward(input: Tensor, mask: Tensor, inplace: bool = False):
+        return input.mul_(mask) if inplace else input * mask
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input = inputs[0]
-        result, mask = output
-        ctx.inplace = result is input
+        input, mask, _ = inputs
+        ctx.inplace = output is input
         if ctx.inplace:
             ctx.mark_dirty(input)
-        ctx.mark_non_differentiable(mask)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the mask
         ctx.save_for_backward(mask)
         save_for_forward(ctx, mask)
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_mask):
+    def backward(ctx, grad_output):
         (mask,) = ctx.saved_tensors
-        if grad_output is None:
-            return None, None, None, None
-        return grad_output * mask, None, None, None  # G_X = G_Y ⊙ M
+        return grad_output * mask, None, None  # G_X = G_Y ⊙ M
 
     @staticmethod
     def jvp(ctx, input_tangent, *_):
         (mask,) = ctx.saved_tensors
         if ctx.inplace:  # the input changed in place: so does its tangent
-            return input_tangent.mul_(mask), None
-        return input_tangent * mask, None
+            return input_tangent.mul_(mask)
+        return input_tangent * mask
+
+
+def draw_mask(input: Tensor, p: float, channels: bool) -> Tensor:
+    """:math:`M = K / (1 - p)`, :math:`K` Bernoulli(1 - p) of the input's shape, or ``(N, C, 1, ...)`` when
+    ``channels`` (dropout2d); all zeros at ``p = 1`` (no draw, as in PyTorch)."""
+    if channels:  # one draw per (sample, channel), in that order, whatever the input's layout
+        mask = input.new_empty(input.shape[:2] + (1,) * (input.dim() - 2))
+    else:  # drawn in the input's memory order (channels_last, transposed, ...), as torch's kernel draws
+        mask = torch.empty_like(input)
+    return mask.zero_() if p == 1 else mask.bernoulli_(1 - p).div_(1 - p)
 
 
 def _apply(input: Tensor, p: float, inplace: bool, channels: bool) -> Tensor:
+    mask = draw_mask(input, p, channels)
     if inplace and torch.compiler.is_compiling():  # Dynamo cannot trace a Function that dirties its input
-        return input.copy_(apply(DropoutFunction, input, float(p), False, channels)[0])
-    return apply(DropoutFunction, input, float(p), inplace, channels)[0]
+        return input.copy_(apply(DropoutFunction, input, mask, False))
+    return apply(DropoutFunction, input, mask, inplace)
 
 
 @operation(torch.nn.Dropout, DropoutFunction, kind="layer")

@@ -159,6 +159,11 @@ def _minus_onehot(g: Tensor, index: Tensor, coefficient, dim: int, in_place: boo
     return g.scatter_add_(dim, index, minus) if in_place else g.scatter_add(dim, index, minus)
 
 
+def _indices(target: Tensor) -> Tensor:
+    """A uint8 class-index target (which torch takes for a 1-D or 2-D input) as int64, the index dtype."""
+    return target.long() if target.dtype == torch.uint8 else target
+
+
 def _without_size_warning(loss, input: Tensor, target: Tensor, *args, **kwargs) -> Tensor:
     """``loss(input, target, ...)``, PyTorch's own; its warning about a target of another shape is silenced,
     as the wrapper gave it already."""
@@ -344,6 +349,7 @@ def cross_entropy(
     """
     reduction = _checks.legacy_reduction("cross_entropy", size_average, reduce, reduction)
     _checks.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    target = _indices(target)
     return apply(CrossEntropyFunction, input, target, weight, ignore_index, reduction, float(label_smoothing))
 
 
@@ -421,6 +427,7 @@ def nll_loss(
     :class:`~manualgrad.functions.NLLLossFunction`. ``nll_loss(log_softmax(z, 1), t)`` is ``cross_entropy(z, t)``."""
     reduction = _checks.legacy_reduction("nll_loss", size_average, reduce, reduction)
     _checks.nll_loss(input, target, weight, ignore_index, reduction)
+    target = _indices(target)
     return apply(NLLLossFunction, input, target, weight, ignore_index, reduction)
 
 
@@ -766,6 +773,7 @@ def binary_cross_entropy(
     layer = "binary_cross_entropy"
     reduction = _checks.legacy_reduction(layer, size_average, reduce, reduction)
     _binary_checks(layer, input, target, reduction, weight)
+    _checks.same_dtype(layer, "input", input, "target", target)  # torch's kernel takes no mixture
     _probabilities(layer, input)
     return apply(BinaryCrossEntropyFunction, input, target, weight, reduction)
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from ..errors import InputError
 from ..registry import operation
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
 
@@ -111,7 +112,16 @@ def _dim(layer: str, input: Tensor, dim: int | None) -> int:
 
 
 def _softmax_call(layer: str, function, input, dim, dtype):
-    _checks.real_floating(layer, "input", input)
+    if dtype is None:
+        _checks.real_floating(layer, "input", input)
+    else:  # the input is cast to dtype first: any real input (bool, integers) will do, as in torch
+        _checks.tensor(layer, "input", input)
+        if input.is_complex():
+            raise InputError(
+                f"{layer}: input has complex dtype {input.dtype}; manualgrad differentiates real inputs only"
+            )
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise InputError(f"{layer}: dtype must be a floating-point dtype, got {dtype}")
     return apply(function, input, _dim(layer, input, dim), dtype)
 
 

@@ -12,7 +12,13 @@ passing each of its parameters that the module stores under the same name
 Every other name of ``torch.nn`` (``Module``, ``Sequential``, ``Parameter``,
 ``init``, ``Conv3d``, ...) is handed on to torch, so ``import manualgrad.nn as
 nn`` never breaks a script; ``nn.functional`` is :mod:`manualgrad.functional`.
-``dir()`` and ``from manualgrad.nn import *`` list only what is ours.
+So are torch.nn's submodules: ``import manualgrad.nn.functional as F`` gives
+:mod:`manualgrad.functional`, and ``import manualgrad.nn.init``, ``from
+manualgrad.nn.utils import parametrize``, ``from manualgrad.nn.parameter
+import Parameter``, ... give torch's own modules (:class:`_TorchSubmodules`), so
+swapping ``torch`` for ``manualgrad`` in a ``torch.nn`` import line never breaks
+it. Only this package's names are ours: ``manualgrad.nn.modules.Linear`` is
+torch's. ``dir()`` and ``from manualgrad.nn import *`` list only what is ours.
 
 :class:`MLP` is the whole network as one Function.
 """
@@ -20,18 +26,23 @@ nn`` never breaks a script; ``nn.functional`` is :mod:`manualgrad.functional`.
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import inspect
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _checks
-from . import functional as _functional
-from .errors import InputError
-from .functions import MLPCrossEntropyFunction, MLPFunction, MLPSpec
-from .functions.base import apply
-from .registry import OPS, Op, ops
+from .. import _checks, _compat
+from .. import functional as _functional
+from ..errors import InputError
+from ..functions import MLPCrossEntropyFunction, MLPFunction, MLPSpec
+from ..functions.base import apply
+from ..registry import OPS, Op, ops
 
 _TWINS: dict[str, type[torch.nn.Module]] = {}  # class name -> twin, made once per operation
 
@@ -204,8 +215,16 @@ class MLP(torch.nn.Sequential):
     dropout, ``"0.weight", "3.weight", ...`` with it), so checkpoints move
     between the two. Every call reads its children as they are then: replace
     a layer (``mlp[-1] = Linear(256, 5)``), change an activation's parameter
-    or a dropout probability, and the fused Function computes that; a child it
-    cannot compute (e.g. a subclass with its own ``forward``) raises an
+    or a dropout probability, parametrise a weight
+    (``torch.nn.utils.parametrize``), put one dropout child alone in training
+    mode (``mlp.eval(); mlp[2].train()``, Monte Carlo dropout: each dropout
+    child drops as its own ``training`` says), and the fused Function computes
+    that, with the masks a per-layer model would draw under the same seed. A
+    child with hooks (``register_forward_hook`` and the like, also
+    ``torch.nn.utils.prune``'s and the old ``weight_norm``'s), or any global
+    module hook, is called as a module, so its hooks run: the call then runs
+    the children one by one, as ``per_layer()`` does (slower, same result). A
+    child it cannot compute (e.g. a subclass with its own ``forward``) raises an
     :class:`~manualgrad.InputError` that points to ``per_layer()``, which runs the
     same modules one by one. The fused path is first-order only (a double
     backward raises); ``torch.compile`` traces it without a graph break. For
@@ -292,14 +311,20 @@ class MLP(torch.nn.Sequential):
                 dropouts.append(0.0)
                 expect = ("Linear", "Dropout")
             else:
-                dropouts[-1] = module.p
+                dropouts[-1] = module.p if module.training else 0.0  # each dropout child drops as it says
                 expect = ("Linear",)
         if expect != ("activation",):
             raise InputError(f"{layer}: the last child must be a Linear layer, got {type(self[-1]).__name__}")
-        spec = MLPSpec(tuple(activations), tuple(dropouts), self.training, float(label_smoothing))
+        spec = MLPSpec(tuple(activations), tuple(dropouts), any(dropouts), float(label_smoothing))
         return spec, params
 
+    def _hooked(self) -> bool:
+        """Whether calling some child runs hooks, which the fused Function would skip."""
+        return any(_compat.has_call_hooks(module) for module in self)
+
     def forward(self, input: Tensor) -> Tensor:
+        if self._hooked():  # the children one by one, as modules, so that their hooks run
+            return super().forward(input)
         spec, params = self._structure("MLP")
         _checks.linear(input, params[0], params[1], layer="MLP")
         return apply(MLPFunction, input, spec, *params)[0]
@@ -312,9 +337,12 @@ class MLP(torch.nn.Sequential):
         backward in one autograd node. Shape: input ``(N, sizes[0])``, target ``(N,)``.
         """
         _checks.probability("MLP.loss", "label_smoothing", label_smoothing)
+        if self._hooked():  # the children one by one, as modules, so that their hooks run
+            return _functional.cross_entropy(super().forward(input), target, label_smoothing=label_smoothing)
         spec, params = self._structure("MLP.loss", label_smoothing)
         _checks.linear(input, params[0], params[1], layer="MLP.loss")
         _checks.class_indices("MLP.loss", input, target, params[-2].shape[0])
+        target = target.long()  # uint8 class indices (as cross_entropy takes them) as the index dtype
         wants_grad = torch.is_grad_enabled() and (
             input.requires_grad or any(p is not None and p.requires_grad for p in params)
         )
@@ -344,3 +372,36 @@ def _missing(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*_twins_by_name(), "MLP", "ACTIVATIONS", "twin", "activation_of", "activation_module"])
+
+
+class _TorchSubmodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``manualgrad.nn.<name>`` as :mod:`manualgrad.functional` (``functional``) or as torch's own
+    ``torch.nn.<name>`` (``init``, ``utils.parametrize``, ``parameter``, ...): the same module object, so
+    that ``import torch.nn.X`` lines work with ``torch`` swapped for ``manualgrad``."""
+
+    PREFIX = __name__ + "."
+
+    def __init__(self) -> None:
+        self._specs: dict[str, importlib.machinery.ModuleSpec] = {}  # the aliased modules' own specs
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith(self.PREFIX) or importlib.util.find_spec(self._target(fullname)) is None:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    @classmethod
+    def _target(cls, fullname: str) -> str:
+        name = fullname[len(cls.PREFIX) :]
+        return _functional.__name__ if name == "functional" else f"torch.nn.{name}"
+
+    def create_module(self, spec):
+        module = importlib.import_module(self._target(spec.name))  # that module itself, not a copy
+        self._specs[module.__name__] = module.__spec__
+        return module
+
+    def exec_module(self, module) -> None:
+        module.__spec__ = self._specs.pop(module.__name__)  # the import system set it to the alias's
+
+
+if not any(isinstance(finder, _TorchSubmodules) for finder in sys.meta_path):  # once, even if reloaded
+    sys.meta_path.insert(0, _TorchSubmodules())  # before the path finder, which would load a second copy
