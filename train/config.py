@@ -1,6 +1,11 @@
 """Command-line options, presets and the run's configuration.
 
-Every option has a default and a help string (``python -m train --help``).
+Each option is declared once, as a :class:`Config` field: its default, and in the field's metadata
+(:func:`option`) its help, its argparse ``type`` or ``choices``, its group in ``--help`` and its role
+(``training``: it decides what is learned, a resumed run takes it from its checkpoint; ``run``: where and
+how a run runs, a resumed run takes it from its command line). :func:`build_parser` and the option lists
+(:data:`TRAINING_OPTIONS`, :data:`RUN_OPTIONS`, :data:`NEWER_OPTIONS`) are generated from those fields.
+
 A preset is a set of defaults: ``--preset best`` swaps in other defaults, and
 any option given explicitly on the command line still wins over the preset.
 Invalid values are argparse usage errors (exit status 2).
@@ -26,139 +31,7 @@ from manualgrad.nn import ACTIVATIONS
 
 from .errors import ConfigError
 
-
-@dataclass
-class Config:
-    """Everything a run depends on; ``config.json`` in the run folder is this, as a dict."""
-
-    preset: str = "default"
-    model: str = "mlp"
-    data_dir: str = "data/"
-    download: bool = True
-    epochs: int = 15
-    batch_size: int = 128
-    hidden: tuple = (512, 256)
-    activation: str = "relu"
-    dropout: float = 0.1
-    label_smoothing: float = 0.1
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.05
-    schedule: str = "onecycle"
-    augment: str = "none"
-    impl: str = "fused"
-    seed: int = 0
-    dp: bool = False  # DP-SGD (manualgrad.privacy): Poisson-sampled batches, per-sample clipping, Gaussian noise
-    epsilon: float | None = None  # the privacy budget ε that --dp spends over the whole run (required with --dp)
-    delta: float = 1e-5
-    clip: float = 1.0  # per-sample gradient norm bound C
-    accountant: str = "pld"
-    secure_rng: bool = False  # --dp: batches and noise from the OS's entropy instead of --seed
-    device: str = "auto"
-    threads: int | None = None  # None: auto, timed between 1 and all of this process's cores (train/threads.py)
-    out: str | None = None  # None: runs/<timestamp>
-    resume: str | None = None
-    compare_native: bool = False
-    check_grads: bool = False
-    progress: bool = True
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Config:
-        """The inverse of :meth:`to_dict`; the options that decide what is learned must all be there
-        (the others may be missing, as in a configuration written before they existed)."""
-        missing = [k for k in TRAINING_OPTIONS if k not in d and k not in NEWER_OPTIONS]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["hidden"] = tuple(d["hidden"])
-        return cls(**d)
-
-
 MODELS = ("mlp", "cnn")
-# The defaults of each model: what differs from the Config defaults above (which are the MLP's). They apply
-# when the model is chosen (by --model or by the preset); a preset's own values and explicit options win.
-MODEL_DEFAULTS: dict[str, dict] = {
-    "mlp": {},
-    # pytorch/examples' MNIST CNN (fully connected 9216-128-10, dropouts 0.25 and 0.5), trained with AdamW
-    # and onecycle for fewer epochs: an epoch costs ~20x the MLP's.
-    "cnn": dict(epochs=6, hidden=(128,), dropout=0.5, impl="layers", augment="shift"),
-}
-
-# DP-SGD's MLP: tanh (bounded activations suit clipped, noisy gradients: Papernot et al. 2021), one hidden layer,
-# no dropout, label smoothing or weight decay, large Poisson-sampled batches (4000 expected: 15 steps an epoch),
-# Adam. Found by a small search at epsilon 2 (hidden 64-512, batch 500-4000, 40-60 epochs, SGD and Adam at
-# several learning rates: 93.5-94.5% on the test set), which the guarantee does not cover.
-DP_MLP = dict(
-    dp=True,
-    hidden=(512,),
-    activation="tanh",
-    dropout=0.0,
-    label_smoothing=0.0,
-    weight_decay=0.0,
-    batch_size=4000,
-    epochs=60,
-    clip=1.0,
-    optimizer="adam",
-    lr=5e-3,
-    schedule="cosine",
-)
-
-# A preset only lists what differs from the defaults of its model (the `default` preset is the MLP's).
-PRESETS: dict[str, dict] = {
-    "default": {},
-    # the CNN on elastically distorted images (a new distortion of every image in every epoch), longer.
-    "best": dict(model="cnn", epochs=20, augment="elastic"),
-    # ~99.4% in ~6-10 min on 2 CPU cores: a wider MLP that sees a new elastic distortion of every image
-    # in every epoch (Simard et al. 2003), so it trains longer without overfitting.
-    "best-mlp": dict(
-        epochs=50,
-        hidden=(1024, 1024),
-        dropout=0.2,
-        lr=1e-3,
-        augment="elastic",
-    ),
-    # DP-SGD at ε = 2 and ε = 1 (δ = 1e-5): the DP_MLP below; the README says how it was found
-    "dp2": dict(DP_MLP, epsilon=2.0),
-    "dp1": dict(DP_MLP, epsilon=1.0),
-}
-
-# Options that decide what is learned: a resumed run takes them from its checkpoint and refuses changes.
-TRAINING_OPTIONS = (
-    "model",
-    "epochs",
-    "batch_size",
-    "hidden",
-    "activation",
-    "dropout",
-    "label_smoothing",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "schedule",
-    "augment",
-    "impl",
-    "seed",
-    "dp",
-    "epsilon",
-    "delta",
-    "clip",
-    "accountant",
-    "secure_rng",
-)
-# Training options added after checkpoint format 2: a checkpoint may lack them, and then has their default
-# (which must therefore be the behaviour from before the option existed).
-NEWER_OPTIONS: frozenset = frozenset({"model", "dp", "epsilon", "delta", "clip", "accountant", "secure_rng"})
-# Options that say only where and how a run runs: a resumed run takes them from the command line.
-RUN_OPTIONS = ("download", "device", "threads", "progress", "check_grads", "compare_native", "resume")
-
 MAX_SEED = 2**64 - 1  # torch's seeds are unsigned 64-bit integers
 MAX_WIDTH = 2**31 - 1
 MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only slows down; far more crashes OpenMP
@@ -266,257 +139,341 @@ def path(text: str) -> str:
     return text
 
 
-# ---- the parser
+# The defaults of each model: what differs from the Config defaults above (which are the MLP's). They apply
+# when the model is chosen (by --model or by the preset); a preset's own values and explicit options win.
+MODEL_DEFAULTS: dict[str, dict] = {
+    "mlp": {},
+    # pytorch/examples' MNIST CNN (fully connected 9216-128-10, dropouts 0.25 and 0.5), trained with AdamW
+    # and onecycle for fewer epochs: an epoch costs ~20x the MLP's.
+    "cnn": dict(epochs=6, hidden=(128,), dropout=0.5, impl="layers", augment="shift"),
+}
+
+# DP-SGD's MLP: tanh (bounded activations suit clipped, noisy gradients: Papernot et al. 2021), one hidden layer,
+# no dropout, label smoothing or weight decay, large Poisson-sampled batches (4000 expected: 15 steps an epoch),
+# Adam. Found by a small search at epsilon 2 (hidden 64-512, batch 500-4000, 40-60 epochs, SGD and Adam at
+# several learning rates: 93.5-94.5% on the test set), which the guarantee does not cover.
+DP_MLP = dict(
+    dp=True,
+    hidden=(512,),
+    activation="tanh",
+    dropout=0.0,
+    label_smoothing=0.0,
+    weight_decay=0.0,
+    batch_size=4000,
+    epochs=60,
+    clip=1.0,
+    optimizer="adam",
+    lr=5e-3,
+    schedule="cosine",
+)
+
+# A preset only lists what differs from the defaults of its model (the `default` preset is the MLP's).
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # the CNN on elastically distorted images (a new distortion of every image in every epoch), longer.
+    "best": dict(model="cnn", epochs=20, augment="elastic"),
+    # ~99.4% in ~6-10 min on 2 CPU cores: a wider MLP that sees a new elastic distortion of every image
+    # in every epoch (Simard et al. 2003), so it trains longer without overfitting.
+    "best-mlp": dict(
+        epochs=50,
+        hidden=(1024, 1024),
+        dropout=0.2,
+        lr=1e-3,
+        augment="elastic",
+    ),
+    # DP-SGD at ε = 2 and ε = 1 (δ = 1e-5): the DP_MLP below; the README says how it was found
+    "dp2": dict(DP_MLP, epsilon=2.0),
+    "dp1": dict(DP_MLP, epsilon=1.0),
+}
+
+
+# ---- the options
+
+
+def option(default, help: str, group: str, role: str | None = None, newer: bool = False, shown=None, **argparse_kw):
+    """A :class:`Config` field declaring a command-line option: ``default``, its ``help`` in ``--help``'s
+    ``group``, its ``role`` (``training``, ``run`` or None: see the module docstring), ``newer`` for a training
+    option added after checkpoint format 2 (a checkpoint may lack it: its default must be the behaviour from
+    before it existed), ``shown``: the default as ``--help`` states it ("": not stated), and what argparse's
+    ``add_argument`` takes (``type``, ``choices``, ``action``, ``flag`` for another flag than ``--name``)."""
+    meta = dict(help=help, group=group, role=role, newer=newer, shown=shown, argparse=argparse_kw)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+SWITCH = dict(action="store_true", shown="")
+
+
+@dataclass
+class Config:
+    """Everything a run depends on; ``config.json`` in the run folder is this, as a dict."""
+
+    preset: str = option(
+        "default",
+        "named set of defaults; explicit options override it. default: the MLP 784-512-256-10, "
+        "15 epochs, ~98.8%% in ~25-40 s on 2 CPU cores; best: the CNN on elastically distorted images, "
+        "20 epochs; best-mlp: 784-1024-1024-10 on elastically distorted images, 50 epochs, ~99.4%% in "
+        "~6-10 min; dp2, dp1: DP-SGD at epsilon 2 and 1 (delta 1e-5), a tanh MLP 784-512-10",
+        "run",
+        choices=sorted(PRESETS),
+    )
+    model: str = option(
+        "mlp",
+        "mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN (Conv2d 1->32 3x3, Conv2d "
+        "32->64 3x3, max-pool 2, dropout/2, Linear 9216 -> hidden... -> 10, dropout after each hidden "
+        "Linear), with its own defaults (6 epochs, --hidden 128, --dropout 0.5, --impl layers, --augment shift)",
+        "model",
+        "training",
+        newer=True,
+        choices=MODELS,
+    )
+    data_dir: str = option(
+        "data/",
+        "folder with the MNIST IDX files (torchvision layout <dir>/MNIST/raw/, or the four files "
+        "directly in <dir>); downloaded there when missing",
+        "run",
+        type=path,
+    )
+    download: bool = option(
+        True,
+        "never download; fail if the files are missing",
+        "run",
+        "run",
+        flag="--no-download",
+        action="store_false",
+        shown="",
+    )
+    epochs: int = option(15, "passes over the training set", "optimisation", "training", type=positive_int)
+    batch_size: int = option(
+        128, "global batch size (split across processes under torchrun)", "optimisation", "training", type=positive_int
+    )
+    hidden: tuple = option(
+        (512, 256),
+        "hidden layer widths, comma-separated (e.g. 512,256); for the CNN, its fully connected layers",
+        "model",
+        "training",
+        type=hidden_sizes,
+    )
+    activation: str = option(
+        "relu",
+        "activation after every hidden layer; your own: my_ops.py:squareplus or my_module:squareplus "
+        "(imported first, so that its registration runs)",
+        "model",
+        "training",
+        type=activation_name,
+        metavar=lambda: "{" + ",".join(ACTIVATIONS) + "}",  # the registry as it is when the parser is built
+    )
+    dropout: float = option(
+        0.1, "dropout probability after every hidden activation", "model", "training", type=probability
+    )
+    label_smoothing: float = option(
+        0.1, "label smoothing of the training loss", "optimisation", "training", type=probability
+    )
+    optimizer: str = option(
+        "adamw",
+        "sgd: with (Nesterov) momentum; adam; adamw: decoupled weight decay",
+        "optimisation",
+        "training",
+        choices=("sgd", "adam", "adamw"),
+    )
+    lr: float = option(
+        2e-3, "learning rate (the peak one for onecycle)", "optimisation", "training", type=positive_float
+    )
+    momentum: float = option(0.9, "momentum for sgd", "optimisation", "training", type=probability)
+    weight_decay: float = option(0.05, "weight decay", "optimisation", "training", type=nonnegative_float)
+    schedule: str = option(
+        "onecycle",
+        "learning-rate schedule, stepped every batch: onecycle (warm-up then anneal), "
+        "cosine (anneal to 0), none (constant)",
+        "optimisation",
+        "training",
+        choices=("onecycle", "cosine", "none"),
+    )
+    augment: str = option(
+        "none",
+        "batch-level augmentation of training images: shift (up to 2 px), affine (rotate, "
+        "scale, shear, shift), elastic (affine + elastic distortion)",
+        "optimisation",
+        "training",
+        choices=("none", "shift", "affine", "elastic"),
+    )
+    impl: str = option(
+        "fused",
+        "fused: the whole MLP and its loss as one manualgrad Function (MLP.loss); "
+        "layers: one manualgrad Function per layer (MLP.per_layer() + manualgrad CrossEntropyLoss); "
+        "the CNN has layers only",
+        "model",
+        "training",
+        choices=("fused", "layers"),
+    )
+    seed: int = option(
+        0,
+        "seed for initial weights, batch order, dropout and augmentation (0 to 2**64-1)",
+        "run",
+        "training",
+        type=seed,
+    )
+    dp: bool = option(
+        False,
+        "train with DP-SGD: each step's batch Poisson-sampled (every training image in it with "
+        "probability batch-size/N; epochs of N/batch-size steps), each image's gradient clipped to norm "
+        "--clip, Gaussian noise of std sigma*clip added to their sum, sigma set by the accountant so that "
+        "the whole run is (--epsilon, --delta)-DP. Needs dp-accounting: pip install -e '.[dp]'",
+        "dp",
+        "training",
+        newer=True,
+        **SWITCH,
+    )
+    epsilon: float | None = option(
+        None,
+        "the privacy budget epsilon of the whole run",
+        "dp",
+        "training",
+        newer=True,
+        shown="none; required with --dp",
+        type=positive_float,
+    )
+    delta: float = option(1e-5, "the delta of (epsilon, delta)-DP", "dp", "training", newer=True, type=open_probability)
+    clip: float = option(1.0, "per-sample gradient norm bound C", "dp", "training", newer=True, type=positive_float)
+    accountant: str = option(
+        "pld",
+        "dp-accounting's privacy accountant: pld (privacy loss distributions, tight) or rdp (Renyi DP, "
+        "an upper bound: more noise for the same epsilon)",
+        "dp",
+        "training",
+        newer=True,
+        choices=("pld", "rdp"),
+    )
+    secure_rng: bool = option(
+        False,
+        "draw the batches and the noise from streams seeded by the operating system's entropy, not by "
+        "--seed: without it anyone who knows the seed can recompute them, and the guarantee does not hold "
+        "against them (the run cannot be repeated; resuming stays exact)",
+        "dp",
+        "training",
+        newer=True,
+        **SWITCH,
+    )
+    device: str = option("auto", "auto: cuda when available, else cpu", "run", "run", choices=("auto", "cpu", "cuda"))
+    threads: int | None = option(
+        None,
+        f"CPU threads per process, 1 to {MAX_THREADS}, or auto: at the start of every epoch (and again "
+        "when steps slow down) time a few throw-away steps with 1 thread and with all of this process's "
+        "cores, and train with the faster. That keeps a busy machine from slowing training down many "
+        "times over; a different count changes results in the last float bits, so pass a number for runs "
+        "that must reproduce bit for bit whatever the machine's load",
+        "run",
+        "run",
+        shown="auto",
+        type=threads,
+    )
+    out: str | None = option(
+        None,
+        "run folder for metrics, checkpoint and plots (default: runs/<timestamp>; when resuming: the "
+        "checkpoint's folder). One run at a time: a folder in use by a running run is refused, and so is "
+        "a folder holding any file a run writes (config.json, checkpoint.pt, metrics.json, curves.png), "
+        "except the folder of the checkpoint being resumed",
+        "run",
+        shown="",
+        type=path,
+    )
+    resume: str | None = option(
+        None,
+        "continue from a checkpoint.pt (or a run folder holding one), with its options and on the same "
+        "data (checked by fingerprint)",
+        "run",
+        "run",
+        shown="",
+        type=path,
+        metavar="PATH",
+    )
+    compare_native: bool = option(
+        False,
+        "also train the same model written in plain torch.nn (same initial weights, seed and batches, "
+        "epochs interleaved in this process) and print both side by side with the epoch-time ratio "
+        "(not with --dp)",
+        "checks",
+        "run",
+        **SWITCH,
+    )
+    check_grads: bool = option(
+        False,
+        "before training, compare our gradients on one batch with torch autograd's "
+        "(a torch.nn twin with the same weights) and print the largest relative difference",
+        "checks",
+        "run",
+        **SWITCH,
+    )
+    progress: bool = option(
+        True,
+        "no progress bars, only one line per epoch (bars are shown only on a terminal anyway)",
+        "run",
+        "run",
+        flag="--no-progress",
+        action="store_false",
+        shown="",
+    )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        """The inverse of :meth:`to_dict`; the options that decide what is learned must all be there
+        (the others may be missing, as in a configuration written before they existed)."""
+        missing = [k for k in TRAINING_OPTIONS if k not in d and k not in NEWER_OPTIONS]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["hidden"] = tuple(d["hidden"])
+        return cls(**d)
+
+
+OPTIONS = dataclasses.fields(Config)
+# Options that decide what is learned: a resumed run takes them from its checkpoint and refuses changes.
+TRAINING_OPTIONS = tuple(f.name for f in OPTIONS if f.metadata["role"] == "training")
+# Training options added after checkpoint format 2: a checkpoint may lack them, and then has their default.
+NEWER_OPTIONS = frozenset(f.name for f in OPTIONS if f.metadata["newer"])
+# Options that say only where and how a run runs: a resumed run takes them from the command line.
+RUN_OPTIONS = tuple(f.name for f in OPTIONS if f.metadata["role"] == "run")
+PRIVACY_OPTIONS = frozenset(f.name for f in OPTIONS if f.metadata["group"] == "dp") - {"dp"}
+GROUPS = dict(
+    run="run", model="model", optimisation="optimisation", dp="differential privacy (DP-SGD)", checks="checks"
+)
+
+
+def flag(name: str) -> str:
+    """``epsilon`` -> ``--epsilon``; ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
 
 
 def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
     """The command line's parser, with ``defaults`` as defaults (shown by ``--help``). With None, every
     default is ``argparse.SUPPRESS`` and there is no ``--help``: parsing yields only the options given."""
-    given_only = defaults is None
-    d = defaults or Config()
-
-    def default(value, shown: str | None = None) -> dict:
-        """``default=`` for add_argument, and the help suffix that states it."""
-        if given_only:
-            return {"default": argparse.SUPPRESS}
-        if shown is None:
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        return {"default": value, "suffix": f" (default: {shown})" if shown else ""}
-
     script = os.path.basename(sys.argv[0])
     p = argparse.ArgumentParser(
         prog="python -m train" if script in ("__main__.py", "-m", "-c", "") else script,
         description="Train an MLP or a CNN built only from manualgrad modules (hand-written backward passes) on "
         "MNIST, optionally with differential privacy (DP-SGD).",
         epilog="Several processes: torchrun --nproc_per_node=2 -m train [options] (same results as one process).",
-        add_help=not given_only,
+        add_help=defaults is not None,
     )
-
-    def add(group, *flags, help: str, default: dict, **kwargs) -> None:
-        group.add_argument(*flags, help=help + default.pop("suffix", ""), **default, **kwargs)
-
-    g = p.add_argument_group("run")
-    add(
-        g,
-        "--preset",
-        choices=sorted(PRESETS),
-        default=default(d.preset),
-        help="named set of defaults; explicit options override it. default: the MLP 784-512-256-10, "
-        "15 epochs, ~98.8%% in ~25-40 s on 2 CPU cores; best: the CNN on elastically distorted images, "
-        "20 epochs; best-mlp: 784-1024-1024-10 on elastically distorted images, 50 epochs, ~99.4%% in "
-        "~6-10 min; dp2, dp1: DP-SGD at epsilon 2 and 1 (delta 1e-5), a tanh MLP 784-512-10",
-    )
-    add(
-        g,
-        "--data-dir",
-        type=path,
-        default=default(d.data_dir),
-        help="folder with the MNIST IDX files (torchvision layout <dir>/MNIST/raw/, or the four files "
-        "directly in <dir>); downloaded there when missing",
-    )
-    add(
-        g,
-        "--no-download",
-        dest="download",
-        action="store_false",
-        default=default(True, ""),
-        help="never download; fail if the files are missing",
-    )
-    add(
-        g,
-        "--out",
-        type=path,
-        default=default(d.out, ""),
-        help="run folder for metrics, checkpoint and plots (default: runs/<timestamp>; when resuming: the "
-        "checkpoint's folder). One run at a time: a folder in use by a running run is refused, and so is "
-        "a folder holding any file a run writes (config.json, checkpoint.pt, metrics.json, curves.png), "
-        "except the folder of the checkpoint being resumed",
-    )
-    add(
-        g,
-        "--resume",
-        type=path,
-        metavar="PATH",
-        default=default(d.resume, ""),
-        help="continue from a checkpoint.pt (or a run folder holding one), with its options and on the same "
-        "data (checked by fingerprint)",
-    )
-    add(
-        g,
-        "--seed",
-        type=seed,
-        default=default(d.seed),
-        help="seed for initial weights, batch order, dropout and augmentation (0 to 2**64-1)",
-    )
-    add(
-        g,
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default=default(d.device),
-        help="auto: cuda when available, else cpu",
-    )
-    add(
-        g,
-        "--threads",
-        type=threads,
-        default=default(d.threads, "auto"),
-        help=f"CPU threads per process, 1 to {MAX_THREADS}, or auto: at the start of every epoch (and again "
-        "when steps slow down) time a few throw-away steps with 1 thread and with all of this process's "
-        "cores, and train with the faster. That keeps a busy machine from slowing training down many "
-        "times over; a different count changes results in the last float bits, so pass a number for runs "
-        "that must reproduce bit for bit whatever the machine's load",
-    )
-    add(
-        g,
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=default(True, ""),
-        help="no progress bars, only one line per epoch (bars are shown only on a terminal anyway)",
-    )
-
-    g = p.add_argument_group("model")
-    add(
-        g,
-        "--model",
-        choices=MODELS,
-        default=default(d.model),
-        help="mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN (Conv2d 1->32 3x3, Conv2d "
-        "32->64 3x3, max-pool 2, dropout/2, Linear 9216 -> hidden... -> 10, dropout after each hidden "
-        "Linear), with its own defaults (6 epochs, --hidden 128, --dropout 0.5, --impl layers, --augment shift)",
-    )
-    add(
-        g,
-        "--hidden",
-        type=hidden_sizes,
-        default=default(d.hidden),
-        help="hidden layer widths, comma-separated (e.g. 512,256); for the CNN, its fully connected layers",
-    )
-    add(
-        g,
-        "--activation",
-        type=activation_name,
-        metavar="{" + ",".join(ACTIVATIONS) + "}",
-        default=default(d.activation),
-        help="activation after every hidden layer; your own: my_ops.py:squareplus or my_module:squareplus "
-        "(imported first, so that its registration runs)",
-    )
-    add(
-        g,
-        "--dropout",
-        type=probability,
-        default=default(d.dropout),
-        help="dropout probability after every hidden activation",
-    )
-    add(
-        g,
-        "--impl",
-        choices=("fused", "layers"),
-        default=default(d.impl),
-        help="fused: the whole MLP and its loss as one manualgrad Function (MLP.loss); "
-        "layers: one manualgrad Function per layer (MLP.per_layer() + manualgrad CrossEntropyLoss); "
-        "the CNN has layers only",
-    )
-
-    g = p.add_argument_group("optimisation")
-    add(g, "--epochs", type=positive_int, default=default(d.epochs), help="passes over the training set")
-    add(
-        g,
-        "--batch-size",
-        type=positive_int,
-        default=default(d.batch_size),
-        help="global batch size (split across processes under torchrun)",
-    )
-    add(
-        g,
-        "--optimizer",
-        choices=("sgd", "adam", "adamw"),
-        default=default(d.optimizer),
-        help="sgd: with (Nesterov) momentum; adam; adamw: decoupled weight decay",
-    )
-    add(g, "--lr", type=positive_float, default=default(d.lr), help="learning rate (the peak one for onecycle)")
-    add(g, "--momentum", type=probability, default=default(d.momentum), help="momentum for sgd")
-    add(g, "--weight-decay", type=nonnegative_float, default=default(d.weight_decay), help="weight decay")
-    add(
-        g,
-        "--schedule",
-        choices=("onecycle", "cosine", "none"),
-        default=default(d.schedule),
-        help="learning-rate schedule, stepped every batch: onecycle (warm-up then anneal), "
-        "cosine (anneal to 0), none (constant)",
-    )
-    add(
-        g,
-        "--label-smoothing",
-        type=probability,
-        default=default(d.label_smoothing),
-        help="label smoothing of the training loss",
-    )
-    add(
-        g,
-        "--augment",
-        choices=("none", "shift", "affine", "elastic"),
-        default=default(d.augment),
-        help="batch-level augmentation of training images: shift (up to 2 px), affine (rotate, "
-        "scale, shear, shift), elastic (affine + elastic distortion)",
-    )
-
-    g = p.add_argument_group("differential privacy (DP-SGD)")
-    add(
-        g,
-        "--dp",
-        action="store_true",
-        default=default(d.dp, ""),
-        help="train with DP-SGD: each step's batch Poisson-sampled (every training image in it with "
-        "probability batch-size/N; epochs of N/batch-size steps), each image's gradient clipped to norm "
-        "--clip, Gaussian noise of std sigma*clip added to their sum, sigma set by the accountant so that "
-        "the whole run is (--epsilon, --delta)-DP. Needs dp-accounting: pip install -e '.[dp]'",
-    )
-    add(
-        g,
-        "--epsilon",
-        type=positive_float,
-        default=default(d.epsilon, "none; required with --dp"),
-        help="the privacy budget epsilon of the whole run",
-    )
-    add(g, "--delta", type=open_probability, default=default(d.delta), help="the delta of (epsilon, delta)-DP")
-    add(g, "--clip", type=positive_float, default=default(d.clip), help="per-sample gradient norm bound C")
-    add(
-        g,
-        "--accountant",
-        choices=("pld", "rdp"),
-        default=default(d.accountant),
-        help="dp-accounting's privacy accountant: pld (privacy loss distributions, tight) or rdp (Renyi DP, "
-        "an upper bound: more noise for the same epsilon)",
-    )
-    add(
-        g,
-        "--secure-rng",
-        action="store_true",
-        default=default(d.secure_rng, ""),
-        help="draw the batches and the noise from streams seeded by the operating system's entropy, not by "
-        "--seed: without it anyone who knows the seed can recompute them, and the guarantee does not hold "
-        "against them (the run cannot be repeated; resuming stays exact)",
-    )
-
-    g = p.add_argument_group("checks")
-    add(
-        g,
-        "--compare-native",
-        action="store_true",
-        default=default(False, ""),
-        help="also train the same model written in plain torch.nn (same initial weights, seed and batches, "
-        "epochs interleaved in this process) and print both side by side with the epoch-time ratio "
-        "(not with --dp)",
-    )
-    add(
-        g,
-        "--check-grads",
-        action="store_true",
-        default=default(False, ""),
-        help="before training, compare our gradients on one batch with torch autograd's "
-        "(a torch.nn twin with the same weights) and print the largest relative difference",
-    )
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    for f in OPTIONS:
+        meta, kw = f.metadata, dict(f.metadata["argparse"])
+        flags = [kw.pop("flag", flag(f.name))]
+        if callable(kw.get("metavar")):
+            kw["metavar"] = kw["metavar"]()
+        help, value = meta["help"], argparse.SUPPRESS
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+            shown = meta["shown"]
+            if shown is None:
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            help += f" (default: {shown})" if shown else ""
+        groups[meta["group"]].add_argument(*flags, dest=f.name, default=value, help=help, **kw)
     return p
 
 
@@ -527,13 +484,11 @@ def parse_args(argv=None) -> tuple[Config, frozenset]:
     parser = build_parser(defaults(getattr(given, "preset", Config.preset), getattr(given, "model", None)))
     cfg = Config(**vars(parser.parse_args(argv)))  # --help, unknown options
     names = frozenset(vars(given))
-    if cfg.compare_native and cfg.resume:
-        parser.error("--compare-native cannot be combined with --resume")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
-    privacy = sorted(names & {"epsilon", "delta", "clip", "accountant", "secure_rng"})
+    privacy = sorted(names & PRIVACY_OPTIONS)
     if privacy and not cfg.dp and not cfg.resume:
-        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in privacy)}: only with --dp")
+        parser.error(f"{', '.join(map(flag, privacy))}: only with --dp")
     try:
         if not cfg.resume:  # a resumed run's options are the checkpoint's: run() checks them
             check(cfg)
@@ -633,7 +588,7 @@ def resume_config(requested: Config, saved: Config, given: Collection[str] | Non
         raise ConfigError("--compare-native cannot be combined with --resume")
     changed = [k for k in ("preset", *TRAINING_OPTIONS) if chosen(k) and getattr(requested, k) != getattr(saved, k)]
     if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
+        flags = ", ".join(map(flag, changed))
         raise ConfigError(
             f"--resume continues a run as it was configured; {flags} differ from its checkpoint "
             "(start a new run to change them)"
