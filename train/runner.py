@@ -6,7 +6,7 @@ A run is these steps, in this order, each a function below:
 2. **resume** (``--resume``): the checkpoint, loaded and checked once, decides the configuration;
 3. **load the data** (when resuming: the same data as the checkpoint's, by fingerprint);
 4. **build the model** and its trainer (and the torch.nn twin's, ``--compare-native``);
-5. **check the gradients** (``--check-grads``);
+5. **check the gradients** (``--check-grads``), and that the backward graph is all manualgrad's;
 6. **restore** the checkpoint's state, or start at epoch 1;
 7. **open the run folder** (rank 0): create, lock, clean up; write ``config.json``;
 8. **for each epoch**: train, check the weights are finite, evaluate, save ``checkpoint.pt`` and
@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+
+import manualgrad
 
 from . import checkpoint, data, distributed, model
 from .checks import check_all
@@ -89,6 +91,7 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     trainer, native = build(cfg, world, threads, mnist)
     if cfg.check_grads:
         distributed.on_main(world, check_gradients, trainer.net, mnist, cfg, world)
+    check_coverage(trainer.net, mnist, cfg, world)
     progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
     with open_run_folder(cfg, world) as folder:  # nothing is written before this point
         cfg = dataclasses.replace(cfg, out=folder.path)
@@ -155,6 +158,17 @@ def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.M
         rng = "the OS's entropy (--secure-rng)" if cfg.secure_rng else "--seed (reproducible: see --secure-rng)"
         log(world, f"privacy: {trainer.privacy.describe()}; batches and noise seeded from {rng}")
     return trainer, native
+
+
+def check_coverage(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
+    """The whole backward graph of the model's loss (in training mode, on the first rows) is manualgrad's, else
+    :class:`TrainingError`. Its random draws (dropout) are thrown away."""
+    x, y = mnist.train_x[: cfg.batch_size], mnist.train_y[: cfg.batch_size]
+    with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
+        net.module.train()
+        coverage = manualgrad.manual_coverage(net.loss(x, y))
+    if not coverage.complete:
+        raise TrainingError(f"the model's backward is not all manualgrad's Functions: {coverage}")
 
 
 def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
