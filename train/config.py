@@ -189,18 +189,27 @@ PRESETS: dict[str, dict] = {
 
 # ---- the options
 
+SWITCH = "switch"  # an option's kind: a flag without a value (--dp; --no-download when its default is True)
 
-def option(default, help: str, group: str, role: str | None = None, newer: bool = False, shown=None, **argparse_kw):
-    """A :class:`Config` field declaring a command-line option: ``default``, its ``help`` in ``--help``'s
-    ``group``, its ``role`` (``training``, ``run`` or None: see the module docstring), ``newer`` for a training
-    option added after checkpoint format 2 (a checkpoint may lack it: its default must be the behaviour from
-    before it existed), ``shown``: the default as ``--help`` states it ("": not stated), and what argparse's
-    ``add_argument`` takes (``type``, ``choices``, ``action``, ``flag`` for another flag than ``--name``)."""
-    meta = dict(help=help, group=group, role=role, newer=newer, shown=shown, argparse=argparse_kw)
+
+def option(default, where: str, help: str, kind=None, shown: str | None = None, **argparse_kw):
+    """A :class:`Config` field declaring a command-line option. ``where``: its group in ``--help``, then its role
+    (``training`` or ``run``, see the module docstring; none for ``--preset``, ``--data-dir``, ``--out``), then
+    ``newer`` for a training option added after checkpoint format 2 (a checkpoint may lack it: its default must
+    be the behaviour from before it existed), e.g. ``"dp, training, newer"``. ``kind``: :data:`SWITCH`, the
+    argparse ``type`` (a function) or the ``choices`` (a tuple). ``shown``: the default as ``--help`` states
+    it ("": not at all; None: the value). The rest goes to ``add_argument`` (``metavar``: a function is
+    called when the parser is built)."""
+    group, role, newer = [*where.split(", "), None, None][:3]
+    flag = "--no-{}" if kind == SWITCH and default else "--{}"
+    if kind == SWITCH:
+        argparse_kw["action"], shown = "store_false" if default else "store_true", ""
+    elif callable(kind):
+        argparse_kw["type"] = kind
+    elif kind is not None:
+        argparse_kw["choices"] = kind
+    meta = dict(help=help, group=group, role=role, newer=bool(newer), shown=shown, flag=flag, argparse=argparse_kw)
     return dataclasses.field(default=default, metadata=meta)
-
-
-SWITCH = dict(action="store_true", shown="")
 
 
 @dataclass
@@ -209,208 +218,164 @@ class Config:
 
     preset: str = option(
         "default",
+        "run",
         "named set of defaults; explicit options override it. default: the MLP 784-512-256-10, "
         "15 epochs, ~98.8%% in ~25-40 s on 2 CPU cores; best: the CNN on elastically distorted images, "
         "20 epochs; best-mlp: 784-1024-1024-10 on elastically distorted images, 50 epochs, ~99.4%% in "
         "~6-10 min; dp2, dp1: DP-SGD at epsilon 2 and 1 (delta 1e-5), a tanh MLP 784-512-10",
-        "run",
-        choices=sorted(PRESETS),
+        tuple(sorted(PRESETS)),
     )
     model: str = option(
         "mlp",
+        "model, training, newer",
         "mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN (Conv2d 1->32 3x3, Conv2d "
         "32->64 3x3, max-pool 2, dropout/2, Linear 9216 -> hidden... -> 10, dropout after each hidden "
         "Linear), with its own defaults (6 epochs, --hidden 128, --dropout 0.5, --impl layers, --augment shift)",
-        "model",
-        "training",
-        newer=True,
-        choices=MODELS,
+        MODELS,
     )
     data_dir: str = option(
         "data/",
+        "run",
         "folder with the MNIST IDX files (torchvision layout <dir>/MNIST/raw/, or the four files "
         "directly in <dir>); downloaded there when missing",
-        "run",
-        type=path,
+        path,
     )
-    download: bool = option(
-        True,
-        "never download; fail if the files are missing",
-        "run",
-        "run",
-        flag="--no-download",
-        action="store_false",
-        shown="",
-    )
-    epochs: int = option(15, "passes over the training set", "optimisation", "training", type=positive_int)
+    download: bool = option(True, "run, run", "never download; fail if the files are missing", SWITCH)
+    epochs: int = option(15, "optimisation, training", "passes over the training set", positive_int)
     batch_size: int = option(
-        128, "global batch size (split across processes under torchrun)", "optimisation", "training", type=positive_int
+        128, "optimisation, training", "global batch size (split across processes under torchrun)", positive_int
     )
     hidden: tuple = option(
         (512, 256),
+        "model, training",
         "hidden layer widths, comma-separated (e.g. 512,256); for the CNN, its fully connected layers",
-        "model",
-        "training",
-        type=hidden_sizes,
+        hidden_sizes,
     )
     activation: str = option(
         "relu",
+        "model, training",
         "activation after every hidden layer; your own: my_ops.py:squareplus or my_module:squareplus "
         "(imported first, so that its registration runs)",
-        "model",
-        "training",
-        type=activation_name,
+        activation_name,
         metavar=lambda: "{" + ",".join(ACTIVATIONS) + "}",  # the registry as it is when the parser is built
     )
-    dropout: float = option(
-        0.1, "dropout probability after every hidden activation", "model", "training", type=probability
-    )
-    label_smoothing: float = option(
-        0.1, "label smoothing of the training loss", "optimisation", "training", type=probability
-    )
+    dropout: float = option(0.1, "model, training", "dropout probability after every hidden activation", probability)
+    label_smoothing: float = option(0.1, "optimisation, training", "label smoothing of the training loss", probability)
     optimizer: str = option(
         "adamw",
+        "optimisation, training",
         "sgd: with (Nesterov) momentum; adam; adamw: decoupled weight decay",
-        "optimisation",
-        "training",
-        choices=("sgd", "adam", "adamw"),
+        ("sgd", "adam", "adamw"),
     )
-    lr: float = option(
-        2e-3, "learning rate (the peak one for onecycle)", "optimisation", "training", type=positive_float
-    )
-    momentum: float = option(0.9, "momentum for sgd", "optimisation", "training", type=probability)
-    weight_decay: float = option(0.05, "weight decay", "optimisation", "training", type=nonnegative_float)
+    lr: float = option(2e-3, "optimisation, training", "learning rate (the peak one for onecycle)", positive_float)
+    momentum: float = option(0.9, "optimisation, training", "momentum for sgd", probability)
+    weight_decay: float = option(0.05, "optimisation, training", "weight decay", nonnegative_float)
     schedule: str = option(
         "onecycle",
+        "optimisation, training",
         "learning-rate schedule, stepped every batch: onecycle (warm-up then anneal), "
         "cosine (anneal to 0), none (constant)",
-        "optimisation",
-        "training",
-        choices=("onecycle", "cosine", "none"),
+        ("onecycle", "cosine", "none"),
     )
     augment: str = option(
         "none",
+        "optimisation, training",
         "batch-level augmentation of training images: shift (up to 2 px), affine (rotate, "
         "scale, shear, shift), elastic (affine + elastic distortion)",
-        "optimisation",
-        "training",
-        choices=("none", "shift", "affine", "elastic"),
+        ("none", "shift", "affine", "elastic"),
     )
     impl: str = option(
         "fused",
+        "model, training",
         "fused: the whole MLP and its loss as one manualgrad Function (MLP.loss); "
         "layers: one manualgrad Function per layer (MLP.per_layer() + manualgrad CrossEntropyLoss); "
         "the CNN has layers only",
-        "model",
-        "training",
-        choices=("fused", "layers"),
+        ("fused", "layers"),
     )
     seed: int = option(
-        0,
-        "seed for initial weights, batch order, dropout and augmentation (0 to 2**64-1)",
-        "run",
-        "training",
-        type=seed,
+        0, "run, training", "seed for initial weights, batch order, dropout and augmentation (0 to 2**64-1)", seed
     )
     dp: bool = option(
         False,
+        "dp, training, newer",
         "train with DP-SGD: each step's batch Poisson-sampled (every training image in it with "
         "probability batch-size/N; epochs of N/batch-size steps), each image's gradient clipped to norm "
         "--clip, Gaussian noise of std sigma*clip added to their sum, sigma set by the accountant so that "
         "the whole run is (--epsilon, --delta)-DP. Needs dp-accounting: pip install -e '.[dp]'",
-        "dp",
-        "training",
-        newer=True,
-        **SWITCH,
+        SWITCH,
     )
     epsilon: float | None = option(
         None,
+        "dp, training, newer",
         "the privacy budget epsilon of the whole run",
-        "dp",
-        "training",
-        newer=True,
+        positive_float,
         shown="none; required with --dp",
-        type=positive_float,
     )
-    delta: float = option(1e-5, "the delta of (epsilon, delta)-DP", "dp", "training", newer=True, type=open_probability)
-    clip: float = option(1.0, "per-sample gradient norm bound C", "dp", "training", newer=True, type=positive_float)
+    delta: float = option(1e-5, "dp, training, newer", "the delta of (epsilon, delta)-DP", open_probability)
+    clip: float = option(1.0, "dp, training, newer", "per-sample gradient norm bound C", positive_float)
     accountant: str = option(
         "pld",
+        "dp, training, newer",
         "dp-accounting's privacy accountant: pld (privacy loss distributions, tight) or rdp (Renyi DP, "
         "an upper bound: more noise for the same epsilon)",
-        "dp",
-        "training",
-        newer=True,
-        choices=("pld", "rdp"),
+        ("pld", "rdp"),
     )
     secure_rng: bool = option(
         False,
+        "dp, training, newer",
         "draw the batches and the noise from streams seeded by the operating system's entropy, not by "
         "--seed: without it anyone who knows the seed can recompute them, and the guarantee does not hold "
         "against them (the run cannot be repeated; resuming stays exact)",
-        "dp",
-        "training",
-        newer=True,
-        **SWITCH,
+        SWITCH,
     )
-    device: str = option("auto", "auto: cuda when available, else cpu", "run", "run", choices=("auto", "cpu", "cuda"))
+    device: str = option("auto", "run, run", "auto: cuda when available, else cpu", ("auto", "cpu", "cuda"))
     threads: int | None = option(
         None,
+        "run, run",
         f"CPU threads per process, 1 to {MAX_THREADS}, or auto: at the start of every epoch (and again "
         "when steps slow down) time a few throw-away steps with 1 thread and with all of this process's "
         "cores, and train with the faster. That keeps a busy machine from slowing training down many "
         "times over; a different count changes results in the last float bits, so pass a number for runs "
         "that must reproduce bit for bit whatever the machine's load",
-        "run",
-        "run",
+        threads,
         shown="auto",
-        type=threads,
     )
     out: str | None = option(
         None,
+        "run",
         "run folder for metrics, checkpoint and plots (default: runs/<timestamp>; when resuming: the "
         "checkpoint's folder). One run at a time: a folder in use by a running run is refused, and so is "
         "a folder holding any file a run writes (config.json, checkpoint.pt, metrics.json, curves.png), "
         "except the folder of the checkpoint being resumed",
-        "run",
+        path,
         shown="",
-        type=path,
     )
     resume: str | None = option(
         None,
+        "run, run",
         "continue from a checkpoint.pt (or a run folder holding one), with its options and on the same "
         "data (checked by fingerprint)",
-        "run",
-        "run",
+        path,
         shown="",
-        type=path,
         metavar="PATH",
     )
     compare_native: bool = option(
         False,
+        "checks, run",
         "also train the same model written in plain torch.nn (same initial weights, seed and batches, "
         "epochs interleaved in this process) and print both side by side with the epoch-time ratio "
         "(not with --dp)",
-        "checks",
-        "run",
-        **SWITCH,
+        SWITCH,
     )
     check_grads: bool = option(
         False,
+        "checks, run",
         "before training, compare our gradients on one batch with torch autograd's "
         "(a torch.nn twin with the same weights) and print the largest relative difference",
-        "checks",
-        "run",
-        **SWITCH,
+        SWITCH,
     )
     progress: bool = option(
-        True,
-        "no progress bars, only one line per epoch (bars are shown only on a terminal anyway)",
-        "run",
-        "run",
-        flag="--no-progress",
-        action="store_false",
-        shown="",
+        True, "run, run", "no progress bars, only one line per epoch (bars are shown only on a terminal anyway)", SWITCH
     )
 
     def to_dict(self) -> dict:
@@ -463,7 +428,6 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
     groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
     for f in OPTIONS:
         meta, kw = f.metadata, dict(f.metadata["argparse"])
-        flags = [kw.pop("flag", flag(f.name))]
         if callable(kw.get("metavar")):
             kw["metavar"] = kw["metavar"]()
         help, value = meta["help"], argparse.SUPPRESS
@@ -473,7 +437,8 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
             if shown is None:
                 shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
             help += f" (default: {shown})" if shown else ""
-        groups[meta["group"]].add_argument(*flags, dest=f.name, default=value, help=help, **kw)
+        name = meta["flag"].format(f.name.replace("_", "-"))
+        groups[meta["group"]].add_argument(name, dest=f.name, default=value, help=help, **kw)
     return p
 
 
