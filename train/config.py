@@ -29,7 +29,7 @@ import torch
 
 from manualgrad.nn import ACTIVATIONS
 
-from .errors import ConfigError
+from .errors import ConfigError, short
 
 MODELS = ("mlp", "cnn")
 MAX_SEED = 2**64 - 1  # torch's seeds are unsigned 64-bit integers
@@ -482,12 +482,12 @@ def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
         flag, value = action.option_strings[-1], getattr(cfg, action.dest)
         if action.nargs == 0:  # a switch (--dp, --no-download, ...)
             if not isinstance(value, bool):
-                raise ConfigError(f"{flag}: expected true or false, got {_short(value)}")
+                raise ConfigError(f"{flag}: expected true or false, got {short(value)}")
         elif value is None and action.default is None:  # "not given": --epsilon without --dp, --out, --resume
             pass
         elif action.choices is not None:
             if not isinstance(value, str) or value not in action.choices:
-                raise ConfigError(f"{flag}: {_short(value)} is not one of {', '.join(map(str, action.choices))}")
+                raise ConfigError(f"{flag}: {short(value)} is not one of {', '.join(map(str, action.choices))}")
         elif action.type is not None:
             _check_typed(flag, action.type, value)
     if cfg.preset not in PRESETS:
@@ -497,28 +497,22 @@ def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
 def _check_typed(flag: str, kind, value) -> None:
     """``value`` written as on the command line, then parsed by the option's own type: it must come back equal."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
-        raise ConfigError(f"{flag}: {_short(value)} is not a valid value")
+        raise ConfigError(f"{flag}: {short(value)} is not a valid value")
     if isinstance(value, tuple):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{flag}: {_short(list(value))} is not a list of widths")
+            raise ConfigError(f"{flag}: {short(list(value))} is not a list of widths")
         text = ",".join(map(str, value)) if value else "none"
     else:
         text = repr(value) if isinstance(value, float) else str(value)
     if kind is activation_name and ":" in text:  # a stored run names its activation; it never imports a file
-        raise ConfigError(f"{flag}: {_short(value)} is not a registered activation's name")
+        raise ConfigError(f"{flag}: {short(value)} is not a registered activation's name")
     try:
         parsed = kind(text)
     except argparse.ArgumentTypeError as e:
-        problem = f"{flag} {text}: {e}" if len(text) <= 40 else f"{flag}: {_short(value)} is not a valid value"
+        problem = f"{flag} {text}: {e}" if len(text) <= 40 else f"{flag}: {short(value)} is not a valid value"
         raise ConfigError(problem) from None
     if parsed != value or (isinstance(value, str) and not isinstance(parsed, str)):
-        raise ConfigError(f"{flag}: {_short(value)} is not a valid value")
-
-
-def _short(value) -> str:
-    """``repr(value)``, cut to a length a one-line message can hold."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+        raise ConfigError(f"{flag}: {short(value)} is not a valid value")
 
 
 def check(cfg: Config) -> None:
