@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Collection
@@ -47,18 +48,24 @@ def _number(kind, text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
 
 
-def positive_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def number_in(kind, ok, what: str):
+    """An argparse type: ``text`` as a ``kind`` (int or float) for which ``ok`` holds, else "must be ``what``"."""
+
+    def parse(text: str):
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value if kind is int else text}")
+        return value
+
+    return parse
 
 
-def seed(text: str) -> int:
-    value = _number(int, text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64-1, got {value}")
-    return value
+positive_int = number_in(int, lambda v: v >= 1, "a positive integer")
+seed = number_in(int, lambda v: 0 <= v <= MAX_SEED, "an integer from 0 to 2**64-1")
+positive_float = number_in(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = number_in(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+open_probability = number_in(float, lambda v: 0 < v < 1, "in (0, 1)")  # δ
+probability = number_in(float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout, label smoothing, momentum
 
 
 def threads(text: str) -> int | None:
@@ -70,36 +77,6 @@ def threads(text: str) -> int | None:
         raise argparse.ArgumentTypeError(
             f"must be auto or from 1 to {MAX_THREADS} (4x this machine's {os.cpu_count()} cores), got {value}"
         )
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(float, text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(float, text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def open_probability(text: str) -> float:
-    """A probability in (0, 1): δ."""
-    value = _number(float, text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A probability in [0, 1): dropout, label smoothing, momentum."""
-    value = _number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
