@@ -20,8 +20,8 @@ stream's state (``rng["noise"]``); a ``--compare-native`` run's, the torch.nn
 twin's epochs (``native_history``). :func:`load` is the only reader, and checks
 all of that as the command line would (the configuration) and by type, shape
 and range (the state), so that a checkpoint forged with a valid checksum is a
-one-line error too; :func:`mismatch` checks the model, optimizer and scheduler
-states against the run's own before they are loaded.
+one-line error too; :func:`misfit` (on :func:`mismatch`) checks the model, optimizer and
+scheduler states against the run's own before they are loaded.
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ import io
 import math
 import os
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import RUN_OPTIONS, Config, check, check_values
 from .errors import ConfigError, RunError, first_line, short
 from .files import write_atomically
+
+if TYPE_CHECKING:
+    from .engine import Trainer
 
 FORMAT = 2
 FILENAME = "checkpoint.pt"
@@ -291,7 +295,7 @@ def describe(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def misfit(trainer, resumed: dict) -> str | None:
+def misfit(trainer: Trainer, resumed: dict) -> str | None:
     """Where the checkpoint's model, optimizer or scheduler state differs in structure from this run's
     (checked before loading: ``load_state_dict`` takes some misfits without a word, to fail later)."""
     fresh = trainer.optimizer.state_dict()
