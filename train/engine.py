@@ -323,11 +323,12 @@ class Trainer:
         """One optimisation step on this process's rows ``(x, y)``, ``share`` of the global batch; returns the
         global batch's mean loss (not finite: no step was taken) and whether any process asked to stop."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=self.world.device)  # no rows here: a small last batch, an empty Poisson sample
         if len(y):
             with self.clipped():  # --dp: .grad becomes the clipped sum of the per-sample gradients
                 loss = self.net.loss(x, y)  # forward and loss: for --impl fused one autograd node
                 loss.backward()
+        else:  # no rows here: a small last batch split over more processes, or an empty Poisson sample (--dp)
+            loss = torch.zeros((), device=self.world.device)
         for p in self.params:  # a process without rows adds zeros
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
