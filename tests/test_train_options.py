@@ -108,6 +108,8 @@ def test_resume_cli_refuses_changed_training_options(tiny, tmp_path, capsys):
     assert status == 2 and "--lr differ from its checkpoint" in err
     status, _, err = run_main(["--resume", str(out), "--compare-native"], capsys)
     assert status == 2 and "--compare-native cannot be combined with --resume" in err
+    status, _, err = run_main(["--resume", str(tmp_path / "nowhere"), "--compare-native"], capsys)
+    assert status == 2 and "--compare-native cannot be combined with --resume" in err  # before reading a file
     status, printed, _ = run_main(["--resume", str(out), "--threads", "1", "--no-progress"], capsys)
     assert status == 0 and "nothing to do" in printed
 

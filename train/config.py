@@ -520,8 +520,6 @@ def resume_config(requested: Config, saved: Config, given: Collection[str] | Non
     def chosen(name: str) -> bool:
         return given is None or name in given
 
-    if requested.compare_native:
-        raise ConfigError("--compare-native cannot be combined with --resume")
     changed = [k for k in ("preset", *TRAINING_OPTIONS) if chosen(k) and getattr(requested, k) != getattr(saved, k)]
     if changed:
         flags = ", ".join(map(flag, changed))

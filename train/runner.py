@@ -37,7 +37,7 @@ from . import checkpoint, data, distributed, model
 from .checks import check_all
 from .config import Config, check, resume_config
 from .engine import EpochResult, Position, StopRequest, Trainer, TrainingError
-from .errors import RunError, first_line
+from .errors import ConfigError, RunError, first_line
 from .folder import RunFolder
 from .threads import Threads
 
@@ -78,6 +78,8 @@ def run(cfg: Config, on_step=None, given: Collection[str] | None = None) -> dict
 
 
 def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
+    if cfg.resume and cfg.compare_native:  # the command line's and Python's one check, before any file is read
+        raise ConfigError("--compare-native cannot be combined with --resume")
     resumed = checkpoint.load(cfg.resume) if cfg.resume else None
     if resumed is not None:
         cfg = resume_config(cfg, Config.from_dict(resumed["config"]), given)
