@@ -16,6 +16,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from manualgrad.registry import ops
 
@@ -92,9 +93,25 @@ def test_the_per_sample_example_clips_and_reports_norms():
 
 
 def test_the_quickstart_example_runs():
+    import manualgrad
+
     namespace: dict = {}
     exec(blocks("python")[0], namespace)
     assert namespace["loss"].grad_fn is not None
+    assert all(p.grad is not None for p in namespace["model"].parameters())
+    again = namespace["F"].nll_loss(namespace["model"](torch.randn(2, 1, 28, 28)), torch.tensor([3, 7]))
+    coverage = manualgrad.manual_coverage(again)  # what the block's own assert says, asserted here
+    assert coverage.complete and coverage.manual["Conv2dFunctionBackward"] == 2, coverage
+
+
+def test_the_proving_a_step_example_finds_every_node_ours():
+    """The block's own ``assert coverage.complete``, asserted here, and the step it then takes."""
+    block = next(b for b in blocks("python") if "manualgrad.convert(model), manualgrad.convert(loss_fn)" in b)
+    namespace: dict = {}
+    exec(block, namespace)
+    coverage = namespace["coverage"]
+    assert coverage.complete and not coverage.foreign, coverage
+    assert coverage.manual["LinearFunctionBackward"] == 2 and coverage.manual["CrossEntropyFunctionBackward"] == 1
     assert all(p.grad is not None for p in namespace["model"].parameters())
 
 

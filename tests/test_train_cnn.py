@@ -113,6 +113,7 @@ def test_a_foreign_backward_node_fails_the_run_clearly(tiny, tmp_path, monkeypat
     monkeypatch.setattr(model, "build_cnn", with_torch_flatten)
     with pytest.raises(TrainingError, match=r"not all manualgrad's Functions: .*foreign: (?!none)"):
         run(cnn_config(tiny, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # checked before training: nothing written
 
 
 @pytest.mark.slow

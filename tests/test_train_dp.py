@@ -11,19 +11,16 @@ import builtins
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from train_helpers import (
-    REPO,
-    free_port,
     interrupt_at,
     load_params,
     run,
     run_main,
+    run_torchrun,
     tiny_argv,
     tiny_config,
     without_timing,
@@ -284,21 +281,12 @@ def test_two_processes_match_one_with_dp(tiny, tmp_path):
     """Under torchrun the clipped sums add up over the processes and the noise is added once."""
     single = run(dp_config(tiny, tmp_path / "one", epochs=2, batch_size=15))
     out = tmp_path / "two"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "train",
+    result = run_torchrun(
         *tiny_argv(tiny, out, "--epochs", "2", "--batch-size", "15"),
         *("--dp", "--epsilon", "2", "--clip", "1", "--accountant", "rdp", "--label-smoothing", "0"),
         *("--weight-decay", "0"),
-    ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     two = json.loads((out / "metrics.json").read_text())
     assert two["environment"]["processes"] == 2 and two["privacy"] == single["privacy"]

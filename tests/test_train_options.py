@@ -7,11 +7,12 @@ process's exit status and stderr are the subject.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 from train_helpers import Config, run, run_cli, run_main, tiny_argv, tiny_config
 
-from train.config import TRAINING_OPTIONS, build_parser, parse_args, resume_config
+from train.config import RUN_OPTIONS, TRAINING_OPTIONS, build_parser, parse_args, resume_config
 from train.errors import ConfigError
 
 
@@ -43,6 +44,17 @@ def test_bad_options_are_usage_errors(argv, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and argv[0] in err
+
+
+def test_every_config_field_is_one_option_with_one_role():
+    """The parser and the option lists come from the Config fields: each field is an option of the parser,
+    with the field's default, and is a training option, a run option, or one of the three that resume_config
+    settles itself (preset, data_dir, out)."""
+    fields = [f.name for f in dataclasses.fields(Config)]
+    assert vars(build_parser(Config()).parse_args([])) == dataclasses.asdict(Config())
+    assert not set(TRAINING_OPTIONS) & set(RUN_OPTIONS)
+    assert sorted([*TRAINING_OPTIONS, *RUN_OPTIONS, "preset", "data_dir", "out"]) == sorted(fields)
+    assert TRAINING_OPTIONS[:3] == ("model", "epochs", "batch_size") and "threads" in RUN_OPTIONS
 
 
 def test_the_largest_seed_and_auto_threads_are_accepted():
@@ -96,6 +108,8 @@ def test_resume_cli_refuses_changed_training_options(tiny, tmp_path, capsys):
     assert status == 2 and "--lr differ from its checkpoint" in err
     status, _, err = run_main(["--resume", str(out), "--compare-native"], capsys)
     assert status == 2 and "--compare-native cannot be combined with --resume" in err
+    status, _, err = run_main(["--resume", str(tmp_path / "nowhere"), "--compare-native"], capsys)
+    assert status == 2 and "--compare-native cannot be combined with --resume" in err  # before reading a file
     status, printed, _ = run_main(["--resume", str(out), "--threads", "1", "--no-progress"], capsys)
     assert status == 0 and "nothing to do" in printed
 

@@ -20,10 +20,10 @@ import torch
 from train_helpers import (
     REPO,
     Config,
-    free_port,
     interrupt_at,
     load_params,
     run,
+    run_torchrun,
     tiny_argv,
     tiny_config,
     without_timing,
@@ -202,40 +202,8 @@ def test_two_processes_match_one(tiny, tmp_path):
     single = run(tiny_config(tiny, tmp_path / "one", **options))
 
     out = tmp_path / "two"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "train",
-        "--data-dir",
-        str(tiny),
-        "--no-download",
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "15",
-        "--hidden",
-        "32,16",
-        "--dropout",
-        "0",
-        "--lr",
-        "3e-3",
-        "--augment",
-        "affine",
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]  # gloo on loopback
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    argv = tiny_argv(tiny, out, "--epochs", "2", "--batch-size", "15", "--augment", "affine")
+    result = run_torchrun(*argv)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "2 processes" in result.stdout
 

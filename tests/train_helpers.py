@@ -145,6 +145,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_torchrun(*args: str, processes: int = 2, timeout: int = 180) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=PROCESSES -m train ARGS`` in a subprocess, on loopback (gloo): one machine."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}"]
+    command += ["--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "train", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 __all__ = [
     "REPO",
     "Config",
@@ -155,6 +162,7 @@ __all__ = [
     "run",
     "run_cli",
     "run_main",
+    "run_torchrun",
     "tiny_argv",
     "tiny_config",
     "tiny_images",

@@ -9,8 +9,8 @@ Command line: ``python -m train``; several processes:
     metrics = run(Config(epochs=1, data_dir="data/"))
     print(metrics["test_accuracy"])
 
-``runner.py`` is the run, step by step; read it first. The other files, one
-concern each: ``config.py`` (options, presets, what a resumed run keeps),
+``runner.py`` is the run, step by step; read it first, then ``engine.py``'s ``Trainer.train_step``. The other files, one
+concern each: ``config.py`` (options, each declared once; presets; what a resumed run keeps),
 ``data.py`` (IDX files -> tensors), ``augment.py`` (batch distortions),
 ``model.py`` (the MLP, the CNN and their torch.nn twins), ``engine.py`` (an
 epoch of steps, evaluation, and --dp's plan on :mod:`manualgrad.privacy`),

@@ -20,23 +20,28 @@ stream's state (``rng["noise"]``); a ``--compare-native`` run's, the torch.nn
 twin's epochs (``native_history``). :func:`load` is the only reader, and checks
 all of that as the command line would (the configuration) and by type, shape
 and range (the state), so that a checkpoint forged with a valid checksum is a
-one-line error too; :func:`mismatch` checks the model, optimizer and scheduler
-states against the run's own before they are loaded.
+one-line error too; :func:`misfit` (on :func:`mismatch`) checks the model, optimizer and
+scheduler states against the run's own before they are loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import math
 import os
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import RUN_OPTIONS, Config, check, check_values
-from .errors import ConfigError, RunError
+from .errors import ConfigError, RunError, first_line, short
 from .files import write_atomically
+
+if TYPE_CHECKING:
+    from .engine import Trainer
 
 FORMAT = 2
 FILENAME = "checkpoint.pt"
@@ -122,7 +127,7 @@ def _unpack(raw: bytes, path: str) -> dict:
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)  # tensors and plain data
     except Exception as e:  # the checksum matched, so this is not damage in transit: report torch's reason
-        raise bad(f"cannot unpickle it ({_first_line(e)})") from None
+        raise bad(f"cannot unpickle it ({first_line(e)})") from None
     if not isinstance(state, dict):
         raise bad("not a checkpoint of this training program")
     return state
@@ -157,7 +162,7 @@ def _check(state: dict, path: str) -> None:
         check_values(saved, skip=RUN_OPTIONS)  # those come from the resuming command line (e.g. --threads)
         check(saved)
     except (TypeError, ValueError, ConfigError) as e:
-        raise bad(f"has an invalid configuration ({_first_line(e)})") from None
+        raise bad(f"has an invalid configuration ({first_line(e)})") from None
     if not 0 <= state["epoch"] <= saved.epochs:
         raise bad(f"says {state['epoch']} epochs are done, of {saved.epochs}")
     if not 1 <= state["world_size"] <= 2**16:
@@ -286,11 +291,83 @@ def mismatch(expected, actual, where: str) -> str | None:
 def describe(value) -> str:
     """``value`` for a one-line message: a short repr of a plain value, else its type."""
     if isinstance(value, (int, float, str, type(None))):
-        text = repr(value)
-        return text if len(text) <= 40 else text[:37] + "..."
+        return short(value)
     return f"a {type(value).__name__}"
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def misfit(trainer: Trainer, resumed: dict) -> str | None:
+    """Where the checkpoint's model, optimizer or scheduler state differs in structure from this run's
+    (checked before loading: ``load_state_dict`` takes some misfits without a word, to fail later)."""
+    fresh = trainer.optimizer.state_dict()
+    saved = resumed["optimizer"]
+    if set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
+        return "optimizer has other entries"
+    found = mismatch(trainer.net.module.state_dict(), resumed["model"], "model")
+    if found:
+        return found
+    groups = saved["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
+        return "optimizer param_groups are not this run's"
+    for number, (ours, theirs) in enumerate(zip(fresh["param_groups"], groups)):
+        # an older torch's groups may lack options added since (load_state_dict fills them in), never add any
+        if not isinstance(theirs, dict) or not set(theirs) <= set(ours):
+            return f"optimizer param_groups[{number}] has other entries"
+        found = mismatch({k: ours[k] for k in theirs}, theirs, f"optimizer param_groups[{number}]")
+        if found:
+            return found
+        for key, value in theirs.items():  # the schedule moves lr and momentum; the rest is the configuration's
+            if key in _SCHEDULED:
+                values = value if isinstance(value, (list, tuple)) else [value]
+                if not all(0 <= v < _SCHEDULED[key] for v in values):
+                    return f"optimizer param_groups[{number}][{key!r}] is {value!r}, out of range"
+            elif value != ours[key]:
+                return f"optimizer param_groups[{number}][{key!r}] is {value!r}, this run's is {ours[key]!r}"
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    expected = _optimizer_state_of_one_step(trainer.optimizer)
+    for index, state in saved["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(state, dict):
+            return f"optimizer state {describe(index)} is not a parameter's"
+        if set(state) != set(expected):
+            return f"optimizer state {index} has entries {sorted(map(str, state))}, expected {sorted(expected)}"
+        for name, value in state.items():
+            like = expected[name]  # a 0-d tensor (the step count), or one of the parameter's shape (or None)
+            shape = () if isinstance(like, torch.Tensor) and like.dim() == 0 else tuple(params[index].shape)
+            if (like is None and value is None) or (
+                isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.is_floating_point()
+            ):
+                continue
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+            return f"optimizer state {index} {name} is {got}, expected a tensor of shape {shape}"
+    if trainer.scheduler is None:
+        return None if resumed["scheduler"] is None else "scheduler is there, but this run has none"
+    fresh, saved = trainer.scheduler.state_dict(), resumed["scheduler"]
+    found = mismatch(fresh, saved, "scheduler")
+    if found:
+        return found
+    # the schedule is the configuration's; only how far along it is comes from the checkpoint, and that is
+    # the number of steps taken
+    changed = [k for k in fresh if k not in _SCHEDULE_PROGRESS and saved[k] != fresh[k]]
+    if changed:
+        return f"scheduler {', '.join(changed)} differ from this run's schedule"
+    position = resumed["position"]
+    steps = resumed["epoch"] * trainer.steps_per_epoch + (position["step"] if position else 0)
+    if saved["last_epoch"] != steps or saved["_step_count"] != steps + 1:
+        return f"scheduler is at step {saved['last_epoch']!r}, the checkpoint at step {steps}"
+    return None
+
+
+# An optimizer's hyperparameters that a learning-rate schedule moves, and the bound of their range.
+_SCHEDULED = {"lr": math.inf, "betas": 1.0, "momentum": 1.0}
+# What a learning-rate scheduler's state_dict holds of its progress: the rest is fixed by the configuration.
+_SCHEDULE_PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step"})
+
+
+def _optimizer_state_of_one_step(optimizer: torch.optim.Optimizer) -> dict:
+    """The state one step gives a parameter under an optimizer like ``optimizer`` (its class and defaults),
+    taken on a throwaway one-element parameter: which entries there are, and which are 0-d (step counts)."""
+    probe = torch.nn.Parameter(torch.zeros(1))
+    probe.grad = torch.zeros(1)
+    accepted = inspect.signature(type(optimizer)).parameters
+    throwaway = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+    throwaway.step()
+    return dict(throwaway.state[probe])

@@ -1,6 +1,11 @@
 """Command-line options, presets and the run's configuration.
 
-Every option has a default and a help string (``python -m train --help``).
+Each option is declared once, as a :class:`Config` field: its default, and in the field's metadata
+(:func:`option`) its help, its argparse ``type`` or ``choices``, its group in ``--help`` and its role
+(``training``: it decides what is learned, a resumed run takes it from its checkpoint; ``run``: where and
+how a run runs, a resumed run takes it from its command line). :func:`build_parser` and the option lists
+(:data:`TRAINING_OPTIONS`, :data:`RUN_OPTIONS`, :data:`NEWER_OPTIONS`) are generated from those fields.
+
 A preset is a set of defaults: ``--preset best`` swaps in other defaults, and
 any option given explicitly on the command line still wins over the preset.
 Invalid values are argparse usage errors (exit status 2).
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Collection
@@ -24,64 +30,92 @@ import torch
 
 from manualgrad.nn import ACTIVATIONS
 
-from .errors import ConfigError
-
-
-@dataclass
-class Config:
-    """Everything a run depends on; ``config.json`` in the run folder is this, as a dict."""
-
-    preset: str = "default"
-    model: str = "mlp"
-    data_dir: str = "data/"
-    download: bool = True
-    epochs: int = 15
-    batch_size: int = 128
-    hidden: tuple = (512, 256)
-    activation: str = "relu"
-    dropout: float = 0.1
-    label_smoothing: float = 0.1
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.05
-    schedule: str = "onecycle"
-    augment: str = "none"
-    impl: str = "fused"
-    seed: int = 0
-    dp: bool = False  # DP-SGD (manualgrad.privacy): Poisson-sampled batches, per-sample clipping, Gaussian noise
-    epsilon: float | None = None  # the privacy budget ε that --dp spends over the whole run (required with --dp)
-    delta: float = 1e-5
-    clip: float = 1.0  # per-sample gradient norm bound C
-    accountant: str = "pld"
-    secure_rng: bool = False  # --dp: batches and noise from the OS's entropy instead of --seed
-    device: str = "auto"
-    threads: int | None = None  # None: auto, timed between 1 and all of this process's cores (train/threads.py)
-    out: str | None = None  # None: runs/<timestamp>
-    resume: str | None = None
-    compare_native: bool = False
-    check_grads: bool = False
-    progress: bool = True
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Config:
-        """The inverse of :meth:`to_dict`; the options that decide what is learned must all be there
-        (the others may be missing, as in a configuration written before they existed)."""
-        missing = [k for k in TRAINING_OPTIONS if k not in d and k not in NEWER_OPTIONS]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["hidden"] = tuple(d["hidden"])
-        return cls(**d)
-
+from .errors import ConfigError, short
 
 MODELS = ("mlp", "cnn")
+MAX_SEED = 2**64 - 1  # torch's seeds are unsigned 64-bit integers
+MAX_WIDTH = 2**31 - 1
+MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only slows down; far more crashes OpenMP
+
+
+# ---- argparse types: each raises ArgumentTypeError, which argparse turns into a usage error (exit 2)
+
+
+def _number(kind, text):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+
+
+def number_in(kind, ok, what: str):
+    """An argparse type: ``text`` as a ``kind`` (int or float) for which ``ok`` holds, else "must be ``what``"."""
+
+    def parse(text: str):
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value if kind is int else text}")
+        return value
+
+    return parse
+
+
+positive_int = number_in(int, lambda v: v >= 1, "a positive integer")
+seed = number_in(int, lambda v: 0 <= v <= MAX_SEED, "an integer from 0 to 2**64-1")
+positive_float = number_in(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = number_in(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+open_probability = number_in(float, lambda v: 0 < v < 1, "in (0, 1)")  # δ
+probability = number_in(float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout, label smoothing, momentum
+
+
+def threads(text: str) -> int | None:
+    """``auto`` -> None; otherwise a thread count from 1 to :data:`MAX_THREADS`."""
+    if text.strip().lower() == "auto":
+        return None
+    value = _number(int, text)
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(
+            f"must be auto or from 1 to {MAX_THREADS} (4x this machine's {os.cpu_count()} cores), got {value}"
+        )
+    return value
+
+
+def hidden_sizes(text: str) -> tuple:
+    """``"512,256"`` -> ``(512, 256)``; ``""`` or ``"none"`` -> no hidden layer (a linear classifier)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths such as 512,256, got {text!r}") from None
+    if not all(1 <= s <= MAX_WIDTH for s in sizes):
+        raise argparse.ArgumentTypeError(f"widths must be from 1 to {MAX_WIDTH}, got {text!r}")
+    return sizes
+
+
+def activation_name(text: str) -> str:
+    """A registered activation's name (the registry is read now: one registered after import counts);
+    ``file.py:name`` or ``module:name`` imports that first and names the activation it registered."""
+    if ":" in text:
+        from manualgrad.check import load
+
+        try:
+            found = load(text)
+        except (ImportError, OSError, AttributeError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        names = [name for name, module in ACTIVATIONS.items() if getattr(module, "_op", None) is not None]
+        text = next((n for n in names if ACTIVATIONS[n]._op.functional is found), text.rsplit(":", 1)[1])
+    if text not in ACTIVATIONS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(ACTIVATIONS)})")
+    return text
+
+
+def path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 # The defaults of each model: what differs from the Config defaults above (which are the MLP's). They apply
 # when the model is chosen (by --model or by the preset); a preset's own values and explicit options win.
 MODEL_DEFAULTS: dict[str, dict] = {
@@ -129,394 +163,259 @@ PRESETS: dict[str, dict] = {
     "dp1": dict(DP_MLP, epsilon=1.0),
 }
 
+
+# ---- the options
+
+SWITCH = "switch"  # an option's kind: a flag without a value (--dp; --no-download when its default is True)
+
+
+def option(default, where: str, help: str, kind=None, shown: str | None = None, **argparse_kw):
+    """A :class:`Config` field declaring a command-line option. ``where``: its group in ``--help``, then its role
+    (``training`` or ``run``, see the module docstring; none for ``--preset``, ``--data-dir``, ``--out``), then
+    ``newer`` for a training option added after checkpoint format 2 (a checkpoint may lack it: its default must
+    be the behaviour from before it existed), e.g. ``"dp, training, newer"``. ``kind``: :data:`SWITCH`, the
+    argparse ``type`` (a function) or the ``choices`` (a tuple). ``shown``: the default as ``--help`` states
+    it ("": not at all; None: the value). The rest goes to ``add_argument`` (``metavar``: a function is
+    called when the parser is built)."""
+    group, role, newer = [*where.split(", "), None, None][:3]
+    flag = "--no-{}" if kind == SWITCH and default else "--{}"
+    if kind == SWITCH:
+        argparse_kw["action"], shown = "store_false" if default else "store_true", ""
+    elif callable(kind):
+        argparse_kw["type"] = kind
+    elif kind is not None:
+        argparse_kw["choices"] = kind
+    meta = dict(help=help, group=group, role=role, newer=bool(newer), shown=shown, flag=flag, argparse=argparse_kw)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """Everything a run depends on; ``config.json`` in the run folder is this, as a dict."""
+
+    preset: str = option(
+        "default",
+        "run",
+        "named set of defaults; explicit options override it. default: the MLP 784-512-256-10, "
+        "15 epochs, ~98.8%% in ~25-40 s on 2 CPU cores; best: the CNN on elastically distorted images, "
+        "20 epochs; best-mlp: 784-1024-1024-10 on elastically distorted images, 50 epochs, ~99.4%% in "
+        "~6-10 min; dp2, dp1: DP-SGD at epsilon 2 and 1 (delta 1e-5), a tanh MLP 784-512-10",
+        tuple(sorted(PRESETS)),
+    )
+    model: str = option(
+        "mlp",
+        "model, training, newer",
+        "mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN (Conv2d 1->32 3x3, Conv2d "
+        "32->64 3x3, max-pool 2, dropout/2, Linear 9216 -> hidden... -> 10, dropout after each hidden "
+        "Linear), with its own defaults (6 epochs, --hidden 128, --dropout 0.5, --impl layers, --augment shift)",
+        MODELS,
+    )
+    data_dir: str = option(
+        "data/",
+        "run",
+        "folder with the MNIST IDX files (torchvision layout <dir>/MNIST/raw/, or the four files "
+        "directly in <dir>); downloaded there when missing",
+        path,
+    )
+    download: bool = option(True, "run, run", "never download; fail if the files are missing", SWITCH)
+    epochs: int = option(15, "optimisation, training", "passes over the training set", positive_int)
+    batch_size: int = option(
+        128, "optimisation, training", "global batch size (split across processes under torchrun)", positive_int
+    )
+    hidden: tuple = option(
+        (512, 256),
+        "model, training",
+        "hidden layer widths, comma-separated (e.g. 512,256); for the CNN, its fully connected layers",
+        hidden_sizes,
+    )
+    activation: str = option(
+        "relu",
+        "model, training",
+        "activation after every hidden layer; your own: my_ops.py:squareplus or my_module:squareplus "
+        "(imported first, so that its registration runs)",
+        activation_name,
+        metavar=lambda: "{" + ",".join(ACTIVATIONS) + "}",  # the registry as it is when the parser is built
+    )
+    dropout: float = option(0.1, "model, training", "dropout probability after every hidden activation", probability)
+    label_smoothing: float = option(0.1, "optimisation, training", "label smoothing of the training loss", probability)
+    optimizer: str = option(
+        "adamw",
+        "optimisation, training",
+        "sgd: with (Nesterov) momentum; adam; adamw: decoupled weight decay",
+        ("sgd", "adam", "adamw"),
+    )
+    lr: float = option(2e-3, "optimisation, training", "learning rate (the peak one for onecycle)", positive_float)
+    momentum: float = option(0.9, "optimisation, training", "momentum for sgd", probability)
+    weight_decay: float = option(0.05, "optimisation, training", "weight decay", nonnegative_float)
+    schedule: str = option(
+        "onecycle",
+        "optimisation, training",
+        "learning-rate schedule, stepped every batch: onecycle (warm-up then anneal), "
+        "cosine (anneal to 0), none (constant)",
+        ("onecycle", "cosine", "none"),
+    )
+    augment: str = option(
+        "none",
+        "optimisation, training",
+        "batch-level augmentation of training images: shift (up to 2 px), affine (rotate, "
+        "scale, shear, shift), elastic (affine + elastic distortion)",
+        ("none", "shift", "affine", "elastic"),
+    )
+    impl: str = option(
+        "fused",
+        "model, training",
+        "fused: the whole MLP and its loss as one manualgrad Function (MLP.loss); "
+        "layers: one manualgrad Function per layer (MLP.per_layer() + manualgrad CrossEntropyLoss); "
+        "the CNN has layers only",
+        ("fused", "layers"),
+    )
+    seed: int = option(
+        0, "run, training", "seed for initial weights, batch order, dropout and augmentation (0 to 2**64-1)", seed
+    )
+    dp: bool = option(
+        False,
+        "dp, training, newer",
+        "train with DP-SGD: each step's batch Poisson-sampled (every training image in it with "
+        "probability batch-size/N; epochs of N/batch-size steps), each image's gradient clipped to norm "
+        "--clip, Gaussian noise of std sigma*clip added to their sum, sigma set by the accountant so that "
+        "the whole run is (--epsilon, --delta)-DP. Needs dp-accounting: pip install -e '.[dp]'",
+        SWITCH,
+    )
+    epsilon: float | None = option(
+        None,
+        "dp, training, newer",
+        "the privacy budget epsilon of the whole run",
+        positive_float,
+        shown="none; required with --dp",
+    )
+    delta: float = option(1e-5, "dp, training, newer", "the delta of (epsilon, delta)-DP", open_probability)
+    clip: float = option(1.0, "dp, training, newer", "per-sample gradient norm bound C", positive_float)
+    accountant: str = option(
+        "pld",
+        "dp, training, newer",
+        "dp-accounting's privacy accountant: pld (privacy loss distributions, tight) or rdp (Renyi DP, "
+        "an upper bound: more noise for the same epsilon)",
+        ("pld", "rdp"),
+    )
+    secure_rng: bool = option(
+        False,
+        "dp, training, newer",
+        "draw the batches and the noise from streams seeded by the operating system's entropy, not by "
+        "--seed: without it anyone who knows the seed can recompute them, and the guarantee does not hold "
+        "against them (the run cannot be repeated; resuming stays exact)",
+        SWITCH,
+    )
+    device: str = option("auto", "run, run", "auto: cuda when available, else cpu", ("auto", "cpu", "cuda"))
+    threads: int | None = option(
+        None,
+        "run, run",
+        f"CPU threads per process, 1 to {MAX_THREADS}, or auto: at the start of every epoch (and again "
+        "when steps slow down) time a few throw-away steps with 1 thread and with all of this process's "
+        "cores, and train with the faster. That keeps a busy machine from slowing training down many "
+        "times over; a different count changes results in the last float bits, so pass a number for runs "
+        "that must reproduce bit for bit whatever the machine's load",
+        threads,
+        shown="auto",
+    )
+    out: str | None = option(
+        None,
+        "run",
+        "run folder for metrics, checkpoint and plots (default: runs/<timestamp>; when resuming: the "
+        "checkpoint's folder). One run at a time: a folder in use by a running run is refused, and so is "
+        "a folder holding any file a run writes (config.json, checkpoint.pt, metrics.json, curves.png), "
+        "except the folder of the checkpoint being resumed",
+        path,
+        shown="",
+    )
+    resume: str | None = option(
+        None,
+        "run, run",
+        "continue from a checkpoint.pt (or a run folder holding one), with its options and on the same "
+        "data (checked by fingerprint)",
+        path,
+        shown="",
+        metavar="PATH",
+    )
+    compare_native: bool = option(
+        False,
+        "checks, run",
+        "also train the same model written in plain torch.nn (same initial weights, seed and batches, "
+        "epochs interleaved in this process) and print both side by side with the epoch-time ratio "
+        "(not with --dp)",
+        SWITCH,
+    )
+    check_grads: bool = option(
+        False,
+        "checks, run",
+        "before training, compare our gradients on one batch with torch autograd's "
+        "(a torch.nn twin with the same weights) and print the largest relative difference",
+        SWITCH,
+    )
+    progress: bool = option(
+        True, "run, run", "no progress bars, only one line per epoch (bars are shown only on a terminal anyway)", SWITCH
+    )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        """The inverse of :meth:`to_dict`; the options that decide what is learned must all be there
+        (the others may be missing, as in a configuration written before they existed)."""
+        missing = [k for k in TRAINING_OPTIONS if k not in d and k not in NEWER_OPTIONS]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["hidden"] = tuple(d["hidden"])
+        return cls(**d)
+
+
+OPTIONS = dataclasses.fields(Config)
 # Options that decide what is learned: a resumed run takes them from its checkpoint and refuses changes.
-TRAINING_OPTIONS = (
-    "model",
-    "epochs",
-    "batch_size",
-    "hidden",
-    "activation",
-    "dropout",
-    "label_smoothing",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "schedule",
-    "augment",
-    "impl",
-    "seed",
-    "dp",
-    "epsilon",
-    "delta",
-    "clip",
-    "accountant",
-    "secure_rng",
-)
-# Training options added after checkpoint format 2: a checkpoint may lack them, and then has their default
-# (which must therefore be the behaviour from before the option existed).
-NEWER_OPTIONS: frozenset = frozenset({"model", "dp", "epsilon", "delta", "clip", "accountant", "secure_rng"})
+TRAINING_OPTIONS = tuple(f.name for f in OPTIONS if f.metadata["role"] == "training")
+# Training options added after checkpoint format 2: a checkpoint may lack them, and then has their default.
+NEWER_OPTIONS = frozenset(f.name for f in OPTIONS if f.metadata["newer"])
 # Options that say only where and how a run runs: a resumed run takes them from the command line.
-RUN_OPTIONS = ("download", "device", "threads", "progress", "check_grads", "compare_native", "resume")
-
-MAX_SEED = 2**64 - 1  # torch's seeds are unsigned 64-bit integers
-MAX_WIDTH = 2**31 - 1
-MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only slows down; far more crashes OpenMP
-
-
-# ---- argparse types: each raises ArgumentTypeError, which argparse turns into a usage error (exit 2)
+RUN_OPTIONS = tuple(f.name for f in OPTIONS if f.metadata["role"] == "run")
+PRIVACY_OPTIONS = frozenset(f.name for f in OPTIONS if f.metadata["group"] == "dp") - {"dp"}
+GROUPS = dict(
+    run="run", model="model", optimisation="optimisation", dp="differential privacy (DP-SGD)", checks="checks"
+)
 
 
-def _number(kind, text):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-
-
-def positive_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def seed(text: str) -> int:
-    value = _number(int, text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64-1, got {value}")
-    return value
-
-
-def threads(text: str) -> int | None:
-    """``auto`` -> None; otherwise a thread count from 1 to :data:`MAX_THREADS`."""
-    if text.strip().lower() == "auto":
-        return None
-    value = _number(int, text)
-    if not 1 <= value <= MAX_THREADS:
-        raise argparse.ArgumentTypeError(
-            f"must be auto or from 1 to {MAX_THREADS} (4x this machine's {os.cpu_count()} cores), got {value}"
-        )
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(float, text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(float, text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def open_probability(text: str) -> float:
-    """A probability in (0, 1): δ."""
-    value = _number(float, text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A probability in [0, 1): dropout, label smoothing, momentum."""
-    value = _number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def hidden_sizes(text: str) -> tuple:
-    """``"512,256"`` -> ``(512, 256)``; ``""`` or ``"none"`` -> no hidden layer (a linear classifier)."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated widths such as 512,256, got {text!r}") from None
-    if not all(1 <= s <= MAX_WIDTH for s in sizes):
-        raise argparse.ArgumentTypeError(f"widths must be from 1 to {MAX_WIDTH}, got {text!r}")
-    return sizes
-
-
-def activation_name(text: str) -> str:
-    """A registered activation's name (the registry is read now: one registered after import counts);
-    ``file.py:name`` or ``module:name`` imports that first and names the activation it registered."""
-    if ":" in text:
-        from manualgrad.check import load
-
-        try:
-            found = load(text)
-        except (ImportError, OSError, AttributeError) as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-        names = [name for name, module in ACTIVATIONS.items() if getattr(module, "_op", None) is not None]
-        text = next((n for n in names if ACTIVATIONS[n]._op.functional is found), text.rsplit(":", 1)[1])
-    if text not in ACTIVATIONS:
-        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(ACTIVATIONS)})")
-    return text
-
-
-def path(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
-# ---- the parser
+def flag(name: str) -> str:
+    """``epsilon`` -> ``--epsilon``; ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
 
 
 def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
     """The command line's parser, with ``defaults`` as defaults (shown by ``--help``). With None, every
     default is ``argparse.SUPPRESS`` and there is no ``--help``: parsing yields only the options given."""
-    given_only = defaults is None
-    d = defaults or Config()
-
-    def default(value, shown: str | None = None) -> dict:
-        """``default=`` for add_argument, and the help suffix that states it."""
-        if given_only:
-            return {"default": argparse.SUPPRESS}
-        if shown is None:
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        return {"default": value, "suffix": f" (default: {shown})" if shown else ""}
-
     script = os.path.basename(sys.argv[0])
     p = argparse.ArgumentParser(
         prog="python -m train" if script in ("__main__.py", "-m", "-c", "") else script,
         description="Train an MLP or a CNN built only from manualgrad modules (hand-written backward passes) on "
         "MNIST, optionally with differential privacy (DP-SGD).",
         epilog="Several processes: torchrun --nproc_per_node=2 -m train [options] (same results as one process).",
-        add_help=not given_only,
+        add_help=defaults is not None,
     )
-
-    def add(group, *flags, help: str, default: dict, **kwargs) -> None:
-        group.add_argument(*flags, help=help + default.pop("suffix", ""), **default, **kwargs)
-
-    g = p.add_argument_group("run")
-    add(
-        g,
-        "--preset",
-        choices=sorted(PRESETS),
-        default=default(d.preset),
-        help="named set of defaults; explicit options override it. default: the MLP 784-512-256-10, "
-        "15 epochs, ~98.8%% in ~25-40 s on 2 CPU cores; best: the CNN on elastically distorted images, "
-        "20 epochs; best-mlp: 784-1024-1024-10 on elastically distorted images, 50 epochs, ~99.4%% in "
-        "~6-10 min; dp2, dp1: DP-SGD at epsilon 2 and 1 (delta 1e-5), a tanh MLP 784-512-10",
-    )
-    add(
-        g,
-        "--data-dir",
-        type=path,
-        default=default(d.data_dir),
-        help="folder with the MNIST IDX files (torchvision layout <dir>/MNIST/raw/, or the four files "
-        "directly in <dir>); downloaded there when missing",
-    )
-    add(
-        g,
-        "--no-download",
-        dest="download",
-        action="store_false",
-        default=default(True, ""),
-        help="never download; fail if the files are missing",
-    )
-    add(
-        g,
-        "--out",
-        type=path,
-        default=default(d.out, ""),
-        help="run folder for metrics, checkpoint and plots (default: runs/<timestamp>; when resuming: the "
-        "checkpoint's folder). One run at a time: a folder in use by a running run is refused, and so is "
-        "a folder holding any file a run writes (config.json, checkpoint.pt, metrics.json, curves.png), "
-        "except the folder of the checkpoint being resumed",
-    )
-    add(
-        g,
-        "--resume",
-        type=path,
-        metavar="PATH",
-        default=default(d.resume, ""),
-        help="continue from a checkpoint.pt (or a run folder holding one), with its options and on the same "
-        "data (checked by fingerprint)",
-    )
-    add(
-        g,
-        "--seed",
-        type=seed,
-        default=default(d.seed),
-        help="seed for initial weights, batch order, dropout and augmentation (0 to 2**64-1)",
-    )
-    add(
-        g,
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default=default(d.device),
-        help="auto: cuda when available, else cpu",
-    )
-    add(
-        g,
-        "--threads",
-        type=threads,
-        default=default(d.threads, "auto"),
-        help=f"CPU threads per process, 1 to {MAX_THREADS}, or auto: at the start of every epoch (and again "
-        "when steps slow down) time a few throw-away steps with 1 thread and with all of this process's "
-        "cores, and train with the faster. That keeps a busy machine from slowing training down many "
-        "times over; a different count changes results in the last float bits, so pass a number for runs "
-        "that must reproduce bit for bit whatever the machine's load",
-    )
-    add(
-        g,
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=default(True, ""),
-        help="no progress bars, only one line per epoch (bars are shown only on a terminal anyway)",
-    )
-
-    g = p.add_argument_group("model")
-    add(
-        g,
-        "--model",
-        choices=MODELS,
-        default=default(d.model),
-        help="mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN (Conv2d 1->32 3x3, Conv2d "
-        "32->64 3x3, max-pool 2, dropout/2, Linear 9216 -> hidden... -> 10, dropout after each hidden "
-        "Linear), with its own defaults (6 epochs, --hidden 128, --dropout 0.5, --impl layers, --augment shift)",
-    )
-    add(
-        g,
-        "--hidden",
-        type=hidden_sizes,
-        default=default(d.hidden),
-        help="hidden layer widths, comma-separated (e.g. 512,256); for the CNN, its fully connected layers",
-    )
-    add(
-        g,
-        "--activation",
-        type=activation_name,
-        metavar="{" + ",".join(ACTIVATIONS) + "}",
-        default=default(d.activation),
-        help="activation after every hidden layer; your own: my_ops.py:squareplus or my_module:squareplus "
-        "(imported first, so that its registration runs)",
-    )
-    add(
-        g,
-        "--dropout",
-        type=probability,
-        default=default(d.dropout),
-        help="dropout probability after every hidden activation",
-    )
-    add(
-        g,
-        "--impl",
-        choices=("fused", "layers"),
-        default=default(d.impl),
-        help="fused: the whole MLP and its loss as one manualgrad Function (MLP.loss); "
-        "layers: one manualgrad Function per layer (MLP.per_layer() + manualgrad CrossEntropyLoss); "
-        "the CNN has layers only",
-    )
-
-    g = p.add_argument_group("optimisation")
-    add(g, "--epochs", type=positive_int, default=default(d.epochs), help="passes over the training set")
-    add(
-        g,
-        "--batch-size",
-        type=positive_int,
-        default=default(d.batch_size),
-        help="global batch size (split across processes under torchrun)",
-    )
-    add(
-        g,
-        "--optimizer",
-        choices=("sgd", "adam", "adamw"),
-        default=default(d.optimizer),
-        help="sgd: with (Nesterov) momentum; adam; adamw: decoupled weight decay",
-    )
-    add(g, "--lr", type=positive_float, default=default(d.lr), help="learning rate (the peak one for onecycle)")
-    add(g, "--momentum", type=probability, default=default(d.momentum), help="momentum for sgd")
-    add(g, "--weight-decay", type=nonnegative_float, default=default(d.weight_decay), help="weight decay")
-    add(
-        g,
-        "--schedule",
-        choices=("onecycle", "cosine", "none"),
-        default=default(d.schedule),
-        help="learning-rate schedule, stepped every batch: onecycle (warm-up then anneal), "
-        "cosine (anneal to 0), none (constant)",
-    )
-    add(
-        g,
-        "--label-smoothing",
-        type=probability,
-        default=default(d.label_smoothing),
-        help="label smoothing of the training loss",
-    )
-    add(
-        g,
-        "--augment",
-        choices=("none", "shift", "affine", "elastic"),
-        default=default(d.augment),
-        help="batch-level augmentation of training images: shift (up to 2 px), affine (rotate, "
-        "scale, shear, shift), elastic (affine + elastic distortion)",
-    )
-
-    g = p.add_argument_group("differential privacy (DP-SGD)")
-    add(
-        g,
-        "--dp",
-        action="store_true",
-        default=default(d.dp, ""),
-        help="train with DP-SGD: each step's batch Poisson-sampled (every training image in it with "
-        "probability batch-size/N; epochs of N/batch-size steps), each image's gradient clipped to norm "
-        "--clip, Gaussian noise of std sigma*clip added to their sum, sigma set by the accountant so that "
-        "the whole run is (--epsilon, --delta)-DP. Needs dp-accounting: pip install -e '.[dp]'",
-    )
-    add(
-        g,
-        "--epsilon",
-        type=positive_float,
-        default=default(d.epsilon, "none; required with --dp"),
-        help="the privacy budget epsilon of the whole run",
-    )
-    add(g, "--delta", type=open_probability, default=default(d.delta), help="the delta of (epsilon, delta)-DP")
-    add(g, "--clip", type=positive_float, default=default(d.clip), help="per-sample gradient norm bound C")
-    add(
-        g,
-        "--accountant",
-        choices=("pld", "rdp"),
-        default=default(d.accountant),
-        help="dp-accounting's privacy accountant: pld (privacy loss distributions, tight) or rdp (Renyi DP, "
-        "an upper bound: more noise for the same epsilon)",
-    )
-    add(
-        g,
-        "--secure-rng",
-        action="store_true",
-        default=default(d.secure_rng, ""),
-        help="draw the batches and the noise from streams seeded by the operating system's entropy, not by "
-        "--seed: without it anyone who knows the seed can recompute them, and the guarantee does not hold "
-        "against them (the run cannot be repeated; resuming stays exact)",
-    )
-
-    g = p.add_argument_group("checks")
-    add(
-        g,
-        "--compare-native",
-        action="store_true",
-        default=default(False, ""),
-        help="also train the same model written in plain torch.nn (same initial weights, seed and batches, "
-        "epochs interleaved in this process) and print both side by side with the epoch-time ratio "
-        "(not with --dp)",
-    )
-    add(
-        g,
-        "--check-grads",
-        action="store_true",
-        default=default(False, ""),
-        help="before training, compare our gradients on one batch with torch autograd's "
-        "(a torch.nn twin with the same weights) and print the largest relative difference",
-    )
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    for f in OPTIONS:
+        meta, kw = f.metadata, dict(f.metadata["argparse"])
+        if callable(kw.get("metavar")):
+            kw["metavar"] = kw["metavar"]()
+        help, value = meta["help"], argparse.SUPPRESS
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+            shown = meta["shown"]
+            if shown is None:
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            help += f" (default: {shown})" if shown else ""
+        name = meta["flag"].format(f.name.replace("_", "-"))
+        groups[meta["group"]].add_argument(name, dest=f.name, default=value, help=help, **kw)
     return p
 
 
@@ -527,13 +426,11 @@ def parse_args(argv=None) -> tuple[Config, frozenset]:
     parser = build_parser(defaults(getattr(given, "preset", Config.preset), getattr(given, "model", None)))
     cfg = Config(**vars(parser.parse_args(argv)))  # --help, unknown options
     names = frozenset(vars(given))
-    if cfg.compare_native and cfg.resume:
-        parser.error("--compare-native cannot be combined with --resume")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
-    privacy = sorted(names & {"epsilon", "delta", "clip", "accountant", "secure_rng"})
+    privacy = sorted(names & PRIVACY_OPTIONS)
     if privacy and not cfg.dp and not cfg.resume:
-        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in privacy)}: only with --dp")
+        parser.error(f"{', '.join(map(flag, privacy))}: only with --dp")
     try:
         if not cfg.resume:  # a resumed run's options are the checkpoint's: run() checks them
             check(cfg)
@@ -562,12 +459,12 @@ def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
         flag, value = action.option_strings[-1], getattr(cfg, action.dest)
         if action.nargs == 0:  # a switch (--dp, --no-download, ...)
             if not isinstance(value, bool):
-                raise ConfigError(f"{flag}: expected true or false, got {_short(value)}")
+                raise ConfigError(f"{flag}: expected true or false, got {short(value)}")
         elif value is None and action.default is None:  # "not given": --epsilon without --dp, --out, --resume
             pass
         elif action.choices is not None:
             if not isinstance(value, str) or value not in action.choices:
-                raise ConfigError(f"{flag}: {_short(value)} is not one of {', '.join(map(str, action.choices))}")
+                raise ConfigError(f"{flag}: {short(value)} is not one of {', '.join(map(str, action.choices))}")
         elif action.type is not None:
             _check_typed(flag, action.type, value)
     if cfg.preset not in PRESETS:
@@ -577,28 +474,22 @@ def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
 def _check_typed(flag: str, kind, value) -> None:
     """``value`` written as on the command line, then parsed by the option's own type: it must come back equal."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
-        raise ConfigError(f"{flag}: {_short(value)} is not a valid value")
+        raise ConfigError(f"{flag}: {short(value)} is not a valid value")
     if isinstance(value, tuple):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{flag}: {_short(list(value))} is not a list of widths")
+            raise ConfigError(f"{flag}: {short(list(value))} is not a list of widths")
         text = ",".join(map(str, value)) if value else "none"
     else:
         text = repr(value) if isinstance(value, float) else str(value)
     if kind is activation_name and ":" in text:  # a stored run names its activation; it never imports a file
-        raise ConfigError(f"{flag}: {_short(value)} is not a registered activation's name")
+        raise ConfigError(f"{flag}: {short(value)} is not a registered activation's name")
     try:
         parsed = kind(text)
     except argparse.ArgumentTypeError as e:
-        problem = f"{flag} {text}: {e}" if len(text) <= 40 else f"{flag}: {_short(value)} is not a valid value"
+        problem = f"{flag} {text}: {e}" if len(text) <= 40 else f"{flag}: {short(value)} is not a valid value"
         raise ConfigError(problem) from None
     if parsed != value or (isinstance(value, str) and not isinstance(parsed, str)):
-        raise ConfigError(f"{flag}: {_short(value)} is not a valid value")
-
-
-def _short(value) -> str:
-    """``repr(value)``, cut to a length a one-line message can hold."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+        raise ConfigError(f"{flag}: {short(value)} is not a valid value")
 
 
 def check(cfg: Config) -> None:
@@ -629,11 +520,9 @@ def resume_config(requested: Config, saved: Config, given: Collection[str] | Non
     def chosen(name: str) -> bool:
         return given is None or name in given
 
-    if requested.compare_native:
-        raise ConfigError("--compare-native cannot be combined with --resume")
     changed = [k for k in ("preset", *TRAINING_OPTIONS) if chosen(k) and getattr(requested, k) != getattr(saved, k)]
     if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
+        flags = ", ".join(map(flag, changed))
         raise ConfigError(
             f"--resume continues a run as it was configured; {flags} differ from its checkpoint "
             "(start a new run to change them)"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import RunError
+from .errors import RunError, first_line
 
 # The four files torchvision's MNIST keeps in <root>/MNIST/raw/.
 FILES = {
@@ -107,8 +107,7 @@ def locate(data_dir: str, download: bool = True) -> str:
     try:
         fetch(raw)
     except Exception as e:  # no network, a proxy, a bad mirror: all end the same way for the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _error(raw, f"the files are missing and the download failed ({reason})") from None
+        raise _error(raw, f"the files are missing and the download failed ({first_line(e)})") from None
     return raw
 
 

@@ -1,28 +1,25 @@
-"""The training loop: one epoch of steps, and the evaluation on the test set.
+"""The training loop: :meth:`Trainer.train_step`, the epoch of steps that calls it, and the evaluation.
 
-A step: take the next slice of the epoch's random order (this process's share
-of it under torchrun), distort the images (``--augment``), compute the loss,
-``backward()`` (for ``--impl fused`` one autograd node: the whole MLP and its
-loss), average the gradients over the processes, check the loss is finite,
-``optimizer.step()``, ``scheduler.step()``.
+A step (:meth:`Trainer.train_step`, on the rows :meth:`Trainer.batch` gives this process: its share of the
+epoch's next slice, distorted by ``--augment``): the forward pass and the loss, ``backward()`` (for ``--impl
+fused`` one autograd node: the whole MLP and its loss), the gradients added over the processes, then, if the
+loss is finite, the optimizer's step and the scheduler's. With ``--dp`` it is DP-SGD's step, on
+:mod:`manualgrad.privacy` (:class:`PrivatePlan`): the rows are Poisson-sampled, ``backward()`` runs inside
+:func:`manualgrad.per_sample` with ``clip=C`` (``.grad`` is the clipped sum of the per-sample gradients), the
+sums are added over the processes, and the library's :class:`~manualgrad.privacy.DPOptimizer` adds the noise
+once, to that global sum, divides by the expected batch size and steps. The epoch loop
+(:meth:`Trainer.train_epoch`) calls it; the thread timing, the progress bar and the stop request sit beside it.
 
 A :class:`Trainer` owns its model, optimizer, scheduler and random streams
 (the data generator, and a saved torch RNG state for dropout that it swaps in
 while it trains), so that two trainers (``--compare-native``) can alternate
 epochs in one process and each still sees exactly what it would see alone.
-
-With ``--dp`` a step is DP-SGD's, from :mod:`manualgrad.privacy` (:class:`PrivatePlan`): its rows are
-Poisson-sampled (:meth:`Trainer.global_batch`), the backward pass runs inside
-:func:`manualgrad.per_sample` with ``clip=C`` (``.grad`` is the clipped sum of
-the per-sample gradients), the sums are added over the processes, and the
-library's :class:`~manualgrad.privacy.DPOptimizer` adds the noise once, to that
-global sum, divides by the expected batch size and steps (:meth:`Trainer.step`).
-The first step of a run also checks that its whole backward graph is manualgrad's (:func:`manualgrad.manual_coverage`);
-the model and its loss are the :class:`~train.model.Net`.
+The model and its loss are the :class:`~train.model.Net`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import secrets
@@ -71,6 +68,25 @@ class EpochResult:
     seconds: float
     interrupted: Position | None = None  # set when a stop was requested before the epoch's end
     stop_requested: bool = False  # a stop was requested (agreed by all processes) during the last step
+
+
+class ProgressBar:
+    """The epoch's tqdm bar (rank 0 and --progress only, and only on a terminal), with the loss and samples/s."""
+
+    def __init__(self, trainer: Trainer, epoch: int, step: int):
+        cfg, self.last = trainer.cfg, trainer.steps_per_epoch - 1
+        disable = None if trainer.world.main and cfg.progress else True  # None: off unless a terminal
+        kw = dict(desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=disable)
+        self.bar = tqdm(total=trainer.steps_per_epoch, initial=step, **kw)
+
+    def show(self, step: int, loss_sum: float, rows: int, seconds: float) -> None:
+        self.bar.update()
+        if step % 20 == 0 or step == self.last:
+            speed = f"{rows / max(seconds, 1e-9):,.0f}"
+            self.bar.set_postfix({"loss": f"{loss_sum / rows:.4f}", "samples/s": speed}, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class StopRequest:
@@ -237,7 +253,6 @@ class Trainer:
         self.privacy = PrivatePlan.plan(cfg, n, self.steps_per_epoch) if dp else None
         self.private_steps = 0
         self.last_batch: Tensor | None = None
-        self.coverage_checked = net.impl == "native"  # our model's first step checks its backward graph
         self.optimizer = make_optimizer(cfg, self.params)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         # Batch order (Poisson sampling) and augmentation: the same stream in every process. Dropout: torch's
@@ -304,11 +319,99 @@ class Trainer:
 
     # ---- training
 
-    def batches(self, resume: Position | None) -> Position:
-        """Where the epoch starts: a fresh random order of the training rows (from step 0), or ``resume``.
-        With --dp there is no order (each step samples its rows): an empty one."""
-        if resume is not None:
-            return resume
+    def train_step(self, x: Tensor, y: Tensor, share: float, stop: bool) -> tuple[float, bool]:
+        """One optimisation step on this process's rows ``(x, y)``, ``share`` of the global batch; returns the
+        global batch's mean loss (not finite: no step was taken) and whether any process asked to stop."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(y):
+            with self.clipped():  # --dp: .grad becomes the clipped sum of the per-sample gradients
+                loss = self.net.loss(x, y)  # forward and loss: for --impl fused one autograd node
+                loss.backward()
+        else:  # no rows here: a small last batch split over more processes, or an empty Poisson sample (--dp)
+            loss = torch.zeros((), device=self.world.device)
+        for p in self.params:  # a process without rows adds zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        # the gradients added over the processes, each weighted by its share of the batch (--dp: the clipped sums)
+        weight = 1.0 if self.privacy is not None else share
+        loss_value, stopping = distributed.reduce_step(self.params, loss, share, stop, self.world, weight)
+        if math.isfinite(loss_value):
+            if self.privacy is not None:  # noise σ C z added once, to the global sum (same z everywhere), / B
+                self.dp_optimizer.step()
+                self.private_steps += 1
+            else:
+                self.optimizer.step()
+            if self.scheduler:
+                self.scheduler.step()
+        return loss_value, stopping
+
+    def clipped(self):
+        """--dp: :func:`manualgrad.per_sample` with ``clip=C``, under which ``backward()`` leaves in ``.grad`` the
+        clipped sum Σ_n min(1, C/‖g_n‖) g_n of the per-sample gradients of the mean loss; else nothing."""
+        if self.privacy is None:
+            return contextlib.nullcontext()
+        return manualgrad.per_sample(self.net.module, clip=self.privacy.clip, loss_reduction="mean")
+
+    def batch(self, order: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Step ``step`` (0-based) of the epoch ordered by ``order``: the global batch's rows (--dp: Poisson-sampled
+        now from the data stream; ``order`` is unused), and this process's share of them, distorted (--augment)."""
+        rows = self.global_batch(order, step)
+        mine = distributed.share(rows, self.world)
+        x, y = self.data.train_x[mine], self.data.train_y[mine]
+        if self.cfg.augment != "none" and len(rows):
+            params = augment.draw(self.cfg.augment, len(rows), self.generator)
+            x = augment.apply(x, tuple(distributed.share(p, self.world) for p in params))
+        return rows, x, y
+
+    def trial_step(self, x: Tensor, y: Tensor) -> None:
+        """A forward and backward pass whose result is thrown away, random streams untouched (:mod:`train.threads`
+        times it)."""
+        if len(y):
+            with torch.random.fork_rng(devices=[]), self.clipped():
+                self.net.loss(x, y).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_epoch(self, epoch: int, stop: StopRequest, resume: Position | None = None, on_step=None) -> EpochResult:
+        """Run the steps of ``epoch`` (1-based), from ``resume``'s step when given. ``on_step(epoch, step,
+        trainer)``, if given, is called after every step (tests use it to interrupt or poison a run)."""
+        at = resume or self.epoch_start()
+        order, loss_sum, rows_seen, seconds = at.order.to(self.world.device), at.loss_sum, at.rows, at.seconds
+        self.net.module.train()
+        set_rng_state(self.torch_rng, self.world.device)
+        bar = ProgressBar(self, epoch, at.step)
+        start, stopping = time.perf_counter(), False
+        self.threads.reset_counts()
+        self.threads.choose(functools.partial(self.trial_step, *self.timing_batch(order, at.step)))
+        try:
+            for step in range(at.step, self.steps_per_epoch):
+                step_start = time.perf_counter()
+                rows, x, y = self.batch(order, step)
+                self.last_batch = rows  # the step's rows, all processes together (tests read it)
+                share = len(y) / len(rows) if len(rows) else 0.0  # an empty Poisson sample (--dp): 0
+                loss, stopping = self.train_step(x, y, share, stop.requested)
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"the training loss became {loss} at epoch {epoch}, step {step + 1}; "
+                        "stopped without taking that step"
+                    )
+                loss_sum, rows_seen = loss_sum + loss * len(rows), rows_seen + len(rows)
+                if self.threads.step_took(time.perf_counter() - step_start):  # slowed down: time the counts again
+                    self.threads.choose(functools.partial(self.trial_step, x, y))
+                bar.show(step, loss_sum, rows_seen, seconds + time.perf_counter() - start)
+                if on_step is not None:
+                    on_step(epoch, step + 1, self)
+                if stopping and step + 1 < self.steps_per_epoch:
+                    seconds += time.perf_counter() - start
+                    here = Position(step + 1, at.order, loss_sum, rows_seen, seconds)
+                    return EpochResult(loss_sum / rows_seen, seconds, interrupted=here, stop_requested=True)
+        finally:
+            bar.close()
+            self.torch_rng = rng_state(self.world.device)
+        seconds += time.perf_counter() - start
+        return EpochResult(loss_sum / max(rows_seen, 1), seconds, stop_requested=stopping)
+
+    def epoch_start(self) -> Position:
+        """A new epoch's start: step 0 of a fresh random order of the training rows (--dp: none, each step samples)."""
         if self.privacy is not None:
             return Position(step=0, order=torch.zeros(0, dtype=torch.long))
         return Position(step=0, order=data.epoch_order(len(self.data.train_y), self.generator))
@@ -320,129 +423,12 @@ class Trainer:
             return privacy.poisson_sample(len(self.data.train_y), self.privacy.sample_rate, self.generator)
         return order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
 
-    def _timing_rows(self, order: Tensor, step: int) -> Tensor:
-        """Rows for :meth:`_trial_step` at the start of an epoch, drawn from no random stream."""
-        if self.privacy is not None:
-            return torch.arange(min(self.cfg.batch_size, len(self.data.train_y)))
-        return self.global_batch(order, step)
-
-    def _backward(self, x: Tensor, y: Tensor) -> Tensor:
-        """The loss of ``(x, y)`` and its backward pass into ``.grad``: with --dp, inside per_sample, so that
-        ``.grad`` is the clipped sum Σ_n min(1, C/‖g_n‖) g_n of the per-sample gradients of the mean loss."""
-        if self.privacy is None:
-            loss = self.net.loss(x, y)
-            loss.backward()
-            return loss
-        with manualgrad.per_sample(self.net.module, clip=self.privacy.clip, loss_reduction="mean"):
-            loss = self.net.loss(x, y)
-            loss.backward()
-        return loss
-
-    def _check_coverage(self, x: Tensor, y: Tensor) -> None:
-        """Once per run: the whole backward graph of our model's loss is manualgrad's, else TrainingError."""
-        with torch.random.fork_rng(devices=[self.world.device] if self.world.device.type == "cuda" else []):
-            coverage = manualgrad.manual_coverage(self.net.loss(x, y))
-        if not coverage.complete:
-            raise TrainingError(f"the model's backward is not all manualgrad's Functions: {coverage}")
-        self.coverage_checked = True
-
-    def step(self, x: Tensor, y: Tensor, weight: float, stop: bool) -> tuple[float, bool]:
-        """One optimisation step on this process's rows ``(x, y)``, ``weight`` of the global batch;
-        returns the global batch's mean loss and whether any process asked to stop."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if not self.coverage_checked and len(y):
-            self._check_coverage(x, y)
-        if len(y):
-            loss = self._backward(x, y)
-        else:  # more processes than rows in a last, small batch; or an empty Poisson sample (--dp)
-            loss = torch.zeros((), device=self.world.device)
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        # --dp: the clipped sums add up over the processes (weight 1); the loss is still the batch's mean
-        grad_weight = 1.0 if self.privacy is not None else weight
-        loss_value, stopping = distributed.reduce_step(self.params, loss, weight, stop, self.world, grad_weight)
-        if math.isfinite(loss_value):
-            if self.privacy is not None:  # once, on the global sum: the same noise in every process
-                self.dp_optimizer.step()
-                self.private_steps += 1
-            else:
-                self.optimizer.step()
-            if self.scheduler:
-                self.scheduler.step()
-        return loss_value, stopping
-
-    def _trial_step(self, x: Tensor, y: Tensor) -> None:
-        """A forward and backward pass whose result is thrown away (for timing: :mod:`train.threads`)."""
-        if not len(y):
-            return
-        with torch.random.fork_rng(devices=[]):
-            self._backward(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def train_epoch(self, epoch: int, stop: StopRequest, resume: Position | None = None, on_step=None) -> EpochResult:
-        """Run the steps of ``epoch`` (1-based), from ``resume``'s step when given. ``on_step(epoch, step,
-        trainer)``, if given, is called after every step (tests use it to interrupt or poison a run)."""
-        cfg, world, device = self.cfg, self.world, self.world.device
-        x_all, y_all = self.data.train_x, self.data.train_y
-        start_at = self.batches(resume)
-        order = start_at.order.to(device)
-        loss_sum, rows_seen, seconds = start_at.loss_sum, start_at.rows, start_at.seconds
-
-        self.net.module.train()
-        set_rng_state(self.torch_rng, device)
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            initial=start_at.step,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            unit="batch",
-            leave=False,
-            dynamic_ncols=True,
-            disable=None if world.main and cfg.progress else True,
-        )  # None: off unless a terminal
-        start, stopping = time.perf_counter(), False
-        self.threads.reset_counts()
-        first = distributed.share(self._timing_rows(order, start_at.step), world)
-        self.threads.choose(functools.partial(self._trial_step, x_all[first], y_all[first]))
-        try:
-            for step in range(start_at.step, self.steps_per_epoch):
-                step_start = time.perf_counter()
-                batch = self.global_batch(order, step)
-                self.last_batch = batch  # the step's rows, all processes together (tests read it)
-                mine = distributed.share(batch, world)
-                x, y = x_all[mine], y_all[mine]
-                if cfg.augment != "none" and len(batch):
-                    params = augment.draw(cfg.augment, len(batch), self.generator)
-                    x = augment.apply(x, tuple(distributed.share(p, world) for p in params))
-                share = len(mine) / len(batch) if len(batch) else 0.0  # an empty Poisson sample (--dp)
-                loss_value, stopping = self.step(x, y, share, stop.requested)
-                if not math.isfinite(loss_value):
-                    raise TrainingError(
-                        f"the training loss became {loss_value} at epoch {epoch}, step {step + 1}; "
-                        "stopped without taking that step"
-                    )
-                loss_sum += loss_value * len(batch)
-                rows_seen += len(batch)
-                if self.threads.step_took(time.perf_counter() - step_start):
-                    self.threads.choose(functools.partial(self._trial_step, x, y))
-                bar.update()
-                if step % 20 == 0 or step == self.steps_per_epoch - 1:
-                    elapsed = seconds + time.perf_counter() - start
-                    bar.set_postfix(
-                        {"loss": f"{loss_sum / rows_seen:.4f}", "samples/s": f"{rows_seen / max(elapsed, 1e-9):,.0f}"},
-                        refresh=False,
-                    )
-                if on_step is not None:
-                    on_step(epoch, step + 1, self)
-                if stopping and step + 1 < self.steps_per_epoch:
-                    seconds += time.perf_counter() - start
-                    here = Position(step + 1, start_at.order, loss_sum, rows_seen, seconds)
-                    return EpochResult(loss_sum / rows_seen, seconds, interrupted=here, stop_requested=True)
-        finally:
-            bar.close()
-            self.torch_rng = rng_state(device)
-        seconds += time.perf_counter() - start
-        return EpochResult(loss_sum / max(rows_seen, 1), seconds, stop_requested=stopping)
+    def timing_batch(self, order: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """This process's rows of step ``step``, undistorted, drawn from no random stream: for :meth:`trial_step`."""
+        n = len(self.data.train_y)
+        rows = torch.arange(min(self.cfg.batch_size, n)) if self.privacy is not None else self.global_batch(order, step)
+        mine = distributed.share(rows, self.world)
+        return self.data.train_x[mine], self.data.train_y[mine]
 
     # ---- evaluation
 

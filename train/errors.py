@@ -12,3 +12,15 @@ class RunError(Exception):
 
 class ConfigError(RunError):
     """The options given cannot be honoured (exit status 2, like a usage error)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (its type's name when it has none): for a one-line message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def short(value) -> str:
+    """``repr(value)``, cut to a length a one-line message can hold."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -6,7 +6,7 @@ A run is these steps, in this order, each a function below:
 2. **resume** (``--resume``): the checkpoint, loaded and checked once, decides the configuration;
 3. **load the data** (when resuming: the same data as the checkpoint's, by fingerprint);
 4. **build the model** and its trainer (and the torch.nn twin's, ``--compare-native``);
-5. **check the gradients** (``--check-grads``);
+5. **check the gradients** (``--check-grads``), and that the backward graph is all manualgrad's;
 6. **restore** the checkpoint's state, or start at epoch 1;
 7. **open the run folder** (rank 0): create, lock, clean up; write ``config.json``;
 8. **for each epoch**: train, check the weights are finite, evaluate, save ``checkpoint.pt`` and
@@ -21,8 +21,6 @@ What the run has done so far is one :class:`Progress`, passed from step to step.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
 import os
 import re
 import statistics
@@ -33,11 +31,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import manualgrad
+
 from . import checkpoint, data, distributed, model
 from .checks import check_all
 from .config import Config, check, resume_config
 from .engine import EpochResult, Position, StopRequest, Trainer, TrainingError
-from .errors import RunError
+from .errors import ConfigError, RunError, first_line
 from .folder import RunFolder
 from .threads import Threads
 
@@ -78,6 +78,8 @@ def run(cfg: Config, on_step=None, given: Collection[str] | None = None) -> dict
 
 
 def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
+    if cfg.resume and cfg.compare_native:  # the command line's and Python's one check, before any file is read
+        raise ConfigError("--compare-native cannot be combined with --resume")
     resumed = checkpoint.load(cfg.resume) if cfg.resume else None
     if resumed is not None:
         cfg = resume_config(cfg, Config.from_dict(resumed["config"]), given)
@@ -89,6 +91,7 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     trainer, native = build(cfg, world, threads, mnist)
     if cfg.check_grads:
         distributed.on_main(world, check_gradients, trainer.net, mnist, cfg, world)
+    check_coverage(trainer.net, mnist, cfg, world)
     progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
     with open_run_folder(cfg, world) as folder:  # nothing is written before this point
         cfg = dataclasses.replace(cfg, out=folder.path)
@@ -157,6 +160,17 @@ def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.M
     return trainer, native
 
 
+def check_coverage(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
+    """The whole backward graph of the model's loss (in training mode, on the first rows) is manualgrad's, else
+    :class:`TrainingError`. Its random draws (dropout) are thrown away."""
+    x, y = mnist.train_x[: cfg.batch_size], mnist.train_y[: cfg.batch_size]
+    with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
+        net.module.train()
+        coverage = manualgrad.manual_coverage(net.loss(x, y))
+    if not coverage.complete:
+        raise TrainingError(f"the model's backward is not all manualgrad's Functions: {coverage}")
+
+
 def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
     """--check-grads (rank 0): our gradients on the first batch against torch autograd's, for every impl."""
     batch = data.epoch_order(len(mnist.train_y), torch.Generator().manual_seed(cfg.seed))[: cfg.batch_size]
@@ -173,13 +187,13 @@ def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distr
 def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.World) -> Progress:
     """The trainer's state and the run's progress from the checkpoint."""
     path = checkpoint.checkpoint_path(cfg.resume)
-    reason = _misfit(trainer, resumed)
+    reason = checkpoint.misfit(trainer, resumed)
     options = [set(group) for group in trainer.optimizer.param_groups]
     if reason is None:
         try:
             same_world = trainer.load_state_dict(resumed)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
     if reason is None:  # what an older torch's groups lacked, load_state_dict filled in: all of it?
         lacking = sorted({k for group, keys in zip(trainer.optimizer.param_groups, options) for k in keys - set(group)})
         reason = f"optimizer param_groups lack {', '.join(lacking)}" if lacking else None
@@ -203,84 +217,6 @@ def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.Wor
     where = f"epoch {progress.epoch + 1}" + (f", step {position.step + 1}" if position else "")
     log(world, f"resumed from {path}: continuing at {where}")
     return progress
-
-
-def _misfit(trainer: Trainer, resumed: dict) -> str | None:
-    """Where the checkpoint's model, optimizer or scheduler state differs in structure from this run's
-    (checked before loading: ``load_state_dict`` takes some misfits without a word, to fail later)."""
-    fresh = trainer.optimizer.state_dict()
-    saved = resumed["optimizer"]
-    if set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
-        return "optimizer has other entries"
-    found = checkpoint.mismatch(trainer.net.module.state_dict(), resumed["model"], "model")
-    if found:
-        return found
-    groups = saved["param_groups"]
-    if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
-        return "optimizer param_groups are not this run's"
-    for number, (ours, theirs) in enumerate(zip(fresh["param_groups"], groups)):
-        # an older torch's groups may lack options added since (load_state_dict fills them in), never add any
-        if not isinstance(theirs, dict) or not set(theirs) <= set(ours):
-            return f"optimizer param_groups[{number}] has other entries"
-        found = checkpoint.mismatch({k: ours[k] for k in theirs}, theirs, f"optimizer param_groups[{number}]")
-        if found:
-            return found
-        for key, value in theirs.items():  # the schedule moves lr and momentum; the rest is the configuration's
-            if key in _SCHEDULED:
-                values = value if isinstance(value, (list, tuple)) else [value]
-                if not all(0 <= v < _SCHEDULED[key] for v in values):
-                    return f"optimizer param_groups[{number}][{key!r}] is {value!r}, out of range"
-            elif value != ours[key]:
-                return f"optimizer param_groups[{number}][{key!r}] is {value!r}, this run's is {ours[key]!r}"
-    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-    expected = _optimizer_state_of_one_step(trainer.optimizer)
-    for index, state in saved["state"].items():
-        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(state, dict):
-            return f"optimizer state {checkpoint.describe(index)} is not a parameter's"
-        if set(state) != set(expected):
-            return f"optimizer state {index} has entries {sorted(map(str, state))}, expected {sorted(expected)}"
-        for name, value in state.items():
-            like = expected[name]  # a 0-d tensor (the step count), or one of the parameter's shape (or None)
-            shape = () if isinstance(like, torch.Tensor) and like.dim() == 0 else tuple(params[index].shape)
-            if (like is None and value is None) or (
-                isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.is_floating_point()
-            ):
-                continue
-            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-            return f"optimizer state {index} {name} is {got}, expected a tensor of shape {shape}"
-    if trainer.scheduler is None:
-        return None if resumed["scheduler"] is None else "scheduler is there, but this run has none"
-    fresh, saved = trainer.scheduler.state_dict(), resumed["scheduler"]
-    found = checkpoint.mismatch(fresh, saved, "scheduler")
-    if found:
-        return found
-    # the schedule is the configuration's; only how far along it is comes from the checkpoint, and that is
-    # the number of steps taken
-    changed = [k for k in fresh if k not in _SCHEDULE_PROGRESS and saved[k] != fresh[k]]
-    if changed:
-        return f"scheduler {', '.join(changed)} differ from this run's schedule"
-    position = resumed["position"]
-    steps = resumed["epoch"] * trainer.steps_per_epoch + (position["step"] if position else 0)
-    if saved["last_epoch"] != steps or saved["_step_count"] != steps + 1:
-        return f"scheduler is at step {saved['last_epoch']!r}, the checkpoint at step {steps}"
-    return None
-
-
-# An optimizer's hyperparameters that a learning-rate schedule moves, and the bound of their range.
-_SCHEDULED = {"lr": math.inf, "betas": 1.0, "momentum": 1.0}
-# What a learning-rate scheduler's state_dict holds of its progress: the rest is fixed by the configuration.
-_SCHEDULE_PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step"})
-
-
-def _optimizer_state_of_one_step(optimizer: torch.optim.Optimizer) -> dict:
-    """The state one step gives a parameter under an optimizer like ``optimizer`` (its class and defaults),
-    taken on a throwaway one-element parameter: which entries there are, and which are 0-d (step counts)."""
-    probe = torch.nn.Parameter(torch.zeros(1))
-    probe.grad = torch.zeros(1)
-    accepted = inspect.signature(type(optimizer)).parameters
-    throwaway = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
-    throwaway.step()
-    return dict(throwaway.state[probe])
 
 
 # ---- the epochs
@@ -477,40 +413,25 @@ def _print_comparison(world, cfg: Config, ours: list[dict], theirs: list[dict]) 
     if len(theirs) < len(ours):
         log(world, f"\n(torch.nn trained epochs 1-{len(theirs)} only, before the run was resumed: compared there)")
         ours = ours[: len(theirs)]
-    ratios = [a["seconds"] / b["seconds"] for a, b in zip(ours, theirs)]
-    mean_ours = statistics.fmean(r["seconds"] for r in ours)
-    mean_theirs = statistics.fmean(r["seconds"] for r in theirs)
-    rows = [
-        ("test accuracy", f"{100 * ours[-1]['test_accuracy']:.2f}%", f"{100 * theirs[-1]['test_accuracy']:.2f}%"),
-        ("test loss", f"{ours[-1]['test_loss']:.4f}", f"{theirs[-1]['test_loss']:.4f}"),
-        ("train loss", f"{ours[-1]['train_loss']:.4f}", f"{theirs[-1]['train_loss']:.4f}"),
-        ("seconds / epoch (mean)", f"{mean_ours:.2f}", f"{mean_theirs:.2f}"),
-        (
-            "seconds / epoch (median)",
-            f"{statistics.median(r['seconds'] for r in ours):.2f}",
-            f"{statistics.median(r['seconds'] for r in theirs):.2f}",
-        ),
-        (
-            "seconds / epoch (fastest)",
-            f"{min(r['seconds'] for r in ours):.2f}",
-            f"{min(r['seconds'] for r in theirs):.2f}",
-        ),
-    ]
-    left = f"manualgrad ({cfg.impl})"
-    log(world, f"\n{'':26}{left:>20}{'torch.nn':>14}")
+    times = [[r["seconds"] for r in run] for run in (ours, theirs)]
+    last = (("test accuracy", "{:.2%}", "test_accuracy"), ("test loss", "{:.4f}", "test_loss"))
+    last += (("train loss", "{:.4f}", "train_loss"),)
+    rows = [(name, spec.format(ours[-1][k]), spec.format(theirs[-1][k])) for name, spec, k in last]
+    for name, summary in (("mean", statistics.fmean), ("median", statistics.median), ("fastest", min)):
+        rows.append((f"seconds / epoch ({name})", *(f"{summary(t):.2f}" for t in times)))
+    log(world, f"\n{'':26}{f'manualgrad ({cfg.impl})':>20}{'torch.nn':>14}")
     for name, a, b in rows:
         log(world, f"{name:26}{a:>20}{b:>14}")
-    fastest = min(r["seconds"] for r in ours) / min(r["seconds"] for r in theirs)
     ratio = {
-        "mean": mean_ours / mean_theirs,
-        "median_per_epoch": statistics.median(ratios),
-        "fastest": fastest,
-        "per_epoch": ratios,
+        "mean": statistics.fmean(times[0]) / statistics.fmean(times[1]),
+        "median_per_epoch": statistics.median(a / b for a, b in zip(*times)),
+        "fastest": min(times[0]) / min(times[1]),
+        "per_epoch": [a / b for a, b in zip(*times)],
     }
     log(
         world,
         f"epoch-time ratio manualgrad / torch.nn: {ratio['mean']:.3f} (mean), "
-        f"{ratio['median_per_epoch']:.3f} (median of per-epoch ratios), {fastest:.3f} (fastest epochs); "
+        f"{ratio['median_per_epoch']:.3f} (median of per-epoch ratios), {ratio['fastest']:.3f} (fastest epochs); "
         "the two alternate epoch by epoch in this process",
     )
     return ratio
