@@ -14,7 +14,8 @@ from torch.autograd import gradcheck, gradgradcheck
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import InputError
-from manualgrad.functions import losses
+from manualgrad.functions.losses import base as losses_base
+from manualgrad.functions.losses import pointwise
 
 TF = torch.nn.functional
 
@@ -281,16 +282,16 @@ def test_minus_onehot_is_the_plain_formula(in_place):
     index = target.unsqueeze(1)
     for coefficient in (0.7, torch.tensor(-1.3, dtype=F64), torch.randn(5, 1, 3, dtype=F64)):
         expected = g - onehot * coefficient
-        got = losses._minus_onehot(g.clone(), index, coefficient, 1, in_place)
+        got = losses_base._minus_onehot(g.clone(), index, coefficient, 1, in_place)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
 
 
 def test_times_is_the_plain_product():
     t, factor = torch.randn(4, 3, dtype=F64), torch.randn(3, dtype=F64)
-    torch.testing.assert_close(losses._times(t.clone(), factor, True), t * factor, rtol=0, atol=0)
+    torch.testing.assert_close(losses_base._times(t.clone(), factor, True), t * factor, rtol=0, atol=0)
     fresh = t.clone()
-    assert losses._times(fresh, factor, True) is fresh
-    assert losses._times(fresh, factor, False) is not fresh
+    assert losses_base._times(fresh, factor, True) is fresh
+    assert losses_base._times(fresh, factor, False) is not fresh
 
 
 def test_logit_and_log_sigmoid_are_the_same_either_way():
@@ -298,9 +299,9 @@ def test_logit_and_log_sigmoid_are_the_same_either_way():
     x = torch.tensor([1e-300, 1e-8, 0.3, 0.5, 0.9, 1 - 1e-12], dtype=F64)
     z = torch.tensor([-800.0, -30.0, -1.0, 0.0, 2.0, 40.0, 800.0], dtype=F64)
     with torch.no_grad():
-        kernels = losses._logit(x), losses._log_sigmoid(z)
+        kernels = pointwise._logit(x), pointwise._log_sigmoid(z)
     with torch.enable_grad():
-        plain = losses._logit(x), losses._log_sigmoid(z)
+        plain = pointwise._logit(x), pointwise._log_sigmoid(z)
     for a, b in zip(kernels, plain):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-300)
 
