@@ -18,7 +18,7 @@ from torch import Tensor
 from ... import _checks, _compat
 from ...registry import operation
 from .. import recorder
-from ..base import ManualFunction, apply, cast, opmath, save_for_forward
+from ..base import ManualFunction, cast, opmath, save_for_forward
 
 
 def class_dim(input: Tensor) -> int:
@@ -183,19 +183,32 @@ class PointwiseLoss(ElementwiseLoss):
         d = x - t  # D = Ŷ − T
         return cls.derivative(d, parameter, d if in_place else None)
 
+    @staticmethod
+    def reduce(terms: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
+        """R of ℓ = w ⊙ terms, for a ``forward`` written out: ``mean`` divides by Σw with a weight."""
+        if weight is None:
+            return _reduce(terms, reduction, terms.numel())
+        return _reduce(terms * weight, reduction, weight.sum())
+
 
 def pointwise_loss(function: type[PointwiseLoss], module: type[torch.nn.Module] | None, name: str, *, reference=None):
     """Declare a loss of a difference with torch's ``mse_loss`` signature, ``name(input, target, size_average=None,
-    reduce=None, reduction="mean", weight=None)``; return the wrapper."""
+    reduce=None, reduction="mean", weight=None)``; return the wrapper. Without a torch module or ``reference``,
+    the checks compare with autograd through ``function.forward``."""
 
-    def wrapper(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
-        reduction = _checks.legacy_reduction(name, size_average, reduce, reduction)
-        _checks.pointwise_loss(name, input, target, reduction, weight)
-        return apply(function, input, target, weight, reduction, None)
+    def wrapper_of(call):
+        def wrapper(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+            reduction = _checks.legacy_reduction(name, size_average, reduce, reduction)
+            _checks.pointwise_loss(name, input, target, reduction, weight)
+            return call(input, target, weight, reduction, None)
 
-    wrapper.__name__ = wrapper.__qualname__ = name
-    wrapper.__doc__ = f"{function.__doc__}\n\nA target of another shape broadcasts, with torch's warning."
-    return operation(module, function, kind="loss", reference=reference)(wrapper)
+        wrapper.__name__ = wrapper.__qualname__ = name
+        wrapper.__doc__ = f"{function.__doc__}\n\nA target of another shape broadcasts, with torch's warning."
+        return wrapper
+
+    if reference is None and module is None:
+        reference = wrapper_of(function.forward)
+    return operation(module, function, kind="loss", reference=reference)(wrapper_of(function.dispatch))
 
 
 # ---- class-index targets --------------------------------------------------------------------------
