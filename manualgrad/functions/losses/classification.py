@@ -18,19 +18,14 @@ from torch import Tensor
 
 from ... import _checks
 from ...registry import operation
-from ..base import ManualFunction, apply, cast, opmath, save_for_forward
+from ..base import ManualFunction, apply, cast, opmath, recorded, save_for_forward
 from ..softmax import LogSoftmaxFunction, SoftmaxFunction
 from . import base
 from .base import ClassTarget, _indices, _minus_onehot, _reduce, _row_scale, _times, class_dim
 
-
-def _softmax(z: Tensor, dim: int) -> Tensor:
-    """softmax inside a backward; through our Function when a double backward records it."""
-    return SoftmaxFunction.apply(z, dim, None) if torch.is_grad_enabled() else torch.softmax(z, dim)
-
-
-def _log_softmax(z: Tensor, dim: int) -> Tensor:
-    return LogSoftmaxFunction.apply(z, dim, None) if torch.is_grad_enabled() else torch.log_softmax(z, dim)
+# softmax and log-softmax inside a backward; through our Functions when a double backward records them
+_softmax = recorded(torch.softmax, lambda z, dim: apply(SoftmaxFunction, z, dim, None))
+_log_softmax = recorded(torch.log_softmax, lambda z, dim: apply(LogSoftmaxFunction, z, dim, None))
 
 
 class _CrossEntropyTerms:

@@ -10,7 +10,7 @@ from torch import Tensor
 from ... import _checks
 from ...registry import operation
 from ..activations import _sigmoid
-from ..base import apply
+from ..base import apply, recorded
 from .base import ElementwiseLoss, PointwiseLoss, _without_size_warning, pointwise_loss
 
 F = torch.nn.functional
@@ -175,15 +175,7 @@ def binary_cross_entropy_with_logits(
     return apply(BinaryCrossEntropyWithLogitsFunction, input, target, weight, pos_weight, reduction)
 
 
-def _logit(x: Tensor) -> Tensor:
-    """log(x / (1 − x)) inside a backward: PyTorch's kernel, or, when a double backward records it,
-    log x − log(1 − x), whose derivative is plain arithmetic (not ``logit_backward``)."""
-    return torch.logit(x) if not torch.is_grad_enabled() else torch.log(x) - torch.log1p(-x)
-
-
-def _log_sigmoid(z: Tensor) -> Tensor:
-    """log σ(z) = −(max(−z, 0) + log(1 + e^{−|z|})) inside a backward: PyTorch's kernel, or, when a double
-    backward records it, that stable form in plain arithmetic (not ``log_sigmoid_backward``)."""
-    if not torch.is_grad_enabled():
-        return F.logsigmoid(z)
-    return -(torch.clamp(-z, min=0) + torch.log1p(torch.exp(-z.abs())))
+# log(x / (1 − x)) and log σ(z) inside a backward: PyTorch's kernels, or, when a double backward records them,
+# plain arithmetic (not ``logit_backward`` or ``log_sigmoid_backward``); log σ(z) = −(max(−z, 0) + log(1 + e^{−|z|}))
+_logit = recorded(torch.logit, lambda x: torch.log(x) - torch.log1p(-x))
+_log_sigmoid = recorded(F.logsigmoid, lambda z: -(torch.clamp(-z, min=0) + torch.log1p(torch.exp(-z.abs()))))
