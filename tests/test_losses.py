@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import support
 import torch
 from support import F64
 from torch.autograd import gradcheck, gradgradcheck
@@ -21,15 +22,8 @@ TF = torch.nn.functional
 
 
 def outputs_and_grads(fn, args, kwargs=None, leaves=(0, 1)):
-    """``fn(*args, **kwargs)`` and the gradients of ``args[i]`` for ``i`` in ``leaves`` (for the sum of the output),
-    torch's size warning silenced."""
-    args = [
-        a.detach().clone().requires_grad_(i in leaves) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = fn(*args, **(kwargs or {}))
-    return out.detach(), torch.autograd.grad(out.sum(), [args[i] for i in leaves])
+    """``fn(*args, **kwargs)`` and the gradients of ``args[i]`` for ``i`` in ``leaves`` (for the sum of the output)."""
+    return support.outputs_and_grads(fn, args, kwargs, torch.ones_like, leaves)
 
 
 def assert_same_as_torch(name, args, kwargs=None, leaves=(0, 1), exact=True):
