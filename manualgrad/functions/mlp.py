@@ -28,7 +28,7 @@ and one Python call the ``2L - 1`` module calls, which is what dominates small
 networks.
 
 :class:`MLPCrossEntropyFunction` also fuses the softmax cross-entropy on top
-(:math:`G_{Z_L} = (\operatorname{softmax}(Z_L) - q)/N`, ``losses.py``): the
+(:math:`G_{Z_L} = (\operatorname{softmax}(Z_L) - q)/N`, ``losses/classification.py``): the
 forward forms :math:`G_{Z_L}` next to the loss, and the backward scales it by
 the incoming scalar gradient and runs the chain, so a training step is one
 autograd node.
@@ -50,6 +50,7 @@ from . import recorder
 from .activations import Elementwise
 from .base import ManualFunction, cast, opmath
 from .linear import rows
+from .losses.base import _minus_onehot
 
 __all__ = ["MLPCrossEntropyFunction", "MLPFunction", "MLPSpec"]
 
@@ -230,7 +231,7 @@ class MLPCrossEntropyFunction(ManualFunction):
         if not wants_grad:
             return (loss,)
         # G_Z = (P - q) / N, q = (1 - ε) onehot(t) + ε/C: P, less 1 - ε at each row's target, less ε/C everywhere
-        grad_logits = logp.exp_().scatter_add_(1, target.unsqueeze(1), logp.new_full((), eps - 1).expand(n, 1))
+        grad_logits = _minus_onehot(logp.exp_(), target.unsqueeze(1), 1 - eps, 1, in_place=True)
         if eps:
             grad_logits.sub_(eps / classes)
         grad_logits = cast(grad_logits.div_(n), logits.dtype)
