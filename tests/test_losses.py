@@ -402,3 +402,41 @@ def test_softmax_of_an_integer_tensor_with_a_floating_dtype(name, input_dtype, d
     else:
         with pytest.raises(InputError, match=rf"^{name}: "):
             getattr(MF, name)(x, 1, dtype=dtype)
+
+
+# ---- a new elementwise loss is its forward and its partial derivatives ------------------------------------------
+
+
+class _PoissonNLLFunction(losses_base.ElementwiseLoss):
+    """ℓ = e^x − t x (torch's poisson_nll_loss with log_input): ∂ℓ/∂x = e^x − t, ∂ℓ/∂t = −x."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction):
+        return TF.poisson_nll_loss(input, target, log_input=True, full=False, reduction=reduction)
+
+    @staticmethod
+    def d_input(x, t, in_place):
+        return torch.exp(x) - t, 1.0
+
+    @staticmethod
+    def d_target(x, t, in_place):
+        return -x, 1.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_elementwise_loss_of_input_and_target_apart_gets_its_backward_and_jvp_from_its_partials(reduction):
+    from manualgrad.functions.base import apply
+    from manualgrad.testing import check
+
+    def ours(x, t):
+        return apply(_PoissonNLLFunction, x, t, None, reduction)
+
+    def reference(x, t):
+        return TF.poisson_nll_loss(x, t, log_input=True, full=False, reduction=reduction)
+
+    x, t = torch.randn(4, 3, dtype=F64), torch.rand(4, 3, dtype=F64)
+    properties = ["gradcheck", "jvp", "gradgradcheck", "parity float64", "vmap", "derivative kernels"]
+    check(ours, x, t, reference=reference, properties=properties).assert_ok()
+    wrong = type("Wrong", (_PoissonNLLFunction,), {"d_target": staticmethod(lambda x, t, in_place: (x, 1.0))})
+    report = check(lambda x, t: apply(wrong, x, t, None, reduction), x, t, reference=reference, properties=properties)
+    assert not report.ok  # a sign flipped in ∂ℓ/∂t is caught
