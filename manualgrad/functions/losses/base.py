@@ -203,6 +203,7 @@ def pointwise_loss(function: type[PointwiseLoss], module: type[torch.nn.Module] 
             return call(input, target, weight, reduction, None)
 
         wrapper.__name__ = wrapper.__qualname__ = name
+        wrapper.__module__ = function.__module__
         wrapper.__doc__ = f"{function.__doc__}\n\nA target of another shape broadcasts, with torch's warning."
         return wrapper
 
