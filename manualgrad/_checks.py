@@ -60,6 +60,12 @@ def probability(layer: str, name: str, value, *, open_top: bool = False) -> None
         raise InputError(f"{layer}: {name} must be in [0, {'1)' if open_top else '1]'}, got {value!r}")
 
 
+def at_least(layer: str, name: str, value, low: float, *, strict: bool = False) -> None:
+    """``value >= low`` (``> low`` when ``strict``); NaN is refused."""
+    if not (value > low if strict else value >= low):
+        raise InputError(f"{layer}: {name} must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
 def reduction(layer: str, value: str) -> None:
     choice(layer, "reduction", value, REDUCTIONS)
 

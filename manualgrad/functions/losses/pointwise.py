@@ -68,8 +68,7 @@ def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None
     broadcasts, with torch's warning."""
     reduction = _checks.legacy_reduction("smooth_l1_loss", size_average, reduce, reduction)
     _checks.pointwise_loss("smooth_l1_loss", input, target, reduction)
-    if not beta >= 0:
-        raise _checks.InputError(f"smooth_l1_loss: beta must be >= 0, got {beta!r}")
+    _checks.at_least("smooth_l1_loss", "beta", beta, 0)
     return apply(SmoothL1LossFunction, input, target, None, reduction, float(beta))
 
 
@@ -94,8 +93,7 @@ def huber_loss(input: Tensor, target: Tensor, reduction="mean", delta=1.0, weigh
     """Huber loss; see :class:`~manualgrad.functions.HuberLossFunction`. A target of another shape broadcasts,
     with torch's warning."""
     _checks.pointwise_loss("huber_loss", input, target, reduction, weight)
-    if not delta > 0:
-        raise _checks.InputError(f"huber_loss: delta must be > 0, got {delta!r}")
+    _checks.at_least("huber_loss", "delta", delta, 0, strict=True)
     return apply(HuberLossFunction, input, target, weight, reduction, float(delta))
 
 
