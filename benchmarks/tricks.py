@@ -59,7 +59,7 @@ TRICKS = {
     "indicator (activations)": lambda: _swapped(activations, "indicator", lambda c, s, v: c(s, v).to(s.dtype)),
     "one-step binding (base._Signature)": _plain_signatures,
     "linear's one-expression check": lambda: _swapped(_checks, "_linear_fits", lambda *a: False),
-    "losses in place (losses._in_place)": lambda: _swapped(losses, "_in_place", lambda g: False),
+    "losses in place (losses.base._in_place)": lambda: _swapped(losses.base, "_in_place", lambda g: False),
     "save_for_forward only under forward AD": lambda: _swapped(base._compat, "forward_ad_enabled", lambda: True),
     "G_W as a convolution over the batch (conv.SWAP_AT)": lambda: _swapped(conv, "SWAP_AT", math.inf),
 }

@@ -60,6 +60,12 @@ def probability(layer: str, name: str, value, *, open_top: bool = False) -> None
         raise InputError(f"{layer}: {name} must be in [0, {'1)' if open_top else '1]'}, got {value!r}")
 
 
+def at_least(layer: str, name: str, value, low: float, *, strict: bool = False) -> None:
+    """``value >= low`` (``> low`` when ``strict``); NaN is refused."""
+    if not (value > low if strict else value >= low):
+        raise InputError(f"{layer}: {name} must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
 def reduction(layer: str, value: str) -> None:
     choice(layer, "reduction", value, REDUCTIONS)
 
@@ -259,6 +265,54 @@ def pointwise_loss(layer: str, input, target, reduction_, weight=None) -> None:
             )
         same_device(layer, "input", input, "weight", weight)
         not_differentiated(layer, "weight", weight)
+
+
+def binary_loss(layer: str, input, target, reduction_: str, weight, pos_weight=None) -> None:
+    """A binary cross-entropy's input and target of one shape, its weights broadcasting to it."""
+    tensor(layer, "input", input)
+    tensor(layer, "target", target)
+    reduction(layer, reduction_)
+    real_floating(layer, "input", input)
+    real_floating(layer, "target", target)
+    same_device(layer, "input", input, "target", target)
+    if target.shape != input.shape:
+        raise InputError(f"{layer}: target has shape {shape(target)}, input has shape {shape(input)} (they must match)")
+    broadcast_weight(layer, "weight", weight, input)
+    broadcast_weight(layer, "pos_weight", pos_weight, input)
+
+
+def broadcast_weight(layer: str, name: str, weight: Tensor | None, input: Tensor) -> None:
+    """A weight that broadcasts to the input's shape (PyTorch computes ℓ ⊙ w in an output of the input's shape),
+    on its device, not differentiated."""
+    if weight is None:
+        return
+    tensor(layer, name, weight)
+    try:
+        fits = torch.broadcast_shapes(weight.shape, input.shape) == input.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise InputError(
+            f"{layer}: {name} has shape {shape(weight)}, which does not broadcast to the input's shape {shape(input)}"
+        )
+    same_device(layer, "input", input, name, weight)
+    not_differentiated(layer, name, weight)
+
+
+def probabilities(layer: str, input: Tensor) -> None:
+    """Every element of ``input`` in [0, 1], as PyTorch's CPU kernel requires (a NaN is outside): on the CPU from
+    two numbers; on CUDA a device-side assert (no host sync); not read under ``torch.compile`` or ``torch.func``."""
+    if not input.numel() or _compat.traced(input):
+        return
+    if input.device.type != "cpu":
+        _compat.assert_async(((input >= 0) & (input <= 1)).all(), f"{layer}: input values must be in [0, 1]")
+        return
+    low, high = (v.item() for v in torch.aminmax(input.detach()))
+    if not (0 <= low and high <= 1):
+        raise InputError(
+            f"{layer}: input must hold probabilities in [0, 1], got values from {low} to {high}"
+            " (for logits use binary_cross_entropy_with_logits)"
+        )
 
 
 def dropout_p(layer: str, p) -> None:

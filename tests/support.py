@@ -10,6 +10,8 @@ up. The examples, seeding, kink handling and the aten recorder are
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -35,6 +37,27 @@ F64 = torch.float64
 
 #: (rtol, atol) per dtype for comparisons with torch: float64 to rounding, float32 to a few ulps.
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-6)}
+
+
+def outputs_and_grads(fn, args, kwargs=None, grad_output=torch.randn_like, leaves=None, seed=None):
+    """``fn(*args, **kwargs)`` (the first output of a tuple; reseeded with ``seed``) and the gradients, for
+    ``grad_output`` (a tensor, or a function of the output: random by default, ``torch.ones_like`` for its sum),
+    of the tensor arguments at the indices ``leaves`` (default: those that require grad). The arguments are
+    cloned; torch's warning about a target of another shape is silenced."""
+    args = [
+        a.detach().clone().requires_grad_(a.requires_grad if leaves is None else i in leaves)
+        if isinstance(a, torch.Tensor)
+        else a
+        for i, a in enumerate(args)
+    ]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using a target size")
+        out = (fn if seed is None else seeded(fn, seed))(*args, **(kwargs or {}))
+    out = out[0] if isinstance(out, tuple) else out
+    if callable(grad_output):
+        grad_output = grad_output(out)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    return out.detach(), torch.autograd.grad(out, inputs, grad_output, allow_unused=True) if inputs else ()
 
 
 def op_params(kind: str | None = None, where=lambda op: True) -> list:

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from support import RecordOps
+from support import F64, RecordOps, outputs_and_grads
 from torch.autograd import gradcheck, gradgradcheck
 
 import manualgrad
@@ -23,15 +23,10 @@ import manualgrad.nn as mnn
 from manualgrad import InputError
 from manualgrad.functions import PadFunction, conv
 
-F64 = torch.float64
-
 
 def _grads(fn, inputs, grad_output=None):
-    inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*inputs)
-    out = out[0] if isinstance(out, tuple) else out
-    g = torch.randn_like(out) if grad_output is None else grad_output
-    return out, torch.autograd.grad(out, inputs, g)
+    g = torch.randn_like if grad_output is None else grad_output
+    return outputs_and_grads(fn, inputs, grad_output=g, leaves=range(len(inputs)))
 
 
 # ---- bad input ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import support
 import torch
 from support import F64
 from torch.autograd import gradcheck, gradgradcheck
@@ -14,21 +15,15 @@ from torch.autograd import gradcheck, gradgradcheck
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import InputError
-from manualgrad.functions import losses
+from manualgrad.functions.losses import base as losses_base
+from manualgrad.functions.losses import pointwise
 
 TF = torch.nn.functional
 
 
 def outputs_and_grads(fn, args, kwargs=None, leaves=(0, 1)):
-    """``fn(*args, **kwargs)`` and the gradients of ``args[i]`` for ``i`` in ``leaves`` (for the sum of the output),
-    torch's size warning silenced."""
-    args = [
-        a.detach().clone().requires_grad_(i in leaves) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = fn(*args, **(kwargs or {}))
-    return out.detach(), torch.autograd.grad(out.sum(), [args[i] for i in leaves])
+    """``fn(*args, **kwargs)`` and the gradients of ``args[i]`` for ``i`` in ``leaves`` (for the sum of the output)."""
+    return support.outputs_and_grads(fn, args, kwargs, torch.ones_like, leaves)
 
 
 def assert_same_as_torch(name, args, kwargs=None, leaves=(0, 1), exact=True):
@@ -281,16 +276,16 @@ def test_minus_onehot_is_the_plain_formula(in_place):
     index = target.unsqueeze(1)
     for coefficient in (0.7, torch.tensor(-1.3, dtype=F64), torch.randn(5, 1, 3, dtype=F64)):
         expected = g - onehot * coefficient
-        got = losses._minus_onehot(g.clone(), index, coefficient, 1, in_place)
+        got = losses_base._minus_onehot(g.clone(), index, coefficient, 1, in_place)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
 
 
 def test_times_is_the_plain_product():
     t, factor = torch.randn(4, 3, dtype=F64), torch.randn(3, dtype=F64)
-    torch.testing.assert_close(losses._times(t.clone(), factor, True), t * factor, rtol=0, atol=0)
+    torch.testing.assert_close(losses_base._times(t.clone(), factor, True), t * factor, rtol=0, atol=0)
     fresh = t.clone()
-    assert losses._times(fresh, factor, True) is fresh
-    assert losses._times(fresh, factor, False) is not fresh
+    assert losses_base._times(fresh, factor, True) is fresh
+    assert losses_base._times(fresh, factor, False) is not fresh
 
 
 def test_logit_and_log_sigmoid_are_the_same_either_way():
@@ -298,9 +293,9 @@ def test_logit_and_log_sigmoid_are_the_same_either_way():
     x = torch.tensor([1e-300, 1e-8, 0.3, 0.5, 0.9, 1 - 1e-12], dtype=F64)
     z = torch.tensor([-800.0, -30.0, -1.0, 0.0, 2.0, 40.0, 800.0], dtype=F64)
     with torch.no_grad():
-        kernels = losses._logit(x), losses._log_sigmoid(z)
+        kernels = pointwise._logit(x), pointwise._log_sigmoid(z)
     with torch.enable_grad():
-        plain = losses._logit(x), losses._log_sigmoid(z)
+        plain = pointwise._logit(x), pointwise._log_sigmoid(z)
     for a, b in zip(kernels, plain):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-300)
 
@@ -407,3 +402,41 @@ def test_softmax_of_an_integer_tensor_with_a_floating_dtype(name, input_dtype, d
     else:
         with pytest.raises(InputError, match=rf"^{name}: "):
             getattr(MF, name)(x, 1, dtype=dtype)
+
+
+# ---- a new elementwise loss is its forward and its partial derivatives ------------------------------------------
+
+
+class _PoissonNLLFunction(losses_base.ElementwiseLoss):
+    """ℓ = e^x − t x (torch's poisson_nll_loss with log_input): ∂ℓ/∂x = e^x − t, ∂ℓ/∂t = −x."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction):
+        return TF.poisson_nll_loss(input, target, log_input=True, full=False, reduction=reduction)
+
+    @staticmethod
+    def d_input(x, t, in_place):
+        return torch.exp(x) - t, 1.0
+
+    @staticmethod
+    def d_target(x, t, in_place):
+        return -x, 1.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_elementwise_loss_of_input_and_target_apart_gets_its_backward_and_jvp_from_its_partials(reduction):
+    from manualgrad.functions.base import apply
+    from manualgrad.testing import check
+
+    def ours(x, t):
+        return apply(_PoissonNLLFunction, x, t, None, reduction)
+
+    def reference(x, t):
+        return TF.poisson_nll_loss(x, t, log_input=True, full=False, reduction=reduction)
+
+    x, t = torch.randn(4, 3, dtype=F64), torch.rand(4, 3, dtype=F64)
+    properties = ["gradcheck", "jvp", "gradgradcheck", "parity float64", "vmap", "derivative kernels"]
+    check(ours, x, t, reference=reference, properties=properties).assert_ok()
+    wrong = type("Wrong", (_PoissonNLLFunction,), {"d_target": staticmethod(lambda x, t, in_place: (x, 1.0))})
+    report = check(lambda x, t: apply(wrong, x, t, None, reduction), x, t, reference=reference, properties=properties)
+    assert not report.ok  # a sign flipped in ∂ℓ/∂t is caught

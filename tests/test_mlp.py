@@ -6,13 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import F64
 
 import manualgrad
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import InputError, _compat
-
-F64 = torch.float64
 
 
 @pytest.mark.parametrize("activation", [*mnn.ACTIVATIONS, "gelu_tanh", "leaky_negative", "elu_negative"])

@@ -34,5 +34,7 @@ def test_the_wheel_holds_manualgrad_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "manualgrad/testing/__init__.py" in names and "manualgrad/testing/samples.py" in names  # public
     assert "manualgrad/check.py" in names  # python -m manualgrad.check
+    assert "manualgrad/functions/losses/base.py" in names  # a subpackage
+    assert {"manualgrad/py.typed", "manualgrad/functional.pyi", "manualgrad/nn/__init__.pyi"} <= set(names)  # typed
     top = {name.split("/")[0] for name in names}
     assert top == {"manualgrad", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}

@@ -11,7 +11,18 @@ import warnings
 
 import pytest
 import torch
-from support import DEVICES, DTYPES, TOL, example, example_params, grads_of, non_contiguous_like, op_params, seeded
+from support import (
+    DEVICES,
+    DTYPES,
+    TOL,
+    example,
+    example_params,
+    grads_of,
+    non_contiguous_like,
+    op_params,
+    outputs_and_grads,
+    seeded,
+)
 
 import manualgrad
 import manualgrad.functional as MF
@@ -22,14 +33,7 @@ from manualgrad.registry import ops
 
 def _outputs_and_grads(fn, args, kwargs, grad_output=None, seed=0):
     """``fn(*args, **kwargs)`` (reseeded) and the gradients of its floating inputs for ``grad_output``."""
-
-    def call(*a):
-        out = seeded(fn, seed)(*a, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-    if grad_output is None:
-        grad_output = torch.randn_like(call(*args))
-    return grads_of(call, args, grad_output)
+    return outputs_and_grads(fn, args, kwargs, torch.randn_like if grad_output is None else grad_output, seed=seed)
 
 
 def assert_parity(op, args, kwargs, grad_output, dtype):

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.utils.prune
+from support import F64
 from torch.func import functional_call, grad, vmap
 
 import manualgrad
@@ -15,8 +16,6 @@ import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import InputError
 from manualgrad.per_sample import EPSILON
-
-F64 = torch.float64
 
 
 def per_layer_model(bias=True, dropout=0.0):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from support import F64
 from torch.func import functional_call, grad, vmap
 
 import manualgrad
@@ -25,8 +26,6 @@ from manualgrad.privacy import (
     PrivacyWarning,
     get_noise_multiplier,
 )
-
-F64 = torch.float64
 
 
 def dataset(n=40, features=6, classes=3, seed=0):

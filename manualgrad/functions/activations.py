@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .. import _checks, _compat
 from ..registry import activation
-from .base import ManualFunction, cast, opmath, save_for_forward
+from .base import ManualFunction, cast, opmath, recorded, save_for_forward
 
 __all__ = [
     "ELUFunction",
@@ -217,14 +217,8 @@ class TanhFunction(Elementwise):
 tanh = activation("tanh", TanhFunction, torch.nn.Tanh)
 
 
-def _sigmoid(z: Tensor) -> Tensor:
-    """σ(z) inside a derivative; through :class:`SigmoidFunction` when a double backward records it."""
-    return SigmoidFunction.apply(z) if torch.is_grad_enabled() else torch.sigmoid(z)
-
-
-def _tanh(z: Tensor) -> Tensor:
-    """tanh(z) inside a derivative; through :class:`TanhFunction` when a double backward records it."""
-    return TanhFunction.apply(z) if torch.is_grad_enabled() else torch.tanh(z)
+_sigmoid = recorded(torch.sigmoid, SigmoidFunction)  # σ(z) inside a derivative
+_tanh = recorded(torch.tanh, TanhFunction)
 
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -334,9 +328,7 @@ class SoftplusFunction(Elementwise):
 softplus = activation("softplus", SoftplusFunction, torch.nn.Softplus)
 
 
-def _softplus(z: Tensor) -> Tensor:
-    """softplus(z) inside a derivative; through :class:`SoftplusFunction` when a double backward records it."""
-    return SoftplusFunction.apply(z) if torch.is_grad_enabled() else torch.nn.functional.softplus(z)
+_softplus = recorded(torch.nn.functional.softplus, SoftplusFunction)
 
 
 class MishFunction(Elementwise):

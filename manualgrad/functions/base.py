@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ from torch.autograd import Function
 
 from .. import _compat
 
-__all__ = ["ManualFunction", "apply", "cast", "opmath", "save_for_forward"]
+__all__ = ["ManualFunction", "apply", "cast", "opmath", "recorded", "save_for_forward"]
 
 _DEFAULT_JVP = Function.jvp
 _HALF = (torch.float16, torch.bfloat16)
@@ -101,6 +102,20 @@ def _dispatcher(function: type[ManualFunction]):
         return traceable(*args) if torch.compiler.is_compiling() else eager(*args)
 
     return staticmethod(dispatch)
+
+
+def recorded(plain: Callable, ours: type[ManualFunction] | Callable) -> Callable:
+    """``plain(*args)`` inside a backward, and ``ours`` (a Function, applied as :func:`apply` applies it, or a
+    function of the same arguments) when a double backward records it (``create_graph=True``), so that second
+    derivatives are our formulas too, never a PyTorch derivative kernel:
+    ``_sigmoid = recorded(torch.sigmoid, SigmoidFunction)``."""
+    if isinstance(ours, type):
+        ours = ours.dispatch
+
+    def call(*args):
+        return ours(*args) if torch.is_grad_enabled() else plain(*args)
+
+    return call
 
 
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:

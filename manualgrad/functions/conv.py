@@ -55,7 +55,7 @@ from .. import _checks
 from ..errors import InputError
 from ..registry import operation
 from . import recorder
-from .base import ManualFunction, apply, cast, opmath, save_for_forward
+from .base import ManualFunction, apply, cast, opmath, recorded, save_for_forward
 from .shape import PadFunction
 
 __all__ = [
@@ -174,21 +174,6 @@ def _weight_grad_by_convolution(x: Tensor, g: Tensor, geometry: ConvGeometry) ->
 
 
 # ---- the Functions --------------------------------------------------------------------------------
-
-
-def _transposed(g: Tensor, w: Tensor, geometry: ConvGeometry) -> Tensor:
-    """W ⋆ᵀ G inside a backward: through :class:`ConvTranspose2dFunction` when a double backward records it."""
-    return apply(ConvTranspose2dFunction, g, w, geometry) if torch.is_grad_enabled() else _input_grad(g, w, geometry)
-
-
-def _correlated(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
-    """X ⋆ G (the weight gradient's map) inside a backward; through :class:`Conv2dWeightFunction` when recorded."""
-    return apply(Conv2dWeightFunction, x, g, geometry) if torch.is_grad_enabled() else _weight_grad(x, g, geometry)
-
-
-def _convolved(x: Tensor, w: Tensor, geometry: ConvGeometry) -> Tensor:
-    """W ⋆ X inside a backward; through :class:`Conv2dFunction` when recorded."""
-    return apply(Conv2dFunction, x, w, None, geometry) if torch.is_grad_enabled() else _conv(x, w, geometry)
 
 
 class Conv2dFunction(ManualFunction):
@@ -395,6 +380,12 @@ class Conv2dWeightFunction(ManualFunction):
         if grad_tangent is not None:  # + X ⋆ Ġ
             terms.append(_weight_grad(input, grad_tangent, ctx.geometry))
         return sum(terms[1:], terms[0])
+
+
+# inside a backward: the map itself, or, when a double backward records it, the Function computing it
+_transposed = recorded(_input_grad, ConvTranspose2dFunction)  # W ⋆ᵀ G
+_correlated = recorded(_weight_grad, Conv2dWeightFunction)  # X ⋆ G, the weight gradient's map
+_convolved = recorded(_conv, lambda x, w, geometry: apply(Conv2dFunction, x, w, None, geometry))  # W ⋆ X
 
 
 # ---- validation -----------------------------------------------------------------------------------

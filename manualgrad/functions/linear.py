@@ -59,7 +59,7 @@ class LinearFunction(ManualFunction):
         ctx.save_for_backward(input if needs_weight or ctx.per_sample else None, weight if needs_input else None)
         save_for_forward(ctx, input, weight)
         ctx.input_shape = input.shape
-        ctx.compute_dtype = output.dtype
+        ctx.dtype = output.dtype
         dtypes = (input.dtype, weight.dtype, output.dtype if bias is None else bias.dtype)
         ctx.mixed_dtypes = None if dtypes.count(output.dtype) == 3 else dtypes  # autocast
 
@@ -85,7 +85,7 @@ class LinearFunction(ManualFunction):
     @staticmethod
     def jvp(ctx, input_tangent, weight_tangent, bias_tangent):
         input, weight = ctx.saved_tensors
-        dtype = ctx.compute_dtype
+        dtype = ctx.dtype
         tangent = None
         if input_tangent is not None:  # Ẋ W^T
             tangent = cast(input_tangent, dtype).matmul(cast(weight, dtype).t())

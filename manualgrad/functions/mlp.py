@@ -28,7 +28,7 @@ and one Python call the ``2L - 1`` module calls, which is what dominates small
 networks.
 
 :class:`MLPCrossEntropyFunction` also fuses the softmax cross-entropy on top
-(:math:`G_{Z_L} = (\operatorname{softmax}(Z_L) - q)/N`, ``losses.py``): the
+(:math:`G_{Z_L} = (\operatorname{softmax}(Z_L) - q)/N`, ``losses/classification.py``): the
 forward forms :math:`G_{Z_L}` next to the loss, and the backward scales it by
 the incoming scalar gradient and runs the chain, so a training step is one
 autograd node.
@@ -50,6 +50,7 @@ from . import recorder
 from .activations import Elementwise
 from .base import ManualFunction, cast, opmath
 from .linear import rows
+from .losses.base import _minus_onehot
 
 __all__ = ["MLPCrossEntropyFunction", "MLPFunction", "MLPSpec"]
 
@@ -75,12 +76,18 @@ class _Kept(NamedTuple):
     a: Tensor
 
 
-def _forward(spec: MLPSpec, input: Tensor, params: tuple) -> tuple[Tensor, list[_Kept]]:
-    """Run the layers on the rows of ``input``: the logits ``(N, C)`` and each hidden layer's :class:`_Kept`."""
+def _pairs(flat) -> list[tuple]:
+    """``(W1, b1, ..., WL, bL)`` (or their flags) as ``[(W1, b1), ..., (WL, bL)]``."""
+    return list(zip(flat[0::2], flat[1::2]))
+
+
+def _forward(spec: MLPSpec, input: Tensor, layers: list[tuple]) -> tuple[Tensor, list[_Kept]]:
+    """Run the ``(W, b)`` layers on the rows of ``input``: the logits ``(N, C)`` and each hidden layer's
+    :class:`_Kept`."""
     kept = []
     a = rows(input)
     for l, (function, args) in enumerate(spec.activations):
-        z = torch.nn.functional.linear(a, params[2 * l], params[2 * l + 1])
+        z = torch.nn.functional.linear(a, *layers[l])
         y = function.forward(z, *args)
         p = spec.dropouts[l] if spec.training else 0.0
         mask = None
@@ -90,7 +97,7 @@ def _forward(spec: MLPSpec, input: Tensor, params: tuple) -> tuple[Tensor, list[
         else:
             a = y
         kept.append(_Kept(y if function.saves_output(*args) else z, mask, a))
-    return torch.nn.functional.linear(a, params[-2], params[-1]), kept
+    return torch.nn.functional.linear(a, *layers[-1]), kept
 
 
 def _flatten(kept: list[_Kept]) -> list[Tensor]:
@@ -115,29 +122,30 @@ def _unflatten(spec: MLPSpec, flat) -> list[_Kept]:
 
 
 def _backward(
-    spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[_Kept], params: tuple, needs: tuple, records=None
-) -> list:
-    """The chain: G_W = G^T A, G_b = Σ_rows G, G ← (G W) ⊙ M ⊙ h'; ``needs`` flags (input, W1, b1, ...);
-    ``records``: each layer's :class:`~manualgrad.functions.recorder.Layer` (or None) under a per_sample context."""
+    spec: MLPSpec, grad: Tensor, input: Tensor, kept: list[_Kept], layers: list[tuple], needs: tuple, records=None
+) -> tuple[Tensor | None, list[list]]:
+    """The chain: G_W = G^T A, G_b = Σ_rows G, G ← (G W) ⊙ M ⊙ h'. ``needs``: the input's flag, then each
+    layer's ``(W, b)`` flags; ``records``: each layer's :class:`~manualgrad.functions.recorder.Layer` (or None)
+    under a per_sample context. Returns G_X and each layer's ``[G_W, G_b]``."""
     dtype = grad.dtype  # the forward's compute dtype (the autocast dtype under autocast)
-    grads = [None] * (1 + len(params))
+    needs_input, needs = needs[0], [list(n) for n in needs[1:]]
+    grad_input, grads = None, [[None, None] for _ in layers]
     samples = input.shape[0] if input.dim() > 1 else 1
-    for l in range(len(params) // 2 - 1, -1, -1):
-        weight, bias = params[2 * l], params[2 * l + 1]
+    for l in range(len(layers) - 1, -1, -1):
+        weight, bias = layers[l]
         a = kept[l - 1].a if l else cast(rows(input), dtype)
-        if records and records[l] is not None:
+        if records and records[l] is not None:  # clipping: the recorder forms what it takes of G_W, G_b
             taken = records[l].record(_rows_of(grad, samples), _rows_of(a, samples))
-            kept_needs = (needs[1 + 2 * l] and not taken[0], needs[2 + 2 * l] and not taken[1])
-            needs = needs[: 1 + 2 * l] + kept_needs + needs[3 + 2 * l :]  # clipping: the recorder forms G_W, G_b
-        if needs[1 + 2 * l]:
-            grads[1 + 2 * l] = cast(grad.t().mm(a), weight.dtype)  # G_W = G^T A
-        if needs[2 + 2 * l]:
-            grads[2 + 2 * l] = cast(grad.sum(0), bias.dtype)  # G_b = Σ_rows G
+            needs[l] = [needs[l][0] and not taken[0], needs[l][1] and not taken[1]]
+        if needs[l][0]:
+            grads[l][0] = cast(grad.t().mm(a), weight.dtype)  # G_W = G^T A
+        if needs[l][1]:
+            grads[l][1] = cast(grad.sum(0), bias.dtype)  # G_b = Σ_rows G
         if l == 0:
-            if needs[0]:
-                grads[0] = cast(grad.mm(cast(weight, dtype)).reshape(input.shape), input.dtype)  # G_X = G W_1
+            if needs_input:
+                grad_input = cast(grad.mm(cast(weight, dtype)).reshape(input.shape), input.dtype)  # G_X = G W_1
             break
-        if not any(needs[: 1 + 2 * l]):
+        if not needs_input and not any(any(n) for n in needs[:l]):
             break  # nothing below needs a gradient
         grad = grad.mm(cast(weight, dtype))  # G_A = G W
         s, mask, _ = kept[l - 1]
@@ -145,7 +153,7 @@ def _backward(
             grad.mul_(mask)  # ⊙ M
         function, args = spec.activations[l - 1]
         grad.mul_(function.derivative(opmath(s), *args))  # ⊙ h'
-    return grads
+    return grad_input, grads
 
 
 def _rows_of(a: Tensor, samples: int) -> Tensor:
@@ -153,13 +161,13 @@ def _rows_of(a: Tensor, samples: int) -> Tensor:
     return a.reshape(samples, a.shape[0] // samples if samples else 1, a.shape[-1])
 
 
-def _per_sample_layers(params: tuple) -> list | None:
+def _per_sample_layers(layers: list[tuple]) -> list | None:
     """Each layer's :class:`~manualgrad.functions.recorder.Layer` when a per_sample context tracks the MLP, else
     None."""
     if not recorder.active():
         return None
-    layers = [recorder.layer(params[i], params[i + 1]) for i in range(0, len(params), 2)]
-    return layers if any(layer is not None for layer in layers) else None
+    records = [recorder.layer(weight, bias) for weight, bias in layers]
+    return records if any(record is not None for record in records) else None
 
 
 class MLPFunction(ManualFunction):
@@ -173,7 +181,7 @@ class MLPFunction(ManualFunction):
 
     @staticmethod
     def forward(input, spec, *params):
-        logits, kept = _forward(spec, input, params)
+        logits, kept = _forward(spec, input, _pairs(params))
         return (logits.reshape(*input.shape[:-1], logits.shape[-1]), *_flatten(kept))
 
     @staticmethod
@@ -184,7 +192,7 @@ class MLPFunction(ManualFunction):
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept tensors
         ctx.save_for_backward(input, *params, *saved)
         ctx.spec, ctx.layers = spec, len(params) // 2
-        ctx.per_sample = _per_sample_layers(params)
+        ctx.per_sample = _per_sample_layers(_pairs(params))
 
     @staticmethod
     @once_differentiable
@@ -193,9 +201,9 @@ class MLPFunction(ManualFunction):
             return (None,) * (2 + 2 * ctx.layers)
         input, *rest = ctx.saved_tensors
         params, kept = rest[: 2 * ctx.layers], _unflatten(ctx.spec, rest[2 * ctx.layers :])
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
-        grads = _backward(ctx.spec, rows(grad_logits), input, kept, tuple(params), needs, ctx.per_sample)
-        return grads[0], None, *grads[1:]
+        needs = (ctx.needs_input_grad[0], *_pairs(ctx.needs_input_grad[2:]))
+        grad_input, grads = _backward(ctx.spec, rows(grad_logits), input, kept, _pairs(params), needs, ctx.per_sample)
+        return grad_input, None, *(g for pair in grads for g in pair)
 
 
 class MLPCrossEntropyFunction(ManualFunction):
@@ -212,7 +220,7 @@ class MLPCrossEntropyFunction(ManualFunction):
 
     @staticmethod
     def forward(input, target, spec, wants_grad, *params):
-        logits, kept = _forward(spec, input, params)
+        logits, kept = _forward(spec, input, _pairs(params))
         n, classes = logits.shape
         eps = spec.label_smoothing
         # R = (1/N) Σ_n [(1 - ε)(-log P[n, t_n]) + (ε/C) Σ_c (-log P[n, c])], in float32 for half logits
@@ -223,7 +231,7 @@ class MLPCrossEntropyFunction(ManualFunction):
         if not wants_grad:
             return (loss,)
         # G_Z = (P - q) / N, q = (1 - ε) onehot(t) + ε/C: P, less 1 - ε at each row's target, less ε/C everywhere
-        grad_logits = logp.exp_().scatter_add_(1, target.unsqueeze(1), logp.new_full((), eps - 1).expand(n, 1))
+        grad_logits = _minus_onehot(logp.exp_(), target.unsqueeze(1), 1 - eps, 1, in_place=True)
         if eps:
             grad_logits.sub_(eps / classes)
         grad_logits = cast(grad_logits.div_(n), logits.dtype)
@@ -237,7 +245,7 @@ class MLPCrossEntropyFunction(ManualFunction):
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept tensors
         ctx.save_for_backward(input, *params, *kept)
         ctx.spec, ctx.layers, ctx.wants_grad = spec, len(params) // 2, wants_grad
-        ctx.per_sample = _per_sample_layers(params)
+        ctx.per_sample = _per_sample_layers(_pairs(params))
 
     @staticmethod
     @once_differentiable
@@ -248,7 +256,8 @@ class MLPCrossEntropyFunction(ManualFunction):
             raise RuntimeError("MLPCrossEntropyFunction: called with wants_grad=False, so no gradient was prepared")
         input, *rest = ctx.saved_tensors
         params, (grad_logits, *kept) = rest[: 2 * ctx.layers], rest[2 * ctx.layers :]
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:])
+        needs = (ctx.needs_input_grad[0], *_pairs(ctx.needs_input_grad[4:]))
         grad = grad_logits * cast(grad_loss, grad_logits.dtype)  # G_Z scaled by the incoming ∂(...)/∂R
-        grads = _backward(ctx.spec, grad, input, _unflatten(ctx.spec, kept), tuple(params), needs, ctx.per_sample)
-        return grads[0], None, None, None, *grads[1:]
+        kept = _unflatten(ctx.spec, kept)
+        grad_input, grads = _backward(ctx.spec, grad, input, kept, _pairs(params), needs, ctx.per_sample)
+        return grad_input, None, None, None, *(g for pair in grads for g in pair)

@@ -39,6 +39,7 @@ from ..errors import InputError
 from ..registry import operation
 from .base import ManualFunction, apply, cast, opmath, save_for_forward
 from .conv import pair
+from .shape import SeparableMap
 
 __all__ = [
     "AdaptiveAvgPool2dFunction",
@@ -163,25 +164,13 @@ def _windows_matrix(windows: list[tuple[int, int, float]], size: int, like: Tens
     return torch.tensor(rows, dtype=like.dtype, device=like.device).reshape(len(windows), size)
 
 
-class _SeparablePool(ManualFunction):
-    """A pooling :math:`Y = A_h X A_w^\\top` per channel; ``setup_context`` stores the windows of :math:`A_h, A_w`."""
+class _SeparablePool(SeparableMap):
+    """A pooling :math:`Y = A_h X A_w^\top` per channel; ``setup_context`` stores the windows of :math:`A_h, A_w`."""
 
     @staticmethod
     def matrices(ctx, like: Tensor) -> tuple[Tensor, Tensor]:
         (rows, height), (columns, width) = ctx.windows
         return _windows_matrix(rows, height, like), _windows_matrix(columns, width, like)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        g = opmath(grad_output)
-        a_h, a_w = _SeparablePool.matrices(ctx, g)
-        grad_input = a_h.t().matmul(g).matmul(a_w)  # G_X = A_hᵀ G_Y A_w
-        return (cast(grad_input, grad_output.dtype),) + (None,) * ctx.n_options
-
-    @staticmethod
-    def jvp(ctx, input_tangent, *_):
-        a_h, a_w = _SeparablePool.matrices(ctx, input_tangent)
-        return a_h.matmul(input_tangent).matmul(a_w.t())  # Ẏ = A_h Ẋ A_wᵀ
 
 
 def _avg_windows(size, out, kernel, stride, padding, count_include_pad, divisor):
@@ -219,7 +208,6 @@ class AvgPool2dFunction(_SeparablePool):
             W, out_w, kernel[1], stride[1], padding[1], count_include_pad, None if divisor is None else 1
         )
         ctx.windows = ((rows, H), (columns, W))
-        ctx.n_options = 6
 
 
 @operation(torch.nn.AvgPool2d, AvgPool2dFunction, kind="layer")
@@ -264,7 +252,6 @@ class AdaptiveAvgPool2dFunction(_SeparablePool):
         input, (out_h, out_w) = inputs
         H, W = input.shape[-2:]
         ctx.windows = ((_adaptive_windows(H, out_h), H), (_adaptive_windows(W, out_w), W))
-        ctx.n_options = 1
 
 
 @operation(torch.nn.AdaptiveAvgPool2d, AdaptiveAvgPool2dFunction, kind="layer")

@@ -25,6 +25,7 @@ row whose source pixel is an input pixel (none for a constant-padded row). So
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -169,7 +170,36 @@ def _matrix(sources: list[int], size: int, like: Tensor) -> Tensor:
     return (rows.unsqueeze(1) == torch.arange(size, device=like.device)).to(like.dtype)
 
 
-class PadFunction(ManualFunction):
+class SeparableMap(ManualFunction):
+    r"""Base of the maps :math:`Y = P_h X P_w^\top` of the last two dimensions, channel by channel (padding,
+    average pooling): :math:`G_X = P_h^\top G_Y P_w` and :math:`\dot Y = P_h \dot X P_w^\top`. A subclass
+    defines ``forward`` (input first, then its options), ``setup_context`` and ``matrices(ctx, like)``:
+    :math:`(P_h, P_w)` in ``like``'s dtype, on its device."""
+
+    @staticmethod
+    def matrices(ctx, like: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs):
+        # Bound to this subclass's matrices as closures (as Elementwise does).
+        options = (None,) * (len(inspect.signature(cls.forward).parameters) - 1)
+
+        def backward(ctx, grad_output: Tensor):
+            g = opmath(grad_output)
+            p_h, p_w = cls.matrices(ctx, g)
+            return (cast(p_h.t().matmul(g).matmul(p_w), grad_output.dtype), *options)  # G_X = P_hᵀ G_Y P_w
+
+        def jvp(ctx, input_tangent, *_):
+            p_h, p_w = cls.matrices(ctx, input_tangent)
+            return p_h.matmul(input_tangent).matmul(p_w.t())  # Ẏ = P_h Ẋ P_wᵀ
+
+        cls.backward = staticmethod(backward)
+        if "jvp" not in cls.__dict__:  # the compile twin keeps its default jvp
+            cls.jvp = staticmethod(jvp)
+        super().__init_subclass__(**kwargs)
+
+
+class PadFunction(SeparableMap):
     r"""``apply(input, pad, mode, value)``: ``F.pad`` of the last two dimensions,
     ``pad = (left, right, top, bottom)``: :math:`Y = P_h X P_w^\top` (+ the constant).
 
@@ -195,18 +225,6 @@ class PadFunction(ManualFunction):
         p_h = _matrix(_sources(H, top, bottom, ctx.mode), H, like)
         p_w = _matrix(_sources(W, left, right, ctx.mode), W, like)
         return p_h, p_w
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        g = opmath(grad_output)
-        p_h, p_w = PadFunction.matrices(ctx, g)
-        grad_input = p_h.t().matmul(g).matmul(p_w)  # G_X = P_hᵀ G_Y P_w
-        return cast(grad_input, grad_output.dtype), None, None, None
-
-    @staticmethod
-    def jvp(ctx, input_tangent, *_):
-        p_h, p_w = PadFunction.matrices(ctx, input_tangent)
-        return p_h.matmul(input_tangent).matmul(p_w.t())  # Ẏ = P_h Ẋ P_wᵀ
 
     @staticmethod
     def pad(input: Tensor, pad: Sequence[int], mode: str = "constant", value: float = 0.0, layer: str = "pad"):

@@ -1,0 +1,246 @@
+r"""What every loss shares: the reduction, the elementwise-loss base, the class-target helper, the wrapper helper.
+
+A loss is a sum of terms :math:`\ell_n`, reduced: ``"sum"`` (:math:`R = \sum_n \ell_n`), ``"mean"``
+(:math:`R = \sum_n \ell_n / D`) or ``"none"``. So :math:`\partial R/\partial \ell_n` is :math:`g/D`, :math:`g` or
+:math:`g_n` (:func:`_row_scale`), and each backward is that factor times :math:`\partial\ell_n/\partial` (its
+inputs). Weights are constants, not differentiated. Where a backward makes a tensor only to scale it, it scales it
+in place while nothing records it (:func:`_in_place`): the same formula, one array of the input's size less.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from ... import _checks, _compat
+from ...registry import operation
+from .. import recorder
+from ..base import ManualFunction, cast, opmath, save_for_forward
+
+
+def class_dim(input: Tensor) -> int:
+    """Where the classes are: ``(C)``: 0; ``(N, C, d1, ...)``: 1."""
+    return 0 if input.dim() == 1 else 1
+
+
+def _row_scale(grad: Tensor, reduction: str, divisor, valid: Tensor | None = None) -> Tensor:
+    """∂R/∂ℓ_n: g/D (mean), g (sum), or g_n itself (none); zero on rows that count nowhere (``~valid``),
+    also where g/D is not finite (a mean over no rows). Tells a per_sample recorder the loss's reduction."""
+    recorder.note_loss(reduction)
+    scale = grad / divisor if reduction == "mean" else grad
+    return scale if valid is None else torch.where(valid, scale, 0)
+
+
+def _reduce(terms: Tensor, reduction: str, divisor) -> Tensor:
+    if reduction == "none":
+        return terms
+    total = terms.sum()
+    return total / divisor if reduction == "mean" else total
+
+
+def _in_place(grad_output: Tensor) -> bool:
+    """Whether a backward may overwrite the tensors it has just made: not while autograd records them (a double
+    backward), nor while ``torch.compile`` traces it, nor when a vmap batches the incoming gradient (``torch.func``,
+    gradcheck's batched check: a batched factor cannot go into an unbatched tensor)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _compat.batched(grad_output)
+
+
+def _times(t: Tensor, factor, in_place: bool) -> Tensor:
+    """``t * factor``, written into ``t`` (a tensor the backward has just made, the shape of the result)
+    when ``in_place``: one array of the input's size less to allocate."""
+    return t.mul_(factor) if in_place else t * factor
+
+
+def _without_size_warning(loss, input: Tensor, target: Tensor, *args, **kwargs) -> Tensor:
+    """``loss(input, target, ...)``, PyTorch's own; its warning about a target of another shape is silenced,
+    as the wrapper gave it already."""
+    if input.shape == target.shape:
+        return loss(input, target, *args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return loss(input, target, *args, **kwargs)
+
+
+# ---- the elementwise-loss base ---------------------------------------------------------------------
+
+
+class ElementwiseLoss(ManualFunction):
+    r"""Base of the losses :math:`\ell = w \odot \ell(x, t)` elementwise (:math:`w = 1` without a weight), reduced.
+
+    .. math::
+
+        G_X = w \odot \frac{\partial\ell}{\partial x} \odot \frac{\partial R}{\partial \ell} \qquad
+        G_T = w \odot \frac{\partial\ell}{\partial t} \odot \frac{\partial R}{\partial \ell} \qquad
+        \dot\ell = w \odot \Big(\frac{\partial\ell}{\partial x} \dot x + \frac{\partial\ell}{\partial t}
+        \dot t\Big)
+
+    each gradient summed back to its own shape where input and target broadcast.
+    ``apply(input, target, weight, <more tensors>, reduction, <options>)``, ``tensors`` (3) of them. A subclass
+    defines
+
+    * ``forward``: :math:`R`, PyTorch's own kernel;
+    * ``d_input(x, t, *rest, in_place)``: ``(r, c)`` with :math:`\partial\ell/\partial x = c\, r`, ``c`` a number
+      (it joins :math:`\partial R/\partial\ell`), ``rest`` the other tensors (not ``weight``) and the options;
+      with ``in_place`` it may overwrite the tensors it makes (never ``x`` or ``t``);
+    * ``d_target``: the same for :math:`\partial\ell/\partial t`; ``None`` (the default) for a loss of
+      :math:`x - t`, whose :math:`\partial\ell/\partial t = -\partial\ell/\partial x`;
+    * ``mean_over_weights``: whether ``mean`` with a weight divides by :math:`\sum w` or by the element count.
+
+    Input and target are kept (as PyTorch keeps them). Half precision is differentiated in float32 and rounded once.
+    """
+
+    tensors = 3
+    mean_over_weights = False
+    d_target = None
+
+    @staticmethod
+    def d_input(x: Tensor, t: Tensor, *rest) -> tuple[Tensor, float]:
+        raise NotImplementedError
+
+    @classmethod
+    def divisor(cls, input: Tensor, target: Tensor, weight: Tensor | None):
+        """D of ``mean``: the element count, or Σw."""
+        if weight is not None and cls.mean_over_weights:
+            return opmath(weight).sum()
+        return math.prod(torch.broadcast_shapes(input.shape, target.shape))
+
+    def __init_subclass__(cls, **kwargs):
+        # Bound to this subclass's ∂ℓ as closures (as Elementwise does), so that the stand-in ctx objects of
+        # vmap and Dynamo need no attribute of ours.
+        n = cls.tensors
+
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs[:n])
+            save_for_forward(ctx, *inputs[:n])
+            ctx.reduction, ctx.options, ctx.dtype = inputs[n], inputs[n + 1 :], output.dtype
+
+        def partials(ctx, input, target, others, in_place, which):
+            x, t = opmath(input), opmath(target)
+            rest = (*(None if o is None else opmath(o) for o in others), *ctx.options, in_place)
+            if which == 0 or cls.d_target is None:
+                r, c = cls.d_input(x, t, *rest)
+                return (r, c) if which == 0 else (r, -c)
+            return cls.d_target(x, t, *rest)
+
+        def backward(ctx, grad_output):
+            input, target, weight, *others = ctx.saved_tensors
+            in_place = _in_place(grad_output)
+            scale = _row_scale(opmath(grad_output), ctx.reduction, cls.divisor(input, target, weight))  # ∂R/∂ℓ
+
+            def grad(i):  # w ⊙ ∂ℓ/∂(x, t)[i] ⊙ ∂R/∂ℓ, in the broadcast shape
+                r, c = partials(ctx, input, target, others, in_place, i)  # ∂ℓ = c r
+                g = _times(r, scale if c == 1 else c * scale, in_place)
+                return g if weight is None else _times(g, weight, in_place)
+
+            g_x = grad(0) if ctx.needs_input_grad[0] else None
+            g_t = None
+            if ctx.needs_input_grad[1]:
+                g_t = -g_x if g_x is not None and cls.d_target is None else grad(1)  # a difference: G_T = −G_X
+            g_x = None if g_x is None else cast(g_x.sum_to_size(input.shape), input.dtype)
+            g_t = None if g_t is None else cast(g_t.sum_to_size(target.shape), target.dtype)
+            return (g_x, g_t) + (None,) * (n - 1 + len(ctx.options))
+
+        def jvp(ctx, input_tangent, target_tangent, *_):
+            input, target, weight, *others = ctx.saved_tensors
+            terms = 0
+            for i, tangent in ((0, input_tangent), (1, target_tangent)):
+                if tangent is not None:  # ℓ̇ = w ⊙ (∂ℓ/∂x ẋ + ∂ℓ/∂t ṫ)
+                    r, c = partials(ctx, input, target, others, False, i)
+                    terms = terms + c * r * opmath(tangent)
+            if weight is not None:
+                terms = terms * weight
+            return cast(_reduce(terms, ctx.reduction, cls.divisor(input, target, weight)), ctx.dtype)
+
+        cls.setup_context = staticmethod(setup_context)
+        cls.backward = staticmethod(backward)
+        if "jvp" not in cls.__dict__:  # the compile twin keeps its default jvp
+            cls.jvp = staticmethod(jvp)
+        super().__init_subclass__(**kwargs)
+
+
+class PointwiseLoss(ElementwiseLoss):
+    r"""Base of the losses of the difference :math:`d = \hat y - t`: :math:`\ell = w \odot \rho(d)`,
+    :math:`\partial\ell/\partial\hat y = \rho'(d) = -\partial\ell/\partial t`.
+    ``apply(input, target, weight, reduction, parameter)``. A subclass defines ``forward`` and
+    ``derivative(d, parameter, out)``: ``(r, c)`` with :math:`\rho'(d) = c\, r(d)`, ``r`` may be written into
+    ``out`` (``d`` itself, or None). ``mean`` with a weight divides by :math:`\sum w` (``mean_over_weights``).
+
+    Shape: input ``(*)``, target broadcastable with it, weight the input's shape or ``None``; output scalar,
+    or the broadcast shape for ``"none"``.
+    """
+
+    mean_over_weights = True
+
+    @staticmethod
+    def derivative(d: Tensor, parameter, out: Tensor | None) -> tuple[Tensor, float]:
+        raise NotImplementedError
+
+    @classmethod
+    def d_input(cls, x, t, parameter, in_place):
+        d = x - t  # D = Ŷ − T
+        return cls.derivative(d, parameter, d if in_place else None)
+
+    @staticmethod
+    def reduce(terms: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
+        """R of ℓ = w ⊙ terms, for a ``forward`` written out: ``mean`` divides by Σw with a weight."""
+        if weight is None:
+            return _reduce(terms, reduction, terms.numel())
+        return _reduce(terms * weight, reduction, weight.sum())
+
+
+def pointwise_loss(function: type[PointwiseLoss], module: type[torch.nn.Module] | None, name: str, *, reference=None):
+    """Declare a loss of a difference with torch's ``mse_loss`` signature, ``name(input, target, size_average=None,
+    reduce=None, reduction="mean", weight=None)``; return the wrapper. Without a torch module or ``reference``,
+    the checks compare with autograd through ``function.forward``."""
+
+    def wrapper_of(call):
+        def wrapper(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+            reduction = _checks.legacy_reduction(name, size_average, reduce, reduction)
+            _checks.pointwise_loss(name, input, target, reduction, weight)
+            return call(input, target, weight, reduction, None)
+
+        wrapper.__name__ = wrapper.__qualname__ = name
+        wrapper.__module__ = function.__module__
+        wrapper.__doc__ = f"{function.__doc__}\n\nA target of another shape broadcasts, with torch's warning."
+        return wrapper
+
+    if reference is None and module is None:
+        reference = wrapper_of(function.forward)
+    return operation(module, function, kind="loss", reference=reference)(wrapper_of(function.dispatch))
+
+
+# ---- class-index targets --------------------------------------------------------------------------
+
+
+class ClassTarget:
+    """A class-index target's rows: ``valid`` (those not ``ignore_index``), ``index`` (t, ignored rows at 0, with
+    the class dimension kept), ``w_t`` (:math:`w_{t_n}`, the number 1.0 without class weights) and ``divisor``
+    (the number of counted rows, or :math:`\\sum_n w_{t_n}` over them)."""
+
+    def __init__(self, target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype, dim: int):
+        self.valid = target != ignore_index  # the rows that count
+        index = target.masked_fill(~self.valid, 0)  # an ignored row's index may be anything, e.g. -100
+        self.index = index.unsqueeze(dim)
+        if weight is None:
+            self.w_t, self.divisor = 1.0, self.valid.sum()
+        else:
+            self.w_t = cast(weight, dtype)[index]
+            self.divisor = (self.w_t * self.valid).sum()
+
+
+def _indices(target: Tensor) -> Tensor:
+    """A uint8 class-index target (which torch takes for a 1-D or 2-D input) as int64, the index dtype."""
+    return target.long() if target.dtype == torch.uint8 else target
+
+
+def _minus_onehot(g: Tensor, index: Tensor, coefficient, dim: int, in_place: bool) -> Tensor:
+    """g − onehot(t) ⊙ coefficient along ``dim`` (``index`` is t with ``dim`` kept, the coefficient a number or
+    one per row, shaped like ``index``): the one-hot matrix is never built, the coefficients are added at the
+    target classes (in ``g`` itself when ``in_place``)."""
+    if not isinstance(coefficient, Tensor):
+        coefficient = g.new_full((), coefficient)
+    minus = (-coefficient).expand(index.shape)
+    return g.scatter_add_(dim, index, minus) if in_place else g.scatter_add(dim, index, minus)

@@ -1,0 +1,228 @@
+r"""Classification losses over a class dimension: softmax cross-entropy and the negative log-likelihood.
+
+Softmax cross-entropy
+    :math:`P = \operatorname{softmax}(Z)` over the classes, a target distribution :math:`q_n` per row (class index,
+    class weights, label smoothing and ``ignore_index`` all shape :math:`q`), :math:`s_n = \sum_c q_{n,c}`:
+    :math:`\ell_n = -\sum_c q_{n,c} \log P_{n,c}`, :math:`G_Z = (s \odot P - q) \odot \partial R/\partial \ell`, and
+    for a probability target :math:`G_T = -(1 - \varepsilon)\, w \odot \log P \odot \partial R/\partial \ell`.
+    Unweighted and unsmoothed: :math:`G_Z = (P - \mathrm{onehot}(t))/N`.
+
+Negative log-likelihood
+    :math:`\ell_n = -w_{t_n} X_{n,t_n}`: :math:`G_X[n, t_n] = -w_{t_n}\, \partial R/\partial \ell_n`, zero elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ... import _checks
+from ...registry import operation
+from ..base import ManualFunction, apply, cast, opmath, recorded, save_for_forward
+from ..softmax import LogSoftmaxFunction, SoftmaxFunction
+from . import base
+from .base import ClassTarget, _indices, _minus_onehot, _reduce, _row_scale, _times, class_dim
+
+# softmax and log-softmax inside a backward; through our Functions when a double backward records them
+_softmax = recorded(torch.softmax, lambda z, dim: apply(SoftmaxFunction, z, dim, None))
+_log_softmax = recorded(torch.log_softmax, lambda z, dim: apply(LogSoftmaxFunction, z, dim, None))
+
+
+class _CrossEntropyTerms:
+    r"""For one call: the logits ``z`` in the precision of the formulas (float32 for half inputs, promoted with
+    a probability target), the counted rows ``valid`` (None: all, for probabilities), the ``mean`` divisor, and
+    the pieces of q. Class indices: :math:`q_n = a_n \mathrm{onehot}(t_n) + b w`, :math:`s_n = a_n + b \sum_c w_c`,
+    with :math:`a_n = (1 - \varepsilon) w_{t_n}` and :math:`b = \varepsilon / C`. Probabilities: q itself.
+    """
+
+    def __init__(self, input, target, weight, ignore_index, label_smoothing):
+        z = opmath(input)
+        if target.is_floating_point():
+            z = cast(z, torch.promote_types(z.dtype, target.dtype))
+        dim = class_dim(z)
+        classes = z.shape[dim]
+        eps = label_smoothing
+        self.z, self.dim, self.eps, self.valid = z, dim, eps, None
+        self.w = None if weight is None else cast(weight, z.dtype).reshape((-1,) + (1,) * (z.dim() - dim - 1))
+        if target.is_floating_point():
+            T = cast(target, z.dtype)
+            q = (1 - eps) * T + eps / classes if eps else T
+            self.q = q if self.w is None else q * self.w
+            self.s = self.q.sum(dim, keepdim=True)
+            self.divisor = z.numel() // classes if classes else 0
+            return
+        self.q = None
+        rows = ClassTarget(target, weight, ignore_index, z.dtype, dim)
+        self.valid, self.index, self.divisor = rows.valid, rows.index, rows.divisor
+        # (an ignored row's q and s are those of class 0: its ∂R/∂ℓ_n is 0, so they never count)
+        self.a, self.b = (1 - eps) * rows.w_t, eps / classes
+        self.s = self.a + self.b * (classes if weight is None else cast(weight, z.dtype).sum())
+
+    def rows(self, v):
+        """A number, or a tensor of the rows' shape made to broadcast along the class dimension."""
+        return v.unsqueeze(self.dim) if isinstance(v, Tensor) and v.dim() else v
+
+    def grad(self, P: Tensor, scale, in_place: bool) -> Tensor:
+        """(s ⊙ P − q) ⊙ scale, ``scale`` = ∂R/∂ℓ_n per row (or a number); ``P`` may be overwritten if ``in_place``."""
+        if self.q is not None:
+            return (self.s * P - self.q) * self.rows(scale)
+        g = P if _is_one(self.s) else _times(P, self.rows(self.s), in_place)  # s ⊙ P
+        g = _minus_onehot(g, self.index, self.rows(self.a), self.dim, in_place)  # − a onehot(t)
+        if self.eps:  # − b w
+            g = g - (self.b if self.w is None else self.b * self.w)
+        return g if _is_one(scale) else _times(g, self.rows(scale), in_place)  # ⊙ scale
+
+    def log_p(self, log_softmax) -> Tensor:
+        """w ⊙ log P (log P without class weights)."""
+        logp = log_softmax(self.z, self.dim)
+        return logp if self.w is None else logp * self.w
+
+
+def _is_one(v) -> bool:
+    """``v`` is the number 1 (a factor to skip)."""
+    return isinstance(v, float) and v == 1.0
+
+
+class CrossEntropyFunction(ManualFunction):
+    r"""``apply(input, target, weight, ignore_index, reduction, label_smoothing)``: softmax cross-entropy.
+
+    Forward: PyTorch's own ``cross_entropy``. Backward: :math:`G_Z = (s \odot P - q) \odot \partial R/\partial\ell`
+    (module docstring), with :math:`P` recomputed from the saved logits (as many bytes as PyTorch's saved
+    log-softmax), stable for logits of any magnitude; for class indices the one-hot matrix is never built.
+
+    Shape:
+        - input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``
+        - target: class indices ``()``, ``(N)``, ``(N, d1, ...)``; or probabilities of the input's shape
+        - weight: ``(C)`` or ``None``
+        - output: scalar, or the rows' shape for ``reduction="none"``
+    """
+
+    @staticmethod
+    def forward(input, target, weight, ignore_index, reduction, label_smoothing):
+        return torch.nn.functional.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, *options = inputs
+        ctx.save_for_backward(input, target, weight)
+        save_for_forward(ctx, input, target, weight)
+        ctx.options, ctx.dtype = options, output.dtype
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, target, weight = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing = ctx.options
+        terms = _CrossEntropyTerms(input, target, weight, ignore_index, label_smoothing)
+        scale = _row_scale(opmath(grad_output), reduction, terms.divisor, terms.valid)  # ∂R/∂ℓ_n
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[0]:  # G_Z = (s ⊙ P − q) ⊙ ∂R/∂ℓ
+            in_place = base._in_place(grad_output)
+            grad_input = cast(terms.grad(_softmax(terms.z, terms.dim), scale, in_place), input.dtype)
+        if ctx.needs_input_grad[1]:  # probabilities: G_T = −(1 − ε) w ⊙ log P ⊙ ∂R/∂ℓ
+            logp = terms.log_p(_log_softmax)
+            grad_target = cast(-(1 - label_smoothing) * logp * terms.rows(scale), target.dtype)
+        return grad_input, grad_target, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, target_tangent, *_):
+        input, target, weight = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing = ctx.options
+        terms = _CrossEntropyTerms(input, target, weight, ignore_index, label_smoothing)
+        dim = terms.dim
+        rows = 0
+        if input_tangent is not None:  # ℓ̇_n = Σ_c (s_n P_nc − q_nc) Ż_nc
+            dl_dz = terms.grad(torch.softmax(terms.z, dim), 1.0, in_place=False)
+            rows = (dl_dz * cast(input_tangent, terms.z.dtype)).sum(dim)
+        if target_tangent is not None:  # ℓ̇_n = −(1 − ε) Σ_c w_c log P_nc Ṫ_nc
+            logp = terms.log_p(torch.log_softmax)
+            rows = rows - (1 - label_smoothing) * (logp * cast(target_tangent, terms.z.dtype)).sum(dim)
+        if terms.valid is not None:  # ignored rows count nowhere
+            rows = torch.where(terms.valid, rows, 0)
+        return cast(_reduce(rows, reduction, terms.divisor), ctx.dtype)
+
+
+@operation(torch.nn.CrossEntropyLoss, CrossEntropyFunction, kind="loss")
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average=None,
+    ignore_index: int = -100,
+    reduce=None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    r"""Softmax cross-entropy; see :class:`~manualgrad.functions.CrossEntropyFunction`.
+
+    Backward: :math:`G_Z = (\operatorname{softmax}(Z) - \mathrm{onehot}(t))/N` when unweighted and unsmoothed.
+    ``target`` holds class indices (``ignore_index`` rows count nowhere) or class probabilities of the input's
+    shape. A class index outside ``[0, C)`` raises (on CUDA, a device-side assert, to avoid a host sync).
+    """
+    reduction = _checks.legacy_reduction("cross_entropy", size_average, reduce, reduction)
+    _checks.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    return apply(CrossEntropyFunction, input, _indices(target), weight, ignore_index, reduction, float(label_smoothing))
+
+
+class NLLLossFunction(ManualFunction):
+    r"""``apply(input, target, weight, ignore_index, reduction)``: :math:`\ell_n = -w_{t_n} X_{n, t_n}`, reduced.
+
+    Forward: PyTorch's own ``nll_loss``. Backward: :math:`G_X[n, t_n] = -w_{t_n}\, \partial R/\partial\ell_n`,
+    zero elsewhere. Forward mode: :math:`\dot\ell_n = -w_{t_n} \dot X_{n, t_n}`.
+    Shapes as :class:`CrossEntropyFunction` with class indices.
+    """
+
+    @staticmethod
+    def forward(input, target, weight, ignore_index, reduction):
+        return torch.nn.functional.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, *options = inputs
+        ctx.save_for_backward(target, weight)
+        save_for_forward(ctx, target, weight)
+        ctx.options, ctx.input_like = options, (input.shape, input.dtype, input.device)
+
+    @staticmethod
+    def _rows(ctx, dtype) -> tuple[ClassTarget, int, str]:
+        target, weight = ctx.saved_tensors
+        ignore_index, reduction = ctx.options
+        dim = 0 if len(ctx.input_like[0]) == 1 else 1
+        return ClassTarget(target, weight, ignore_index, dtype, dim), dim, reduction
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        shape, dtype, device = ctx.input_like
+        g = opmath(grad_output)
+        rows, dim, reduction = NLLLossFunction._rows(ctx, g.dtype)
+        coefficient = rows.w_t * _row_scale(g, reduction, rows.divisor, rows.valid)  # w_{t_n} ∂R/∂ℓ_n
+        if coefficient.dim():
+            coefficient = coefficient.unsqueeze(dim)
+        zeros = torch.zeros(shape, dtype=g.dtype, device=device)
+        in_place = base._in_place(grad_output)
+        grad_input = _minus_onehot(zeros, rows.index, coefficient, dim, in_place)  # −w_t ∂R/∂ℓ_n at t_n
+        return cast(grad_input, dtype), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, *_):
+        rows, dim, reduction = NLLLossFunction._rows(ctx, ctx.input_like[1])
+        terms = -rows.w_t * input_tangent.gather(dim, rows.index).squeeze(dim)  # ℓ̇_n = −w_{t_n} Ẋ[n, t_n]
+        return _reduce(torch.where(rows.valid, terms, 0), reduction, rows.divisor)  # ignored rows count nowhere
+
+
+@operation(torch.nn.NLLLoss, NLLLossFunction, kind="loss")
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average=None,
+    ignore_index: int = -100,
+    reduce=None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Negative log-likelihood of class indices under log-probabilities ``input``; see
+    :class:`~manualgrad.functions.NLLLossFunction`. ``nll_loss(log_softmax(z, 1), t)`` is ``cross_entropy(z, t)``."""
+    reduction = _checks.legacy_reduction("nll_loss", size_average, reduce, reduction)
+    _checks.nll_loss(input, target, weight, ignore_index, reduction)
+    return apply(NLLLossFunction, input, _indices(target), weight, ignore_index, reduction)

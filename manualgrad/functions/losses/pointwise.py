@@ -1,0 +1,179 @@
+r"""The elementwise losses: each is its forward (PyTorch's kernel) and its partial derivatives; the base
+(:class:`~manualgrad.functions.losses.base.ElementwiseLoss`) derives backward and jvp from them.
+The derivations are in ``docs/derivations.md``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ... import _checks
+from ...registry import operation
+from ..activations import _sigmoid
+from ..base import apply, recorded
+from .base import ElementwiseLoss, PointwiseLoss, _without_size_warning, pointwise_loss
+
+F = torch.nn.functional
+
+
+class MSELossFunction(PointwiseLoss):
+    r"""Mean squared error: :math:`\rho(d) = d^2`, :math:`\rho'(d) = 2d`."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction, parameter):
+        return _without_size_warning(F.mse_loss, input, target, reduction=reduction, weight=weight)
+
+    @staticmethod
+    def derivative(d, parameter, out):
+        return d, 2.0
+
+
+mse_loss = pointwise_loss(MSELossFunction, torch.nn.MSELoss, "mse_loss")
+
+
+class L1LossFunction(PointwiseLoss):
+    r"""Mean absolute error: :math:`\rho(d) = |d|`, :math:`\rho'(d) = \operatorname{sign} d` (0 at 0, as torch)."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction, parameter):
+        return _without_size_warning(F.l1_loss, input, target, reduction=reduction, weight=weight)
+
+    @staticmethod
+    def derivative(d, parameter, out):
+        return torch.sign(d, out=out), 1.0
+
+
+l1_loss = pointwise_loss(L1LossFunction, torch.nn.L1Loss, "l1_loss")
+
+
+class SmoothL1LossFunction(PointwiseLoss):
+    r"""``apply(input, target, None, reduction, beta)``: :math:`\rho(d) = d^2 / 2\beta` where :math:`|d| < \beta`,
+    else :math:`|d| - \beta/2`; :math:`\rho'(d) = \operatorname{clamp}(d, -\beta, \beta)/\beta`
+    (:math:`\operatorname{sign} d` for :math:`\beta = 0`, the L1 loss)."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction, beta):
+        return _without_size_warning(F.smooth_l1_loss, input, target, reduction=reduction, beta=beta)
+
+    @staticmethod
+    def derivative(d, beta, out):
+        if beta == 0:
+            return torch.sign(d, out=out), 1.0
+        return torch.clamp(d, -beta, beta, out=out), 1 / beta
+
+
+@operation(torch.nn.SmoothL1Loss, SmoothL1LossFunction, kind="loss")
+def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction="mean", beta=1.0):
+    """Smooth L1 loss; see :class:`~manualgrad.functions.SmoothL1LossFunction`. A target of another shape
+    broadcasts, with torch's warning."""
+    reduction = _checks.legacy_reduction("smooth_l1_loss", size_average, reduce, reduction)
+    _checks.pointwise_loss("smooth_l1_loss", input, target, reduction)
+    _checks.at_least("smooth_l1_loss", "beta", beta, 0)
+    return apply(SmoothL1LossFunction, input, target, None, reduction, float(beta))
+
+
+class HuberLossFunction(PointwiseLoss):
+    r"""``apply(input, target, weight, reduction, delta)``: :math:`\rho(d) = d^2/2` where :math:`|d| \le \delta`,
+    else :math:`\delta(|d| - \delta/2)`; :math:`\rho'(d) = \operatorname{clamp}(d, -\delta, \delta)`.
+    ``mean`` divides by the element count, with or without a weight (as PyTorch does)."""
+
+    mean_over_weights = False
+
+    @staticmethod
+    def forward(input, target, weight, reduction, delta):
+        return _without_size_warning(F.huber_loss, input, target, reduction=reduction, delta=delta, weight=weight)
+
+    @staticmethod
+    def derivative(d, delta, out):
+        return torch.clamp(d, -delta, delta, out=out), 1.0
+
+
+@operation(torch.nn.HuberLoss, HuberLossFunction, kind="loss")
+def huber_loss(input: Tensor, target: Tensor, reduction="mean", delta=1.0, weight: Tensor | None = None):
+    """Huber loss; see :class:`~manualgrad.functions.HuberLossFunction`. A target of another shape broadcasts,
+    with torch's warning."""
+    _checks.pointwise_loss("huber_loss", input, target, reduction, weight)
+    _checks.at_least("huber_loss", "delta", delta, 0, strict=True)
+    return apply(HuberLossFunction, input, target, weight, reduction, float(delta))
+
+
+#: PyTorch's floor on (1 − x)x in the derivative: 1e-12 as a float32 constant, as in its kernel
+_BCE_EPSILON = torch.tensor(1e-12, dtype=torch.float32).item()
+
+
+class BinaryCrossEntropyFunction(ElementwiseLoss):
+    r"""``apply(input, target, weight, reduction)``: :math:`\ell = -w\,(t \log x + (1 - t)\log(1 - x))` on
+    probabilities :math:`x`, each log clamped at -100 (PyTorch's forward).
+    :math:`\partial\ell/\partial x = (x - t) / \max((1 - x)x, 10^{-12})` (PyTorch's floor: :math:`\pm 10^{12}`
+    times :math:`x - t` at 0 or 1), :math:`\partial\ell/\partial t = -\operatorname{logit}(x)`.
+    Shape: input, target ``(*)``, weight broadcastable to ``(*)``; output scalar, or ``(*)`` for ``"none"``."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction):
+        return F.binary_cross_entropy(input, target, weight, reduction=reduction)
+
+    @staticmethod
+    def d_input(x, t, in_place):
+        if not in_place:
+            return (x - t) / torch.clamp((1 - x) * x, min=_BCE_EPSILON), 1.0
+        return (x - t).div_((1 - x).mul_(x).clamp_(min=_BCE_EPSILON)), 1.0
+
+    @staticmethod
+    def d_target(x, t, in_place):
+        return _logit(x), -1.0
+
+
+@operation(torch.nn.BCELoss, BinaryCrossEntropyFunction, kind="loss")
+def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
+    """Binary cross-entropy of probabilities ``input``; see :class:`~manualgrad.functions.BinaryCrossEntropyFunction`.
+    ``weight`` broadcasts to the input. Input values outside [0, 1] raise, as in PyTorch."""
+    reduction = _checks.legacy_reduction("binary_cross_entropy", size_average, reduce, reduction)
+    _checks.binary_loss("binary_cross_entropy", input, target, reduction, weight)
+    _checks.same_dtype("binary_cross_entropy", "input", input, "target", target)  # torch's kernel takes no mixture
+    _checks.probabilities("binary_cross_entropy", input)
+    return apply(BinaryCrossEntropyFunction, input, target, weight, reduction)
+
+
+class BinaryCrossEntropyWithLogitsFunction(ElementwiseLoss):
+    r"""``apply(input, target, weight, pos_weight, reduction)``: binary cross-entropy of :math:`\sigma(z)`,
+    :math:`\ell = w\,((1 - t) z + (1 + (p - 1) t) \log(1 + e^{-z}))` (PyTorch's stable forward).
+    :math:`\partial\ell/\partial z = \sigma(z)(1 + (p - 1)t) - p t`,
+    :math:`\partial\ell/\partial t = p \log(1 + e^{-z}) - \log(1 + e^{z})` (:math:`\sigma(z) - t` and
+    :math:`-z` without ``pos_weight``, one per class along the last dimension)."""
+
+    tensors = 4
+
+    @staticmethod
+    def forward(input, target, weight, pos_weight, reduction):
+        return F.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)
+
+    @staticmethod
+    def d_input(z, t, p, in_place):
+        s = _sigmoid(z)
+        if p is None:
+            return (s.sub_(t) if in_place else s - t), 1.0
+        pt = p * t
+        return s * (1 + pt - t) - pt, 1.0
+
+    @staticmethod
+    def d_target(z, t, p, in_place):
+        if p is None:
+            return -z, 1.0
+        return _log_sigmoid(-z) - p * _log_sigmoid(z), 1.0  # log σ(−z) − p log σ(z)
+
+
+@operation(torch.nn.BCEWithLogitsLoss, BinaryCrossEntropyWithLogitsFunction, kind="loss")
+def binary_cross_entropy_with_logits(
+    input, target, weight=None, size_average=None, reduce=None, reduction="mean", pos_weight=None
+):
+    """Binary cross-entropy of logits (a sigmoid and the loss in one stable formula); see
+    :class:`~manualgrad.functions.BinaryCrossEntropyWithLogitsFunction`."""
+    reduction = _checks.legacy_reduction("binary_cross_entropy_with_logits", size_average, reduce, reduction)
+    _checks.binary_loss("binary_cross_entropy_with_logits", input, target, reduction, weight, pos_weight)
+    return apply(BinaryCrossEntropyWithLogitsFunction, input, target, weight, pos_weight, reduction)
+
+
+# log(x / (1 − x)) and log σ(z) inside a backward: PyTorch's kernels, or, when a double backward records them,
+# plain arithmetic (not ``logit_backward`` or ``log_sigmoid_backward``); log σ(z) = −(max(−z, 0) + log(1 + e^{−|z|}))
+_logit = recorded(torch.logit, lambda x: torch.log(x) - torch.log1p(-x))
+_log_sigmoid = recorded(F.logsigmoid, lambda z: -(torch.clamp(-z, min=0) + torch.log1p(torch.exp(-z.abs()))))
