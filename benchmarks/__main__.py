@@ -75,6 +75,8 @@ FUNCTION_COLUMNS = [
     ("native µs", "native_us", ".1f"),
     ("ours µs", "ours_us", ".1f"),
     ("ours / native", "ratio", ".3f"),
+    ("one-pass limit µs", "one_pass_us", ".1f"),
+    ("ours / limit", "ours_over_one_pass", ".2f"),
 ]
 CNN_COLUMNS = [
     ("model", "model", "s"),

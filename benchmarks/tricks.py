@@ -19,7 +19,7 @@ import torch
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import _checks
-from manualgrad.functions import ManualFunction, activations, base, conv, losses
+from manualgrad.functions import ManualFunction, activations, base, conv, losses, softmax
 
 from .suites import mnist_cnn
 
@@ -54,6 +54,15 @@ def _subclasses(cls):
         yield from _subclasses(sub)
 
 
+@contextlib.contextmanager
+def _plain_exp():
+    """e^x through torch.exp, in every module that calls base.exp."""
+    with contextlib.ExitStack() as stack:
+        for module in (activations, softmax):
+            stack.enter_context(_swapped(module, "exp", lambda x, scale=1.0, reuse=False: torch.exp(x * scale)))
+        yield
+
+
 #: trick -> (where it lives, a context manager that switches it off)
 TRICKS = {
     "indicator (activations)": lambda: _swapped(activations, "indicator", lambda c, s, v: c(s, v).to(s.dtype)),
@@ -62,6 +71,8 @@ TRICKS = {
     "losses in place (losses.base._in_place)": lambda: _swapped(losses.base, "_in_place", lambda g: False),
     "save_for_forward only under forward AD": lambda: _swapped(base._compat, "forward_ad_enabled", lambda: True),
     "G_W as a convolution over the batch (conv.SWAP_AT)": lambda: _swapped(conv, "SWAP_AT", math.inf),
+    "G_Y ⊙ h' into h' (activations.times)": lambda: _swapped(activations, "times", lambda g, h, fresh=False: g * h),
+    "e^x through exp2 (base.exp)": _plain_exp,
 }
 
 
@@ -71,7 +82,7 @@ def _steps(quick: bool):
     sizes, batch = ((6, 5, 3), 4) if quick else ((784, 512, 256, 10), 128)
     x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
     steps = {}
-    for activation in ("relu", "leaky_relu", "elu"):
+    for activation in ("relu", "leaky_relu", "elu", "gelu"):
         fused = mnn.MLP(sizes, activation=activation)
         layers = fused.per_layer()
 

@@ -26,11 +26,18 @@ def test_benchmark_suite_runs_and_writes_results(tmp_path, monkeypatch):
     assert all(math.isfinite(v) and v > 0 for k, v in step.items() if k.endswith(("_us", "_ratio")))
     functions = {row["function"] for row in report["runs"][0]["functions"]}
     assert functions == {op.name for op in ops()}  # every registered operation, from the registry
+    activations = {op.name for op in ops("activation")}
+    for row in report["runs"][0]["functions"]:  # an activation's one-pass limit: bytes moved / measured bandwidth
+        has_limit = "one_pass_us" in row
+        assert has_limit == (row["function"] in activations), row
+        if has_limit:
+            assert row["one_pass_us"] > 0 and row["ours_over_one_pass"] == row["ours_us"] / row["one_pass_us"]
     dp_rows = written["dp"]  # a whole DP-SGD step beside the plain step (and Opacus's modes, when installed)
     assert {row["model"] for row in dp_rows} == {"SampleConvNet", "MLP 8-6-10", "text 4x5 tokens"}
     assert {"plain (torch.nn)", "manualgrad DP"} <= {row["variant"] for row in dp_rows}
     assert all(math.isfinite(row["us"]) and row["us"] > 0 for row in dp_rows)
     assert "| MLP |" in quick.with_suffix(".md").read_text()
+    assert "| one-pass limit µs | ours / limit |" in quick.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("out", ["benchmarks/results/cpu", "benchmarks/results/mine"])

@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import _checks
 from ..errors import InputError
 from ..registry import operation
-from .base import ManualFunction, apply, cast, opmath, save_for_forward
+from .base import ManualFunction, apply, cast, exp, opmath, save_for_forward
 
 __all__ = ["LogSoftmaxFunction", "SoftmaxFunction", "log_softmax", "softmax"]
 
@@ -83,7 +83,7 @@ class LogSoftmaxFunction(_KeepsOutput):
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors
         y, g = opmath(y), opmath(grad_output)
-        grad_input = torch.addcmul(g, torch.exp(y), g.sum(ctx.dim, keepdim=True), value=-1)  # G_Y − e^y Σ_j G_Y,j
+        grad_input = torch.addcmul(g, exp(y), g.sum(ctx.dim, keepdim=True), value=-1)  # G_Y − e^y Σ_j G_Y,j
         return cast(grad_input, ctx.input_dtype), None, None
 
     @staticmethod
