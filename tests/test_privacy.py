@@ -439,3 +439,32 @@ def test_two_backward_passes_before_a_step_are_refused():
     optimizer.zero_grad()  # a fresh start is fine
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
+
+
+def test_a_private_model_is_freed_with_its_parameters():
+    """make_private keeps the model's recorder open for the model's life, but not beyond it."""
+    import gc
+    import weakref
+
+    from manualgrad.functions import recorder
+
+    engine, model, optimizer, loader = private()
+    parameter = weakref.ref(next(model.parameters()))
+    assert len(recorder._OWNERS) > 0
+    del engine, model, optimizer, loader
+    gc.collect()
+    assert parameter() is None and len(recorder._OWNERS) == 0
+
+
+def test_an_open_private_model_leaves_a_compiled_loss_without_graph_breaks():
+    """A recorder open for one model (as make_private's is) must not break another computation's compiled graph."""
+    private_model = private()  # kept open (alive) while the loss is compiled
+    logits, target = torch.randn(5, 3, requires_grad=True), torch.randint(0, 3, (5,))
+
+    def loss(z):
+        return manualgrad.functional.cross_entropy(z, target)
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(loss)(logits)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert private_model[1] is not None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -36,7 +37,9 @@ EPSILON = 1e-6  #: the clip factor is min(1, C / (‖g_n‖ + EPSILON)), as Opac
 
 _local = threading.local()  # .recorder: the Recorder entered in this thread (forward passes look here)
 _lock = threading.Lock()
-_OWNERS: dict[int, Recorder] = {}  # id(parameter) -> the open Recorder tracking it (one at most, any thread)
+# id(parameter) -> the open Recorder tracking it (one at most, any thread); weak, so that a private model
+# (manualgrad.privacy keeps its recorder open for the model's life) and its parameters can still be freed
+_OWNERS: weakref.WeakValueDictionary[int, Recorder] = weakref.WeakValueDictionary()
 _LOSSES: dict[int, str] = {}  # graph task -> the reduction of the manualgrad loss whose backward it runs
 
 
@@ -78,7 +81,7 @@ class Recorder:
             for name in ("norm_sample", "grad_sample"):
                 if hasattr(p, name):
                     delattr(p, name)
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._unrecorded))
+            self._hooks.append(p.register_post_accumulate_grad_hook(_calling(weakref.ref(self))))
 
     def close(self) -> None:
         with _lock:
@@ -290,11 +293,23 @@ def layer(weight: Tensor, bias: Tensor | None) -> Layer | None:
     return Layer(recorder, tracked_weight, tracked_bias)
 
 
+def _calling(recorder: weakref.ref):
+    """A parameter's hook calling its recorder's ``_unrecorded``, through a weak reference: a hook held by the
+    parameter must not keep the recorder (and with it every tracked parameter) alive."""
+
+    def hook(p: Tensor) -> None:
+        owner = recorder()
+        if owner is not None:
+            owner._unrecorded(p)
+
+    return hook
+
+
 def note_loss(reduction: str) -> None:
     """In a manualgrad loss's backward: its reduction, which the recorders of this backward pass check against
     their declared ``loss_reduction`` (only while some recorder is open)."""
-    if not _OWNERS or reduction not in ("mean", "sum"):
-        return
+    if not _OWNERS or reduction not in ("mean", "sum") or torch.compiler.is_compiling():
+        return  # (per-sample recording is eager-only: a compiled loss has nothing to tell, and no graph break)
     task = _compat.graph_task_id()
     _LOSSES[task] = reduction
     _compat.queue_callback(lambda: _LOSSES.pop(task, None))
