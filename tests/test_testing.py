@@ -228,7 +228,7 @@ def _log_softmax_mutant(change):
 
 def _mse_mutant(kind):
     overrides = {
-        "dimension": {"divisor": classmethod(lambda cls, d, weight: 1)},  # a sum where a mean was meant
+        "dimension": {"divisor": classmethod(lambda cls, input, target, weight: 1)},  # a sum where a mean was meant
         "factor": {"derivative": staticmethod(lambda d, parameter, out: (d, 1.0))},  # rho'(d) = d: the 2 lost
     }[kind]
     mutant = type(f"MSELoss_{kind}", (MSELossFunction,), overrides)
@@ -275,6 +275,8 @@ def test_the_mutation_suite_every_mistake_is_caught_and_named(capsys):
     rows, caught, named = [], 0, 0
     for kind, label, run in _mutants():
         report = run()
+        crashed = [r.message for r in report.failed if re.match(r"(TypeError|AttributeError|NameError): ", r.message)]
+        assert not crashed, f"{label}: the mutant itself raised (not a mistake in a formula): {crashed}"
         is_caught, is_named = not report.ok, kind in report.mistakes
         caught += is_caught
         named += is_named
