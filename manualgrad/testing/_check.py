@@ -588,18 +588,24 @@ def _no_vmap_rule(error: Exception) -> bool:
     return "generate_vmap_rule" in str(error) or "must override the setup_context" in str(error)
 
 
-def _vmap(target, cases, state, **_):
-    try:
-        return _vmap_checked(target, cases)
-    except RuntimeError as error:
-        if _no_vmap_rule(error):
-            raise _Skip(
-                "the Function has no vmap rule (torch.func needs setup_context and generate_vmap_rule = True)"
-            ) from None
-        raise
+def _needs_vmap_rule(check):
+    """``check(target, cases)`` as a property, skipped (not failed) when the Function has no vmap rule."""
+
+    def run(target, cases, state, **_):
+        try:
+            return check(target, cases)
+        except RuntimeError as error:
+            if _no_vmap_rule(error):
+                raise _Skip(
+                    "the Function has no vmap rule (torch.func needs setup_context and generate_vmap_rule = True)"
+                ) from None
+            raise
+
+    return run
 
 
-def _vmap_checked(target, cases):
+@_needs_vmap_rule
+def _vmap(target, cases):
     from torch.func import vjp, vmap
 
     count = 0
@@ -629,18 +635,8 @@ def _vmap_checked(target, cases):
     return "ok", f"vmap of forward and backward = a loop, on {count} example(s)"
 
 
-def _jacrev_jacfwd(target, cases, state, **_):
-    try:
-        return _jacrev_jacfwd_checked(target, cases)
-    except RuntimeError as error:
-        if _no_vmap_rule(error):
-            raise _Skip(
-                "the Function has no vmap rule (torch.func needs setup_context and generate_vmap_rule = True)"
-            ) from None
-        raise
-
-
-def _jacrev_jacfwd_checked(target, cases):
+@_needs_vmap_rule
+def _jacrev_jacfwd(target, cases):
     from torch.func import jacfwd, jacrev
 
     if not target.has_jvp:
