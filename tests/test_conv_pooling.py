@@ -368,3 +368,19 @@ def test_convert_switches_a_cnn_and_every_node_is_ours():
     coverage = manualgrad.manual_coverage(MF.cross_entropy(out, torch.tensor([0, 2])))
     assert coverage.complete, coverage
     assert coverage.manual["ReshapeFunctionBackward"] == 3 and coverage.manual["PadFunctionBackward"] == 1
+
+
+@pytest.mark.parametrize("pool", ["adaptive", "avg"])
+def test_a_global_average_backward_is_the_outer_product_form_of_the_separable_map(pool):
+    """A 1 x 1 output takes SeparableMap's outer-product branch, G_Y (p_hᵀ p_w); it equals P_hᵀ G_Y P_w (and torch)."""
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 1, 1, dtype=torch.float64)
+    if pool == "adaptive":
+        ours, theirs = MF.adaptive_avg_pool2d(x, 1), torch.nn.functional.adaptive_avg_pool2d(x, 1)
+    else:
+        ours, theirs = MF.avg_pool2d(x, (5, 4)), torch.nn.functional.avg_pool2d(x, (5, 4))
+    (mine,) = torch.autograd.grad(ours, x, g)
+    (reference,) = torch.autograd.grad(theirs, x, g)
+    p_h, p_w = torch.full((1, 5), 1 / 5, dtype=torch.float64), torch.full((1, 4), 1 / 4, dtype=torch.float64)
+    torch.testing.assert_close(mine, p_h.t().matmul(g).matmul(p_w), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(mine, reference, rtol=1e-14, atol=1e-15)

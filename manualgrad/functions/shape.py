@@ -187,6 +187,8 @@ class SeparableMap(ManualFunction):
         def backward(ctx, grad_output: Tensor):
             g = opmath(grad_output)
             p_h, p_w = cls.matrices(ctx, g)
+            if p_h.shape[0] == p_w.shape[0] == 1:  # a 1 x 1 output (a global average): P_hᵀ G_Y P_w = G_Y (p_hᵀ p_w)
+                return (cast(g * (p_h.t() * p_w), grad_output.dtype), *options)
             return (cast(p_h.t().matmul(g).matmul(p_w), grad_output.dtype), *options)  # G_X = P_hᵀ G_Y P_w
 
         def jvp(ctx, input_tangent, *_):
