@@ -71,10 +71,11 @@ def reduction(layer: str, value: str) -> None:
 
 
 def legacy_reduction(layer: str, size_average, reduce, reduction: str) -> str:
-    """Map the deprecated ``size_average``/``reduce`` pair to ``reduction``, as torch.nn.functional does."""
+    """Map the deprecated ``size_average``/``reduce`` pair to ``reduction``, as torch.nn.functional does (warning
+    at the caller of a loss's wrapper, three frames up: ``functions.losses.base.loss``)."""
     if size_average is None and reduce is None:
         return reduction
-    warnings.warn(f"{layer}: size_average and reduce are deprecated, use reduction", stacklevel=3)
+    warnings.warn(f"{layer}: size_average and reduce are deprecated, use reduction", stacklevel=4)
     if reduce is False:
         return "none"
     return "sum" if size_average is False else "mean"
@@ -236,8 +237,9 @@ def class_indices(layer: str, input: Tensor, target: Tensor, classes: int) -> No
     class_values(layer, target, classes)
 
 
-def pointwise_loss(layer: str, input, target, reduction_, weight=None) -> None:
-    """A loss of ``input`` against a ``target`` that broadcasts to it (torch warns when the shapes differ)."""
+def pointwise_loss(input, target, weight, reduction_, parameter=None, layer="mse_loss") -> None:
+    """A loss of ``input`` against a ``target`` that broadcasts to it (torch warns when the shapes differ: so do we,
+    at the caller of the loss's wrapper, three frames up). ``parameter`` (beta, delta) is checked by the wrapper."""
     tensor(layer, "input", input)
     tensor(layer, "target", target)
     reduction(layer, reduction_)
@@ -255,7 +257,7 @@ def pointwise_loss(layer: str, input, target, reduction_, weight=None) -> None:
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
             "This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
-            stacklevel=3,
+            stacklevel=4,
         )
     if weight is not None:
         tensor(layer, "weight", weight)
@@ -267,7 +269,16 @@ def pointwise_loss(layer: str, input, target, reduction_, weight=None) -> None:
         not_differentiated(layer, "weight", weight)
 
 
-def binary_loss(layer: str, input, target, reduction_: str, weight, pos_weight=None) -> None:
+def binary_cross_entropy(input, target, weight, reduction_, layer="binary_cross_entropy") -> None:
+    """Probabilities in [0, 1] of the target's dtype (torch's kernel takes no mixture); the rest as with logits."""
+    binary_cross_entropy_with_logits(input, target, weight, None, reduction_, layer)
+    same_dtype(layer, "input", input, "target", target)
+    probabilities(layer, input)
+
+
+def binary_cross_entropy_with_logits(
+    input, target, weight, pos_weight, reduction_, layer="binary_cross_entropy_with_logits"
+) -> None:
     """A binary cross-entropy's input and target of one shape, its weights broadcasting to it."""
     tensor(layer, "input", input)
     tensor(layer, "target", target)

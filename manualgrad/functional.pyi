@@ -23,12 +23,12 @@ def conv2d(
 def cross_entropy(
     input: Tensor,
     target: Tensor,
-    weight: Tensor | None = None,
+    weight=None,
     size_average=None,
-    ignore_index: int = -100,
+    ignore_index=-100,
     reduce=None,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
+    reduction="mean",
+    label_smoothing=0.0,
 ) -> Tensor: ...
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor: ...
 def dropout2d(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor: ...
@@ -47,7 +47,7 @@ def gelu(input: Tensor, approximate="none") -> Tensor: ...
 def group_norm(
     input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-05
 ) -> Tensor: ...
-def huber_loss(input: Tensor, target: Tensor, reduction="mean", delta=1.0, weight: Tensor | None = None) -> Tensor: ...
+def huber_loss(input: Tensor, target: Tensor, reduction="mean", delta=1.0, weight=None) -> Tensor: ...
 def l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction="mean", weight=None) -> Tensor: ...
 def layer_norm(
     input: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-05
@@ -65,13 +65,7 @@ def mse_loss(
     input: Tensor, target: Tensor, size_average=None, reduce=None, reduction="mean", weight=None
 ) -> Tensor: ...
 def nll_loss(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    size_average=None,
-    ignore_index: int = -100,
-    reduce=None,
-    reduction: str = "mean",
+    input: Tensor, target: Tensor, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean"
 ) -> Tensor: ...
 def relu(input: Tensor, inplace=False) -> Tensor: ...
 def sigmoid(input: Tensor) -> Tensor: ...

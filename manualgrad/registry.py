@@ -152,7 +152,7 @@ def activation(
 def _with_signature(name: str, params: list[inspect.Parameter], call: Callable, doc: str | None) -> Callable:
     """``def name(input, <params>): return call(input, <params>)``, with the exact signature written out,
     the way ``dataclasses`` writes ``__init__`` (keywords and errors are then Python's own, at no cost)."""
-    declared = ", ".join(["input", *(f"{p.name}={p.default!r}" for p in params)])
+    declared = ", ".join(["input", *(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params)])
     passed = ", ".join(["input", *(p.name for p in params)])
     namespace = {"call": call}
     exec(f"def {name}({declared}):\n    return call({passed})\n", namespace)

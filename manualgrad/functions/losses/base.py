@@ -9,16 +9,20 @@ in place while nothing records it (:func:`_in_place`): the same formula, one arr
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _checks, _compat
-from ...registry import operation
+from ...registry import _with_signature, operation
 from .. import recorder
 from ..base import ManualFunction, cast, opmath, save_for_forward
+
+__all__ = ["ClassTarget", "ElementwiseLoss", "PointwiseLoss", "class_dim", "loss", "pointwise_loss"]
 
 
 def class_dim(input: Tensor) -> int:
@@ -49,22 +53,17 @@ def _in_place(grad_output: Tensor) -> bool:
 
 
 def _times(t: Tensor, factor, in_place: bool) -> Tensor:
-    """``t * factor``, written into ``t`` (a tensor the backward has just made, the shape of the result)
-    when ``in_place``: one array of the input's size less to allocate."""
+    """``t * factor``, written into ``t`` (a tensor the backward has just made) when ``in_place``."""
     return t.mul_(factor) if in_place else t * factor
 
 
 def _without_size_warning(loss, input: Tensor, target: Tensor, *args, **kwargs) -> Tensor:
-    """``loss(input, target, ...)``, PyTorch's own; its warning about a target of another shape is silenced,
-    as the wrapper gave it already."""
+    """PyTorch's ``loss(input, target, ...)``, its warning about a target of another shape silenced (ours gave it)."""
     if input.shape == target.shape:
         return loss(input, target, *args, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return loss(input, target, *args, **kwargs)
-
-
-# ---- the elementwise-loss base ---------------------------------------------------------------------
 
 
 class ElementwiseLoss(ManualFunction):
@@ -79,14 +78,12 @@ class ElementwiseLoss(ManualFunction):
 
     each gradient summed back to its own shape where input and target broadcast.
     ``apply(input, target, weight, <more tensors>, reduction, <options>)``, ``tensors`` (3) of them. A subclass
-    defines
+    defines ``forward`` (:math:`R`, PyTorch's own kernel) and
 
-    * ``forward``: :math:`R`, PyTorch's own kernel;
-    * ``d_input(x, t, *rest, in_place)``: ``(r, c)`` with :math:`\partial\ell/\partial x = c\, r`, ``c`` a number
-      (it joins :math:`\partial R/\partial\ell`), ``rest`` the other tensors (not ``weight``) and the options;
-      with ``in_place`` it may overwrite the tensors it makes (never ``x`` or ``t``);
-    * ``d_target``: the same for :math:`\partial\ell/\partial t`; ``None`` (the default) for a loss of
-      :math:`x - t`, whose :math:`\partial\ell/\partial t = -\partial\ell/\partial x`;
+    * ``d_input(x, t, *rest, in_place)``: ``(r, c)`` with :math:`\partial\ell/\partial x = c\, r`, ``c`` a number,
+      ``rest`` the other tensors (not ``weight``) and the options; ``in_place``: it may overwrite the tensors it
+      makes (never ``x`` or ``t``);
+    * ``d_target``: the same for :math:`\partial\ell/\partial t`; ``None`` for a loss of :math:`x - t`;
     * ``mean_over_weights``: whether ``mean`` with a weight divides by :math:`\sum w` or by the element count.
 
     Input and target are kept (as PyTorch keeps them). Half precision is differentiated in float32 and rounded once.
@@ -191,28 +188,40 @@ class PointwiseLoss(ElementwiseLoss):
         return _reduce(terms * weight, reduction, weight.sum())
 
 
-def pointwise_loss(function: type[PointwiseLoss], module: type[torch.nn.Module] | None, name: str, *, reference=None):
-    """Declare a loss of a difference with torch's ``mse_loss`` signature, ``name(input, target, size_average=None,
-    reduce=None, reduction="mean", weight=None)``; return the wrapper. Without a torch module or ``reference``,
-    the checks compare with autograd through ``function.forward``."""
+def loss(function: type[ManualFunction], module, name: str, check=None, *, bounds=None, reference=None):
+    """Declare and return ``function``'s wrapper ``name``, with the signature of torch's function of that name
+    (or ``mse_loss``'s). It maps the legacy ``size_average``/``reduce`` to ``reduction``, calls ``check`` (default
+    ``_checks.<name>``) on ``forward``'s arguments (None where torch has no such parameter) and ``layer=name``,
+    checks ``bounds`` (``{"delta": (0, True)}``: delta > 0; False: ≥), makes float options floats and uint8 class
+    indices int64, and applies ``function``. No torch module nor ``reference``: compared with ``function.forward``."""
+    params = list(inspect.signature(getattr(F, name, F.mse_loss)).parameters.values())[1:]
+    names, order = ("input", *(p.name for p in params)), tuple(inspect.signature(function.forward).parameters)
+    floats = [p.name for p in params if isinstance(p.default, float)]
+    check = check or getattr(_checks, name)
 
-    def wrapper_of(call):
-        def wrapper(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
-            reduction = _checks.legacy_reduction(name, size_average, reduce, reduction)
-            _checks.pointwise_loss(name, input, target, reduction, weight)
-            return call(input, target, weight, reduction, None)
+    def wrapper(callee):
+        def call(*values):
+            a = dict(zip(names, values))
+            if "reduce" in a:
+                a["reduction"] = _checks.legacy_reduction(name, a.pop("size_average"), a.pop("reduce"), a["reduction"])
+            check(*(a.get(k) for k in order), layer=name)
+            for k, (low, strict) in (bounds or {}).items():
+                _checks.at_least(name, k, a[k], low, strict=strict)
+            a.update((k, float(a[k])) for k in floats)
+            if a["target"].dtype == torch.uint8:  # class indices, which torch takes for a 1-D or 2-D input
+                a["target"] = a["target"].long()
+            return callee(*(a.get(k) for k in order))
 
-        wrapper.__name__ = wrapper.__qualname__ = name
-        wrapper.__module__ = function.__module__
-        wrapper.__doc__ = f"{function.__doc__}\n\nA target of another shape broadcasts, with torch's warning."
-        return wrapper
+        return _with_signature(name, params, call, function.__doc__)
 
     if reference is None and module is None:
-        reference = wrapper_of(function.forward)
-    return operation(module, function, kind="loss", reference=reference)(wrapper_of(function.dispatch))
+        reference = wrapper(function.forward)
+    return operation(module, function, kind="loss", reference=reference)(wrapper(function.dispatch))
 
 
-# ---- class-index targets --------------------------------------------------------------------------
+def pointwise_loss(function: type[PointwiseLoss], module, name: str, *, bounds=None, reference=None):
+    """:func:`loss` for a loss of a difference, with torch's ``mse_loss`` signature (or its own)."""
+    return loss(function, module, name, _checks.pointwise_loss, bounds=bounds, reference=reference)
 
 
 class ClassTarget:
@@ -229,11 +238,6 @@ class ClassTarget:
         else:
             self.w_t = cast(weight, dtype)[index]
             self.divisor = (self.w_t * self.valid).sum()
-
-
-def _indices(target: Tensor) -> Tensor:
-    """A uint8 class-index target (which torch takes for a 1-D or 2-D input) as int64, the index dtype."""
-    return target.long() if target.dtype == torch.uint8 else target
 
 
 def _minus_onehot(g: Tensor, index: Tensor, coefficient, dim: int, in_place: bool) -> Tensor:

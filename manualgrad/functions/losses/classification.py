@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ... import _checks
-from ...registry import operation
 from ..base import ManualFunction, apply, cast, opmath, recorded, save_for_forward
 from ..softmax import LogSoftmaxFunction, SoftmaxFunction
 from . import base
-from .base import ClassTarget, _indices, _minus_onehot, _reduce, _row_scale, _times, class_dim
+from .base import ClassTarget, _minus_onehot, _reduce, _row_scale, _times, class_dim, loss
+
+__all__ = ["CrossEntropyFunction", "NLLLossFunction"]
 
 # softmax and log-softmax inside a backward; through our Functions when a double backward records them
 _softmax = recorded(torch.softmax, lambda z, dim: apply(SoftmaxFunction, z, dim, None))
@@ -143,26 +143,7 @@ class CrossEntropyFunction(ManualFunction):
         return cast(_reduce(rows, reduction, terms.divisor), ctx.dtype)
 
 
-@operation(torch.nn.CrossEntropyLoss, CrossEntropyFunction, kind="loss")
-def cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    size_average=None,
-    ignore_index: int = -100,
-    reduce=None,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-) -> Tensor:
-    r"""Softmax cross-entropy; see :class:`~manualgrad.functions.CrossEntropyFunction`.
-
-    Backward: :math:`G_Z = (\operatorname{softmax}(Z) - \mathrm{onehot}(t))/N` when unweighted and unsmoothed.
-    ``target`` holds class indices (``ignore_index`` rows count nowhere) or class probabilities of the input's
-    shape. A class index outside ``[0, C)`` raises (on CUDA, a device-side assert, to avoid a host sync).
-    """
-    reduction = _checks.legacy_reduction("cross_entropy", size_average, reduce, reduction)
-    _checks.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
-    return apply(CrossEntropyFunction, input, _indices(target), weight, ignore_index, reduction, float(label_smoothing))
+cross_entropy = loss(CrossEntropyFunction, torch.nn.CrossEntropyLoss, "cross_entropy")
 
 
 class NLLLossFunction(ManualFunction):
@@ -211,18 +192,4 @@ class NLLLossFunction(ManualFunction):
         return _reduce(torch.where(rows.valid, terms, 0), reduction, rows.divisor)  # ignored rows count nowhere
 
 
-@operation(torch.nn.NLLLoss, NLLLossFunction, kind="loss")
-def nll_loss(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    size_average=None,
-    ignore_index: int = -100,
-    reduce=None,
-    reduction: str = "mean",
-) -> Tensor:
-    r"""Negative log-likelihood of class indices under log-probabilities ``input``; see
-    :class:`~manualgrad.functions.NLLLossFunction`. ``nll_loss(log_softmax(z, 1), t)`` is ``cross_entropy(z, t)``."""
-    reduction = _checks.legacy_reduction("nll_loss", size_average, reduce, reduction)
-    _checks.nll_loss(input, target, weight, ignore_index, reduction)
-    return apply(NLLLossFunction, input, _indices(target), weight, ignore_index, reduction)
+nll_loss = loss(NLLLossFunction, torch.nn.NLLLoss, "nll_loss")

@@ -5,15 +5,14 @@ The derivations are in ``docs/derivations.md``."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
 
-from ... import _checks
-from ...registry import operation
 from ..activations import _sigmoid
-from ..base import apply, recorded
-from .base import ElementwiseLoss, PointwiseLoss, _without_size_warning, pointwise_loss
+from ..base import recorded
+from .base import ElementwiseLoss, PointwiseLoss, _without_size_warning, loss, pointwise_loss
 
-F = torch.nn.functional
+__all__ = ["BinaryCrossEntropyFunction", "BinaryCrossEntropyWithLogitsFunction", "HuberLossFunction"]
+__all__ += ["L1LossFunction", "MSELossFunction", "SmoothL1LossFunction"]
 
 
 class MSELossFunction(PointwiseLoss):
@@ -62,14 +61,9 @@ class SmoothL1LossFunction(PointwiseLoss):
         return torch.clamp(d, -beta, beta, out=out), 1 / beta
 
 
-@operation(torch.nn.SmoothL1Loss, SmoothL1LossFunction, kind="loss")
-def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction="mean", beta=1.0):
-    """Smooth L1 loss; see :class:`~manualgrad.functions.SmoothL1LossFunction`. A target of another shape
-    broadcasts, with torch's warning."""
-    reduction = _checks.legacy_reduction("smooth_l1_loss", size_average, reduce, reduction)
-    _checks.pointwise_loss("smooth_l1_loss", input, target, reduction)
-    _checks.at_least("smooth_l1_loss", "beta", beta, 0)
-    return apply(SmoothL1LossFunction, input, target, None, reduction, float(beta))
+smooth_l1_loss = pointwise_loss(
+    SmoothL1LossFunction, torch.nn.SmoothL1Loss, "smooth_l1_loss", bounds={"beta": (0, False)}
+)
 
 
 class HuberLossFunction(PointwiseLoss):
@@ -88,13 +82,7 @@ class HuberLossFunction(PointwiseLoss):
         return torch.clamp(d, -delta, delta, out=out), 1.0
 
 
-@operation(torch.nn.HuberLoss, HuberLossFunction, kind="loss")
-def huber_loss(input: Tensor, target: Tensor, reduction="mean", delta=1.0, weight: Tensor | None = None):
-    """Huber loss; see :class:`~manualgrad.functions.HuberLossFunction`. A target of another shape broadcasts,
-    with torch's warning."""
-    _checks.pointwise_loss("huber_loss", input, target, reduction, weight)
-    _checks.at_least("huber_loss", "delta", delta, 0, strict=True)
-    return apply(HuberLossFunction, input, target, weight, reduction, float(delta))
+huber_loss = pointwise_loss(HuberLossFunction, torch.nn.HuberLoss, "huber_loss", bounds={"delta": (0, True)})
 
 
 #: PyTorch's floor on (1 − x)x in the derivative: 1e-12 as a float32 constant, as in its kernel
@@ -123,15 +111,7 @@ class BinaryCrossEntropyFunction(ElementwiseLoss):
         return _logit(x), -1.0
 
 
-@operation(torch.nn.BCELoss, BinaryCrossEntropyFunction, kind="loss")
-def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
-    """Binary cross-entropy of probabilities ``input``; see :class:`~manualgrad.functions.BinaryCrossEntropyFunction`.
-    ``weight`` broadcasts to the input. Input values outside [0, 1] raise, as in PyTorch."""
-    reduction = _checks.legacy_reduction("binary_cross_entropy", size_average, reduce, reduction)
-    _checks.binary_loss("binary_cross_entropy", input, target, reduction, weight)
-    _checks.same_dtype("binary_cross_entropy", "input", input, "target", target)  # torch's kernel takes no mixture
-    _checks.probabilities("binary_cross_entropy", input)
-    return apply(BinaryCrossEntropyFunction, input, target, weight, reduction)
+binary_cross_entropy = loss(BinaryCrossEntropyFunction, torch.nn.BCELoss, "binary_cross_entropy")
 
 
 class BinaryCrossEntropyWithLogitsFunction(ElementwiseLoss):
@@ -162,15 +142,11 @@ class BinaryCrossEntropyWithLogitsFunction(ElementwiseLoss):
         return _log_sigmoid(-z) - p * _log_sigmoid(z), 1.0  # log σ(−z) − p log σ(z)
 
 
-@operation(torch.nn.BCEWithLogitsLoss, BinaryCrossEntropyWithLogitsFunction, kind="loss")
-def binary_cross_entropy_with_logits(
-    input, target, weight=None, size_average=None, reduce=None, reduction="mean", pos_weight=None
-):
-    """Binary cross-entropy of logits (a sigmoid and the loss in one stable formula); see
-    :class:`~manualgrad.functions.BinaryCrossEntropyWithLogitsFunction`."""
-    reduction = _checks.legacy_reduction("binary_cross_entropy_with_logits", size_average, reduce, reduction)
-    _checks.binary_loss("binary_cross_entropy_with_logits", input, target, reduction, weight, pos_weight)
-    return apply(BinaryCrossEntropyWithLogitsFunction, input, target, weight, pos_weight, reduction)
+binary_cross_entropy_with_logits = loss(
+    BinaryCrossEntropyWithLogitsFunction,
+    torch.nn.BCEWithLogitsLoss,
+    "binary_cross_entropy_with_logits",
+)
 
 
 # log(x / (1 − x)) and log σ(z) inside a backward: PyTorch's kernels, or, when a double backward records them,
