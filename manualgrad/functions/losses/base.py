@@ -22,7 +22,7 @@ from ...registry import _with_signature, operation
 from .. import recorder
 from ..base import ManualFunction, cast, opmath, save_for_forward
 
-__all__ = ["ClassTarget", "ElementwiseLoss", "PointwiseLoss", "class_dim", "loss", "pointwise_loss"]
+__all__ = ["ClassTarget", "ElementwiseLoss", "PointwiseLoss", "class_dim", "loss"]
 
 
 def class_dim(input: Tensor) -> int:
@@ -41,14 +41,12 @@ def _row_scale(grad: Tensor, reduction: str, divisor, valid: Tensor | None = Non
 def _reduce(terms: Tensor, reduction: str, divisor) -> Tensor:
     if reduction == "none":
         return terms
-    total = terms.sum()
-    return total / divisor if reduction == "mean" else total
+    return terms.sum() / divisor if reduction == "mean" else terms.sum()
 
 
 def _in_place(grad_output: Tensor) -> bool:
     """Whether a backward may overwrite the tensors it has just made: not while autograd records them (a double
-    backward), nor while ``torch.compile`` traces it, nor when a vmap batches the incoming gradient (``torch.func``,
-    gradcheck's batched check: a batched factor cannot go into an unbatched tensor)."""
+    backward), nor under ``torch.compile``, nor when a vmap batches the incoming gradient (not into a plain tensor)."""
     return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _compat.batched(grad_output)
 
 
@@ -76,26 +74,17 @@ class ElementwiseLoss(ManualFunction):
         \dot\ell = w \odot \Big(\frac{\partial\ell}{\partial x} \dot x + \frac{\partial\ell}{\partial t}
         \dot t\Big)
 
-    each gradient summed back to its own shape where input and target broadcast.
-    ``apply(input, target, weight, <more tensors>, reduction, <options>)``, ``tensors`` (3) of them. A subclass
-    defines ``forward`` (:math:`R`, PyTorch's own kernel) and
-
-    * ``d_input(x, t, *rest, in_place)``: ``(r, c)`` with :math:`\partial\ell/\partial x = c\, r`, ``c`` a number,
-      ``rest`` the other tensors (not ``weight``) and the options; ``in_place``: it may overwrite the tensors it
-      makes (never ``x`` or ``t``);
-    * ``d_target``: the same for :math:`\partial\ell/\partial t`; ``None`` for a loss of :math:`x - t`;
-    * ``mean_over_weights``: whether ``mean`` with a weight divides by :math:`\sum w` or by the element count.
-
-    Input and target are kept (as PyTorch keeps them). Half precision is differentiated in float32 and rounded once.
+    each gradient summed back to its own shape. ``apply(input, target, weight, <more tensors>, reduction,
+    <options>)``, ``tensors`` (3) of them, all kept. A subclass defines ``forward`` (PyTorch's kernel) and
+    ``d_input(x, t, *rest, in_place)``: ``(r, c)`` with :math:`\partial\ell/\partial x = c\, r`, ``c`` a number,
+    ``rest`` the other tensors and the options (``in_place``: it may overwrite what it makes, never x or t);
+    ``d_target`` the same for :math:`\partial\ell/\partial t` (None: a loss of :math:`x - t`); whether ``mean``
+    with a weight divides by :math:`\sum w` (``mean_over_weights``) or the count. Half precision: in float32.
     """
 
     tensors = 3
     mean_over_weights = False
     d_target = None
-
-    @staticmethod
-    def d_input(x: Tensor, t: Tensor, *rest) -> tuple[Tensor, float]:
-        raise NotImplementedError
 
     @classmethod
     def divisor(cls, input: Tensor, target: Tensor, weight: Tensor | None):
@@ -163,17 +152,13 @@ class PointwiseLoss(ElementwiseLoss):
     :math:`\partial\ell/\partial\hat y = \rho'(d) = -\partial\ell/\partial t`.
     ``apply(input, target, weight, reduction, parameter)``. A subclass defines ``forward`` and
     ``derivative(d, parameter, out)``: ``(r, c)`` with :math:`\rho'(d) = c\, r(d)`, ``r`` may be written into
-    ``out`` (``d`` itself, or None). ``mean`` with a weight divides by :math:`\sum w` (``mean_over_weights``).
+    ``out`` (``d`` itself, or None). ``mean`` with a weight divides by :math:`\sum w`.
 
     Shape: input ``(*)``, target broadcastable with it, weight the input's shape or ``None``; output scalar,
     or the broadcast shape for ``"none"``.
     """
 
     mean_over_weights = True
-
-    @staticmethod
-    def derivative(d: Tensor, parameter, out: Tensor | None) -> tuple[Tensor, float]:
-        raise NotImplementedError
 
     @classmethod
     def d_input(cls, x, t, parameter, in_place):
@@ -191,13 +176,14 @@ class PointwiseLoss(ElementwiseLoss):
 def loss(function: type[ManualFunction], module, name: str, check=None, *, bounds=None, reference=None):
     """Declare and return ``function``'s wrapper ``name``, with the signature of torch's function of that name
     (or ``mse_loss``'s). It maps the legacy ``size_average``/``reduce`` to ``reduction``, calls ``check`` (default
-    ``_checks.<name>``) on ``forward``'s arguments (None where torch has no such parameter) and ``layer=name``,
-    checks ``bounds`` (``{"delta": (0, True)}``: delta > 0; False: ≥), makes float options floats and uint8 class
-    indices int64, and applies ``function``. No torch module nor ``reference``: compared with ``function.forward``."""
+    ``_checks.pointwise_loss`` for a :class:`PointwiseLoss`, else ``_checks.<name>``) on ``forward``'s arguments
+    (None where torch has no such parameter) and ``layer=name``, checks ``bounds`` (``{"delta": (0, True)}``:
+    delta > 0; False: ≥), makes float options floats and uint8 class indices int64, and applies ``function``.
+    No torch module nor ``reference``: the checks compare with ``function.forward``."""
     params = list(inspect.signature(getattr(F, name, F.mse_loss)).parameters.values())[1:]
     names, order = ("input", *(p.name for p in params)), tuple(inspect.signature(function.forward).parameters)
     floats = [p.name for p in params if isinstance(p.default, float)]
-    check = check or getattr(_checks, name)
+    check = check or (_checks.pointwise_loss if issubclass(function, PointwiseLoss) else getattr(_checks, name))
 
     def wrapper(callee):
         def call(*values):
@@ -217,11 +203,6 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, bound
     if reference is None and module is None:
         reference = wrapper(function.forward)
     return operation(module, function, kind="loss", reference=reference)(wrapper(function.dispatch))
-
-
-def pointwise_loss(function: type[PointwiseLoss], module, name: str, *, bounds=None, reference=None):
-    """:func:`loss` for a loss of a difference, with torch's ``mse_loss`` signature (or its own)."""
-    return loss(function, module, name, _checks.pointwise_loss, bounds=bounds, reference=reference)
 
 
 class ClassTarget:

@@ -1,19 +1,16 @@
 r"""Classification losses over a class dimension: softmax cross-entropy and the negative log-likelihood.
 
-Softmax cross-entropy
-    :math:`P = \operatorname{softmax}(Z)` over the classes, a target distribution :math:`q_n` per row (class index,
-    class weights, label smoothing and ``ignore_index`` all shape :math:`q`), :math:`s_n = \sum_c q_{n,c}`:
-    :math:`\ell_n = -\sum_c q_{n,c} \log P_{n,c}`, :math:`G_Z = (s \odot P - q) \odot \partial R/\partial \ell`, and
-    for a probability target :math:`G_T = -(1 - \varepsilon)\, w \odot \log P \odot \partial R/\partial \ell`.
-    Unweighted and unsmoothed: :math:`G_Z = (P - \mathrm{onehot}(t))/N`.
-
-Negative log-likelihood
-    :math:`\ell_n = -w_{t_n} X_{n,t_n}`: :math:`G_X[n, t_n] = -w_{t_n}\, \partial R/\partial \ell_n`, zero elsewhere.
+Softmax cross-entropy: :math:`P = \operatorname{softmax}(Z)` over the classes, a target distribution :math:`q_n` per
+row (class index, class weights, label smoothing and ``ignore_index`` all shape :math:`q`), :math:`s_n = \sum_c
+q_{n,c}`: :math:`\ell_n = -\sum_c q_{n,c} \log P_{n,c}`, :math:`G_Z = (s \odot P - q) \odot \partial R/\partial \ell`,
+and for a probability target :math:`G_T = -(1 - \varepsilon)\, w \odot \log P \odot \partial R/\partial \ell`.
+Unweighted and unsmoothed: :math:`G_Z = (P - \mathrm{onehot}(t))/N`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import ManualFunction, apply, cast, opmath, recorded, save_for_forward
@@ -30,19 +27,18 @@ _log_softmax = recorded(torch.log_softmax, lambda z, dim: apply(LogSoftmaxFuncti
 
 class _CrossEntropyTerms:
     r"""For one call: the logits ``z`` in the precision of the formulas (float32 for half inputs, promoted with
-    a probability target), the counted rows ``valid`` (None: all, for probabilities), the ``mean`` divisor, and
-    the pieces of q. Class indices: :math:`q_n = a_n \mathrm{onehot}(t_n) + b w`, :math:`s_n = a_n + b \sum_c w_c`,
-    with :math:`a_n = (1 - \varepsilon) w_{t_n}` and :math:`b = \varepsilon / C`. Probabilities: q itself.
+    a probability target), the counted rows ``valid`` (None: all, for probabilities), the ``mean`` divisor of the
+    ``reduction``, and the pieces of q. Class indices: :math:`q_n = a_n \mathrm{onehot}(t_n) + b w`, :math:`s_n = a_n
+    + b \sum_c w_c`, with :math:`a_n = (1 - \varepsilon) w_{t_n}` and :math:`b = \varepsilon / C`. Else q itself.
     """
 
-    def __init__(self, input, target, weight, ignore_index, label_smoothing):
+    def __init__(self, input, target, weight, ignore_index, reduction, eps):
         z = opmath(input)
         if target.is_floating_point():
             z = cast(z, torch.promote_types(z.dtype, target.dtype))
         dim = class_dim(z)
         classes = z.shape[dim]
-        eps = label_smoothing
-        self.z, self.dim, self.eps, self.valid = z, dim, eps, None
+        self.z, self.dim, self.eps, self.valid, self.reduction = z, dim, eps, None, reduction
         self.w = None if weight is None else cast(weight, z.dtype).reshape((-1,) + (1,) * (z.dim() - dim - 1))
         if target.is_floating_point():
             T = cast(target, z.dtype)
@@ -84,22 +80,18 @@ def _is_one(v) -> bool:
 
 
 class CrossEntropyFunction(ManualFunction):
-    r"""``apply(input, target, weight, ignore_index, reduction, label_smoothing)``: softmax cross-entropy.
+    r"""``apply(input, target, weight, ignore_index, reduction, label_smoothing)``: softmax cross-entropy (module
+    docstring), :math:`P` recomputed from the saved logits (as many bytes as PyTorch's saved log-softmax), stable for
+    any logits; for class indices the one-hot matrix is never built. Forward: PyTorch's own ``cross_entropy``.
 
-    Forward: PyTorch's own ``cross_entropy``. Backward: :math:`G_Z = (s \odot P - q) \odot \partial R/\partial\ell`
-    (module docstring), with :math:`P` recomputed from the saved logits (as many bytes as PyTorch's saved
-    log-softmax), stable for logits of any magnitude; for class indices the one-hot matrix is never built.
-
-    Shape:
-        - input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``
-        - target: class indices ``()``, ``(N)``, ``(N, d1, ...)``; or probabilities of the input's shape
-        - weight: ``(C)`` or ``None``
-        - output: scalar, or the rows' shape for ``reduction="none"``
+    Shape: input ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; target class indices ``()``, ``(N)``,
+    ``(N, d1, ...)`` or probabilities of the input's shape; weight ``(C)`` or None; output scalar, or the rows'
+    shape for ``reduction="none"``.
     """
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing):
-        return torch.nn.functional.cross_entropy(
+        return F.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
 
@@ -112,51 +104,41 @@ class CrossEntropyFunction(ManualFunction):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, target, weight = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing = ctx.options
-        terms = _CrossEntropyTerms(input, target, weight, ignore_index, label_smoothing)
-        scale = _row_scale(opmath(grad_output), reduction, terms.divisor, terms.valid)  # ∂R/∂ℓ_n
+        input, target, _ = ctx.saved_tensors
+        terms = _CrossEntropyTerms(*ctx.saved_tensors, *ctx.options)
+        scale = _row_scale(opmath(grad_output), terms.reduction, terms.divisor, terms.valid)  # ∂R/∂ℓ_n
         grad_input = grad_target = None
         if ctx.needs_input_grad[0]:  # G_Z = (s ⊙ P − q) ⊙ ∂R/∂ℓ
-            in_place = base._in_place(grad_output)
-            grad_input = cast(terms.grad(_softmax(terms.z, terms.dim), scale, in_place), input.dtype)
+            P = _softmax(terms.z, terms.dim)
+            grad_input = cast(terms.grad(P, scale, base._in_place(grad_output)), input.dtype)
         if ctx.needs_input_grad[1]:  # probabilities: G_T = −(1 − ε) w ⊙ log P ⊙ ∂R/∂ℓ
-            logp = terms.log_p(_log_softmax)
-            grad_target = cast(-(1 - label_smoothing) * logp * terms.rows(scale), target.dtype)
+            grad_target = cast(-(1 - terms.eps) * terms.log_p(_log_softmax) * terms.rows(scale), target.dtype)
         return grad_input, grad_target, None, None, None, None
 
     @staticmethod
     def jvp(ctx, input_tangent, target_tangent, *_):
-        input, target, weight = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing = ctx.options
-        terms = _CrossEntropyTerms(input, target, weight, ignore_index, label_smoothing)
-        dim = terms.dim
-        rows = 0
+        terms = _CrossEntropyTerms(*ctx.saved_tensors, *ctx.options)
+        z, dim, rows = terms.z, terms.dim, 0
         if input_tangent is not None:  # ℓ̇_n = Σ_c (s_n P_nc − q_nc) Ż_nc
-            dl_dz = terms.grad(torch.softmax(terms.z, dim), 1.0, in_place=False)
-            rows = (dl_dz * cast(input_tangent, terms.z.dtype)).sum(dim)
+            rows = (terms.grad(torch.softmax(z, dim), 1.0, in_place=False) * cast(input_tangent, z.dtype)).sum(dim)
         if target_tangent is not None:  # ℓ̇_n = −(1 − ε) Σ_c w_c log P_nc Ṫ_nc
-            logp = terms.log_p(torch.log_softmax)
-            rows = rows - (1 - label_smoothing) * (logp * cast(target_tangent, terms.z.dtype)).sum(dim)
+            rows = rows - (1 - terms.eps) * (terms.log_p(torch.log_softmax) * cast(target_tangent, z.dtype)).sum(dim)
         if terms.valid is not None:  # ignored rows count nowhere
             rows = torch.where(terms.valid, rows, 0)
-        return cast(_reduce(rows, reduction, terms.divisor), ctx.dtype)
+        return cast(_reduce(rows, terms.reduction, terms.divisor), ctx.dtype)
 
 
 cross_entropy = loss(CrossEntropyFunction, torch.nn.CrossEntropyLoss, "cross_entropy")
 
 
 class NLLLossFunction(ManualFunction):
-    r"""``apply(input, target, weight, ignore_index, reduction)``: :math:`\ell_n = -w_{t_n} X_{n, t_n}`, reduced.
-
-    Forward: PyTorch's own ``nll_loss``. Backward: :math:`G_X[n, t_n] = -w_{t_n}\, \partial R/\partial\ell_n`,
-    zero elsewhere. Forward mode: :math:`\dot\ell_n = -w_{t_n} \dot X_{n, t_n}`.
-    Shapes as :class:`CrossEntropyFunction` with class indices.
-    """
+    r"""``apply(input, target, weight, ignore_index, reduction)``: :math:`\ell_n = -w_{t_n} X_{n, t_n}`, reduced;
+    :math:`G_X[n, t_n] = -w_{t_n}\, \partial R/\partial\ell_n`, zero elsewhere; :math:`\dot\ell_n = -w_{t_n}
+    \dot X_{n, t_n}`. Forward: PyTorch's ``nll_loss``. Shapes as :class:`CrossEntropyFunction` with class indices."""
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction):
-        return torch.nn.functional.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
+        return F.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

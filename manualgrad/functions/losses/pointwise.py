@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..activations import _sigmoid
 from ..base import recorded
-from .base import ElementwiseLoss, PointwiseLoss, _without_size_warning, loss, pointwise_loss
+from .base import ElementwiseLoss, PointwiseLoss, _without_size_warning, loss
 
 __all__ = ["BinaryCrossEntropyFunction", "BinaryCrossEntropyWithLogitsFunction", "HuberLossFunction"]
 __all__ += ["L1LossFunction", "MSELossFunction", "SmoothL1LossFunction"]
@@ -27,7 +27,7 @@ class MSELossFunction(PointwiseLoss):
         return d, 2.0
 
 
-mse_loss = pointwise_loss(MSELossFunction, torch.nn.MSELoss, "mse_loss")
+mse_loss = loss(MSELossFunction, torch.nn.MSELoss, "mse_loss")
 
 
 class L1LossFunction(PointwiseLoss):
@@ -42,7 +42,7 @@ class L1LossFunction(PointwiseLoss):
         return torch.sign(d, out=out), 1.0
 
 
-l1_loss = pointwise_loss(L1LossFunction, torch.nn.L1Loss, "l1_loss")
+l1_loss = loss(L1LossFunction, torch.nn.L1Loss, "l1_loss")
 
 
 class SmoothL1LossFunction(PointwiseLoss):
@@ -61,9 +61,7 @@ class SmoothL1LossFunction(PointwiseLoss):
         return torch.clamp(d, -beta, beta, out=out), 1 / beta
 
 
-smooth_l1_loss = pointwise_loss(
-    SmoothL1LossFunction, torch.nn.SmoothL1Loss, "smooth_l1_loss", bounds={"beta": (0, False)}
-)
+smooth_l1_loss = loss(SmoothL1LossFunction, torch.nn.SmoothL1Loss, "smooth_l1_loss", bounds={"beta": (0, False)})
 
 
 class HuberLossFunction(PointwiseLoss):
@@ -82,7 +80,7 @@ class HuberLossFunction(PointwiseLoss):
         return torch.clamp(d, -delta, delta, out=out), 1.0
 
 
-huber_loss = pointwise_loss(HuberLossFunction, torch.nn.HuberLoss, "huber_loss", bounds={"delta": (0, True)})
+huber_loss = loss(HuberLossFunction, torch.nn.HuberLoss, "huber_loss", bounds={"delta": (0, True)})
 
 
 #: PyTorch's floor on (1 − x)x in the derivative: 1e-12 as a float32 constant, as in its kernel
