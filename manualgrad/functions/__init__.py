@@ -21,15 +21,14 @@ from .conv import Conv1dFunction, Conv2dFunction, Conv2dWeightFunction, ConvTran
 from .dropout import DropoutFunction
 from .embedding import EmbeddingFunction
 from .linear import LinearFunction
-from .losses import (
+from .losses import PointwiseLoss
+from .losses.classification import CrossEntropyFunction, NLLLossFunction
+from .losses.pointwise import (
     BinaryCrossEntropyFunction,
     BinaryCrossEntropyWithLogitsFunction,
-    CrossEntropyFunction,
     HuberLossFunction,
     L1LossFunction,
     MSELossFunction,
-    NLLLossFunction,
-    PointwiseLoss,
     SmoothL1LossFunction,
 )
 from .mlp import MLPCrossEntropyFunction, MLPFunction, MLPSpec

@@ -1,10 +1,9 @@
-r"""What every loss shares: the reduction, the elementwise-loss base, the class-target helper, the wrapper helper.
+r"""What every loss shares: the reduction, the elementwise-loss base, the wrapper helper, the class-target helper.
 
 A loss is a sum of terms :math:`\ell_n`, reduced: ``"sum"`` (:math:`R = \sum_n \ell_n`), ``"mean"``
 (:math:`R = \sum_n \ell_n / D`) or ``"none"``. So :math:`\partial R/\partial \ell_n` is :math:`g/D`, :math:`g` or
-:math:`g_n` (:func:`_row_scale`), and each backward is that factor times :math:`\partial\ell_n/\partial` (its
-inputs). Weights are constants, not differentiated. Where a backward makes a tensor only to scale it, it scales it
-in place while nothing records it (:func:`_in_place`): the same formula, one array of the input's size less.
+:math:`g_n` (:func:`_row_scale`), times :math:`\partial\ell_n/\partial` (inputs) in each backward. Weights are
+constants. A tensor a backward makes only to scale it is scaled in place while nothing records it (:func:`_in_place`).
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ from ...registry import _with_signature, operation
 from .. import recorder
 from ..base import ManualFunction, cast, opmath, save_for_forward
 
-__all__ = ["ClassTarget", "ElementwiseLoss", "PointwiseLoss", "class_dim", "loss"]
-
 
 def class_dim(input: Tensor) -> int:
     """Where the classes are: ``(C)``: 0; ``(N, C, d1, ...)``: 1."""
@@ -39,9 +36,7 @@ def _row_scale(grad: Tensor, reduction: str, divisor, valid: Tensor | None = Non
 
 
 def _reduce(terms: Tensor, reduction: str, divisor) -> Tensor:
-    if reduction == "none":
-        return terms
-    return terms.sum() / divisor if reduction == "mean" else terms.sum()
+    return terms if reduction == "none" else terms.sum() / divisor if reduction == "mean" else terms.sum()
 
 
 def _in_place(grad_output: Tensor) -> bool:
@@ -69,10 +64,9 @@ class ElementwiseLoss(ManualFunction):
 
     .. math::
 
-        G_X = w \odot \frac{\partial\ell}{\partial x} \odot \frac{\partial R}{\partial \ell} \qquad
-        G_T = w \odot \frac{\partial\ell}{\partial t} \odot \frac{\partial R}{\partial \ell} \qquad
-        \dot\ell = w \odot \Big(\frac{\partial\ell}{\partial x} \dot x + \frac{\partial\ell}{\partial t}
-        \dot t\Big)
+        G_X = w \odot \frac{\partial\ell}{\partial x} \odot \frac{\partial R}{\partial \ell} \quad
+        G_T = w \odot \frac{\partial\ell}{\partial t} \odot \frac{\partial R}{\partial \ell} \quad
+        \dot\ell = w \odot \Big(\frac{\partial\ell}{\partial x} \dot x + \frac{\partial\ell}{\partial t} \dot t\Big)
 
     each gradient summed back to its own shape. ``apply(input, target, weight, <more tensors>, reduction,
     <options>)``, ``tensors`` (3) of them, all kept. A subclass defines ``forward`` (PyTorch's kernel) and
@@ -94,8 +88,7 @@ class ElementwiseLoss(ManualFunction):
         return math.prod(torch.broadcast_shapes(input.shape, target.shape))
 
     def __init_subclass__(cls, **kwargs):
-        # Bound to this subclass's ∂ℓ as closures (as Elementwise does), so that the stand-in ctx objects of
-        # vmap and Dynamo need no attribute of ours.
+        # closures over this subclass's ∂ℓ (as Elementwise's), so that vmap's and Dynamo's ctx need no attribute
         n = cls.tensors
 
         def setup_context(ctx, inputs, output):
@@ -136,8 +129,7 @@ class ElementwiseLoss(ManualFunction):
                 if tangent is not None:  # ℓ̇ = w ⊙ (∂ℓ/∂x ẋ + ∂ℓ/∂t ṫ)
                     r, c = partials(ctx, input, target, others, False, i)
                     terms = terms + c * r * opmath(tangent)
-            if weight is not None:
-                terms = terms * weight
+            terms = terms if weight is None else terms * weight
             return cast(_reduce(terms, ctx.reduction, cls.divisor(input, target, weight)), ctx.dtype)
 
         cls.setup_context = staticmethod(setup_context)
@@ -152,10 +144,8 @@ class PointwiseLoss(ElementwiseLoss):
     :math:`\partial\ell/\partial\hat y = \rho'(d) = -\partial\ell/\partial t`.
     ``apply(input, target, weight, reduction, parameter)``. A subclass defines ``forward`` and
     ``derivative(d, parameter, out)``: ``(r, c)`` with :math:`\rho'(d) = c\, r(d)`, ``r`` may be written into
-    ``out`` (``d`` itself, or None). ``mean`` with a weight divides by :math:`\sum w`.
-
-    Shape: input ``(*)``, target broadcastable with it, weight the input's shape or ``None``; output scalar,
-    or the broadcast shape for ``"none"``.
+    ``out`` (``d`` itself, or None). ``mean`` with a weight divides by :math:`\sum w`. Shape: input ``(*)``, target
+    broadcastable with it, weight the input's shape or None; output scalar, or the broadcast shape for ``"none"``.
     """
 
     mean_over_weights = True
@@ -214,18 +204,13 @@ class ClassTarget:
         self.valid = target != ignore_index  # the rows that count
         index = target.masked_fill(~self.valid, 0)  # an ignored row's index may be anything, e.g. -100
         self.index = index.unsqueeze(dim)
-        if weight is None:
-            self.w_t, self.divisor = 1.0, self.valid.sum()
-        else:
-            self.w_t = cast(weight, dtype)[index]
-            self.divisor = (self.w_t * self.valid).sum()
+        self.w_t = 1.0 if weight is None else cast(weight, dtype)[index]
+        self.divisor = self.valid.sum() if weight is None else (self.w_t * self.valid).sum()
 
 
 def _minus_onehot(g: Tensor, index: Tensor, coefficient, dim: int, in_place: bool) -> Tensor:
     """g − onehot(t) ⊙ coefficient along ``dim`` (``index`` is t with ``dim`` kept, the coefficient a number or
     one per row, shaped like ``index``): the one-hot matrix is never built, the coefficients are added at the
     target classes (in ``g`` itself when ``in_place``)."""
-    if not isinstance(coefficient, Tensor):
-        coefficient = g.new_full((), coefficient)
-    minus = (-coefficient).expand(index.shape)
+    minus = (-(coefficient if isinstance(coefficient, Tensor) else g.new_full((), coefficient))).expand(index.shape)
     return g.scatter_add_(dim, index, minus) if in_place else g.scatter_add(dim, index, minus)

@@ -18,8 +18,6 @@ from ..softmax import LogSoftmaxFunction, SoftmaxFunction
 from . import base
 from .base import ClassTarget, _minus_onehot, _reduce, _row_scale, _times, class_dim, loss
 
-__all__ = ["CrossEntropyFunction", "NLLLossFunction"]
-
 # softmax and log-softmax inside a backward; through our Functions when a double backward records them
 _softmax = recorded(torch.softmax, lambda z, dim: apply(SoftmaxFunction, z, dim, None))
 _log_softmax = recorded(torch.log_softmax, lambda z, dim: apply(LogSoftmaxFunction, z, dim, None))
@@ -128,9 +126,6 @@ class CrossEntropyFunction(ManualFunction):
         return cast(_reduce(rows, terms.reduction, terms.divisor), ctx.dtype)
 
 
-cross_entropy = loss(CrossEntropyFunction, torch.nn.CrossEntropyLoss, "cross_entropy")
-
-
 class NLLLossFunction(ManualFunction):
     r"""``apply(input, target, weight, ignore_index, reduction)``: :math:`\ell_n = -w_{t_n} X_{n, t_n}`, reduced;
     :math:`G_X[n, t_n] = -w_{t_n}\, \partial R/\partial\ell_n`, zero elsewhere; :math:`\dot\ell_n = -w_{t_n}
@@ -149,10 +144,8 @@ class NLLLossFunction(ManualFunction):
 
     @staticmethod
     def _rows(ctx, dtype) -> tuple[ClassTarget, int, str]:
-        target, weight = ctx.saved_tensors
-        ignore_index, reduction = ctx.options
-        dim = 0 if len(ctx.input_like[0]) == 1 else 1
-        return ClassTarget(target, weight, ignore_index, dtype, dim), dim, reduction
+        dim = 0 if len(ctx.input_like[0]) == 1 else 1  # the class dimension
+        return ClassTarget(*ctx.saved_tensors, ctx.options[0], dtype, dim), dim, ctx.options[1]
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -160,11 +153,9 @@ class NLLLossFunction(ManualFunction):
         g = opmath(grad_output)
         rows, dim, reduction = NLLLossFunction._rows(ctx, g.dtype)
         coefficient = rows.w_t * _row_scale(g, reduction, rows.divisor, rows.valid)  # w_{t_n} ∂R/∂ℓ_n
-        if coefficient.dim():
-            coefficient = coefficient.unsqueeze(dim)
+        coefficient = coefficient.unsqueeze(dim) if coefficient.dim() else coefficient
         zeros = torch.zeros(shape, dtype=g.dtype, device=device)
-        in_place = base._in_place(grad_output)
-        grad_input = _minus_onehot(zeros, rows.index, coefficient, dim, in_place)  # −w_t ∂R/∂ℓ_n at t_n
+        grad_input = _minus_onehot(zeros, rows.index, coefficient, dim, base._in_place(grad_output))  # −w_t g_n at t_n
         return cast(grad_input, dtype), None, None, None, None
 
     @staticmethod
@@ -174,4 +165,6 @@ class NLLLossFunction(ManualFunction):
         return _reduce(torch.where(rows.valid, terms, 0), reduction, rows.divisor)  # ignored rows count nowhere
 
 
+# the wrappers, with torch's signatures (losses.base.loss)
+cross_entropy = loss(CrossEntropyFunction, torch.nn.CrossEntropyLoss, "cross_entropy")
 nll_loss = loss(NLLLossFunction, torch.nn.NLLLoss, "nll_loss")

@@ -11,9 +11,6 @@ from ..activations import _sigmoid
 from ..base import recorded
 from .base import ElementwiseLoss, PointwiseLoss, _without_size_warning, loss
 
-__all__ = ["BinaryCrossEntropyFunction", "BinaryCrossEntropyWithLogitsFunction", "HuberLossFunction"]
-__all__ += ["L1LossFunction", "MSELossFunction", "SmoothL1LossFunction"]
-
 
 class MSELossFunction(PointwiseLoss):
     r"""Mean squared error: :math:`\rho(d) = d^2`, :math:`\rho'(d) = 2d`."""
@@ -27,9 +24,6 @@ class MSELossFunction(PointwiseLoss):
         return d, 2.0
 
 
-mse_loss = loss(MSELossFunction, torch.nn.MSELoss, "mse_loss")
-
-
 class L1LossFunction(PointwiseLoss):
     r"""Mean absolute error: :math:`\rho(d) = |d|`, :math:`\rho'(d) = \operatorname{sign} d` (0 at 0, as torch)."""
 
@@ -40,9 +34,6 @@ class L1LossFunction(PointwiseLoss):
     @staticmethod
     def derivative(d, parameter, out):
         return torch.sign(d, out=out), 1.0
-
-
-l1_loss = loss(L1LossFunction, torch.nn.L1Loss, "l1_loss")
 
 
 class SmoothL1LossFunction(PointwiseLoss):
@@ -61,9 +52,6 @@ class SmoothL1LossFunction(PointwiseLoss):
         return torch.clamp(d, -beta, beta, out=out), 1 / beta
 
 
-smooth_l1_loss = loss(SmoothL1LossFunction, torch.nn.SmoothL1Loss, "smooth_l1_loss", bounds={"beta": (0, False)})
-
-
 class HuberLossFunction(PointwiseLoss):
     r"""``apply(input, target, weight, reduction, delta)``: :math:`\rho(d) = d^2/2` where :math:`|d| \le \delta`,
     else :math:`\delta(|d| - \delta/2)`; :math:`\rho'(d) = \operatorname{clamp}(d, -\delta, \delta)`.
@@ -78,9 +66,6 @@ class HuberLossFunction(PointwiseLoss):
     @staticmethod
     def derivative(d, delta, out):
         return torch.clamp(d, -delta, delta, out=out), 1.0
-
-
-huber_loss = loss(HuberLossFunction, torch.nn.HuberLoss, "huber_loss", bounds={"delta": (0, True)})
 
 
 #: PyTorch's floor on (1 − x)x in the derivative: 1e-12 as a float32 constant, as in its kernel
@@ -107,9 +92,6 @@ class BinaryCrossEntropyFunction(ElementwiseLoss):
     @staticmethod
     def d_target(x, t, in_place):
         return _logit(x), -1.0
-
-
-binary_cross_entropy = loss(BinaryCrossEntropyFunction, torch.nn.BCELoss, "binary_cross_entropy")
 
 
 class BinaryCrossEntropyWithLogitsFunction(ElementwiseLoss):
@@ -140,14 +122,17 @@ class BinaryCrossEntropyWithLogitsFunction(ElementwiseLoss):
         return _log_sigmoid(-z) - p * _log_sigmoid(z), 1.0  # log σ(−z) − p log σ(z)
 
 
-binary_cross_entropy_with_logits = loss(
-    BinaryCrossEntropyWithLogitsFunction,
-    torch.nn.BCEWithLogitsLoss,
-    "binary_cross_entropy_with_logits",
-)
-
-
 # log(x / (1 − x)) and log σ(z) inside a backward: PyTorch's kernels, or, when a double backward records them,
 # plain arithmetic (not ``logit_backward`` or ``log_sigmoid_backward``); log σ(z) = −(max(−z, 0) + log(1 + e^{−|z|}))
 _logit = recorded(torch.logit, lambda x: torch.log(x) - torch.log1p(-x))
 _log_sigmoid = recorded(F.logsigmoid, lambda z: -(torch.clamp(-z, min=0) + torch.log1p(torch.exp(-z.abs()))))
+
+# the wrappers, with torch's signatures (losses.base.loss)
+mse_loss = loss(MSELossFunction, torch.nn.MSELoss, "mse_loss")
+l1_loss = loss(L1LossFunction, torch.nn.L1Loss, "l1_loss")
+smooth_l1_loss = loss(SmoothL1LossFunction, torch.nn.SmoothL1Loss, "smooth_l1_loss", bounds={"beta": (0, False)})
+huber_loss = loss(HuberLossFunction, torch.nn.HuberLoss, "huber_loss", bounds={"delta": (0, True)})
+binary_cross_entropy = loss(BinaryCrossEntropyFunction, torch.nn.BCELoss, "binary_cross_entropy")
+binary_cross_entropy_with_logits = loss(
+    BinaryCrossEntropyWithLogitsFunction, torch.nn.BCEWithLogitsLoss, "binary_cross_entropy_with_logits"
+)
