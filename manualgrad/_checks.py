@@ -237,9 +237,13 @@ def class_indices(layer: str, input: Tensor, target: Tensor, classes: int) -> No
     class_values(layer, target, classes)
 
 
+#: the parameter of a loss of a difference: its name, its lower bound, whether it must lie strictly above it
+_LOSS_PARAMETERS = {"smooth_l1_loss": ("beta", 0, False), "huber_loss": ("delta", 0, True)}
+
+
 def pointwise_loss(input, target, weight, reduction_, parameter=None, layer="mse_loss") -> None:
     """A loss of ``input`` against a ``target`` that broadcasts to it (torch warns when the shapes differ: so do we,
-    at the caller of the loss's wrapper, three frames up). ``parameter`` (beta, delta) is checked by the wrapper."""
+    at the caller of the loss's wrapper, three frames up), and its parameter (:data:`_LOSS_PARAMETERS`)."""
     tensor(layer, "input", input)
     tensor(layer, "target", target)
     reduction(layer, reduction_)
@@ -267,6 +271,9 @@ def pointwise_loss(input, target, weight, reduction_, parameter=None, layer="mse
             )
         same_device(layer, "input", input, "weight", weight)
         not_differentiated(layer, "weight", weight)
+    if layer in _LOSS_PARAMETERS:
+        name, low, strict = _LOSS_PARAMETERS[layer]
+        at_least(layer, name, parameter, low, strict=strict)
 
 
 def binary_cross_entropy(input, target, weight, reduction_, layer="binary_cross_entropy") -> None:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .. import _checks, _compat
 from ..registry import activation
-from .base import ManualFunction, cast, exp, opmath, recorded, save_for_forward
+from .base import ManualFunction, cast, exp, opmath, recorded, save
 
 __all__ = [
     "ELUFunction",
@@ -98,8 +98,7 @@ class Elementwise(ManualFunction):
                     )
                 ctx.mark_dirty(z)
             saved = output if from_output else z
-            ctx.save_for_backward(saved)
-            save_for_forward(ctx, saved)
+            save(ctx, saved)
 
         fresh = cls.__module__ == __name__  # our own derivatives return a new tensor, which times() may reuse
 

@@ -26,7 +26,7 @@ from torch.autograd import Function
 
 from .. import _compat
 
-__all__ = ["ManualFunction", "apply", "cast", "exp", "opmath", "recorded", "save_for_forward"]
+__all__ = ["ManualFunction", "apply", "cast", "exp", "opmath", "recorded", "save", "save_for_forward"]
 
 _DEFAULT_JVP = Function.jvp
 _HALF = (torch.float16, torch.bfloat16)
@@ -150,3 +150,9 @@ def save_for_forward(ctx, *tensors) -> None:
     ``forward_ad.dual_level`` or a ``torch.func`` transform); elsewhere the call does nothing useful."""
     if _compat.forward_ad_enabled():
         ctx.save_for_forward(*tensors)
+
+
+def save(ctx, *tensors) -> None:
+    """``ctx.save_for_backward(*tensors)`` and :func:`save_for_forward`: tensors both backward and jvp read."""
+    ctx.save_for_backward(*tensors)
+    save_for_forward(ctx, *tensors)

@@ -55,7 +55,7 @@ from .. import _checks
 from ..errors import InputError
 from ..registry import operation
 from . import recorder
-from .base import ManualFunction, apply, cast, opmath, recorded, save_for_forward
+from .base import ManualFunction, apply, cast, opmath, recorded, save, save_for_forward
 from .shape import PadFunction
 
 __all__ = [
@@ -321,8 +321,7 @@ class ConvTranspose2dFunction(ManualFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         grad, weight, ctx.geometry = inputs
-        ctx.save_for_backward(grad, weight)
-        save_for_forward(ctx, grad, weight)
+        save(ctx, grad, weight)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -359,8 +358,7 @@ class Conv2dWeightFunction(ManualFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, grad, ctx.geometry = inputs
-        ctx.save_for_backward(input, grad)
-        save_for_forward(ctx, input, grad)
+        save(ctx, input, grad)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):

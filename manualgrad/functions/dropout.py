@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import _checks
 from ..errors import InputError
 from ..registry import operation
-from .base import ManualFunction, apply, save_for_forward
+from .base import ManualFunction, apply, save
 
 __all__ = ["DropoutFunction", "draw_mask", "dropout", "dropout2d"]
 
@@ -48,8 +48,7 @@ class DropoutFunction(ManualFunction):
         ctx.inplace = output is input
         if ctx.inplace:
             ctx.mark_dirty(input)
-        ctx.save_for_backward(mask)
-        save_for_forward(ctx, mask)
+        save(ctx, mask)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -23,7 +23,7 @@ from .. import _checks
 from ..errors import InputError
 from ..registry import operation
 from . import recorder
-from .base import ManualFunction, apply, cast, opmath, save_for_forward
+from .base import ManualFunction, apply, cast, opmath, save
 
 __all__ = ["EmbeddingFunction", "embedding"]
 
@@ -48,8 +48,7 @@ class EmbeddingFunction(ManualFunction):
         input, weight, ctx.padding_idx = inputs
         ctx.rows, ctx.dtype = weight.shape[0], weight.dtype
         ctx.per_sample = recorder.layer(weight, None) if input.dim() > 1 else None
-        ctx.save_for_backward(input)
-        save_for_forward(ctx, input)
+        save(ctx, input)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):

@@ -29,7 +29,7 @@ from .. import _checks
 from ..errors import InputError
 from ..registry import operation
 from . import recorder
-from .base import ManualFunction, apply, cast, opmath, save_for_forward
+from .base import ManualFunction, apply, cast, opmath, save
 
 __all__ = ["GroupNormFunction", "LayerNormFunction", "group_norm", "layer_norm"]
 
@@ -115,8 +115,7 @@ class _Normalization(ManualFunction):
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.per_sample = recorder.layer(weight, bias) if input.dim() > 1 else None
-        ctx.save_for_backward(input, weight)
-        save_for_forward(ctx, input, weight)
+        save(ctx, input, weight)
 
 
 class LayerNormFunction(_Normalization):

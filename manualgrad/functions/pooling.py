@@ -37,7 +37,7 @@ from torch import Tensor
 from .. import _checks
 from ..errors import InputError
 from ..registry import operation
-from .base import ManualFunction, apply, cast, opmath, save_for_forward
+from .base import ManualFunction, apply, cast, opmath, save
 from .conv import pair
 from .shape import SeparableMap
 
@@ -80,8 +80,7 @@ class MaxPool2dFunction(ManualFunction):
         _, indices = output
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(indices)
-        save_for_forward(ctx, indices)
+        save(ctx, indices)
         ctx.input_shape = input.shape
 
     @staticmethod

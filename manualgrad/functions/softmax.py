@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import _checks
 from ..errors import InputError
 from ..registry import operation
-from .base import ManualFunction, apply, cast, exp, opmath, save_for_forward
+from .base import ManualFunction, apply, cast, exp, opmath, save
 
 __all__ = ["LogSoftmaxFunction", "SoftmaxFunction", "log_softmax", "softmax"]
 
@@ -44,8 +44,7 @@ class _KeepsOutput(ManualFunction):
     def setup_context(ctx, inputs, output):
         input, ctx.dim, _ = inputs
         ctx.input_dtype = input.dtype
-        ctx.save_for_backward(output)
-        save_for_forward(ctx, output)
+        save(ctx, output)
 
 
 class SoftmaxFunction(_KeepsOutput):

@@ -19,7 +19,7 @@ from torch import Tensor
 from ... import _checks, _compat
 from ...registry import _with_signature, operation
 from .. import recorder
-from ..base import ManualFunction, cast, opmath, save_for_forward
+from ..base import ManualFunction, cast, opmath, save
 
 
 def class_dim(input: Tensor) -> int:
@@ -92,8 +92,7 @@ class ElementwiseLoss(ManualFunction):
         n = cls.tensors
 
         def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(*inputs[:n])
-            save_for_forward(ctx, *inputs[:n])
+            save(ctx, *inputs[:n])
             ctx.reduction, ctx.options, ctx.dtype = inputs[n], inputs[n + 1 :], output.dtype
 
         def partials(ctx, input, target, others, in_place, which):
@@ -163,13 +162,13 @@ class PointwiseLoss(ElementwiseLoss):
         return _reduce(terms * weight, reduction, weight.sum())
 
 
-def loss(function: type[ManualFunction], module, name: str, check=None, *, bounds=None, reference=None):
+def loss(function: type[ManualFunction], module, name: str, check=None, *, reference=None):
     """Declare and return ``function``'s wrapper ``name``, with the signature of torch's function of that name
     (or ``mse_loss``'s). It maps the legacy ``size_average``/``reduce`` to ``reduction``, calls ``check`` (default
     ``_checks.pointwise_loss`` for a :class:`PointwiseLoss`, else ``_checks.<name>``) on ``forward``'s arguments
-    (None where torch has no such parameter) and ``layer=name``, checks ``bounds`` (``{"delta": (0, True)}``:
-    delta > 0; False: ≥), makes float options floats and uint8 class indices int64, and applies ``function``.
-    No torch module nor ``reference``: the checks compare with ``function.forward``."""
+    (None where torch has no such parameter) and ``layer=name``, makes float options floats and uint8 class indices
+    int64, and applies ``function``. No torch module nor ``reference``: the checks compare with ``function.forward``.
+    """
     params = list(inspect.signature(getattr(F, name, F.mse_loss)).parameters.values())[1:]
     names, order = ("input", *(p.name for p in params)), tuple(inspect.signature(function.forward).parameters)
     floats = [p.name for p in params if isinstance(p.default, float)]
@@ -181,8 +180,6 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, bound
             if "reduce" in a:
                 a["reduction"] = _checks.legacy_reduction(name, a.pop("size_average"), a.pop("reduce"), a["reduction"])
             check(*(a.get(k) for k in order), layer=name)
-            for k, (low, strict) in (bounds or {}).items():
-                _checks.at_least(name, k, a[k], low, strict=strict)
             a.update((k, float(a[k])) for k in floats)
             if a["target"].dtype == torch.uint8:  # class indices, which torch takes for a 1-D or 2-D input
                 a["target"] = a["target"].long()

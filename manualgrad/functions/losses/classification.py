@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import ManualFunction, apply, cast, opmath, recorded, save_for_forward
+from ..base import ManualFunction, apply, cast, opmath, recorded, save
 from ..softmax import LogSoftmaxFunction, SoftmaxFunction
 from . import base
 from .base import ClassTarget, _minus_onehot, _reduce, _row_scale, _times, class_dim, loss
@@ -96,8 +96,7 @@ class CrossEntropyFunction(ManualFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, target, weight, *options = inputs
-        ctx.save_for_backward(input, target, weight)
-        save_for_forward(ctx, input, target, weight)
+        save(ctx, input, target, weight)
         ctx.options, ctx.dtype = options, output.dtype
 
     @staticmethod
@@ -138,8 +137,7 @@ class NLLLossFunction(ManualFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, target, weight, *options = inputs
-        ctx.save_for_backward(target, weight)
-        save_for_forward(ctx, target, weight)
+        save(ctx, target, weight)
         ctx.options, ctx.input_like = options, (input.shape, input.dtype, input.device)
 
     @staticmethod

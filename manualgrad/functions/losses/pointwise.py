@@ -130,8 +130,8 @@ _log_sigmoid = recorded(F.logsigmoid, lambda z: -(torch.clamp(-z, min=0) + torch
 # the wrappers, with torch's signatures (losses.base.loss)
 mse_loss = loss(MSELossFunction, torch.nn.MSELoss, "mse_loss")
 l1_loss = loss(L1LossFunction, torch.nn.L1Loss, "l1_loss")
-smooth_l1_loss = loss(SmoothL1LossFunction, torch.nn.SmoothL1Loss, "smooth_l1_loss", bounds={"beta": (0, False)})
-huber_loss = loss(HuberLossFunction, torch.nn.HuberLoss, "huber_loss", bounds={"delta": (0, True)})
+smooth_l1_loss = loss(SmoothL1LossFunction, torch.nn.SmoothL1Loss, "smooth_l1_loss")
+huber_loss = loss(HuberLossFunction, torch.nn.HuberLoss, "huber_loss")
 binary_cross_entropy = loss(BinaryCrossEntropyFunction, torch.nn.BCELoss, "binary_cross_entropy")
 binary_cross_entropy_with_logits = loss(
     BinaryCrossEntropyWithLogitsFunction, torch.nn.BCEWithLogitsLoss, "binary_cross_entropy_with_logits"
