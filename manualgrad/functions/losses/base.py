@@ -1,9 +1,9 @@
 r"""What every loss shares: the reduction, the elementwise-loss base, the wrapper helper, the class-target helper.
 
 A loss is a sum of terms :math:`\ell_n`, reduced: ``"sum"`` (:math:`R = \sum_n \ell_n`), ``"mean"``
-(:math:`R = \sum_n \ell_n / D`) or ``"none"``. So :math:`\partial R/\partial \ell_n` is :math:`g/D`, :math:`g` or
-:math:`g_n` (:func:`_row_scale`), times :math:`\partial\ell_n/\partial` (inputs) in each backward. Weights are
-constants. A tensor a backward makes only to scale it is scaled in place while nothing records it (:func:`_in_place`).
+(:math:`R = \sum_n \ell_n / D`) or ``"none"``: :math:`\partial R/\partial \ell_n` is :math:`g`, :math:`g/D` or
+:math:`g_n` (:func:`_row_scale`). Weights are constants. A tensor a backward makes only to scale it is scaled in
+place while nothing records it (:func:`_in_place`).
 """
 
 from __future__ import annotations
@@ -68,12 +68,11 @@ class ElementwiseLoss(ManualFunction):
         G_T = w \odot \frac{\partial\ell}{\partial t} \odot \frac{\partial R}{\partial \ell} \quad
         \dot\ell = w \odot \Big(\frac{\partial\ell}{\partial x} \dot x + \frac{\partial\ell}{\partial t} \dot t\Big)
 
-    each gradient summed back to its own shape. ``apply(input, target, weight, <more tensors>, reduction,
-    <options>)``, ``tensors`` (3) of them, all kept. A subclass defines ``forward`` (PyTorch's kernel) and
-    ``d_input(x, t, *rest, in_place)``: ``(r, c)`` with :math:`\partial\ell/\partial x = c\, r`, ``c`` a number,
-    ``rest`` the other tensors and the options (``in_place``: it may overwrite what it makes, never x or t);
-    ``d_target`` the same for :math:`\partial\ell/\partial t` (None: a loss of :math:`x - t`); whether ``mean``
-    with a weight divides by :math:`\sum w` (``mean_over_weights``) or the count. Half precision: in float32.
+    each summed to its own shape. ``apply(input, target, weight, <more tensors>, reduction, <options>)``,
+    ``tensors`` (3) of them, all kept. A subclass defines ``forward`` (PyTorch's kernel), ``d_input(x, t, *rest,
+    in_place)``: ``(r, c)`` with :math:`\partial\ell/\partial x = c\, r`, ``c`` a number, ``rest`` the other tensors
+    and the options (``in_place``: it may overwrite what it makes, never x or t), and ``d_target`` the same for
+    :math:`\partial\ell/\partial t` (None: a loss of :math:`x - t`). Half precision is computed in float32.
     """
 
     tensors = 3
@@ -82,7 +81,7 @@ class ElementwiseLoss(ManualFunction):
 
     @classmethod
     def divisor(cls, input: Tensor, target: Tensor, weight: Tensor | None):
-        """D of ``mean``: the element count, or Σw."""
+        """D of ``mean``: the element count, or Σw (``mean_over_weights``, with a weight)."""
         if weight is not None and cls.mean_over_weights:
             return opmath(weight).sum()
         return math.prod(torch.broadcast_shapes(input.shape, target.shape))
@@ -139,13 +138,11 @@ class ElementwiseLoss(ManualFunction):
 
 
 class PointwiseLoss(ElementwiseLoss):
-    r"""Base of the losses of the difference :math:`d = \hat y - t`: :math:`\ell = w \odot \rho(d)`,
-    :math:`\partial\ell/\partial\hat y = \rho'(d) = -\partial\ell/\partial t`.
-    ``apply(input, target, weight, reduction, parameter)``. A subclass defines ``forward`` and
-    ``derivative(d, parameter, out)``: ``(r, c)`` with :math:`\rho'(d) = c\, r(d)`, ``r`` may be written into
-    ``out`` (``d`` itself, or None). ``mean`` with a weight divides by :math:`\sum w`. Shape: input ``(*)``, target
-    broadcastable with it, weight the input's shape or None; output scalar, or the broadcast shape for ``"none"``.
-    """
+    r"""Base of the losses of the difference :math:`d = \hat y - t`: :math:`\ell = w \odot \rho(d)`, :math:`\partial
+    \ell/\partial\hat y = \rho'(d) = -\partial\ell/\partial t`. ``apply(input, target, weight, reduction, parameter)``;
+    a subclass defines ``forward`` and ``derivative(d, parameter, out)``: ``(r, c)``, :math:`\rho'(d) = c\, r(d)`,
+    ``r`` may be written into ``out`` (``d``, or None). Shape: input ``(*)``, target broadcastable with it, weight
+    the input's shape or None; output scalar, or the broadcast shape for ``"none"``."""
 
     mean_over_weights = True
 
@@ -193,9 +190,8 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, refer
 
 
 class ClassTarget:
-    """A class-index target's rows: ``valid`` (those not ``ignore_index``), ``index`` (t, ignored rows at 0, with
-    the class dimension kept), ``w_t`` (:math:`w_{t_n}`, the number 1.0 without class weights) and ``divisor``
-    (the number of counted rows, or :math:`\\sum_n w_{t_n}` over them)."""
+    """A class-index target's rows: ``valid`` (not ``ignore_index``), ``index`` (t, ignored rows at 0, class dimension
+    kept), ``w_t`` (:math:`w_{t_n}`, 1.0 without class weights), ``divisor`` (the count of valid rows, or Σ w_t)."""
 
     def __init__(self, target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype, dim: int):
         self.valid = target != ignore_index  # the rows that count
@@ -206,8 +202,7 @@ class ClassTarget:
 
 
 def _minus_onehot(g: Tensor, index: Tensor, coefficient, dim: int, in_place: bool) -> Tensor:
-    """g − onehot(t) ⊙ coefficient along ``dim`` (``index`` is t with ``dim`` kept, the coefficient a number or
-    one per row, shaped like ``index``): the one-hot matrix is never built, the coefficients are added at the
-    target classes (in ``g`` itself when ``in_place``)."""
+    """g − onehot(t) ⊙ coefficient along ``dim`` (``index``: t with ``dim`` kept; the coefficient a number or shaped
+    like ``index``), without the one-hot matrix: added at the target classes (in ``g`` itself when ``in_place``)."""
     minus = (-(coefficient if isinstance(coefficient, Tensor) else g.new_full((), coefficient))).expand(index.shape)
     return g.scatter_add_(dim, index, minus) if in_place else g.scatter_add(dim, index, minus)

@@ -1,10 +1,9 @@
-r"""Classification losses over a class dimension: softmax cross-entropy and the negative log-likelihood.
-
-Softmax cross-entropy: :math:`P = \operatorname{softmax}(Z)` over the classes, a target distribution :math:`q_n` per
-row (class index, class weights, label smoothing and ``ignore_index`` all shape :math:`q`), :math:`s_n = \sum_c
-q_{n,c}`: :math:`\ell_n = -\sum_c q_{n,c} \log P_{n,c}`, :math:`G_Z = (s \odot P - q) \odot \partial R/\partial \ell`,
-and for a probability target :math:`G_T = -(1 - \varepsilon)\, w \odot \log P \odot \partial R/\partial \ell`.
-Unweighted and unsmoothed: :math:`G_Z = (P - \mathrm{onehot}(t))/N`.
+r"""Classification losses over a class dimension: the negative log-likelihood, and softmax cross-entropy:
+:math:`P = \operatorname{softmax}(Z)` over the classes, a target distribution :math:`q_n` per row (class index, class
+weights, label smoothing and ``ignore_index`` all shape :math:`q`), :math:`s_n = \sum_c q_{n,c}`: :math:`\ell_n =
+-\sum_c q_{n,c} \log P_{n,c}`, :math:`G_Z = (s \odot P - q) \odot \partial R/\partial \ell`, and for a probability
+target :math:`G_T = -(1 - \varepsilon)\, w \odot \log P \odot \partial R/\partial \ell`. Unweighted and unsmoothed:
+:math:`G_Z = (P - \mathrm{onehot}(t))/N`.
 """
 
 from __future__ import annotations
@@ -24,11 +23,9 @@ _log_softmax = recorded(torch.log_softmax, lambda z, dim: apply(LogSoftmaxFuncti
 
 
 class _CrossEntropyTerms:
-    r"""For one call: the logits ``z`` in the precision of the formulas (float32 for half inputs, promoted with
-    a probability target), the counted rows ``valid`` (None: all, for probabilities), the ``mean`` divisor of the
-    ``reduction``, and the pieces of q. Class indices: :math:`q_n = a_n \mathrm{onehot}(t_n) + b w`, :math:`s_n = a_n
-    + b \sum_c w_c`, with :math:`a_n = (1 - \varepsilon) w_{t_n}` and :math:`b = \varepsilon / C`. Else q itself.
-    """
+    r"""One call's logits ``z`` (float32 for half inputs, promoted with a probability target), counted rows ``valid``
+    (None: all), ``reduction`` and its ``divisor``, and q: for class indices :math:`q_n = a_n \mathrm{onehot}(t_n) +
+    b w`, :math:`s_n = a_n + b \sum_c w_c`, :math:`a_n = (1 - \varepsilon) w_{t_n}`, :math:`b = \varepsilon / C`."""
 
     def __init__(self, input, target, weight, ignore_index, reduction, eps):
         z = opmath(input)
@@ -78,14 +75,10 @@ def _is_one(v) -> bool:
 
 
 class CrossEntropyFunction(ManualFunction):
-    r"""``apply(input, target, weight, ignore_index, reduction, label_smoothing)``: softmax cross-entropy (module
-    docstring), :math:`P` recomputed from the saved logits (as many bytes as PyTorch's saved log-softmax), stable for
-    any logits; for class indices the one-hot matrix is never built. Forward: PyTorch's own ``cross_entropy``.
-
-    Shape: input ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; target class indices ``()``, ``(N)``,
-    ``(N, d1, ...)`` or probabilities of the input's shape; weight ``(C)`` or None; output scalar, or the rows'
-    shape for ``reduction="none"``.
-    """
+    r"""Softmax cross-entropy (module docstring), :math:`P` recomputed from the saved logits (as many bytes as
+    PyTorch's saved log-softmax), stable for any logits; no one-hot matrix. Forward: PyTorch's ``cross_entropy``.
+    Shape: input ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; target class indices ``()``, ``(N)``, ``(N, d1, ...)``
+    or probabilities of the input's shape; weight ``(C)`` or None; output scalar, or the rows' shape (``"none"``)."""
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing):

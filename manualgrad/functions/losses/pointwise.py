@@ -1,6 +1,5 @@
-r"""The elementwise losses: each is its forward (PyTorch's kernel) and its partial derivatives; the base
-(:class:`~manualgrad.functions.losses.base.ElementwiseLoss`) derives backward and jvp from them.
-The derivations are in ``docs/derivations.md``."""
+r"""The elementwise losses, each its forward (PyTorch's kernel) and partial derivatives, from which
+:class:`~manualgrad.functions.losses.base.ElementwiseLoss` derives backward and jvp (``docs/derivations.md``)."""
 
 from __future__ import annotations
 
@@ -37,9 +36,8 @@ class L1LossFunction(PointwiseLoss):
 
 
 class SmoothL1LossFunction(PointwiseLoss):
-    r"""``apply(input, target, None, reduction, beta)``: :math:`\rho(d) = d^2 / 2\beta` where :math:`|d| < \beta`,
-    else :math:`|d| - \beta/2`; :math:`\rho'(d) = \operatorname{clamp}(d, -\beta, \beta)/\beta`
-    (:math:`\operatorname{sign} d` for :math:`\beta = 0`, the L1 loss)."""
+    r""":math:`\rho(d) = d^2 / 2\beta` where :math:`|d| < \beta`, else :math:`|d| - \beta/2`; :math:`\rho'(d) =
+    \operatorname{clamp}(d, -\beta, \beta)/\beta` (:math:`\operatorname{sign} d` for :math:`\beta = 0`, the L1 loss)."""
 
     @staticmethod
     def forward(input, target, weight, reduction, beta):
@@ -53,9 +51,8 @@ class SmoothL1LossFunction(PointwiseLoss):
 
 
 class HuberLossFunction(PointwiseLoss):
-    r"""``apply(input, target, weight, reduction, delta)``: :math:`\rho(d) = d^2/2` where :math:`|d| \le \delta`,
-    else :math:`\delta(|d| - \delta/2)`; :math:`\rho'(d) = \operatorname{clamp}(d, -\delta, \delta)`.
-    ``mean`` divides by the element count, with or without a weight (as PyTorch does)."""
+    r""":math:`\rho(d) = d^2/2` where :math:`|d| \le \delta`, else :math:`\delta(|d| - \delta/2)`; :math:`\rho'(d) =
+    \operatorname{clamp}(d, -\delta, \delta)`. ``mean`` divides by the element count, weight or not (as PyTorch)."""
 
     mean_over_weights = False
 
@@ -73,10 +70,9 @@ _BCE_EPSILON = torch.tensor(1e-12, dtype=torch.float32).item()
 
 
 class BinaryCrossEntropyFunction(ElementwiseLoss):
-    r"""``apply(input, target, weight, reduction)``: :math:`\ell = -w\,(t \log x + (1 - t)\log(1 - x))` on
-    probabilities :math:`x`, each log clamped at -100 (PyTorch's forward).
-    :math:`\partial\ell/\partial x = (x - t) / \max((1 - x)x, 10^{-12})` (PyTorch's floor: :math:`\pm 10^{12}`
-    times :math:`x - t` at 0 or 1), :math:`\partial\ell/\partial t = -\operatorname{logit}(x)`.
+    r""":math:`\ell = -w\,(t \log x + (1 - t)\log(1 - x))` on probabilities :math:`x`, each log clamped at -100
+    (PyTorch's forward); :math:`\partial\ell/\partial x = (x - t) / \max((1 - x)x, 10^{-12})` (PyTorch's floor:
+    :math:`\pm 10^{12} (x - t)` at 0 or 1), :math:`\partial\ell/\partial t = -\operatorname{logit}(x)`.
     Shape: input, target ``(*)``, weight broadcastable to ``(*)``; output scalar, or ``(*)`` for ``"none"``."""
 
     @staticmethod
@@ -96,10 +92,9 @@ class BinaryCrossEntropyFunction(ElementwiseLoss):
 
 class BinaryCrossEntropyWithLogitsFunction(ElementwiseLoss):
     r"""``apply(input, target, weight, pos_weight, reduction)``: binary cross-entropy of :math:`\sigma(z)`,
-    :math:`\ell = w\,((1 - t) z + (1 + (p - 1) t) \log(1 + e^{-z}))` (PyTorch's stable forward).
-    :math:`\partial\ell/\partial z = \sigma(z)(1 + (p - 1)t) - p t`,
-    :math:`\partial\ell/\partial t = p \log(1 + e^{-z}) - \log(1 + e^{z})` (:math:`\sigma(z) - t` and
-    :math:`-z` without ``pos_weight``, one per class along the last dimension)."""
+    :math:`\ell = w\,((1 - t) z + (1 + (p - 1) t) \log(1 + e^{-z}))` (PyTorch's stable forward);
+    :math:`\partial\ell/\partial z = \sigma(z)(1 + (p - 1)t) - p t`, :math:`\partial\ell/\partial t = p \log(1 + e^{-z})
+    - \log(1 + e^{z})` (:math:`\sigma(z) - t` and :math:`-z` without ``pos_weight``, one per class, last dimension)."""
 
     tensors = 4
 
