@@ -1,9 +1,6 @@
-"""Losses: the scalar R at the top of the network, and the first gradient of every step.
-
-:mod:`.base` holds what they share, :mod:`.classification` cross-entropy and NLL, :mod:`.pointwise` the
-elementwise losses (their Functions are exported by :mod:`manualgrad.functions`). Each forward is PyTorch's own
-kernel; each backward and jvp the formula.
-"""
+"""Losses, the scalar R at the top of the network: :mod:`.base` what they share, :mod:`.classification` cross-entropy
+and NLL, :mod:`.pointwise` the elementwise losses (their Functions exported by :mod:`manualgrad.functions`). Each
+forward is PyTorch's own kernel; each backward and jvp the formula."""
 
 from . import classification, pointwise
 from .base import ClassTarget, ElementwiseLoss, PointwiseLoss, class_dim, loss

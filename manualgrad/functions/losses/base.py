@@ -40,13 +40,14 @@ def _reduce(terms: Tensor, reduction: str, divisor) -> Tensor:
 
 
 def _in_place(grad_output: Tensor) -> bool:
-    """Whether a backward may overwrite the tensors it has just made: not while autograd records them (a double
-    backward), nor under ``torch.compile``, nor when a vmap batches the incoming gradient (not into a plain tensor)."""
+    """Whether a backward may overwrite what it made: not while autograd records, compiles, or vmaps the gradient."""
     return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _compat.batched(grad_output)
 
 
 def _times(t: Tensor, factor, in_place: bool) -> Tensor:
-    """``t * factor``, written into ``t`` (a tensor the backward has just made) when ``in_place``."""
+    """``t * factor`` (``t`` for the number 1), written into ``t`` (just made by the backward) if ``in_place``."""
+    if isinstance(factor, float) and factor == 1.0:
+        return t
     return t.mul_(factor) if in_place else t * factor
 
 
@@ -113,9 +114,8 @@ class ElementwiseLoss(ManualFunction):
                 return g if weight is None else _times(g, weight, in_place)
 
             g_x = grad(0) if ctx.needs_input_grad[0] else None
-            g_t = None
-            if ctx.needs_input_grad[1]:
-                g_t = -g_x if g_x is not None and cls.d_target is None else grad(1)  # a difference: G_T = −G_X
+            difference = g_x is not None and cls.d_target is None  # a loss of x − t: G_T = −G_X
+            g_t = (-g_x if difference else grad(1)) if ctx.needs_input_grad[1] else None
             g_x = None if g_x is None else cast(g_x.sum_to_size(input.shape), input.dtype)
             g_t = None if g_t is None else cast(g_t.sum_to_size(target.shape), target.dtype)
             return (g_x, g_t) + (None,) * (n - 1 + len(ctx.options))
@@ -160,12 +160,10 @@ class PointwiseLoss(ElementwiseLoss):
 
 
 def loss(function: type[ManualFunction], module, name: str, check=None, *, reference=None):
-    """Declare and return ``function``'s wrapper ``name``, with the signature of torch's function of that name
-    (or ``mse_loss``'s). It maps the legacy ``size_average``/``reduce`` to ``reduction``, calls ``check`` (default
-    ``_checks.pointwise_loss`` for a :class:`PointwiseLoss`, else ``_checks.<name>``) on ``forward``'s arguments
-    (None where torch has no such parameter) and ``layer=name``, makes float options floats and uint8 class indices
-    int64, and applies ``function``. No torch module nor ``reference``: the checks compare with ``function.forward``.
-    """
+    """Declare and return ``function``'s wrapper ``name``, with the signature of torch's function of that name (or
+    ``mse_loss``'s): legacy ``size_average``/``reduce`` to ``reduction``, ``check(*forward's arguments, layer=name)``
+    (default ``_checks.pointwise_loss`` or ``_checks.<name>``), float options as floats, uint8 class indices as int64,
+    then ``function``. No torch module nor ``reference``: the checks compare with ``function.forward``."""
     params = list(inspect.signature(getattr(F, name, F.mse_loss)).parameters.values())[1:]
     names, order = ("input", *(p.name for p in params)), tuple(inspect.signature(function.forward).parameters)
     floats = [p.name for p in params if isinstance(p.default, float)]

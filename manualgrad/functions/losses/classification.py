@@ -33,7 +33,7 @@ class _CrossEntropyTerms:
             z = cast(z, torch.promote_types(z.dtype, target.dtype))
         dim = class_dim(z)
         classes = z.shape[dim]
-        self.z, self.dim, self.eps, self.valid, self.reduction = z, dim, eps, None, reduction
+        self.z, self.dim, self.eps, self.valid, self.reduction, self.q = z, dim, eps, None, reduction, None
         self.w = None if weight is None else cast(weight, z.dtype).reshape((-1,) + (1,) * (z.dim() - dim - 1))
         if target.is_floating_point():
             T = cast(target, z.dtype)
@@ -42,7 +42,6 @@ class _CrossEntropyTerms:
             self.s = self.q.sum(dim, keepdim=True)
             self.divisor = z.numel() // classes if classes else 0
             return
-        self.q = None
         rows = ClassTarget(target, weight, ignore_index, z.dtype, dim)
         self.valid, self.index, self.divisor = rows.valid, rows.index, rows.divisor
         # (an ignored row's q and s are those of class 0: its ∂R/∂ℓ_n is 0, so they never count)
@@ -57,21 +56,16 @@ class _CrossEntropyTerms:
         """(s ⊙ P − q) ⊙ scale, ``scale`` = ∂R/∂ℓ_n per row (or a number); ``P`` may be overwritten if ``in_place``."""
         if self.q is not None:
             return (self.s * P - self.q) * self.rows(scale)
-        g = P if _is_one(self.s) else _times(P, self.rows(self.s), in_place)  # s ⊙ P
+        g = _times(P, self.rows(self.s), in_place)  # s ⊙ P
         g = _minus_onehot(g, self.index, self.rows(self.a), self.dim, in_place)  # − a onehot(t)
         if self.eps:  # − b w
             g = g - (self.b if self.w is None else self.b * self.w)
-        return g if _is_one(scale) else _times(g, self.rows(scale), in_place)  # ⊙ scale
+        return _times(g, self.rows(scale), in_place)  # ⊙ scale
 
     def log_p(self, log_softmax) -> Tensor:
         """w ⊙ log P (log P without class weights)."""
         logp = log_softmax(self.z, self.dim)
         return logp if self.w is None else logp * self.w
-
-
-def _is_one(v) -> bool:
-    """``v`` is the number 1 (a factor to skip)."""
-    return isinstance(v, float) and v == 1.0
 
 
 class CrossEntropyFunction(ManualFunction):
@@ -99,8 +93,7 @@ class CrossEntropyFunction(ManualFunction):
         scale = _row_scale(opmath(grad_output), terms.reduction, terms.divisor, terms.valid)  # ∂R/∂ℓ_n
         grad_input = grad_target = None
         if ctx.needs_input_grad[0]:  # G_Z = (s ⊙ P − q) ⊙ ∂R/∂ℓ
-            P = _softmax(terms.z, terms.dim)
-            grad_input = cast(terms.grad(P, scale, base._in_place(grad_output)), input.dtype)
+            grad_input = cast(terms.grad(_softmax(terms.z, terms.dim), scale, base._in_place(grad_output)), input.dtype)
         if ctx.needs_input_grad[1]:  # probabilities: G_T = −(1 − ε) w ⊙ log P ⊙ ∂R/∂ℓ
             grad_target = cast(-(1 - terms.eps) * terms.log_p(_log_softmax) * terms.rows(scale), target.dtype)
         return grad_input, grad_target, None, None, None, None

@@ -112,9 +112,7 @@ class BinaryCrossEntropyWithLogitsFunction(ElementwiseLoss):
 
     @staticmethod
     def d_target(z, t, p, in_place):
-        if p is None:
-            return -z, 1.0
-        return _log_sigmoid(-z) - p * _log_sigmoid(z), 1.0  # log σ(−z) − p log σ(z)
+        return (-z if p is None else _log_sigmoid(-z) - p * _log_sigmoid(z)), 1.0  # log σ(−z) − p log σ(z)
 
 
 # log(x / (1 − x)) and log σ(z) inside a backward: PyTorch's kernels, or, when a double backward records them,
