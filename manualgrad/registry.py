@@ -18,15 +18,18 @@ gives, with nothing else to edit:
   ``torch.testing``; an operation missing there gets examples made from its
   signature (an activation) or from the inputs given to ``check``.
 
-Two ways to declare:
+Three ways to declare:
 
 * an elementwise activation is a Function and one line,
   ``relu = activation("relu", ReLUFunction, torch.nn.ReLU)``:
   the wrapper takes ``forward``'s parameters after the input, in order;
+* a loss is a Function and one line too, ``mse_loss = loss(MSELossFunction,
+  torch.nn.MSELoss, "mse_loss")`` (:func:`manualgrad.functions.losses.loss`,
+  which calls :func:`operation`): the wrapper takes torch's signature;
 * anything else is its wrapper, written out and decorated:
-  ``@operation(torch.nn.MSELoss, MSELossFunction, kind="loss")``.
+  ``@operation(torch.nn.Linear, LinearFunction, kind="layer")``.
 
-Both take ``reference=``: a function computing the same thing with PyTorch's
+All take ``reference=``: a function computing the same thing with PyTorch's
 own backward, which the checks compare with. Without one, an operation that
 backs a ``torch.nn`` module is compared with torch's function of the same
 name, and any other with autograd through its Function's plain ``forward``.
