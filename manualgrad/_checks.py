@@ -10,6 +10,7 @@ a device-side assert on CUDA; nothing under ``torch.compile`` or
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -336,3 +337,105 @@ def probabilities(layer: str, input: Tensor) -> None:
 def dropout_p(layer: str, p) -> None:
     if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise InputError(f"{layer}: dropout probability has to be between 0 and 1, but got {p!r}")
+
+
+# ---- convolutions ---------------------------------------------------------------------------------
+
+
+def pair(layer: str, name: str, value, *, minimum: int) -> tuple[int, int]:
+    """An int or a sequence of one or two ints (as torch accepts them), each at least ``minimum``."""
+    values = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise InputError(f"{layer}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(values) < minimum:
+        raise InputError(f"{layer}: {name} must be {'positive' if minimum else 'non-negative'}, got {value!r}")
+    return values
+
+
+def conv2d(input, weight, bias, stride, padding, dilation, groups, layer: str = "conv2d") -> tuple:
+    """A conv2d call (what torch refuses, refused with the shapes named); returns its ``(stride, sides,
+    dilation)``: pairs, and the padding of each side (top, bottom, left, right)."""
+    tensor(layer, "input", input)
+    tensor(layer, "weight", weight)
+    if input.dim() not in (3, 4):
+        raise InputError(f"{layer}: input must be (N, C, H, W) or unbatched (C, H, W), got shape {shape(input)}")
+    if weight.dim() != 4:
+        raise InputError(
+            f"{layer}: weight must be 4-D (out_channels, in_channels / groups, k_h, k_w), got shape {shape(weight)}"
+        )
+    real_floating(layer, "input", input)
+    same_device(layer, "input", input, "weight", weight)
+    same_dtype(layer, "input", input, "weight", weight)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise InputError(f"{layer}: groups must be a positive int, got {groups!r}")
+    out_channels, per_group = weight.shape[:2]
+    channels = input.shape[-3]
+    if out_channels % groups:
+        raise InputError(
+            f"{layer}: weight has {out_channels} output channels (shape {shape(weight)}), "
+            f"not divisible by groups={groups}"
+        )
+    if channels != per_group * groups:
+        raise InputError(
+            f"{layer}: input has {channels} channels (shape {shape(input)}), weight expects "
+            f"{per_group * groups} = groups {groups} x {per_group} (weight shape {shape(weight)})"
+        )
+    if bias is not None:
+        tensor(layer, "bias", bias)
+        if bias.shape != (out_channels,):
+            raise InputError(
+                f"{layer}: bias has shape {shape(bias)}, weight has {out_channels} output channels "
+                f"(expected bias shape ({out_channels},))"
+            )
+        same_device(layer, "bias", bias, "weight", weight)
+        same_dtype(layer, "bias", bias, "weight", weight)
+    stride = pair(layer, "stride", stride, minimum=1)
+    dilation = pair(layer, "dilation", dilation, minimum=1)
+    kernel = tuple(weight.shape[2:])
+    if isinstance(padding, str):
+        choice(layer, "padding", padding, ("same", "valid"))
+        if padding == "valid":
+            sides = (0, 0, 0, 0)
+        elif stride != (1, 1):
+            raise InputError(f"{layer}: padding='same' is not supported for strided convolutions (stride={stride})")
+        else:  # d (k − 1) in all, the odd one at the end (as torch pads it)
+            total_h, total_w = (d * (k - 1) for d, k in zip(dilation, kernel))
+            sides = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+    else:
+        p_h, p_w = pair(layer, "padding", padding, minimum=0)
+        sides = (p_h, p_h, p_w, p_w)
+    size = tuple(input.shape[-2:])
+    padded = (size[0] + sides[0] + sides[1], size[1] + sides[2] + sides[3])
+    reach = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
+    if padded[0] < reach[0] or padded[1] < reach[1]:
+        raise InputError(
+            f"{layer}: the padded input is {padded[0]} x {padded[1]} (input shape {shape(input)}), smaller "
+            f"than the dilated kernel {reach[0]} x {reach[1]} (weight shape {shape(weight)})"
+        )
+    return stride, sides, dilation
+
+
+def conv1d(input, weight, stride, padding, dilation) -> tuple:
+    """A conv1d call's tensors (the rest is checked as a conv2d's, lifted to 2-D) and its int options (an int or a
+    1-tuple), as the 2-D ``(stride, padding, dilation)`` of the lifted call."""
+    tensor("conv1d", "input", input)
+    tensor("conv1d", "weight", weight)
+    if input.dim() not in (2, 3) or weight.dim() != 3:
+        raise InputError(
+            f"conv1d: input must be (N, C, L) or (C, L) and weight (O, C / groups, k), got shapes "
+            f"{shape(input)} and {shape(weight)}"
+        )
+    if not isinstance(padding, str):
+        padding = (0, _single("padding", padding))
+    return (1, _single("stride", stride)), padding, (1, _single("dilation", dilation))
+
+
+def _single(name: str, value):
+    """A 1-D convolution's int option, given as an int or a 1-tuple."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"conv1d: {name} must be an int or a 1-tuple, got {value!r}")
+    return value

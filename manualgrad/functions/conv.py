@@ -44,7 +44,6 @@ whose own backward passes apply the three again. No derivative kernel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -52,7 +51,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks
-from ..errors import InputError
 from ..registry import operation
 from . import recorder
 from .base import ManualFunction, apply, cast, opmath, recorded, save, save_for_forward
@@ -386,82 +384,10 @@ _correlated = recorded(_weight_grad, Conv2dWeightFunction)  # X ⋆ G, the weigh
 _convolved = recorded(_conv, lambda x, w, geometry: apply(Conv2dFunction, x, w, None, geometry))  # W ⋆ X
 
 
-# ---- validation -----------------------------------------------------------------------------------
-
-
-def pair(layer: str, name: str, value, *, minimum: int) -> tuple[int, int]:
-    """An int or a sequence of one or two ints (as torch accepts them), each at least ``minimum``."""
-    values = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise InputError(f"{layer}: {name} must be an int or a pair of ints, got {value!r}")
-    if min(values) < minimum:
-        raise InputError(f"{layer}: {name} must be {'positive' if minimum else 'non-negative'}, got {value!r}")
-    return values
-
-
 def _geometry(input: Tensor, weight: Tensor, bias, stride, padding, dilation, groups, layer="conv2d") -> ConvGeometry:
-    """Check a conv2d call (what torch refuses, refused with the shapes named) and describe it."""
-    _checks.tensor(layer, "input", input)
-    _checks.tensor(layer, "weight", weight)
-    if input.dim() not in (3, 4):
-        raise InputError(f"{layer}: input must be (N, C, H, W) or unbatched (C, H, W), got shape {tuple(input.shape)}")
-    if weight.dim() != 4:
-        raise InputError(
-            f"{layer}: weight must be 4-D (out_channels, in_channels / groups, k_h, k_w), "
-            f"got shape {tuple(weight.shape)}"
-        )
-    _checks.real_floating(layer, "input", input)
-    _checks.same_device(layer, "input", input, "weight", weight)
-    _checks.same_dtype(layer, "input", input, "weight", weight)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise InputError(f"{layer}: groups must be a positive int, got {groups!r}")
-    out_channels, per_group = weight.shape[:2]
-    channels = input.shape[-3]
-    if out_channels % groups:
-        raise InputError(
-            f"{layer}: weight has {out_channels} output channels (shape {tuple(weight.shape)}), "
-            f"not divisible by groups={groups}"
-        )
-    if channels != per_group * groups:
-        raise InputError(
-            f"{layer}: input has {channels} channels (shape {tuple(input.shape)}), weight expects "
-            f"{per_group * groups} = groups {groups} x {per_group} (weight shape {tuple(weight.shape)})"
-        )
-    if bias is not None:
-        _checks.tensor(layer, "bias", bias)
-        if bias.shape != (out_channels,):
-            raise InputError(
-                f"{layer}: bias has shape {tuple(bias.shape)}, weight has {out_channels} output channels "
-                f"(expected bias shape ({out_channels},))"
-            )
-        _checks.same_device(layer, "bias", bias, "weight", weight)
-        _checks.same_dtype(layer, "bias", bias, "weight", weight)
-    stride = pair(layer, "stride", stride, minimum=1)
-    dilation = pair(layer, "dilation", dilation, minimum=1)
-    kernel = tuple(weight.shape[2:])
-    if isinstance(padding, str):
-        _checks.choice(layer, "padding", padding, ("same", "valid"))
-        if padding == "valid":
-            sides = (0, 0, 0, 0)
-        elif stride != (1, 1):
-            raise InputError(f"{layer}: padding='same' is not supported for strided convolutions (stride={stride})")
-        else:  # d (k − 1) in all, the odd one at the end (as torch pads it)
-            total_h, total_w = (d * (k - 1) for d, k in zip(dilation, kernel))
-            sides = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
-    else:
-        p_h, p_w = pair(layer, "padding", padding, minimum=0)
-        sides = (p_h, p_h, p_w, p_w)
-    size = tuple(input.shape[-2:])
-    padded = (size[0] + sides[0] + sides[1], size[1] + sides[2] + sides[3])
-    reach = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
-    if padded[0] < reach[0] or padded[1] < reach[1]:
-        raise InputError(
-            f"{layer}: the padded input is {padded[0]} x {padded[1]} (input shape {tuple(input.shape)}), smaller "
-            f"than the dilated kernel {reach[0]} x {reach[1]} (weight shape {tuple(weight.shape)})"
-        )
-    return ConvGeometry(stride, sides, dilation, groups, size, kernel)
+    """Check a conv2d call (:func:`manualgrad._checks.conv2d`) and describe it."""
+    stride, sides, dilation = _checks.conv2d(input, weight, bias, stride, padding, dilation, groups, layer)
+    return ConvGeometry(stride, sides, dilation, groups, tuple(input.shape[-2:]), tuple(weight.shape[2:]))
 
 
 # ---- the operation --------------------------------------------------------------------------------
@@ -496,15 +422,6 @@ def _conv1d_module_forward(self: torch.nn.Conv1d, input: Tensor) -> Tensor:
     return conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def _single(name: str, value):
-    """A 1-D convolution's int option, given as an int or a 1-tuple."""
-    if isinstance(value, (tuple, list)) and len(value) == 1:
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"conv1d: {name} must be an int or a 1-tuple, got {value!r}")
-    return value
-
-
 @operation(
     torch.nn.Conv1d,
     Conv1dFunction,
@@ -518,15 +435,6 @@ def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     Shape: input ``(N, C, L)`` or ``(C, L)``, weight ``(O, C / groups, k)``, bias ``(O,)``. ``padding``: an int, a
     1-tuple, ``'valid'`` or ``'same'``.
     """
-    _checks.tensor("conv1d", "input", input)
-    _checks.tensor("conv1d", "weight", weight)
-    if input.dim() not in (2, 3) or weight.dim() != 3:
-        raise InputError(
-            f"conv1d: input must be (N, C, L) or (C, L) and weight (O, C / groups, k), got shapes "
-            f"{tuple(input.shape)} and {tuple(weight.shape)}"
-        )
-    if not isinstance(padding, str):
-        padding = (0, _single("padding", padding))
-    stride, dilation = (1, _single("stride", stride)), (1, _single("dilation", dilation))
+    stride, padding, dilation = _checks.conv1d(input, weight, stride, padding, dilation)
     geometry = _geometry(_lift(input), _lift(weight), bias, stride, padding, dilation, groups, layer="conv1d")
     return apply(Conv1dFunction, input, weight, bias, geometry)

@@ -38,7 +38,6 @@ from .. import _checks
 from ..errors import InputError
 from ..registry import operation
 from .base import ManualFunction, apply, cast, opmath, save
-from .conv import pair
 from .shape import SeparableMap
 
 __all__ = [
@@ -114,14 +113,14 @@ def _pool_geometry(layer, input, kernel_size, stride, padding, dilation, ceil_mo
         raise InputError(
             f"{layer}: input must be (N, C, H, W) or (C, H, W) with non-zero C, H, W, got shape {tuple(input.shape)}"
         )
-    kernel = pair(layer, "kernel_size", kernel_size, minimum=1)
+    kernel = _checks.pair(layer, "kernel_size", kernel_size, minimum=1)
     stride = (
         kernel
         if stride is None or (isinstance(stride, Sequence) and not stride)
-        else pair(layer, "stride", stride, minimum=1)
+        else _checks.pair(layer, "stride", stride, minimum=1)
     )
-    padding = pair(layer, "padding", padding, minimum=0)
-    dilation = pair(layer, "dilation", dilation, minimum=1)
+    padding = _checks.pair(layer, "padding", padding, minimum=0)
+    dilation = _checks.pair(layer, "dilation", dilation, minimum=1)
     if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
         raise InputError(f"{layer}: padding {padding} must be at most half the kernel size {kernel}")
     size = tuple(input.shape[-2:])
