@@ -61,13 +61,13 @@ class LinearFunction(ManualFunction):
         ctx.input_shape = input.shape
         ctx.dtype = output.dtype
         dtypes = (input.dtype, weight.dtype, output.dtype if bias is None else bias.dtype)
-        ctx.mixed_dtypes = None if dtypes.count(output.dtype) == 3 else dtypes  # autocast
+        ctx.dtypes = None if dtypes.count(output.dtype) == 3 else dtypes  # autocast
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         input, weight = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad
-        if ctx.mixed_dtypes:  # autocast: multiply in the forward's dtype
+        if ctx.dtypes:  # autocast: multiply in the forward's dtype
             input = None if input is None else cast(input, grad_output.dtype)
             weight = None if weight is None else cast(weight, grad_output.dtype)
         grad_z = rows(grad_output)  # N x p
@@ -77,9 +77,9 @@ class LinearFunction(ManualFunction):
             needs_weight, needs_bias = needs_weight and not taken[0], needs_bias and not taken[1]
         grad_weight = grad_z.t().mm(rows(input)) if needs_weight else None  # G_W = G_Z^T X
         grad_bias = grad_z.sum(0) if needs_bias else None  # G_b = Σ_rows G_Z
-        if ctx.mixed_dtypes:  # each gradient in its input's dtype
+        if ctx.dtypes:  # each gradient in its input's dtype
             grads = (grad_input, grad_weight, grad_bias)
-            return tuple(None if g is None else cast(g, d) for g, d in zip(grads, ctx.mixed_dtypes))
+            return tuple(None if g is None else cast(g, d) for g, d in zip(grads, ctx.dtypes))
         return grad_input, grad_weight, grad_bias
 
     @staticmethod

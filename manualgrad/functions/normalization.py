@@ -90,7 +90,7 @@ class _Normalization(ManualFunction):
         if needs_weight:  # G_γ = Σ G_Y ⊙ x̂
             grad_weight = cast(cls.reduce(ctx, g_x), weight.dtype)
         if needs_bias:  # G_β = Σ G_Y
-            grad_bias = cast(cls.reduce(ctx, g), ctx.bias_dtype)
+            grad_bias = cast(cls.reduce(ctx, g), ctx.dtype)
         return grad_input, None, grad_weight, grad_bias, None
 
     @staticmethod
@@ -113,7 +113,7 @@ class _Normalization(ManualFunction):
     @staticmethod
     def _setup(ctx, input, weight, bias, eps):
         ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.dtype = None if bias is None else bias.dtype  # G_β's
         ctx.per_sample = recorder.layer(weight, bias) if input.dim() > 1 else None
         save(ctx, input, weight)
 

@@ -43,7 +43,7 @@ class _KeepsOutput(ManualFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, ctx.dim, _ = inputs
-        ctx.input_dtype = input.dtype
+        ctx.dtype = input.dtype
         save(ctx, output)
 
 
@@ -61,7 +61,7 @@ class SoftmaxFunction(_KeepsOutput):
         y, g = opmath(y), opmath(grad_output)
         gy = g * y
         grad_input = torch.addcmul(gy, y, gy.sum(ctx.dim, keepdim=True), value=-1)  # G_Z = y ⊙ G_Y − y Σ_j G_Y,j y_j
-        return cast(grad_input, ctx.input_dtype), None, None
+        return cast(grad_input, ctx.dtype), None, None
 
     @staticmethod
     def jvp(ctx, input_tangent, *_):
@@ -83,7 +83,7 @@ class LogSoftmaxFunction(_KeepsOutput):
         (y,) = ctx.saved_tensors
         y, g = opmath(y), opmath(grad_output)
         grad_input = torch.addcmul(g, exp(y), g.sum(ctx.dim, keepdim=True), value=-1)  # G_Y − e^y Σ_j G_Y,j
-        return cast(grad_input, ctx.input_dtype), None, None
+        return cast(grad_input, ctx.dtype), None, None
 
     @staticmethod
     def jvp(ctx, input_tangent, *_):

@@ -124,27 +124,26 @@ class NLLLossFunction(ManualFunction):
     def setup_context(ctx, inputs, output):
         input, target, weight, *options = inputs
         save(ctx, target, weight)
-        ctx.options, ctx.input_like = options, (input.shape, input.dtype, input.device)
+        ctx.options, ctx.input_shape, ctx.dtype, ctx.device = options, input.shape, input.dtype, input.device
 
     @staticmethod
     def _rows(ctx, dtype) -> tuple[ClassTarget, int, str]:
-        dim = 0 if len(ctx.input_like[0]) == 1 else 1  # the class dimension
+        dim = 0 if len(ctx.input_shape) == 1 else 1  # the class dimension
         return ClassTarget(*ctx.saved_tensors, ctx.options[0], dtype, dim), dim, ctx.options[1]
 
     @staticmethod
     def backward(ctx, grad_output):
-        shape, dtype, device = ctx.input_like
         g = opmath(grad_output)
         rows, dim, reduction = NLLLossFunction._rows(ctx, g.dtype)
         coefficient = rows.w_t * _row_scale(g, reduction, rows.divisor, rows.valid)  # w_{t_n} ∂R/∂ℓ_n
         coefficient = coefficient.unsqueeze(dim) if coefficient.dim() else coefficient
-        zeros = torch.zeros(shape, dtype=g.dtype, device=device)
+        zeros = torch.zeros(ctx.input_shape, dtype=g.dtype, device=ctx.device)
         grad_input = _minus_onehot(zeros, rows.index, coefficient, dim, base._in_place(grad_output))  # −w_t g_n at t_n
-        return cast(grad_input, dtype), None, None, None, None
+        return cast(grad_input, ctx.dtype), None, None, None, None
 
     @staticmethod
     def jvp(ctx, input_tangent, *_):
-        rows, dim, reduction = NLLLossFunction._rows(ctx, ctx.input_like[1])
+        rows, dim, reduction = NLLLossFunction._rows(ctx, ctx.dtype)
         terms = -rows.w_t * input_tangent.gather(dim, rows.index).squeeze(dim)  # ℓ̇_n = −w_{t_n} Ẋ[n, t_n]
         return _reduce(torch.where(rows.valid, terms, 0), reduction, rows.divisor)  # ignored rows count nowhere
 
