@@ -26,7 +26,7 @@ from torch.autograd import Function
 
 from .. import _compat
 
-__all__ = ["ManualFunction", "apply", "cast", "exp", "opmath", "recorded", "save", "save_for_forward"]
+__all__ = ["ManualFunction", "apply", "cast", "exp", "opmath", "recorded", "save", "save_for_forward", "tangent_sum"]
 
 _DEFAULT_JVP = Function.jvp
 _HALF = (torch.float16, torch.bfloat16)
@@ -156,3 +156,10 @@ def save(ctx, *tensors) -> None:
     """``ctx.save_for_backward(*tensors)`` and :func:`save_for_forward`: tensors both backward and jvp read."""
     ctx.save_for_backward(*tensors)
     save_for_forward(ctx, *tensors)
+
+
+def tangent_sum(*terms: Tensor | None) -> Tensor | None:
+    """A jvp's Ẏ: the sum of its ``terms``, left to right, each None where its input has no tangent (then it adds
+    nothing); None when none has one. A term is written ``None if ẋ is None else <formula of ẋ>``."""
+    given = [t for t in terms if t is not None]
+    return sum(given[1:], given[0]) if given else None

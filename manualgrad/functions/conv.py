@@ -53,7 +53,7 @@ from torch import Tensor
 from .. import _checks
 from ..registry import operation
 from . import recorder
-from .base import ManualFunction, apply, cast, opmath, recorded, save, save_for_forward
+from .base import ManualFunction, apply, cast, opmath, recorded, save, save_for_forward, tangent_sum
 from .shape import PadFunction
 
 __all__ = [
@@ -235,17 +235,11 @@ def _conv_backward(ctx, input: Tensor | None, weight: Tensor | None, grad_output
 
 def _conv_jvp(ctx, input, weight, input_tangent, weight_tangent, bias_tangent):
     """Conv2dFunction's jvp on (possibly lifted) tensors: W ⋆ Ẋ + Ẇ ⋆ X + ḃ."""
-    geometry = ctx.geometry
-    tangent = None
-    if input_tangent is not None:  # W ⋆ Ẋ
-        tangent = _conv(input_tangent, weight, geometry)
-    if weight_tangent is not None:  # + Ẇ ⋆ X
-        term = _conv(input, weight_tangent, geometry)
-        tangent = term if tangent is None else tangent + term
-    if bias_tangent is not None:  # + ḃ
-        term = bias_tangent.reshape(-1, 1, 1).expand(ctx.output_shape)
-        tangent = term if tangent is None else tangent + term
-    return tangent
+    return tangent_sum(
+        None if input_tangent is None else _conv(input_tangent, weight, ctx.geometry),
+        None if weight_tangent is None else _conv(input, weight_tangent, ctx.geometry),
+        None if bias_tangent is None else bias_tangent.reshape(-1, 1, 1).expand(ctx.output_shape),
+    )
 
 
 def _lift(t: Tensor | None) -> Tensor | None:
@@ -333,12 +327,10 @@ class ConvTranspose2dFunction(ManualFunction):
     @staticmethod
     def jvp(ctx, grad_tangent, weight_tangent, _):
         grad, weight = ctx.saved_tensors
-        terms = []
-        if grad_tangent is not None:  # W ⋆ᵀ Ġ
-            terms.append(_input_grad(grad_tangent, weight, ctx.geometry))
-        if weight_tangent is not None:  # + Ẇ ⋆ᵀ G
-            terms.append(_input_grad(grad, weight_tangent, ctx.geometry))
-        return sum(terms[1:], terms[0])
+        return tangent_sum(  # W ⋆ᵀ Ġ + Ẇ ⋆ᵀ G
+            None if grad_tangent is None else _input_grad(grad_tangent, weight, ctx.geometry),
+            None if weight_tangent is None else _input_grad(grad, weight_tangent, ctx.geometry),
+        )
 
 
 class Conv2dWeightFunction(ManualFunction):
@@ -370,12 +362,10 @@ class Conv2dWeightFunction(ManualFunction):
     @staticmethod
     def jvp(ctx, input_tangent, grad_tangent, _):
         input, grad = ctx.saved_tensors
-        terms = []
-        if input_tangent is not None:  # Ẋ ⋆ G
-            terms.append(_weight_grad(input_tangent, grad, ctx.geometry))
-        if grad_tangent is not None:  # + X ⋆ Ġ
-            terms.append(_weight_grad(input, grad_tangent, ctx.geometry))
-        return sum(terms[1:], terms[0])
+        return tangent_sum(  # Ẋ ⋆ G + X ⋆ Ġ
+            None if input_tangent is None else _weight_grad(input_tangent, grad, ctx.geometry),
+            None if grad_tangent is None else _weight_grad(input, grad_tangent, ctx.geometry),
+        )
 
 
 # inside a backward: the map itself, or, when a double backward records it, the Function computing it

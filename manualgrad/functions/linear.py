@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _checks
 from ..registry import operation
 from . import recorder
-from .base import ManualFunction, apply, cast, save_for_forward
+from .base import ManualFunction, apply, cast, save_for_forward, tangent_sum
 
 __all__ = ["LinearFunction", "linear"]
 
@@ -85,17 +85,12 @@ class LinearFunction(ManualFunction):
     @staticmethod
     def jvp(ctx, input_tangent, weight_tangent, bias_tangent):
         input, weight = ctx.saved_tensors
-        dtype = ctx.dtype
-        tangent = None
-        if input_tangent is not None:  # Ẋ W^T
-            tangent = cast(input_tangent, dtype).matmul(cast(weight, dtype).t())
-        if weight_tangent is not None:  # + X Ẇ^T
-            term = cast(input, dtype).matmul(cast(weight_tangent, dtype).t())
-            tangent = term if tangent is None else tangent + term
-        if bias_tangent is not None:  # + ḃ
-            term = cast(bias_tangent, dtype).expand(*input.shape[:-1], weight.shape[0])
-            tangent = term if tangent is None else tangent + term
-        return tangent
+        dtype, out_shape = ctx.dtype, (*input.shape[:-1], weight.shape[0])
+        return tangent_sum(  # Ẋ W^T + X Ẇ^T + ḃ
+            None if input_tangent is None else cast(input_tangent, dtype).matmul(cast(weight, dtype).t()),
+            None if weight_tangent is None else cast(input, dtype).matmul(cast(weight_tangent, dtype).t()),
+            None if bias_tangent is None else cast(bias_tangent, dtype).expand(out_shape),
+        )
 
 
 @operation(torch.nn.Linear, LinearFunction, kind="layer", per_sample=True)

@@ -29,7 +29,7 @@ from .. import _checks
 from ..errors import InputError
 from ..registry import operation
 from . import recorder
-from .base import ManualFunction, apply, cast, opmath, save
+from .base import ManualFunction, apply, cast, opmath, save, tangent_sum
 
 __all__ = ["GroupNormFunction", "LayerNormFunction", "group_norm", "layer_norm"]
 
@@ -98,16 +98,15 @@ class _Normalization(ManualFunction):
         input, weight = ctx.saved_tensors
         x_hat, r, x_hat_rows = _Normalization._parts(cls, ctx, input)
         shape = cls.affine_shape(ctx)
-        tangent = None
+        dot = None
         if input_tangent is not None:  # γ ⊙ ẋ̂
             dot = _through(cls.slices(ctx, cast(input_tangent, x_hat.dtype)), x_hat_rows, r).reshape(x_hat.shape)
-            tangent = dot if weight is None else dot * cast(weight, dot.dtype).reshape(shape)
-        if weight_tangent is not None:  # + γ̇ ⊙ x̂
-            term = cast(weight_tangent, x_hat.dtype).reshape(shape) * x_hat
-            tangent = term if tangent is None else tangent + term
-        if bias_tangent is not None:  # + β̇
-            term = cast(bias_tangent, x_hat.dtype).reshape(shape).expand(x_hat.shape)
-            tangent = term if tangent is None else tangent + term
+            dot = dot if weight is None else dot * cast(weight, dot.dtype).reshape(shape)
+        tangent = tangent_sum(  # γ ⊙ ẋ̂ + γ̇ ⊙ x̂ + β̇
+            dot,
+            None if weight_tangent is None else cast(weight_tangent, x_hat.dtype).reshape(shape) * x_hat,
+            None if bias_tangent is None else cast(bias_tangent, x_hat.dtype).reshape(shape).expand(x_hat.shape),
+        )
         return cast(tangent, input.dtype)
 
     @staticmethod
