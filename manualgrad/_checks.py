@@ -102,15 +102,21 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None, layer: str = "lin
     real_floating(layer, "input", input)
     same_device(layer, "input", input, "weight", weight)
     same_dtype(layer, "input", input, "weight", weight)
-    if bias is not None:
-        tensor(layer, "bias", bias)
-        if bias.shape != (out_features,):
-            raise InputError(
-                f"{layer}: bias has shape {shape(bias)}, weight has {out_features} output features "
-                f"(expected bias shape ({out_features},))"
-            )
-        same_device(layer, "bias", bias, "weight", weight)
-        same_dtype(layer, "bias", bias, "weight", weight)
+    layer_bias(layer, bias, weight, out_features, "features")
+
+
+def layer_bias(layer: str, bias: Tensor | None, weight: Tensor, outputs: int, units: str) -> None:
+    """A layer's optional bias: one per output (feature or channel), on the weight's device, in its dtype."""
+    if bias is None:
+        return
+    tensor(layer, "bias", bias)
+    if bias.shape != (outputs,):
+        raise InputError(
+            f"{layer}: bias has shape {shape(bias)}, weight has {outputs} output {units} "
+            f"(expected bias shape ({outputs},))"
+        )
+    same_device(layer, "bias", bias, "weight", weight)
+    same_dtype(layer, "bias", bias, "weight", weight)
 
 
 def _linear_fits(input, weight, bias) -> bool:
@@ -382,15 +388,7 @@ def conv2d(input, weight, bias, stride, padding, dilation, groups, layer: str = 
             f"{layer}: input has {channels} channels (shape {shape(input)}), weight expects "
             f"{per_group * groups} = groups {groups} x {per_group} (weight shape {shape(weight)})"
         )
-    if bias is not None:
-        tensor(layer, "bias", bias)
-        if bias.shape != (out_channels,):
-            raise InputError(
-                f"{layer}: bias has shape {shape(bias)}, weight has {out_channels} output channels "
-                f"(expected bias shape ({out_channels},))"
-            )
-        same_device(layer, "bias", bias, "weight", weight)
-        same_dtype(layer, "bias", bias, "weight", weight)
+    layer_bias(layer, bias, weight, out_channels, "channels")
     stride = pair(layer, "stride", stride, minimum=1)
     dilation = pair(layer, "dilation", dilation, minimum=1)
     kernel = tuple(weight.shape[2:])
