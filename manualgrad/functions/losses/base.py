@@ -63,11 +63,8 @@ def _without_size_warning(loss, input: Tensor, target: Tensor, *args, **kwargs) 
 class ElementwiseLoss(ManualFunction):
     r"""Base of the losses :math:`\ell = w \odot \ell(x, t)` elementwise (:math:`w = 1` without a weight), reduced.
 
-    .. math::
-
-        G_X = w \odot \frac{\partial\ell}{\partial x} \odot \frac{\partial R}{\partial \ell} \quad
-        G_T = w \odot \frac{\partial\ell}{\partial t} \odot \frac{\partial R}{\partial \ell} \quad
-        \dot\ell = w \odot \Big(\frac{\partial\ell}{\partial x} \dot x + \frac{\partial\ell}{\partial t} \dot t\Big)
+    .. math:: G_X = w \odot \partial_x\ell \odot \partial_\ell R,\ G_T = w \odot \partial_t\ell \odot \partial_\ell R
+        \quad \dot\ell = w \odot (\partial_x\ell\, \dot x + \partial_t\ell\, \dot t)
 
     each summed to its own shape. ``apply(input, target, weight, <more tensors>, reduction, <options>)``,
     ``tensors`` (3) of them, all kept. A subclass defines ``forward`` (PyTorch's kernel), ``d_input(x, t, *rest,
@@ -165,20 +162,24 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, refer
     (default ``_checks.pointwise_loss`` or ``_checks.<name>``), float options as floats, uint8 class indices as int64,
     then ``function``. No torch module nor ``reference``: the checks compare with ``function.forward``."""
     params = list(inspect.signature(getattr(F, name, F.mse_loss)).parameters.values())[1:]
-    names, order = ("input", *(p.name for p in params)), tuple(inspect.signature(function.forward).parameters)
-    floats = [p.name for p in params if isinstance(p.default, float)]
+    names, order = ["input", *(p.name for p in params)], list(inspect.signature(function.forward).parameters)
+    take = [names.index(k) if k in names else len(names) for k in order]  # forward's arguments among torch's
+    floats = [j for j, i in enumerate(take) if 0 < i < len(names) and isinstance(params[i - 1].default, float)]
+    legacy = "reduce" in names and (names.index("size_average"), names.index("reduce"), order.index("reduction"))
     check = check or (_checks.pointwise_loss if issubclass(function, PointwiseLoss) else getattr(_checks, name))
 
     def wrapper(callee):
         def call(*values):
-            a = dict(zip(names, values))
-            if "reduce" in a:
-                a["reduction"] = _checks.legacy_reduction(name, a.pop("size_average"), a.pop("reduce"), a["reduction"])
-            check(*(a.get(k) for k in order), layer=name)
-            a.update((k, float(a[k])) for k in floats)
-            if a["target"].dtype == torch.uint8:  # class indices, which torch takes for a 1-D or 2-D input
-                a["target"] = a["target"].long()
-            return callee(*(a.get(k) for k in order))
+            values = (*values, None)  # None: a parameter torch's function has not
+            args = [values[i] for i in take]
+            if legacy:
+                args[legacy[2]] = _checks.legacy_reduction(name, values[legacy[0]], values[legacy[1]], args[legacy[2]])
+            check(*args, layer=name)
+            for j in floats:
+                args[j] = float(args[j])
+            if args[1].dtype == torch.uint8:  # class indices, which torch takes for a 1-D or 2-D input
+                args[1] = args[1].long()
+            return callee(*args)
 
         return _with_signature(name, params, call, function.__doc__)
 
