@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from train_helpers import interrupt_at, load_params, run, run_main, tiny_argv, tiny_config, without_timing
 
 import manualgrad
+import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from train import checkpoint, model
 from train.config import MODEL_DEFAULTS, PRESETS, defaults, parse_args
@@ -63,6 +65,68 @@ def test_the_classic_cnn_of_manualgrad_modules_only():
     assert all(type(m).__module__.startswith("torch.nn") for m in twin.module.modules())
     cnn.eval(), twin.module.eval()
     assert torch.allclose(net.logits(x), twin.logits(x), atol=1e-5)
+
+
+def test_the_small_cnn_of_dp_sgd():
+    torch.manual_seed(0)
+    cnn = model.build_small_cnn((32,), "tanh", 0.0, "cpu")
+    kinds = [type(m) for m in cnn]
+    conv = [mnn.Conv2d, mnn.Tanh, mnn.MaxPool2d]
+    assert kinds == [*conv, *conv, mnn.Flatten, mnn.Linear, mnn.Tanh, mnn.Linear]
+    assert (cnn[0].kernel_size, cnn[0].stride, cnn[0].padding, cnn[2].stride) == ((8, 8), (2, 2), (3, 3), 1)
+    assert (cnn[3].kernel_size, cnn[3].stride, cnn[3].padding) == ((4, 4), (2, 2), (0, 0))
+    assert [tuple(p.shape) for p in cnn.parameters()] == [(16, 1, 8, 8), (16,), (32, 16, 4, 4), (32,)] + [
+        (32, 512),
+        (32,),
+        (10, 32),
+        (10,),
+    ]
+    assert sum(p.numel() for p in cnn.parameters()) == 26_010  # Papernot et al. 2021's count
+    net = model.Net(cnn, "layers", image_shape=(1, 28, 28))
+    x, y = torch.randn(5, 784), torch.tensor([0, 1, 2, 3, 4])
+    assert net.logits(x).shape == (5, 10)
+    assert manualgrad.manual_coverage(net.loss(x, y)).complete
+    twin = net.twin()
+    assert torch.allclose(net.logits(x), twin.logits(x), atol=1e-5)
+
+
+def test_the_small_cnn_clips_each_image_under_per_sample():
+    """DP-SGD's step on the small CNN: the one backward pass under per_sample gives Σ_n min(1, C/‖g_n‖) g_n,
+    against each image's gradient taken alone by torch autograd (the torch.nn twin), in float64."""
+    torch.manual_seed(1)
+    cnn = model.build_small_cnn((32,), "tanh", 0.0, "cpu").double()
+    twin = model.torch_twin(cnn)
+    x, y, clip = torch.randn(6, 1, 28, 28, dtype=torch.float64), torch.arange(6) % 10, 0.05
+    expected = [torch.zeros_like(p) for p in twin.parameters()]
+    for n in range(len(y)):
+        grads = torch.autograd.grad(F.cross_entropy(twin(x[n : n + 1]), y[n : n + 1]), list(twin.parameters()))
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        assert norm > clip  # the bound is active: the test checks the clipping, not only the sum
+        for e, g in zip(expected, grads):
+            e += g * min(1.0, clip / float(norm))
+    with manualgrad.per_sample(cnn, clip=clip, loss_reduction="mean"):
+        MF.cross_entropy(cnn(x), y).backward()
+    for p, e in zip(cnn.parameters(), expected):
+        torch.testing.assert_close(p.grad, e)
+
+
+def test_dp_presets_train_the_small_cnn():
+    for name, epsilon in (("dp3", 3.0), ("dp2", 2.0), ("dp1", 1.0)):
+        cfg, _ = parse_args(["--preset", name])
+        assert cfg.dp and cfg.epsilon == epsilon and cfg.delta == 1e-5 and cfg.model == "small-cnn"
+        assert (cfg.activation, cfg.hidden, cfg.dropout, cfg.impl) == ("tanh", (32,), 0.0, "layers")
+        assert cfg.optimizer == "sgd" and cfg.clip == 0.1 and cfg.lr == 0.5 * cfg.batch_size / 512
+    mlp, _ = parse_args(["--preset", "dp2-mlp"])
+    assert mlp.dp and mlp.epsilon == 2.0 and mlp.model == "mlp" and mlp.activation == "tanh"
+
+
+def test_the_small_cnn_trains_with_dp(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    options = dict(dp=True, epsilon=2.0, accountant="rdp", clip=0.1, optimizer="sgd", lr=0.5, momentum=0.9)
+    metrics = run(tiny_config(tiny, out, model="small-cnn", impl="layers", hidden=(32,), activation="tanh", **options))
+    assert "model: small CNN conv16-pool-conv32-pool-32-10, tanh" in capsys.readouterr().out
+    assert metrics["config"]["model"] == "small-cnn" and 0 < metrics["privacy"]["spent_epsilon"] <= 2.0
+    assert checkpoint.load(str(out))["model"]["0.weight"].shape == (16, 1, 8, 8)
 
 
 def test_cnn_defaults_and_presets():

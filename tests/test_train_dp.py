@@ -323,13 +323,6 @@ def test_bad_dp_options_are_usage_errors(argv, message, capsys):
     assert "usage:" in err and message in err
 
 
-def test_dp_presets():
-    for name, epsilon in (("dp2", 2.0), ("dp1", 1.0)):
-        cfg, _ = parse_args(["--preset", name])
-        assert cfg.dp and cfg.epsilon == epsilon and cfg.delta == 1e-5 and cfg.model == "mlp"
-        assert cfg.dropout == 0 and cfg.activation == "tanh"
-
-
 def test_without_dp_accounting_the_error_says_how_to_install_it(tiny, tmp_path, capsys, monkeypatch):
     real_import = builtins.__import__
 

@@ -1,8 +1,10 @@
 """The model: an MLP or a CNN of manualgrad modules, and the ways to run it.
 
-Two models (``--model``): the MLP ``784 -> hidden... -> 10``, and the classic
+Three models (``--model``): the MLP ``784 -> hidden... -> 10``; the classic
 MNIST CNN of pytorch/examples (:func:`build_cnn`: two 3x3 convolutions, a 2x2
-max-pool, dropout, then fully connected layers), fed images ``(N, 1, 28, 28)``.
+max-pool, dropout, then fully connected layers); and the small CNN that DP-SGD
+trains (:func:`build_small_cnn`, Papernot et al. 2021's), both fed images
+``(N, 1, 28, 28)``.
 
 ``Net`` pairs a module with its training loss, so that the training loop does
 not care which implementation it drives:
@@ -36,6 +38,7 @@ import manualgrad.nn as mnn
 
 IN_FEATURES, CLASSES, SIDE = 28 * 28, 10, 28
 CNN_CHANNELS = (32, 64)  # the two 3x3 convolutions' output channels (pytorch/examples mnist/main.py)
+SMALL_CNN_CHANNELS = (16, 32)  # the small CNN's two convolutions (8x8 stride 2, 4x4 stride 2)
 
 
 def build_mlp(hidden, activation: str, dropout: float, device) -> mnn.MLP:
@@ -68,6 +71,26 @@ def build_cnn(hidden, activation: str, dropout: float, device) -> torch.nn.Seque
     return torch.nn.Sequential(*layers)
 
 
+def build_small_cnn(hidden, activation: str, dropout: float, device) -> torch.nn.Sequential:
+    """The small CNN of DP-SGD on MNIST (Papernot et al. 2021's tanh CNN; Opacus's ``SampleConvNet`` with
+    ``--activation relu``): ``Conv2d(1, 16, 8, stride 2, padding 3)``, activation, ``MaxPool2d(2, stride 1)``,
+    ``Conv2d(16, 32, 4, stride 2)``, activation, ``MaxPool2d(2, stride 1)``, ``Flatten`` (512), then for each
+    width in ``hidden`` a ``Linear``, the activation (and ``Dropout(dropout)``), and ``Linear(.., 10)``. With
+    ``hidden`` ``(32,)``: 26,010 parameters, few for the noise to spread over."""
+    act = mnn.ACTIVATIONS[activation]
+    (c1, c2), width = SMALL_CNN_CHANNELS, SMALL_CNN_CHANNELS[1] * 4 * 4  # 28 -> 14 -> 13 -> 5 -> 4
+    layers = [
+        *(mnn.Conv2d(1, c1, 8, stride=2, padding=3, device=device), act(), mnn.MaxPool2d(2, 1)),
+        *(mnn.Conv2d(c1, c2, 4, stride=2, device=device), act(), mnn.MaxPool2d(2, 1)),
+        mnn.Flatten(),
+    ]
+    for h in hidden:
+        layers += [mnn.Linear(width, h, device=device), act(), *([mnn.Dropout(dropout)] if dropout > 0 else [])]
+        width = h
+    layers.append(mnn.Linear(width, CLASSES, device=device))
+    return torch.nn.Sequential(*layers)
+
+
 def torch_twin(model: torch.nn.Module) -> torch.nn.Sequential:
     """The same layers as plain torch.nn modules (``torch.nn.Linear``, ``torch.nn.Conv2d``...), with a copy
     of the weights. Every manualgrad module subclasses its torch.nn namesake and adds no state, so the
@@ -82,13 +105,18 @@ def torch_twin(model: torch.nn.Module) -> torch.nn.Sequential:
 def build(cfg, device) -> Net:
     """The Net that ``cfg`` (a :class:`~train.config.Config`) trains, its weights drawn from the global
     RNG (seed it first)."""
+    widths = "-".join(str(h) for h in (*cfg.hidden, CLASSES))
     if cfg.model == "cnn":
         cnn = build_cnn(cfg.hidden, cfg.activation, cfg.dropout, device)
         c1, c2 = CNN_CHANNELS
-        widths = "-".join(str(h) for h in (*cfg.hidden, CLASSES))
         architecture = (
             f"CNN conv{c1}-conv{c2}-pool-{widths}, {cfg.activation}, dropout {cfg.dropout / 2:g}/{cfg.dropout:g}"
         )
+        return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
+    if cfg.model == "small-cnn":
+        cnn = build_small_cnn(cfg.hidden, cfg.activation, cfg.dropout, device)
+        c1, c2 = SMALL_CNN_CHANNELS
+        architecture = f"small CNN conv{c1}-pool-conv{c2}-pool-{widths}, {cfg.activation}, dropout {cfg.dropout:g}"
         return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
     mlp = build_mlp(cfg.hidden, cfg.activation, cfg.dropout, device)
     sizes = "-".join(str(s) for s in mlp.sizes)
