@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _compat
 from ..errors import InputError
 from ..registry import operation
 from .base import ManualFunction, apply, cast, opmath, save
@@ -71,7 +71,7 @@ class MaxPool2dFunction(ManualFunction):
 
     @staticmethod
     def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
-        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
+        return _torch_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -96,6 +96,26 @@ class MaxPool2dFunction(ManualFunction):
     def jvp(ctx, input_tangent, *_):
         (indices,) = ctx.saved_tensors
         return _pixels(input_tangent).gather(-1, _pixels(indices)).reshape(indices.shape), None  # Ẏ = Ẋ[I]
+
+
+def _torch_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+    """PyTorch's ``max_pool2d`` with its indices. A contiguous batch of images on the CPU goes through PyTorch's
+    channels-last kernel and back: its channels-first CPU kernel is many times slower on small maps (1 thread,
+    512 x 16 x 13 x 13, 2 x 2 stride 1: ~79 ms against ~4 ms with both conversions), the same values and indices
+    (ties and NaN included: tests/test_pooling_speed.py). Not under vmap or compile, which choose their own."""
+    cpu_images = input.device.type == "cpu" and input.dim() == 4 and input.shape[1] > 1
+    if cpu_images and not _compat.traced(input) and input.is_contiguous():
+        pooled = F.max_pool2d(
+            input.contiguous(memory_format=torch.channels_last),
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            ceil_mode=ceil_mode,
+            return_indices=True,
+        )
+        return tuple(t.contiguous() for t in pooled)
+    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
