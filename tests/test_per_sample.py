@@ -236,6 +236,22 @@ def test_convolutions_per_sample(conv, clip):
             torch.testing.assert_close(p.grad, (want * factor).sum(0), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("side", [4, 12], ids=["gram: few positions", "products: many positions"])
+def test_convolutions_per_sample_either_way(side):
+    """Both ways a convolution's per-sample norms are formed: the T x T Gram form of G and the patches (few
+    output positions, many weights), or each G_W[n] by one grouped convolution (many positions)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(mnn.Conv2d(2, 16, 3), mnn.Tanh(), mnn.Flatten()).double()
+    model.append(mnn.Linear(16 * (side - 2) ** 2, 3).double())
+    x, y = torch.randn(4, 2, side, side, dtype=F64), torch.randint(0, 3, (4,))
+    expected = reference_per_sample(model, x, y, seed=0)
+    with manualgrad.per_sample(model, grads=True):
+        MF.cross_entropy(model(x), y).backward()
+    for p, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad_sample, want, rtol=0, atol=1e-10)
+        torch.testing.assert_close(p.norm_sample, want.flatten(1).norm(dim=1), rtol=0, atol=1e-10)
+
+
 def test_grouped_convolutions_are_refused_clearly():
     model = torch.nn.Sequential(mnn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(InputError, match=r"per_sample: 0 \(Conv2d\) has groups=2"):

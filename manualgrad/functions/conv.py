@@ -44,6 +44,7 @@ whose own backward passes apply the three again. No derivative kernel
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -152,10 +153,11 @@ def _weight_grad_by_patches(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Ten
     return grads.matmul(x_hat.transpose(-1, -2)).sum(0).reshape(o, c // groups, *geometry.kernel_size)
 
 
-def _weight_grad_by_convolution(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
+def _weight_grad_by_convolution(x: Tensor, g: Tensor, geometry: ConvGeometry, per_sample: bool = False) -> Tensor:
     """The same sums as one convolution: the batch becomes the channels (what is summed), the input channels the
     batch, and G_Z the kernel, walked with the stride as dilation and the dilation as stride. With groups, each
-    group's samples are its channels (``groups`` as a convolution's groups again)."""
+    group's samples are its channels (``groups`` as a convolution's groups again). ``per_sample``: each sample's
+    G_W[n] ``(N, O, C_g, k_h, k_w)``, not their sum: every (group, sample) its own convolution group."""
     n, c = x.shape[:2]
     o, groups = g.shape[1], geometry.groups
     k_h, k_w = geometry.kernel_size
@@ -163,11 +165,17 @@ def _weight_grad_by_convolution(x: Tensor, g: Tensor, geometry: ConvGeometry) ->
     top, _, left, _ = geometry.padding
     c_g, o_g = c // groups, o // groups
     inputs = x.reshape(n, groups, c_g, *x.shape[2:]).permute(2, 1, 0, 3, 4).reshape(c_g, -1, *x.shape[2:])
-    kernels = g.reshape(n, groups, o_g, *g.shape[2:]).permute(1, 2, 0, 3, 4).reshape(o, n, *g.shape[2:])
-    # inputs (C_g, G·N, H, W) convolved with kernels (O, N, Z_h, Z_w): (C_g, O, ≥ k_h, ≥ k_w)
-    out = F.conv2d(inputs, kernels, None, geometry.dilation, (top, left), geometry.stride, groups)
+    if per_sample:  # kernels (G·N·O_g, 1, Z_h, Z_w): output channel (group, n, o) reads input channel (group, n)
+        kernels = g.reshape(n, groups, o_g, 1, *g.shape[2:]).transpose(0, 1).reshape(-1, 1, *g.shape[2:])
+        out = F.conv2d(inputs, kernels, None, geometry.dilation, (top, left), geometry.stride, groups * n)
+    else:  # inputs (C_g, G·N, H, W) convolved with kernels (O, N, Z_h, Z_w): (C_g, O, ≥ k_h, ≥ k_w)
+        kernels = g.reshape(n, groups, o_g, *g.shape[2:]).permute(1, 2, 0, 3, 4).reshape(o, n, *g.shape[2:])
+        out = F.conv2d(inputs, kernels, None, geometry.dilation, (top, left), geometry.stride, groups)
     if out.shape[-2:] != (k_h, k_w):  # windows that would start past the last output position: not the kernel's
         out = F.pad(out, (0, k_w - out.shape[-1], 0, k_h - out.shape[-2]))
+    if per_sample:  # (C_g, G·N·O_g, k_h, k_w) -> (N, O, C_g, k_h, k_w)
+        out = out.reshape(c_g, groups, n, o_g, k_h, k_w).permute(2, 1, 3, 0, 4, 5).reshape(n, o, c_g, k_h, k_w)
+        return out.contiguous()
     return out.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # a new tensor, not a view of out
 
 
@@ -286,9 +294,18 @@ class Conv1dFunction(ManualFunction):
 
 def _record_per_sample(layer, g: Tensor, x: Tensor, geometry: ConvGeometry) -> tuple[bool, bool]:
     """Per-sample quantities (:mod:`~manualgrad.functions.recorder`): sample n's G_W is G_Z[n] X̂[n]ᵀ, a Linear
-    layer's over the L output positions, so the layer hands ``G`` as ``(N, L, O)`` and the patches as
-    ``(N, L, C k_h k_w)``."""
+    layer's over the L output positions. Where the recorder would form each G_W[n] anyway (L (O + C k_h k_w) ≥
+    O C k_h k_w: small kernels, many positions), the layer hands it G_W[n] itself, all by one grouped
+    convolution (:func:`_weight_grad_by_convolution`): no patches, ~3x faster on the DP small CNN's first
+    layer (1 thread, batch 512: 5.9 against 16.6 ms for unfold and the batched product). Else it hands ``G`` as
+    ``(N, L, O)`` and the patches as ``(N, L, C k_h k_w)``, and the recorder takes the T x T Gram form."""
     g, x = _batched(g), _batched(x)
+    positions, patch = g.shape[-2] * g.shape[-1], x.shape[1] // geometry.groups * math.prod(geometry.kernel_size)
+    if len(g) and positions * (g.shape[1] + patch) >= g.shape[1] * patch:
+        weights = None
+        if layer.weight is not None:  # (N, *weight.shape): a Conv1d's weight has no k_h
+            weights = _weight_grad_by_convolution(x, g, geometry, per_sample=True).reshape(len(g), *layer.weight.shape)
+        return layer.record_samples(weights, g.sum((2, 3)) if layer.bias is not None else None)
 
     def weighted(c: Tensor):  # the clipped sums: X ⋆ (c ⊙ G) and Σ (c ⊙ G), no patches
         cg = g * c.reshape(-1, 1, 1, 1).to(g.dtype)
