@@ -93,6 +93,14 @@ def hidden_sizes(text: str) -> tuple:
     return sizes
 
 
+def channel_pair(text: str) -> tuple:
+    """``"16,32"`` -> ``(16, 32)``: the output channels of a CNN's two convolutions."""
+    sizes = hidden_sizes(text)
+    if len(sizes) != 2:
+        raise argparse.ArgumentTypeError(f"expected two channel counts such as 16,32, got {text!r}")
+    return sizes
+
+
 def activation_name(text: str) -> str:
     """A registered activation's name (the registry is read now: one registered after import counts);
     ``file.py:name`` or ``module:name`` imports that first and names the activation it registered."""
@@ -124,7 +132,9 @@ MODEL_DEFAULTS: dict[str, dict] = {
     # and onecycle for fewer epochs: an epoch costs ~20x the MLP's.
     "cnn": dict(epochs=6, hidden=(128,), dropout=0.5, impl="layers", augment="shift"),
     # Papernot et al. 2021's tanh CNN (26,010 parameters), as the DP presets train it
-    "small-cnn": dict(hidden=(32,), activation="tanh", dropout=0.0, impl="layers", label_smoothing=0.0),
+    "small-cnn": dict(
+        channels=(16, 32), hidden=(32,), activation="tanh", dropout=0.0, impl="layers", label_smoothing=0.0
+    ),
 }
 
 # DP-SGD's MLP: tanh (bounded activations suit clipped, noisy gradients: Papernot et al. 2021), one hidden layer,
@@ -150,7 +160,16 @@ DP_MLP = dict(
 # SGD with momentum 0.9 at a constant learning rate, clip 0.1, the learning rate scaled with the expected batch
 # (0.5 per 512). Epochs: as many as fit in ~15 minutes on 2 CPU cores (two runs side by side, 1 thread each).
 # The README says which runs chose these values.
-DP_CNN = dict(model="small-cnn", dp=True, optimizer="sgd", momentum=0.9, weight_decay=0.0, schedule="none", clip=0.1)
+DP_CNN = dict(
+    model="small-cnn",
+    channels=(32, 64),
+    dp=True,
+    optimizer="sgd",
+    momentum=0.9,
+    weight_decay=0.0,
+    schedule="none",
+    clip=0.1,
+)
 
 # A preset only lists what differs from the defaults of its model (the `default` preset is the MLP's).
 PRESETS: dict[str, dict] = {
@@ -167,9 +186,9 @@ PRESETS: dict[str, dict] = {
         augment="elastic",
     ),
     # DP-SGD at epsilon 3, 2 and 1 (delta 1e-5): the small CNN, DP_CNN above
-    "dp3": dict(DP_CNN, epsilon=3.0, batch_size=512, lr=0.5, epochs=60),
-    "dp2": dict(DP_CNN, epsilon=2.0, batch_size=1024, lr=1.0, epochs=50),
-    "dp1": dict(DP_CNN, epsilon=1.0, batch_size=2048, lr=2.0, epochs=50),
+    "dp3": dict(DP_CNN, epsilon=3.0, batch_size=1024, lr=1.0, epochs=40),
+    "dp2": dict(DP_CNN, epsilon=2.0, batch_size=1024, lr=1.0, epochs=40),
+    "dp1": dict(DP_CNN, epsilon=1.0, batch_size=2048, lr=2.0, epochs=40),
     # DP-SGD's MLP at epsilon 2, for comparison
     "dp2-mlp": dict(DP_MLP, epsilon=2.0),
 }
@@ -222,7 +241,7 @@ class Config:
         "Linear), with its own defaults (6 epochs, --hidden 128, --dropout 0.5, --impl layers, --augment shift); "
         "small-cnn: the small CNN of DP-SGD (Papernot et al. 2021: Conv2d 1->16 8x8 stride 2, max-pool 2 stride 1, "
         "Conv2d 16->32 4x4 stride 2, max-pool 2 stride 1, Linear 512 -> hidden... -> 10), with its own defaults "
-        "(--hidden 32, --activation tanh, --dropout 0, --label-smoothing 0, --impl layers)",
+        "(--channels 16,32, --hidden 32, --activation tanh, --dropout 0, --label-smoothing 0, --impl layers)",
         MODELS,
     )
     data_dir: str = option(
@@ -242,6 +261,12 @@ class Config:
         "model, training",
         "hidden layer widths, comma-separated (e.g. 512,256); for the CNN, its fully connected layers",
         hidden_sizes,
+    )
+    channels: tuple = option(
+        (32, 64),
+        "model, training, newer",
+        "the CNNs' two convolutions' output channels, comma-separated (the MLP has none)",
+        channel_pair,
     )
     activation: str = option(
         "relu",
@@ -372,7 +397,7 @@ class Config:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
+        d["hidden"], d["channels"] = list(self.hidden), list(self.channels)
         return d
 
     @classmethod
@@ -385,6 +410,8 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["hidden"] = tuple(d["hidden"])
+        if "channels" in d:
+            d["channels"] = tuple(d["channels"])
         return cls(**d)
 
 

@@ -37,8 +37,6 @@ from torch import Tensor
 import manualgrad.nn as mnn
 
 IN_FEATURES, CLASSES, SIDE = 28 * 28, 10, 28
-CNN_CHANNELS = (32, 64)  # the two 3x3 convolutions' output channels (pytorch/examples mnist/main.py)
-SMALL_CNN_CHANNELS = (16, 32)  # the small CNN's two convolutions (8x8 stride 2, 4x4 stride 2)
 
 
 def build_mlp(hidden, activation: str, dropout: float, device) -> mnn.MLP:
@@ -46,14 +44,14 @@ def build_mlp(hidden, activation: str, dropout: float, device) -> mnn.MLP:
     return mnn.MLP([IN_FEATURES, *hidden, CLASSES], activation=activation, dropout=dropout, device=device)
 
 
-def build_cnn(hidden, activation: str, dropout: float, device) -> torch.nn.Sequential:
+def build_cnn(hidden, activation: str, dropout: float, device, channels=(32, 64)) -> torch.nn.Sequential:
     """The classic MNIST CNN, of manualgrad modules only: ``Conv2d(1, 32, 3)``, activation, ``Conv2d(32, 64,
     3)``, activation, ``MaxPool2d(2)``, ``Dropout(dropout / 2)``, ``Flatten``, then for each width in
     ``hidden`` a ``Linear``, the activation and ``Dropout(dropout)``, and ``Linear(.., 10)``: with ``hidden``
     ``(128,)``, dropout 0.5 and relu, pytorch/examples' model (dropouts 0.25 and 0.5). Images ``(N, 1, 28,
     28)`` in, logits ``(N, 10)`` out. PyTorch's default initialisation (seed the global RNG first)."""
     act = mnn.ACTIVATIONS[activation]
-    (c1, c2), side = CNN_CHANNELS, (SIDE - 4) // 2  # two unpadded 3x3 convolutions, then a 2x2 pool
+    (c1, c2), side = channels, (SIDE - 4) // 2  # two unpadded 3x3 convolutions, then a 2x2 pool
     layers = [
         mnn.Conv2d(1, c1, 3, device=device),
         act(),
@@ -71,14 +69,15 @@ def build_cnn(hidden, activation: str, dropout: float, device) -> torch.nn.Seque
     return torch.nn.Sequential(*layers)
 
 
-def build_small_cnn(hidden, activation: str, dropout: float, device) -> torch.nn.Sequential:
+def build_small_cnn(hidden, activation: str, dropout: float, device, channels=(16, 32)) -> torch.nn.Sequential:
     """The small CNN of DP-SGD on MNIST (Papernot et al. 2021's tanh CNN; Opacus's ``SampleConvNet`` with
     ``--activation relu``): ``Conv2d(1, 16, 8, stride 2, padding 3)``, activation, ``MaxPool2d(2, stride 1)``,
     ``Conv2d(16, 32, 4, stride 2)``, activation, ``MaxPool2d(2, stride 1)``, ``Flatten`` (512), then for each
     width in ``hidden`` a ``Linear``, the activation (and ``Dropout(dropout)``), and ``Linear(.., 10)``. With
-    ``hidden`` ``(32,)``: 26,010 parameters, few for the noise to spread over."""
+    ``hidden`` ``(32,)``: 26,010 parameters, few for the noise to spread over. ``channels``: the two
+    convolutions' outputs (16 and 32 above)."""
     act = mnn.ACTIVATIONS[activation]
-    (c1, c2), width = SMALL_CNN_CHANNELS, SMALL_CNN_CHANNELS[1] * 4 * 4  # 28 -> 14 -> 13 -> 5 -> 4
+    (c1, c2), width = channels, channels[1] * 4 * 4  # 28 -> 14 -> 13 -> 5 -> 4
     layers = [
         *(mnn.Conv2d(1, c1, 8, stride=2, padding=3, device=device), act(), mnn.MaxPool2d(2, 1)),
         *(mnn.Conv2d(c1, c2, 4, stride=2, device=device), act(), mnn.MaxPool2d(2, 1)),
@@ -107,15 +106,15 @@ def build(cfg, device) -> Net:
     RNG (seed it first)."""
     widths = "-".join(str(h) for h in (*cfg.hidden, CLASSES))
     if cfg.model == "cnn":
-        cnn = build_cnn(cfg.hidden, cfg.activation, cfg.dropout, device)
-        c1, c2 = CNN_CHANNELS
+        cnn = build_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
+        c1, c2 = cfg.channels
         architecture = (
             f"CNN conv{c1}-conv{c2}-pool-{widths}, {cfg.activation}, dropout {cfg.dropout / 2:g}/{cfg.dropout:g}"
         )
         return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
     if cfg.model == "small-cnn":
-        cnn = build_small_cnn(cfg.hidden, cfg.activation, cfg.dropout, device)
-        c1, c2 = SMALL_CNN_CHANNELS
+        cnn = build_small_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
+        c1, c2 = cfg.channels
         architecture = f"small CNN conv{c1}-pool-conv{c2}-pool-{widths}, {cfg.activation}, dropout {cfg.dropout:g}"
         return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
     mlp = build_mlp(cfg.hidden, cfg.activation, cfg.dropout, device)
