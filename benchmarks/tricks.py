@@ -19,7 +19,7 @@ import torch
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import _checks
-from manualgrad.functions import ManualFunction, activations, base, conv, losses, softmax
+from manualgrad.functions import ManualFunction, activations, base, conv, losses, pooling, softmax
 
 from .suites import mnist_cnn
 
@@ -73,6 +73,11 @@ TRICKS = {
     "G_W as a convolution over the batch (conv.SWAP_AT)": lambda: _swapped(conv, "SWAP_AT", math.inf),
     "G_Y ⊙ h' into h' (activations.times)": lambda: _swapped(activations, "times", lambda g, h, fresh=False: g * h),
     "e^x through exp2 (base.exp)": _plain_exp,
+    "max pool in channels-last (pooling._torch_max_pool2d)": lambda: _swapped(
+        pooling,
+        "_torch_max_pool2d",
+        lambda x, k, s, p, d, c: torch.nn.functional.max_pool2d(x, k, s, p, d, ceil_mode=c, return_indices=True),
+    ),
 }
 
 

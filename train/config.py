@@ -188,7 +188,7 @@ PRESETS: dict[str, dict] = {
     # DP-SGD at epsilon 3, 2 and 1 (delta 1e-5): the small CNN, DP_CNN above
     "dp3": dict(DP_CNN, epsilon=3.0, batch_size=1024, lr=1.0, epochs=40),
     "dp2": dict(DP_CNN, epsilon=2.0, batch_size=1024, lr=1.0, epochs=40),
-    "dp1": dict(DP_CNN, epsilon=1.0, batch_size=2048, lr=2.0, epochs=40),
+    "dp1": dict(DP_CNN, epsilon=1.0, batch_size=4096, lr=4.0, epochs=30),
     # DP-SGD's MLP at epsilon 2, for comparison
     "dp2-mlp": dict(DP_MLP, epsilon=2.0),
 }

@@ -85,7 +85,7 @@ def curves_png(metrics: dict) -> bytes:
         ax_eps = ax_acc.twinx()
         ax_eps.plot(*zip(*spent), ":", color="tab:gray", marker=".", ms=3, label="epsilon spent")
         ax_eps.set(ylabel="epsilon spent", ylim=(0, 1.05 * max(e for _, e in spent)))
-        ax_eps.legend(loc="lower center")
+        ax_eps.legend(loc="upper left")  # both curves rise from the lower left: that corner is free
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right" if ax is ax_loss else "lower right")  # the accuracy rises to the upper right
