@@ -77,6 +77,8 @@ FUNCTION_COLUMNS = [
     ("ours / native", "ratio", ".3f"),
     ("one-pass limit µs", "one_pass_us", ".1f"),
     ("ours / limit", "ours_over_one_pass", ".2f"),
+    ("fused µs", "fused_us", ".1f"),
+    ("fused / native", "fused_ratio", ".3f"),
 ]
 CNN_COLUMNS = [
     ("model", "model", "s"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+import manualgrad
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import testing
@@ -50,6 +51,7 @@ def functions(device: str, quick: bool = False, rounds: int = 30) -> list[dict]:
             if op.kind == "activation":  # a copy of the input's size, timed alongside: the measured bandwidth
                 source, target = inputs[0].detach().clone(), torch.empty_like(inputs[0])
                 contenders["copy"] = lambda s=source, t=target: t.copy_(s)
+                contenders["fused"] = _fused(contenders["ours"])  # G_Y ⊙ h' in one compiled pass (opt-in)
             t = interleaved(contenders, device=device, rounds=2 if quick else rounds)
             row = {
                 "function": op.name,
@@ -61,8 +63,21 @@ def functions(device: str, quick: bool = False, rounds: int = 30) -> list[dict]:
             if "copy" in t:
                 row["one_pass_us"] = ONE_PASS_COPIES * t["copy"] * 1e6
                 row["ours_over_one_pass"] = row["ours_us"] / row["one_pass_us"]
+                row["fused_us"] = t["fused"] * 1e6
+                row["fused_ratio"] = t["fused"] / t["native"]
             rows.append(row)
     return rows
+
+
+def _fused(run):
+    """``run`` under ``manualgrad.fused_backward()``, compiled before the timing starts."""
+
+    def fused():
+        with manualgrad.fused_backward():
+            return run()
+
+    fused()
+    return fused
 
 
 #: An elementwise activation's forward + backward at the physical limit moves 5 arrays of the input's size (forward:

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+import manualgrad
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import _checks
@@ -78,7 +79,10 @@ TRICKS = {
         "_torch_max_pool2d",
         lambda x, k, s, p, d, c: torch.nn.functional.max_pool2d(x, k, s, p, d, ceil_mode=c, return_indices=True),
     ),
+    "one pass per activation backward (fused.fused_backward, opt-in)": lambda: manualgrad.fused_backward(False),
 }
+#: the tricks a user switches on (off by default): trick -> a context manager that switches it on
+OPT_IN = {"one pass per activation backward (fused.fused_backward, opt-in)": manualgrad.fused_backward}
 
 
 def _steps(quick: bool):
@@ -136,7 +140,7 @@ def _alternating(step, trick: str, rounds: int, calls: int) -> tuple[float, floa
     samples = {"on": [], "off": []}
     for r in range(rounds):
         for state in ("on", "off") if r % 2 else ("off", "on"):
-            with contextlib.nullcontext() if state == "on" else TRICKS[trick]():
+            with OPT_IN.get(trick, contextlib.nullcontext)() if state == "on" else TRICKS[trick]():
                 step()  # one untimed call after the switch
                 start = time.perf_counter()
                 for _ in range(calls):

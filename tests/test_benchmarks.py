@@ -32,12 +32,13 @@ def test_benchmark_suite_runs_and_writes_results(tmp_path, monkeypatch):
         assert has_limit == (row["function"] in activations), row
         if has_limit:
             assert row["one_pass_us"] > 0 and row["ours_over_one_pass"] == row["ours_us"] / row["one_pass_us"]
+            assert row["fused_us"] > 0 and math.isclose(row["fused_ratio"], row["fused_us"] / row["native_us"])
     dp_rows = written["dp"]  # a whole DP-SGD step beside the plain step (and Opacus's modes, when installed)
     assert {row["model"] for row in dp_rows} == {"SampleConvNet", "MLP 8-6-10", "text 4x5 tokens"}
     assert {"plain (torch.nn)", "manualgrad DP"} <= {row["variant"] for row in dp_rows}
     assert all(math.isfinite(row["us"]) and row["us"] > 0 for row in dp_rows)
     assert "| MLP |" in quick.with_suffix(".md").read_text()
-    assert "| one-pass limit µs | ours / limit |" in quick.with_suffix(".md").read_text()
+    assert "| one-pass limit µs | ours / limit | fused µs | fused / native |" in quick.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("out", ["benchmarks/results/cpu", "benchmarks/results/mine"])

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .. import _checks, _compat
 from ..registry import activation
+from . import fused
 from .base import ManualFunction, cast, exp, opmath, recorded, save
 
 __all__ = [
@@ -104,7 +105,9 @@ class Elementwise(ManualFunction):
 
         def backward(ctx, grad_output):
             (saved,) = ctx.saved_tensors
-            grad_input = times(grad_output, cls.derivative(opmath(saved), *ctx.params), fresh)  # G_Z = G_Y ⊙ h'
+            grad_input = fused.product(cls, grad_output, opmath(saved), ctx.params)  # None unless fused_backward
+            if grad_input is None:
+                grad_input = times(grad_output, cls.derivative(opmath(saved), *ctx.params), fresh)  # G_Z = G_Y ⊙ h'
             return (cast(grad_input, grad_output.dtype),) + (None,) * len(ctx.params)
 
         def jvp(ctx, z_tangent, *param_tangents):
