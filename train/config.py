@@ -32,7 +32,7 @@ from manualgrad.nn import ACTIVATIONS
 
 from .errors import ConfigError, short
 
-MODELS = ("mlp", "cnn", "small-cnn")
+MODELS = ("mlp", "cnn", "small-cnn", "scatter-cnn")
 MAX_SEED = 2**64 - 1  # torch's seeds are unsigned 64-bit integers
 MAX_WIDTH = 2**31 - 1
 MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only slows down; far more crashes OpenMP
@@ -133,6 +133,10 @@ MODEL_DEFAULTS: dict[str, dict] = {
     "cnn": dict(epochs=6, hidden=(128,), dropout=0.5, impl="layers", augment="shift"),
     # Papernot et al. 2021's tanh CNN (26,010 parameters), as the DP presets train it
     "small-cnn": dict(
+        channels=(16, 32), hidden=(32,), activation="tanh", dropout=0.0, impl="layers", label_smoothing=0.0
+    ),
+    # Tramer & Boneh 2021's CNN on ScatterNet features (train/scatter.py), as the DP presets train it
+    "scatter-cnn": dict(
         channels=(16, 32), hidden=(32,), activation="tanh", dropout=0.0, impl="layers", label_smoothing=0.0
     ),
 }
@@ -241,7 +245,10 @@ class Config:
         "Linear), with its own defaults (6 epochs, --hidden 128, --dropout 0.5, --impl layers, --augment shift); "
         "small-cnn: the small CNN of DP-SGD (Papernot et al. 2021: Conv2d 1->16 8x8 stride 2, max-pool 2 stride 1, "
         "Conv2d 16->32 4x4 stride 2, max-pool 2 stride 1, Linear 512 -> hidden... -> 10), with its own defaults "
-        "(--channels 16,32, --hidden 32, --activation tanh, --dropout 0, --label-smoothing 0, --impl layers)",
+        "(--channels 16,32, --hidden 32, --activation tanh, --dropout 0, --label-smoothing 0, --impl layers); "
+        "scatter-cnn: a CNN on ScatterNet features (Tramer & Boneh 2021: the images' scattering transform, 81x7x7, "
+        "GroupNorm without parameters, Conv2d 81->16 3x3 stride 2, Conv2d 16->32 3x3, Linear 512 -> hidden... -> "
+        "10; needs kymatio), the small CNN's defaults, no --augment",
         MODELS,
     )
     data_dir: str = option(
@@ -540,6 +547,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"--model {cfg.model}: not one of {', '.join(MODELS)}")
     if cfg.model != "mlp" and cfg.impl != "layers":
         raise ConfigError(f"--model {cfg.model} has one Function per layer only: --impl layers, not {cfg.impl}")
+    if cfg.model == "scatter-cnn" and cfg.augment != "none":
+        raise ConfigError(f"--model scatter-cnn: --augment none (it trains on fixed features), not {cfg.augment}")
     if cfg.dp:
         if cfg.epsilon is None:
             raise ConfigError("--dp needs --epsilon, the privacy budget of the whole run (e.g. --epsilon 2)")

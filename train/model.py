@@ -36,6 +36,8 @@ from torch import Tensor
 
 import manualgrad.nn as mnn
 
+from . import scatter
+
 IN_FEATURES, CLASSES, SIDE = 28 * 28, 10, 28
 
 
@@ -90,6 +92,23 @@ def build_small_cnn(hidden, activation: str, dropout: float, device, channels=(1
     return torch.nn.Sequential(*layers)
 
 
+def build_scatter_cnn(hidden, activation: str, dropout: float, device, channels=(16, 32)) -> torch.nn.Sequential:
+    """Tramer & Boneh 2021's CNN on ScatterNet features (:mod:`train.scatter`): ``GroupNorm(27, 81)`` without
+    parameters (each image's features normalised by themselves), ``Conv2d(81, 16, 3, stride 2, padding 1)``,
+    activation, ``Conv2d(16, 32, 3, padding 1)``, activation, ``Flatten`` (512), then the fully connected layers.
+    Features ``(N, 81, 7, 7)`` in, logits out; seed the global RNG first."""
+    act = mnn.ACTIVATIONS[activation]
+    (c1, c2), width = channels, channels[1] * 4 * 4  # 7 -> 4 -> 4
+    layers = [mnn.GroupNorm(27, scatter.CHANNELS, affine=False, device=device)]
+    layers += [mnn.Conv2d(scatter.CHANNELS, c1, 3, stride=2, padding=1, device=device), act()]
+    layers += [mnn.Conv2d(c1, c2, 3, padding=1, device=device), act(), mnn.Flatten()]
+    for h in hidden:
+        layers += [mnn.Linear(width, h, device=device), act(), *([mnn.Dropout(dropout)] if dropout > 0 else [])]
+        width = h
+    layers.append(mnn.Linear(width, CLASSES, device=device))
+    return torch.nn.Sequential(*layers)
+
+
 def torch_twin(model: torch.nn.Module) -> torch.nn.Sequential:
     """The same layers as plain torch.nn modules (``torch.nn.Linear``, ``torch.nn.Conv2d``...), with a copy
     of the weights. Every manualgrad module subclasses its torch.nn namesake and adds no state, so the
@@ -112,6 +131,11 @@ def build(cfg, device) -> Net:
             f"CNN conv{c1}-conv{c2}-pool-{widths}, {cfg.activation}, dropout {cfg.dropout / 2:g}/{cfg.dropout:g}"
         )
         return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
+    if cfg.model == "scatter-cnn":
+        cnn = build_scatter_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
+        c1, c2 = cfg.channels
+        architecture = f"ScatterNet + CNN groupnorm-conv{c1}-conv{c2}-{widths}, {cfg.activation}"
+        return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=scatter.SHAPE)
     if cfg.model == "small-cnn":
         cnn = build_small_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
         c1, c2 = cfg.channels

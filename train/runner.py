@@ -25,6 +25,7 @@ import os
 import re
 import statistics
 import sys
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 import manualgrad
 
-from . import checkpoint, data, distributed, model
+from . import checkpoint, data, distributed, model, scatter
 from .checks import check_all
 from .config import Config, check, resume_config
 from .engine import EpochResult, Position, StopRequest, Trainer, TrainingError
@@ -115,6 +116,14 @@ def load_data(cfg: Config, world: distributed.World) -> data.MNIST:
     folder = distributed.on_main(world, data.locate, cfg.data_dir, cfg.download, share=True)
     mnist = data.load(folder, world.device, download=False)
     log(world, f"data: {len(mnist.train_y):,} training and {len(mnist.test_y):,} test images from {mnist.folder}")
+    if cfg.model == "scatter-cnn":
+        start = time.perf_counter()
+        mnist = scatter.transform(mnist)
+        log(
+            world,
+            f"features: the images' scattering transform, {'x'.join(map(str, scatter.SHAPE))} each, "
+            f"in {time.perf_counter() - start:.0f} s",
+        )
     return mnist
 
 

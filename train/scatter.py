@@ -1,0 +1,45 @@
+"""ScatterNet features of the images (``--model scatter-cnn``): a fixed wavelet transform with no parameters.
+
+The scattering transform of Oyallon & Mallat (2015), through kymatio, at J = 2 with 8 orientations: every
+28x28 image becomes 81 channels of 7x7 (the local averages of the image, of its wavelet moduli and of theirs).
+Tramer & Boneh (2021) train DP-SGD on these features: the transform is the same for any data set, so computing
+it costs no privacy, and a small CNN on top learns from fewer, noisier steps than one on the pixels. The
+features are computed once per run, on the run's device, for the training and the test images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from .data import MNIST, SIDE
+from .errors import ConfigError
+
+CHANNELS, FEATURE_SIDE = 81, SIDE // 4  # J = 2: 1 + 8J + 64 J(J-1)/2 channels, each side halved J times
+SHAPE = (CHANNELS, FEATURE_SIDE, FEATURE_SIDE)
+
+
+def scattering(device) -> torch.nn.Module:
+    """kymatio's 2-D scattering of 28x28 images at J = 2, on ``device``."""
+    try:  # the 2-D frontend alone: kymatio.torch also imports its 3-D one, which fails with scipy >= 1.17
+        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+    except ImportError as e:
+        raise ConfigError(f"--model scatter-cnn needs kymatio ({e}): pip install -e '.[train]'") from None
+    return ScatteringTorch2D(J=2, shape=(SIDE, SIDE)).to(device)
+
+
+def features(rows: Tensor, transform: torch.nn.Module, chunk: int = 1000) -> Tensor:
+    """Normalised pixel rows ``(N, 784)`` -> their scattering features, flattened: ``(N, 81 * 7 * 7)``."""
+    parts = [
+        transform(rows[i : i + chunk].reshape(-1, SIDE, SIDE)).reshape(-1, CHANNELS * FEATURE_SIDE**2)
+        for i in range(0, len(rows), chunk)
+    ]
+    return torch.cat(parts) if parts else rows.new_zeros(0, CHANNELS * FEATURE_SIDE**2)
+
+
+def transform(mnist: MNIST) -> MNIST:
+    """The same data with the features in place of the pixels (training and test images)."""
+    scatter = scattering(mnist.train_x.device)
+    return dataclasses.replace(mnist, train_x=features(mnist.train_x, scatter), test_x=features(mnist.test_x, scatter))
