@@ -1,22 +1,6 @@
-"""``run(config)``: a whole training run, from the data to the run folder's files.
-
-A run is these steps, in this order, each a function below:
-
-1. **setup**: the processes (torchrun), the device, the CPU threads;
-2. **resume** (``--resume``): the checkpoint, loaded and checked once, decides the configuration;
-3. **load the data** (when resuming: the same data as the checkpoint's, by fingerprint);
-4. **build the model** and its trainer (and the torch.nn twin's, ``--compare-native``);
-5. **check the gradients** (``--check-grads``), and that the backward graph is all manualgrad's;
-6. **restore** the checkpoint's state, or start at epoch 1;
-7. **open the run folder** (rank 0): create, lock, clean up; write ``config.json``;
-8. **for each epoch**: train, check the weights are finite, evaluate, save ``checkpoint.pt`` and
-   ``metrics.json``; stop early on Ctrl-C (after writing a checkpoint);
-9. **finish**: ``metrics.json``, ``curves.png``, the last lines of the log.
-
-A failure before step 7 leaves no trace on disk.
-
-What the run has done so far is one :class:`Progress`, passed from step to step.
-"""
+"""``run(config)``: a whole training run, from the data to the run folder's files, in the order of :func:`_run`:
+set up, resume, load the data, build, check, restore, open the run folder (nothing is written before), train the
+epochs (saving after each), finish. One step is :meth:`train.engine.Trainer.train_step`."""
 
 from __future__ import annotations
 
@@ -34,11 +18,10 @@ from tqdm import tqdm
 import manualgrad
 
 from . import checkpoint, data, distributed, model
-from .checks import check_all
 from .config import Config, check, resume_config
-from .engine import EpochResult, Position, StopRequest, Trainer, TrainingError
+from .engine import Position, StopRequest, Trainer, TrainingError
 from .errors import ConfigError, RunError, first_line
-from .folder import RunFolder
+from .files import RunFolder
 from .threads import Threads
 
 
@@ -54,10 +37,9 @@ class Progress:
 
 
 def run(cfg: Config, on_step=None, given: Collection[str] | None = None) -> dict:
-    """Train as ``cfg`` says and return the metrics (what ``metrics.json`` holds; on ranks other than 0
-    the test metrics are missing). ``on_step(epoch, step, trainer)``, if given, is called after every
-    step (tests use it). ``given``: with ``cfg.resume``, the names of the options the user set (see
-    :func:`train.config.resume_config`); None: all of them."""
+    """Train as ``cfg`` says and return the metrics (``metrics.json``; other ranks than 0 lack the test metrics).
+    ``on_step(epoch, step, trainer)`` is called after every step (tests use it). ``given``: with ``cfg.resume``,
+    the options the user set (:func:`train.config.resume_config`; None: all)."""
     world = distributed.setup(cfg.device)
     together = False  # whether every process got here alike, so that they can leave together
     threads_before = torch.get_num_threads()  # restored on the way out, for callers in the same process
@@ -69,9 +51,12 @@ def run(cfg: Config, on_step=None, given: Collection[str] | None = None) -> dict
         together = True  # these are raised in every process at the same point
         raise
     except RuntimeError as e:  # torch.OutOfMemoryError is one
-        if not _out_of_memory(e):
+        text = str(e)
+        if not (isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator" in text or "not enough memory" in text):
             raise
-        raise TrainingError(f"not enough memory for this run ({_allocation(e)}); try a smaller --hidden") from None
+        found = re.search(r"tried to allocate (\d+) bytes", text)
+        size = f"it tried to allocate {int(found[1]) / 1e9:,.1f} GB" if found else first_line(e)
+        raise TrainingError(f"not enough memory for this run ({size}); try a smaller --hidden") from None
     finally:
         torch.set_num_threads(threads_before)
         distributed.teardown(world, together)
@@ -85,9 +70,16 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
         cfg = resume_config(cfg, Config.from_dict(resumed["config"]), given)
     check(cfg)
     threads = Threads(cfg.threads, world.local_size, world.device)
-    mnist = load_data(cfg, world)
-    if resumed is not None:
-        check_same_data(resumed, mnist, cfg.resume)
+    # the data: rank 0 finds (or downloads) the files, then every process reads them onto its device
+    mnist = data.load(
+        distributed.on_main(world, data.locate, cfg.data_dir, cfg.download, share=True), world.device, False
+    )
+    log(world, f"data: {len(mnist.train_y):,} training and {len(mnist.test_y):,} test images from {mnist.folder}")
+    if resumed is not None and resumed["data"]["fingerprint"] != mnist.fingerprint:  # its order indexes its data
+        raise checkpoint.CheckpointError(
+            f"cannot resume from {checkpoint.checkpoint_path(cfg.resume)}: it was trained on other data than the "
+            f"files in {mnist.folder} (their fingerprints differ); resume with the same MNIST files"
+        )
     trainer, native = build(cfg, world, threads, mnist)
     if cfg.check_grads:
         distributed.on_main(world, check_gradients, trainer.net, mnist, cfg, world)
@@ -95,12 +87,12 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
     with open_run_folder(cfg, world) as folder:  # nothing is written before this point
         cfg = dataclasses.replace(cfg, out=folder.path)
-        distributed.on_main(world, folder.write_config, cfg.to_dict())
+        distributed.on_main(world, folder.write_json, "config.json", cfg.to_dict())
         log(world, f"run folder: {folder.path}")
         if progress.epoch == cfg.epochs:
             log(world, "the checkpoint had finished all its epochs; nothing to do")
         try:
-            progress = train_epochs(cfg, world, trainer, native, progress, folder, mnist, on_step)
+            train_epochs(cfg, world, trainer, native, progress, folder, mnist, on_step)
         except RunError:
             distributed.on_main(world, draw_curves, folder, metrics_of(cfg, world, trainer, native, progress))
             raise
@@ -110,28 +102,10 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
 # ---- the steps before training
 
 
-def load_data(cfg: Config, world: distributed.World) -> data.MNIST:
-    """Rank 0 finds (or downloads) the files, then every process reads them onto its device."""
-    folder = distributed.on_main(world, data.locate, cfg.data_dir, cfg.download, share=True)
-    mnist = data.load(folder, world.device, download=False)
-    log(world, f"data: {len(mnist.train_y):,} training and {len(mnist.test_y):,} test images from {mnist.folder}")
-    return mnist
-
-
-def check_same_data(resumed: dict, mnist: data.MNIST, path: str) -> None:
-    """A checkpoint continues only on the data it was trained on (wherever the files now are): its
-    batch order indexes that training set, and its metrics so far were measured on that test set."""
-    if resumed["data"]["fingerprint"] != mnist.fingerprint:
-        raise checkpoint.CheckpointError(
-            f"cannot resume from {checkpoint.checkpoint_path(path)}: it was trained on other data than the "
-            f"files in {mnist.folder} (their fingerprints differ); resume with the same MNIST files"
-        )
-
-
 def open_run_folder(cfg: Config, world: distributed.World) -> RunFolder:
     """Rank 0 opens (creates, locks) the run folder; the other processes learn its path."""
     resuming = checkpoint.checkpoint_path(cfg.resume) if cfg.resume else None
-    out = cfg.out if cfg.out is not None or resuming is None else _folder_of(resuming)
+    out = cfg.out if cfg.out is not None or resuming is None else os.path.dirname(os.path.abspath(resuming))
     folder = distributed.on_main(world, RunFolder.open, out, resuming)
     path = distributed.broadcast_object(folder.path if folder else None, world)
     return folder or RunFolder(path, lock=None)  # other ranks never write: everything goes through on_main
@@ -161,8 +135,7 @@ def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.M
 
 
 def check_coverage(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
-    """The whole backward graph of the model's loss (in training mode, on the first rows) is manualgrad's, else
-    :class:`TrainingError`. Its random draws (dropout) are thrown away."""
+    """The whole backward graph of the model's loss (training mode, first rows) must be manualgrad's."""
     x, y = mnist.train_x[: cfg.batch_size], mnist.train_y[: cfg.batch_size]
     with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
         net.module.train()
@@ -175,7 +148,7 @@ def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distr
     """--check-grads (rank 0): our gradients on the first batch against torch autograd's, for every impl."""
     batch = data.epoch_order(len(mnist.train_y), torch.Generator().manual_seed(cfg.seed))[: cfg.batch_size]
     batch = batch.to(world.device)
-    for result in check_all(net, mnist.train_x[batch], mnist.train_y[batch]):
+    for result in model.check_all(net, mnist.train_x[batch], mnist.train_y[batch]):
         log(world, result)
         if not result.ok:
             raise TrainingError(
@@ -187,22 +160,11 @@ def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distr
 def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.World) -> Progress:
     """The trainer's state and the run's progress from the checkpoint."""
     path = checkpoint.checkpoint_path(cfg.resume)
-    reason = checkpoint.misfit(trainer, resumed)
-    options = [set(group) for group in trainer.optimizer.param_groups]
-    if reason is None:
-        try:
-            same_world = trainer.load_state_dict(resumed)
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-            reason = first_line(e)
-    if reason is None:  # what an older torch's groups lacked, load_state_dict filled in: all of it?
-        lacking = sorted({k for group, keys in zip(trainer.optimizer.param_groups, options) for k in keys - set(group)})
-        reason = f"optimizer param_groups lack {', '.join(lacking)}" if lacking else None
-    if reason is not None:
-        raise checkpoint.CheckpointError(f"cannot resume from {path}: its state does not fit ({reason})") from None
-    if not same_world:
+    if not checkpoint.restore(trainer, resumed, path):
+        processes = len(resumed["rng"]["torch"])
         log(
             world,
-            f"warning: the checkpoint was written by {len(resumed['rng']['torch'])} processes, this run has "
+            f"warning: the checkpoint was written by {processes} processes, this run has "
             f"{world.size}: dropout masks will differ from an uninterrupted run",
         )
     position = Position(**resumed["position"]) if resumed["position"] is not None else None
@@ -222,16 +184,7 @@ def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.Wor
 # ---- the epochs
 
 
-def train_epochs(
-    cfg: Config,
-    world: distributed.World,
-    trainer: Trainer,
-    native: Trainer | None,
-    progress: Progress,
-    folder: RunFolder,
-    mnist: data.MNIST,
-    on_step,
-) -> Progress:
+def train_epochs(cfg, world, trainer: Trainer, native, progress: Progress, folder, mnist, on_step) -> None:
     """Train the remaining epochs, saving after each; on Ctrl-C, save where it stopped and return."""
     with StopRequest(world) as stop:
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
@@ -246,12 +199,12 @@ def train_epochs(
                 progress.position, progress.interrupted = result.interrupted, True
                 save(cfg, world, trainer, native, progress, folder, mnist)
                 log(world, f"interrupted at epoch {epoch}, step {result.interrupted.step}: checkpoint written")
-                return progress
-
+                return
             progress.epoch, progress.position = epoch, None
-            progress.history.append(record(trainer, epoch, result))
+            progress.history.append(record(trainer, epoch, result.train_loss, result.seconds))
             if native is not None:  # the torch.nn twin's epoch, right after ours (it never sees Ctrl-C)
-                progress.native_history.append(record(native, epoch, native.train_epoch(epoch, StopRequest(world))))
+                theirs = native.train_epoch(epoch, StopRequest(world))
+                progress.native_history.append(record(native, epoch, theirs.train_loss, theirs.seconds))
             if world.main:  # the others have no test metrics
                 versus = f"  | torch.nn: {_summary(progress.native_history[-1], 0)}" if native is not None else ""
                 log(world, _summary(progress.history[-1], cfg.epochs) + versus)
@@ -260,13 +213,12 @@ def train_epochs(
             save(cfg, world, trainer, native, progress, folder, mnist)
             if progress.interrupted:
                 log(world, f"interrupted after epoch {epoch}: checkpoint written")
-                return progress
-    return progress
+                return
 
 
-def record(trainer: Trainer, epoch: int, result: EpochResult) -> dict:
+def record(trainer: Trainer, epoch: int, train_loss: float, seconds: float) -> dict:
     """The epoch's line of metrics.json; rank 0 alone evaluates on the test set."""
-    r = {"epoch": epoch, "train_loss": result.train_loss, "seconds": result.seconds}
+    r = {"epoch": epoch, "train_loss": train_loss, "seconds": seconds}
     if trainer.world.main:
         r["test_loss"], r["test_accuracy"] = trainer.evaluate()
     if trainer.privacy is not None:  # what the run has spent so far (at its delta)
@@ -282,15 +234,15 @@ def save(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFo
         config=cfg.to_dict(),
         data={"fingerprint": mnist.fingerprint, "train": len(mnist.train_y), "test": len(mnist.test_y)},
         epoch=progress.epoch,
-        position=progress.position.to_dict() if progress.position else None,
+        position=dict(vars(progress.position)) if progress.position else None,
         history=progress.history,
         world_size=world.size,
     )
     if progress.native_history:  # --compare-native: the torch.nn twin's epochs, kept on resume
         state["native_history"] = progress.native_history
     metrics = metrics_of(cfg, world, trainer, native, progress)
-    distributed.on_main(world, folder.save_checkpoint, state)
-    distributed.on_main(world, folder.write_metrics, metrics)
+    distributed.on_main(world, checkpoint.save, state, folder.file(checkpoint.FILENAME))
+    distributed.on_main(world, folder.write_json, "metrics.json", metrics)
 
 
 # ---- the end
@@ -303,9 +255,7 @@ def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: Run
         log(world, f"continue with: python -m train --resume {folder.path}")
     elif world.main and progress.history:
         epochs = _plural(len(progress.history), "epoch")
-        private = ""
-        if trainer.privacy is not None:
-            private = f", ({metrics['privacy']['spent_epsilon']:.3f}, {cfg.delta:g})-DP"
+        private = f", ({metrics['privacy']['spent_epsilon']:.3f}, {cfg.delta:g})-DP" if trainer.privacy else ""
         log(
             world,
             f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {epochs}{private}, "
@@ -313,7 +263,7 @@ def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: Run
         )
         if progress.native_history:
             metrics["native"]["time_ratio"] = _print_comparison(world, cfg, progress.history, progress.native_history)
-    distributed.on_main(world, folder.write_metrics, metrics)
+    distributed.on_main(world, folder.write_json, "metrics.json", metrics)
     distributed.on_main(world, draw_curves, folder, metrics)
     return metrics
 
@@ -340,20 +290,19 @@ def metrics_of(cfg: Config, world: distributed.World, trainer: Trainer, native, 
         spent = trainer.privacy.epsilon(trainer.private_steps)  # an interrupted epoch's steps count too
         metrics["privacy"] = {**trainer.privacy.to_dict(), "spent_epsilon": spent, "steps": trainer.private_steps}
     if native is not None or progress.native_history:  # a resumed run keeps the twin's epochs so far
-        native_history = progress.native_history
-        metrics["native"] = {
-            "test_accuracy": native_history[-1].get("test_accuracy") if native_history else None,
-            "epochs": native_history,
-        }
+        theirs = progress.native_history
+        metrics["native"] = {"test_accuracy": theirs[-1].get("test_accuracy") if theirs else None, "epochs": theirs}
     return metrics
 
 
 def draw_curves(folder: RunFolder, metrics: dict) -> None:
     """curves.png; a failure to draw it is a warning, not a failed run (python -m train.plot redraws it)."""
+    from . import plot  # here, not at import: `python -m train.plot` must find train.plot not yet imported
+
     if not metrics["epochs"]:
         return
     try:
-        folder.draw_curves(metrics)
+        folder.write("curves.png", plot.curves_png(metrics))
     except Exception as e:
         log_line(f"warning: curves.png not drawn ({type(e).__name__}: {e}); draw it with python -m train.plot")
 
@@ -374,24 +323,6 @@ def _diverged(problem: str, folder: RunFolder) -> TrainingError:
     last = folder.file(checkpoint.FILENAME)
     kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
     return TrainingError(f"{problem}; {kept}. A lower --lr may help.")
-
-
-def _folder_of(checkpoint_file: str) -> str:
-    return os.path.dirname(os.path.abspath(checkpoint_file))
-
-
-def _out_of_memory(e: RuntimeError) -> bool:
-    text = str(e)
-    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator" in text or "not enough memory" in text
-
-
-def _allocation(e: RuntimeError) -> str:
-    """E.g. "it tried to allocate 12544.0 GB", from torch's message."""
-    found = re.search(r"tried to allocate (\d+) bytes", str(e))
-    if found:
-        return f"it tried to allocate {int(found[1]) / 1e9:,.1f} GB"
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _plural(n: int, one: str, many: str | None = None) -> str:
