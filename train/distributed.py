@@ -36,24 +36,18 @@ class World:
         return self.size > 1
 
 
-def pick_device(requested: str) -> torch.device:
-    """``auto``: CUDA when available; under torchrun each process takes the GPU of its LOCAL_RANK."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
+def setup(requested_device: str) -> World:
+    """The device (``auto``: CUDA when available; under torchrun each process takes the GPU of its LOCAL_RANK),
+    and the process group when started by torchrun (gloo on CPU, nccl on CUDA)."""
+    device = torch.device("cpu")
+    if requested_device == "cuda" or (requested_device == "auto" and torch.cuda.is_available()):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
             raise SetupError(
                 f"process {local_rank} of this machine has no GPU of its own "
                 f"({torch.cuda.device_count()} visible); start fewer processes or use --device cpu"
             )
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def setup(requested_device: str) -> World:
-    """Join the process group when started by torchrun (gloo on CPU, nccl on CUDA)."""
-    device = pick_device(requested_device)
+        device = torch.device("cuda", local_rank)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not started by torchrun
         return World(device=device)
     if device.type == "cuda":

@@ -31,6 +31,7 @@ from .model import Net
 from .threads import Threads
 
 NOISE_SEED_OFFSET = 0x9E3779B97F4A7C15  # --dp's noise stream is seeded with --seed + this (mod 2**64)
+PROGRESS_BAR = dict(unit="batch", leave=False, dynamic_ncols=True)  # disable=None: shown on a terminal only
 
 
 class TrainingError(RunError):
@@ -286,24 +287,19 @@ class Trainer:
     def train_epoch(self, epoch: int, stop: StopRequest, resume: Position | None = None, on_step=None) -> EpochResult:
         """The steps of ``epoch`` (1-based), from ``resume``'s step when given; ``on_step(epoch, step, trainer)``
         after every step. The thread timing and the progress bar sit beside the step."""
-        at = resume or self.epoch_start()
+        n = len(self.data.train_y)  # a new epoch: a fresh order of the rows (--dp: none, each step samples)
+        at = resume or Position(
+            0, torch.zeros(0, dtype=torch.long) if self.privacy else data.epoch_order(n, self.generator)
+        )
         order, loss_sum, rows_seen, seconds = at.order.to(self.world.device), at.loss_sum, at.rows, at.seconds
         self.net.module.train()
         set_rng_state(self.torch_rng, self.world.device)
-        hide = None if self.world.main and self.cfg.progress else True  # None: hidden unless on a terminal
-        desc = f"epoch {epoch}/{self.cfg.epochs}"
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            initial=at.step,
-            desc=desc,
-            unit="batch",
-            leave=False,
-            dynamic_ncols=True,
-            disable=hide,
-        )
+        desc, hide = f"epoch {epoch}/{self.cfg.epochs}", None if self.world.main and self.cfg.progress else True
+        bar = tqdm(total=self.steps_per_epoch, initial=at.step, desc=desc, disable=hide, **PROGRESS_BAR)
         start, stopping = time.perf_counter(), False
-        self.threads.steps.clear()
-        self.threads.choose(functools.partial(self.trial_step, *self.timing_batch(order, at.step)))
+        self.threads.steps.clear()  # time the thread counts on undistorted rows, drawn from no random stream
+        first = torch.arange(min(self.cfg.batch_size, n)) if self.privacy else self.global_batch(order, at.step)
+        self.threads.choose(functools.partial(self.trial_step, first))
         try:
             for step in range(at.step, self.steps_per_epoch):
                 step_start = time.perf_counter()
@@ -318,7 +314,7 @@ class Trainer:
                     )
                 loss_sum, rows_seen = loss_sum + loss * len(rows), rows_seen + len(rows)
                 if self.threads.step_took(time.perf_counter() - step_start):  # slowed down: time the counts again
-                    self.threads.choose(functools.partial(self.trial_step, x, y))
+                    self.threads.choose(functools.partial(self.trial_step, rows))
                 bar.update()
                 if step % 20 == 0 or step == self.steps_per_epoch - 1:
                     speed = rows_seen / max(seconds + time.perf_counter() - start, 1e-9)
@@ -342,18 +338,14 @@ class Trainer:
             return contextlib.nullcontext()
         return manualgrad.per_sample(self.net.module, clip=self.privacy.clip, loss_reduction="mean")
 
-    def trial_step(self, x: Tensor, y: Tensor) -> None:
-        """A forward and backward pass thrown away, random streams untouched (:mod:`train.threads` times it)."""
-        if len(y):
+    def trial_step(self, rows: Tensor) -> None:
+        """Forward and backward on this process's share of ``rows``, thrown away, random streams untouched
+        (:mod:`train.threads` times it)."""
+        mine = distributed.share(rows, self.world)
+        if len(mine):
             with torch.random.fork_rng(devices=[]), self.clipped():
-                self.net.loss(x, y).backward()
+                self.net.loss(self.data.train_x[mine], self.data.train_y[mine]).backward()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def epoch_start(self) -> Position:
-        """Step 0 of a fresh random order of the training rows (--dp: none, each step samples)."""
-        n = len(self.data.train_y)
-        order = torch.zeros(0, dtype=torch.long) if self.privacy else data.epoch_order(n, self.generator)
-        return Position(step=0, order=order)
 
     def global_batch(self, order: Tensor, step: int) -> Tensor:
         """The rows of step ``step`` (0-based) for all processes together (--dp: Poisson-sampled now)."""
@@ -370,13 +362,6 @@ class Trainer:
             params = augment.draw(self.cfg.augment, len(rows), self.generator)
             x = augment.apply(x, tuple(distributed.share(p, self.world) for p in params))
         return rows, x, y
-
-    def timing_batch(self, order: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        """This process's rows of step ``step``, undistorted, drawn from no random stream: for :meth:`trial_step`."""
-        n = len(self.data.train_y)
-        rows = torch.arange(min(self.cfg.batch_size, n)) if self.privacy is not None else self.global_batch(order, step)
-        mine = distributed.share(rows, self.world)
-        return self.data.train_x[mine], self.data.train_y[mine]
 
     @torch.no_grad()
     def evaluate(self, chunk: int = 2000) -> tuple[float, float]:

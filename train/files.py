@@ -14,7 +14,7 @@ import time
 
 from .errors import RunError
 
-TEMP_SUFFIX = ".tmp"
+TEMP_SUFFIX, LOCK = ".tmp", ".lock"
 FILES = ("config.json", "checkpoint.pt", "metrics.json", "curves.png")  # what a run writes in its folder
 
 
@@ -83,50 +83,34 @@ def remove_temporaries(folder: str, names) -> list[str]:
     return removed
 
 
-class FolderLock:
-    """An exclusive ``flock`` on ``folder/.lock`` (which holds the owner's process id) while this object is open;
-    the kernel releases it when the owner closes it or dies, so a killed run never blocks the next."""
-
-    NAME = ".lock"
-
-    def __init__(self, folder: str):
-        self.path = os.path.join(folder, self.NAME)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise FileError(f"cannot lock {folder}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                by = f" (process {owner})" if owner.isdigit() else ""
-                raise FileError(
-                    f"{folder} is in use by another run{by}; wait for it to end or choose another --out"
-                ) from None
-            raise FileError(f"cannot lock {folder}: {e.strerror or e}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the flock
-            self._fd = None
-
-    def __enter__(self) -> FolderLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def lock(folder: str) -> int:
+    """An exclusive ``flock`` on ``folder/.lock`` (which holds the owner's process id), held while the returned
+    descriptor is open: the kernel releases it when the owner closes it or dies, so a killed run blocks no other."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise FileError(f"cannot lock {folder}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            by = f" (process {owner})" if owner.isdigit() else ""
+            raise FileError(
+                f"{folder} is in use by another run{by}; wait for it to end or choose another --out"
+            ) from None
+        raise FileError(f"cannot lock {folder}: {e.strerror or e}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class RunFolder:
     """An open, locked run folder; :meth:`close` (or ``with``) releases it. Rank 0 alone holds the lock."""
 
-    def __init__(self, path: str, lock: FolderLock | None):
-        self.path, self._lock = path, lock  # lock None: another process's view of rank 0's folder
+    def __init__(self, path: str, lock_fd: int | None):
+        self.path, self._lock_fd = path, lock_fd  # None: another process's view of rank 0's folder
 
     @classmethod
     def open(cls, out: str | None, resuming: str | None = None) -> RunFolder:
@@ -134,7 +118,7 @@ class RunFolder:
         temporaries, and refuse it if it holds any file a run writes, unless it is the folder of the checkpoint
         ``resuming``."""
         path = _create(out)
-        lock = FolderLock(path)
+        fd = lock(path)
         try:
             remove_temporaries(path, FILES)
             existing = os.path.join(path, "checkpoint.pt")
@@ -155,22 +139,17 @@ class RunFolder:
                     "or choose another --out"
                 )
         except BaseException:
-            lock.close()
+            os.close(fd)
             raise
-        return cls(path, lock)
+        return cls(path, fd)
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def write(self, name: str, data: bytes | str) -> None:
-        write_atomically(self.file(name), data)
-
-    def write_json(self, name: str, obj) -> None:
-        write_json(self.file(name), obj)
-
     def close(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def __enter__(self) -> RunFolder:
         return self

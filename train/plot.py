@@ -100,25 +100,21 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="where to write the PNG (default: RUN_FOLDER/curves.png)")
     args = parser.parse_args(argv)
     source = os.path.join(args.run_folder, "metrics.json")
-    try:
-        with open(source) as f:
-            metrics = json.load(f)
-    except FileNotFoundError:
-        print(f"error: no metrics.json in {args.run_folder} (is it a run folder of python -m train?)", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"error: cannot read {source}: {e}", file=sys.stderr)
-        return 1
-    if not isinstance(metrics, dict) or not metrics.get("epochs"):
-        print(f"error: {source} has no finished epoch to plot", file=sys.stderr)
-        return 1
-    target = args.output or os.path.join(args.run_folder, "curves.png")
-    try:
-        png = curves_png(metrics)
-    except (KeyError, TypeError, AttributeError) as e:
-        print(f"error: {source} is not a metrics.json of python -m train ({type(e).__name__}: {e})", file=sys.stderr)
-        return 1
-    try:
+    try:  # each failure: one line
+        try:
+            with open(source) as f:
+                metrics = json.load(f)
+        except FileNotFoundError:
+            raise RunError(f"no metrics.json in {args.run_folder} (is it a run folder of python -m train?)") from None
+        except (OSError, ValueError) as e:
+            raise RunError(f"cannot read {source}: {e}") from None
+        if not isinstance(metrics, dict) or not metrics.get("epochs"):
+            raise RunError(f"{source} has no finished epoch to plot")
+        try:
+            png = curves_png(metrics)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise RunError(f"{source} is not a metrics.json of python -m train ({type(e).__name__}: {e})") from None
+        target = args.output or os.path.join(args.run_folder, "curves.png")
         write_atomically(target, png)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ from . import checkpoint, data, distributed, model
 from .config import Config, check, resume_config
 from .engine import Position, StopRequest, Trainer, TrainingError
 from .errors import ConfigError, RunError, first_line
-from .files import RunFolder
+from .files import RunFolder, write_atomically, write_json
 from .threads import Threads
 
 
@@ -87,7 +87,7 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
     with open_run_folder(cfg, world) as folder:  # nothing is written before this point
         cfg = dataclasses.replace(cfg, out=folder.path)
-        distributed.on_main(world, folder.write_json, "config.json", cfg.to_dict())
+        distributed.on_main(world, write_json, folder.file("config.json"), cfg.to_dict())
         log(world, f"run folder: {folder.path}")
         if progress.epoch == cfg.epochs:
             log(world, "the checkpoint had finished all its epochs; nothing to do")
@@ -108,7 +108,7 @@ def open_run_folder(cfg: Config, world: distributed.World) -> RunFolder:
     out = cfg.out if cfg.out is not None or resuming is None else os.path.dirname(os.path.abspath(resuming))
     folder = distributed.on_main(world, RunFolder.open, out, resuming)
     path = distributed.broadcast_object(folder.path if folder else None, world)
-    return folder or RunFolder(path, lock=None)  # other ranks never write: everything goes through on_main
+    return folder or RunFolder(path, None)  # other ranks never write: everything goes through on_main
 
 
 def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.MNIST):
@@ -242,7 +242,7 @@ def save(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFo
         state["native_history"] = progress.native_history
     metrics = metrics_of(cfg, world, trainer, native, progress)
     distributed.on_main(world, checkpoint.save, state, folder.file(checkpoint.FILENAME))
-    distributed.on_main(world, folder.write_json, "metrics.json", metrics)
+    distributed.on_main(world, write_json, folder.file("metrics.json"), metrics)
 
 
 # ---- the end
@@ -263,7 +263,7 @@ def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: Run
         )
         if progress.native_history:
             metrics["native"]["time_ratio"] = _print_comparison(world, cfg, progress.history, progress.native_history)
-    distributed.on_main(world, folder.write_json, "metrics.json", metrics)
+    distributed.on_main(world, write_json, folder.file("metrics.json"), metrics)
     distributed.on_main(world, draw_curves, folder, metrics)
     return metrics
 
@@ -302,21 +302,18 @@ def draw_curves(folder: RunFolder, metrics: dict) -> None:
     if not metrics["epochs"]:
         return
     try:
-        folder.write("curves.png", plot.curves_png(metrics))
+        write_atomically(folder.file("curves.png"), plot.curves_png(metrics))
     except Exception as e:
-        log_line(f"warning: curves.png not drawn ({type(e).__name__}: {e}); draw it with python -m train.plot")
+        log(None, f"warning: curves.png not drawn ({type(e).__name__}: {e}); draw it with python -m train.plot")
 
 
 # ---- helpers
 
 
-def log(world: distributed.World, *args) -> None:
-    if world.main:
-        log_line(" ".join(str(a) for a in args))
-
-
-def log_line(text: str) -> None:
-    tqdm.write(text, file=sys.stdout)
+def log(world: distributed.World | None, *args) -> None:
+    """A line on rank 0's standard output (None: this process's), beside the progress bar."""
+    if world is None or world.main:
+        tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
 
 
 def _diverged(problem: str, folder: RunFolder) -> TrainingError:
@@ -344,21 +341,16 @@ def _print_comparison(world, cfg: Config, ours: list[dict], theirs: list[dict]) 
     if len(theirs) < len(ours):
         log(world, f"\n(torch.nn trained epochs 1-{len(theirs)} only, before the run was resumed: compared there)")
         ours = ours[: len(theirs)]
-    times = [[r["seconds"] for r in run] for run in (ours, theirs)]
-    last = (("test accuracy", "{:.2%}", "test_accuracy"), ("test loss", "{:.4f}", "test_loss"))
-    last += (("train loss", "{:.4f}", "train_loss"),)
-    rows = [(name, spec.format(ours[-1][k]), spec.format(theirs[-1][k])) for name, spec, k in last]
-    for name, summary in (("mean", statistics.fmean), ("median", statistics.median), ("fastest", min)):
-        rows.append((f"seconds / epoch ({name})", *(f"{summary(t):.2f}" for t in times)))
     log(world, f"\n{'':26}{f'manualgrad ({cfg.impl})':>20}{'torch.nn':>14}")
-    for name, a, b in rows:
-        log(world, f"{name:26}{a:>20}{b:>14}")
-    ratio = {
-        "mean": statistics.fmean(times[0]) / statistics.fmean(times[1]),
-        "median_per_epoch": statistics.median(a / b for a, b in zip(*times)),
-        "fastest": min(times[0]) / min(times[1]),
-        "per_epoch": [a / b for a, b in zip(*times)],
-    }
+    last = [("test accuracy", "{:.2%}", "test_accuracy"), ("test loss", "{:.4f}", "test_loss")]
+    for name, spec, k in last + [("train loss", "{:.4f}", "train_loss")]:
+        log(world, f"{name:26}{spec.format(ours[-1][k]):>20}{spec.format(theirs[-1][k]):>14}")
+    a, b = [[r["seconds"] for r in run] for run in (ours, theirs)]
+    for name, summary in (("mean", statistics.fmean), ("median", statistics.median), ("fastest", min)):
+        log(world, f"{f'seconds / epoch ({name})':26}{summary(a):>20.2f}{summary(b):>14.2f}")
+    per_epoch = [x / y for x, y in zip(a, b)]
+    ratio = {"mean": statistics.fmean(a) / statistics.fmean(b), "median_per_epoch": statistics.median(per_epoch)}
+    ratio.update(fastest=min(a) / min(b), per_epoch=per_epoch)
     log(
         world,
         f"epoch-time ratio manualgrad / torch.nn: {ratio['mean']:.3f} (mean), "
