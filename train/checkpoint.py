@@ -55,12 +55,10 @@ class CheckpointError(RunError):
 
 
 def checkpoint_path(path: str) -> str:
-    """``path`` itself, or ``path/checkpoint.pt`` when ``path`` is a run folder."""
     return os.path.join(path, FILENAME) if os.path.isdir(path) else path
 
 
 def save(state: dict, path: str) -> None:
-    """Write ``state`` to ``path``, atomically, with its checksum."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
@@ -115,7 +113,6 @@ def _unpack(raw: bytes, bad) -> dict:
 
 
 def _foreign_archive(raw: bytes) -> str:
-    """What a torch.save archive without our header is: a checkpoint of format 1, or something else."""
     try:
         old = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception:
@@ -134,8 +131,6 @@ def _is_number(value) -> bool:
 
 
 def _check(state: dict, bad) -> None:
-    """The keys and their types, the configuration as the command line would take it, and the state's types and
-    shapes (RNG states, history, position, privacy)."""
     missing = [k for k in KEYS if k not in state]
     if missing:
         raise bad(f"lacks {', '.join(missing)}")
@@ -162,7 +157,19 @@ def _check(state: dict, bad) -> None:
             raise bad(f"has a {key} state with keys that are not names")
     if not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
         raise bad("has a model state holding something other than tensors")
-    _check_rng(state["rng"], saved, bad)
+    rng, per_rank = state["rng"], state["rng"].get("torch")
+    if not isinstance(per_rank, list) or not per_rank or not all(isinstance(r, dict) for r in per_rank):
+        raise bad("has incomplete RNG states")
+    for r in per_rank:  # a CUDA run's: checked by the device's own generator when it is set; here its type
+        cuda = r.get("cuda", torch.zeros(1, dtype=torch.uint8))
+        if not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8 or cuda.dim() != 1:
+            raise bad("has an invalid RNG state")
+    streams = [rng.get("data"), *(r.get("cpu") for r in per_rank)]
+    for stream in streams + ([rng["noise"]] if saved.dp and "noise" in rng else []):
+        try:  # a state a generator takes
+            torch.Generator().set_state(stream)
+        except (TypeError, RuntimeError, ValueError):
+            raise bad("has an invalid RNG state") from None
     _check_history(state["history"], state["epoch"], "history", bad)
     if "native_history" in state:  # --compare-native's torch.nn twin (may stop short: a resumed run stops it)
         _check_history(state["native_history"], state["epoch"], "native_history", bad, complete=False)
@@ -175,23 +182,6 @@ def _check(state: dict, bad) -> None:
         sigma = private.get("noise_multiplier")
         if private["steps"] < 0 or not _is_number(sigma) or not 0 < sigma < math.inf:
             raise bad("of a --dp run has an invalid privacy state (steps taken, noise multiplier)")
-
-
-def _check_rng(rng: dict, saved: Config, bad) -> None:
-    """Each RNG state is one a generator takes: tried on a scratch generator of its kind."""
-    per_rank = rng.get("torch")
-    if not isinstance(per_rank, list) or not per_rank or not all(isinstance(r, dict) for r in per_rank):
-        raise bad("has incomplete RNG states")
-    for r in per_rank:  # a CUDA run's: checked by the device's own generator when it is set; here its type
-        cuda = r.get("cuda", torch.zeros(1, dtype=torch.uint8))
-        if not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8 or cuda.dim() != 1:
-            raise bad("has an invalid RNG state")
-    streams = [rng.get("data"), *(r.get("cpu") for r in per_rank)]
-    for stream in streams + ([rng["noise"]] if saved.dp and "noise" in rng else []):
-        try:
-            torch.Generator().set_state(stream)
-        except (TypeError, RuntimeError, ValueError):
-            raise bad("has an invalid RNG state") from None
 
 
 def _check_history(history: list, epochs: int, key: str, bad, complete: bool = True) -> None:
@@ -239,8 +229,7 @@ def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
         raise bad("has an invalid position (loss, rows or seconds so far)")
 
 
-def describe(value) -> str:
-    """``value`` for a one-line message: a short repr of a plain value, else its type."""
+def describe(value) -> str:  # for a one-line message
     return short(value) if isinstance(value, (int, float, str, type(None))) else f"a {type(value).__name__}"
 
 

@@ -114,12 +114,10 @@ def path(text: str) -> str:
     return text
 
 
-# The defaults of each model: what differs from the Config defaults above (which are the MLP's). They apply
-# when the model is chosen (by --model or by the preset); a preset's own values and explicit options win.
+# What each model changes in the Config defaults (the MLP's) when chosen; a preset's values and explicit options win.
 MODEL_DEFAULTS: dict[str, dict] = {
     "mlp": {},
-    # pytorch/examples' MNIST CNN (fully connected 9216-128-10, dropouts 0.25 and 0.5), trained with AdamW
-    # and onecycle for fewer epochs: an epoch costs ~20x the MLP's.
+    # pytorch/examples' CNN (9216-128-10, dropouts 0.25 and 0.5), with AdamW and onecycle: an epoch costs ~20x the MLP's
     "cnn": dict(epochs=6, hidden=(128,), dropout=0.5, impl="layers", augment="shift"),
     # Papernot et al. 2021's tanh CNN (26,010 parameters), as the DP presets train it
     "small-cnn": dict(
@@ -127,27 +125,22 @@ MODEL_DEFAULTS: dict[str, dict] = {
     ),
 }
 
-# DP-SGD's MLP: tanh (bounded activations suit clipped, noisy gradients: Papernot et al. 2021), one hidden layer,
-# no dropout, label smoothing or weight decay, large Poisson-sampled batches (4000 expected: 15 steps an epoch),
-# Adam. Found by a small search at epsilon 2 (hidden 64-512, batch 500-4000, 40-60 epochs, SGD and Adam at
-# several learning rates: 93.5-94.5% on the test set), which the guarantee does not cover.
+# DP-SGD's MLP: tanh (bounded activations suit clipped, noisy gradients: Papernot et al. 2021), large batches, Adam;
+# from a small search at epsilon 2 (93.5-94.5% on the test set, which the guarantee does not cover).
 DP_MLP = dict(dp=True, hidden=(512,), activation="tanh", dropout=0.0, label_smoothing=0.0, weight_decay=0.0)
 DP_MLP.update(batch_size=4000, epochs=60, clip=1.0, optimizer="adam", lr=5e-3, schedule="cosine")
 
-# DP-SGD's small CNN (its defaults: tanh, no dropout or label smoothing) as Tramer & Boneh 2021 trained it:
-# SGD with momentum 0.9 at a constant learning rate, clip 0.1, the learning rate scaled with the expected batch
-# (0.5 per 512). Epochs: as many as fit in ~15 minutes on 2 CPU cores (two runs side by side, 1 thread each).
-# The README says which runs chose these values.
+# DP-SGD's small CNN as Tramer & Boneh 2021 trained it: SGD, momentum 0.9, constant lr (0.5 per 512 of the expected
+# batch), clip 0.1; epochs: what fits in ~15 min on 2 CPU cores. The README says which runs chose these values.
 DP_CNN = dict(model="small-cnn", channels=(32, 64), dp=True, optimizer="sgd", momentum=0.9, weight_decay=0.0)
 DP_CNN.update(schedule="none", clip=0.1)
 
 # A preset only lists what differs from the defaults of its model (the `default` preset is the MLP's).
 PRESETS: dict[str, dict] = {
     "default": {},
-    # the CNN on elastically distorted images (a new distortion of every image in every epoch), longer.
+    # the CNN, longer, on elastically distorted images (a new distortion of every image in every epoch)
     "best": dict(model="cnn", epochs=20, augment="elastic"),
-    # ~99.4% in ~6-10 min on 2 CPU cores: a wider MLP that sees a new elastic distortion of every image
-    # in every epoch (Simard et al. 2003), so it trains longer without overfitting.
+    # ~99.4% in ~6-10 min on 2 CPU cores: a wider MLP on elastic distortions (Simard et al. 2003), longer
     "best-mlp": dict(epochs=50, hidden=(1024, 1024), dropout=0.2, lr=1e-3, augment="elastic"),
     # DP-SGD at epsilon 3, 2 and 1 (delta 1e-5): the small CNN, DP_CNN above
     "dp3": dict(DP_CNN, epsilon=3.0, batch_size=1024, lr=1.0, epochs=40),
@@ -465,16 +458,16 @@ def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
         elif action.choices is not None:
             if not isinstance(value, str) or value not in action.choices:
                 raise ConfigError(f"{flag}: {short(value)} is not one of {', '.join(map(str, action.choices))}")
-        elif action.type is not None:
+        elif action.type is not None:  # written as on the command line, parsed by its type: it must come back
             _check_typed(flag, action.type, value)
     if cfg.preset not in PRESETS:
         raise ConfigError(f"--preset: {cfg.preset!r} is not one of {', '.join(sorted(PRESETS))}")
 
 
 def _check_typed(flag: str, kind, value) -> None:
-    """``value`` written as on the command line, then parsed by the option's own type: it must come back equal."""
+    invalid = ConfigError(f"{flag}: {short(value)} is not a valid value")
     if isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
-        raise ConfigError(f"{flag}: {short(value)} is not a valid value")
+        raise invalid
     if isinstance(value, tuple):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{flag}: {short(list(value))} is not a list of widths")
@@ -486,10 +479,9 @@ def _check_typed(flag: str, kind, value) -> None:
     try:
         parsed = kind(text)
     except argparse.ArgumentTypeError as e:
-        problem = f"{flag} {text}: {e}" if len(text) <= 40 else f"{flag}: {short(value)} is not a valid value"
-        raise ConfigError(problem) from None
+        raise (ConfigError(f"{flag} {text}: {e}") if len(text) <= 40 else invalid) from None
     if parsed != value or (isinstance(value, str) and not isinstance(parsed, str)):
-        raise ConfigError(f"{flag}: {short(value)} is not a valid value")
+        raise invalid
 
 
 def check(cfg: Config) -> None:

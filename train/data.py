@@ -57,17 +57,17 @@ def load(data_dir: str, device: torch.device, download: bool = True) -> MNIST:
     arrays = {key: read_idx(folder, name, digest) for key, name in FILES.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        image_file, label_file = FILES[f"{split}_images"], FILES[f"{split}_labels"]
         if images.dim() != 3 or images.shape[1:] != (SIDE, SIDE):
             raise _error(
-                folder,
-                f"{FILES[f'{split}_images']} holds images of shape {tuple(images.shape[1:])}, expected {SIDE}x{SIDE}",
+                folder, f"{image_file} holds images of shape {tuple(images.shape[1:])}, expected {SIDE}x{SIDE}"
             )
         if len(images) == 0:
-            raise _error(folder, f"{FILES[f'{split}_images']} holds no images")
+            raise _error(folder, f"{image_file} holds no images")
         if labels.dim() != 1 or len(labels) != len(images):
-            raise _error(folder, f"{FILES[f'{split}_labels']} has {len(labels)} labels for {len(images)} images")
+            raise _error(folder, f"{label_file} has {len(labels)} labels for {len(images)} images")
         if len(labels) and int(labels.max()) > 9:
-            raise _error(folder, f"{FILES[f'{split}_labels']} has a label {int(labels.max())}, expected 0-9")
+            raise _error(folder, f"{label_file} has a label {int(labels.max())}, expected 0-9")
     return MNIST(
         train_x=normalise(arrays["train_images"]).to(device),
         train_y=arrays["train_labels"].long().to(device),

@@ -54,7 +54,7 @@ def write_atomically(path: str, data: bytes | str) -> None:
         raise FileError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
 
 
-def json_text(obj) -> str:
+def write_json(path: str, obj) -> None:
     """``obj`` as strict JSON: non-finite floats (which most readers reject) become ``null``."""
 
     def finite(obj):
@@ -64,23 +64,16 @@ def json_text(obj) -> str:
             return {k: finite(v) for k, v in obj.items()}
         return [finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
 
-    return json.dumps(finite(obj), indent=2, allow_nan=False) + "\n"
+    write_atomically(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
 
 
-def write_json(path: str, obj) -> None:
-    write_atomically(path, json_text(obj))
-
-
-def remove_temporaries(folder: str, names) -> list[str]:
+def remove_temporaries(folder: str, names) -> None:
     """Delete the ``<name>.<8 characters>.tmp`` files that a write killed midway leaves, for each of ``names``
-    (only while holding the folder's lock: another process's may be in use). Returns the paths removed."""
+    (only while holding the folder's lock: another process's may be in use)."""
     pattern = re.compile(rf"(?:{'|'.join(re.escape(n) for n in names)})\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
-    removed = []
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False) and pattern.fullmatch(entry.name):
             os.remove(entry.path)
-            removed.append(entry.path)
-    return removed
 
 
 def lock(folder: str) -> int:

@@ -6,13 +6,12 @@ all of manualgrad modules, and :class:`Net`: a model with its loss, computed one
   :class:`manualgrad.nn.CrossEntropyLoss`; the CNNs' only way;
 * ``native`` (``--compare-native``, ``--check-grads``): the same layers and weights as plain ``torch.nn`` modules.
 
-All three have the same ``state_dict`` keys. :func:`check_grads` is ``--check-grads``.
+All three have the same ``state_dict`` keys.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,6 @@ import manualgrad
 import manualgrad.nn as mnn
 
 IN_FEATURES, CLASSES, SIDE = 28 * 28, 10, 28
-TOLERANCE = 1e-4  # --check-grads, float32: the two backward passes sum in different orders
 
 
 def build_mlp(hidden, activation: str, dropout: float, device) -> mnn.MLP:
@@ -135,34 +133,11 @@ class Net:
         return f"{self.architecture}, impl {self.impl}, {count:,} parameters"
 
 
-# ---- --check-grads: our gradients against torch autograd's, on one batch
-
-
-@dataclass
-class GradCheck:
-    impl: str
-    loss_difference: float
-    worst_parameter: str
-    worst_relative: float  # max |ours - torch| / max |torch|, over the worst parameter
-    coverage: manualgrad.Coverage
-
-    @property
-    def ok(self) -> bool:
-        return self.worst_relative <= TOLERANCE
-
-    def __str__(self) -> str:
-        verdict = "OK" if self.ok else f"MISMATCH (tolerance {TOLERANCE:g})"
-        return (
-            f"check-grads [{self.impl}]: largest relative difference to torch autograd "
-            f"{self.worst_relative:.2e} (in {self.worst_parameter}), loss difference "
-            f"{self.loss_difference:.1e}: {verdict}\n  backward graph: {self.coverage}"
-        )
-
-
-def check_grads(net: Net, x: Tensor, y: Tensor) -> GradCheck:
-    """``net``'s loss and parameter gradients on ``(x, y)`` against its torch.nn twin's. Both draw the same dropout
-    masks (on the CPU; torch's fused CUDA dropout draws differently, so there without dropout); the run's random
-    streams are left untouched."""
+def compare_gradients(net: Net, x: Tensor, y: Tensor) -> tuple[float, str, float, manualgrad.Coverage]:
+    """--check-grads: ``net``'s gradients on ``(x, y)`` against its torch.nn twin's: the largest relative difference
+    (max |ours - torch| / max |torch| over a parameter), that parameter, the loss difference, our backward graph.
+    Both draw the same dropout masks (on the CPU; torch's fused CUDA dropout draws differently, so there without
+    dropout); the run's random streams are left untouched."""
     twin, use_dropout, was_training = net.twin(), x.device.type == "cpu", net.module.training
     results = []
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
@@ -180,9 +155,4 @@ def check_grads(net: Net, x: Tensor, y: Tensor) -> GradCheck:
         relative = ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
         if relative > worst:
             worst_name, worst = name, relative
-    return GradCheck(net.impl, abs(ours.item() - ref.item()), worst_name, worst, coverage)
-
-
-def check_all(net: Net, x: Tensor, y: Tensor) -> list[GradCheck]:
-    """:func:`check_grads` for the run's way of computing gradients first, then every other one."""
-    return [check_grads(net.with_impl(impl), x, y) for impl in dict.fromkeys((net.impl, *net.impls))]
+    return worst, worst_name, abs(ours.item() - ref.item()), coverage
