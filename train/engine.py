@@ -49,14 +49,6 @@ class Position:
     seconds: float = 0.0
 
 
-@dataclass
-class EpochResult:
-    train_loss: float
-    seconds: float
-    interrupted: Position | None = None  # set when a stop was requested before the epoch's end
-    stop_requested: bool = False  # a stop was requested (agreed by all processes) during the last step
-
-
 class StopRequest:
     """Ctrl-C (SIGINT) and SIGTERM become a flag checked between steps, so that the checkpoint written on the way
     out is consistent. A second Ctrl-C in one process aborts at once; under torchrun (the terminal and the
@@ -284,9 +276,10 @@ class Trainer:
                 self.scheduler.step()
         return loss_value, stopping
 
-    def train_epoch(self, epoch: int, stop: StopRequest, resume: Position | None = None, on_step=None) -> EpochResult:
-        """The steps of ``epoch`` (1-based), from ``resume``'s step when given; ``on_step(epoch, step, trainer)``
-        after every step. The thread timing and the progress bar sit beside the step."""
+    def train_epoch(self, epoch: int, stop: StopRequest, resume: Position | None = None, on_step=None):
+        """The steps of ``epoch`` (1-based), from ``resume``'s when given; ``on_step(epoch, step, trainer)`` after each.
+        Returns where it stopped (step ``steps_per_epoch``: at the end; before: on a stop request) and whether any
+        process asked to stop. The thread timing and the progress bar sit beside the step."""
         n = len(self.data.train_y)  # a new epoch: a fresh order of the rows (--dp: none, each step samples)
         at = resume or Position(
             0, torch.zeros(0, dtype=torch.long) if self.privacy else data.epoch_order(n, self.generator)
@@ -296,10 +289,9 @@ class Trainer:
         set_rng_state(self.torch_rng, self.world.device)
         desc, hide = f"epoch {epoch}/{self.cfg.epochs}", None if self.world.main and self.cfg.progress else True
         bar = tqdm(total=self.steps_per_epoch, initial=at.step, desc=desc, disable=hide, **PROGRESS_BAR)
-        start, stopping = time.perf_counter(), False
-        self.threads.steps.clear()  # time the thread counts on undistorted rows, drawn from no random stream
-        first = torch.arange(min(self.cfg.batch_size, n)) if self.privacy else self.global_batch(order, at.step)
-        self.threads.choose(functools.partial(self.trial_step, first))
+        start, stopping, done = time.perf_counter(), False, at.step
+        self.threads.steps.clear()  # time the thread counts on a batch of the first rows, drawn from no random stream
+        self.threads.choose(functools.partial(self.trial_step, torch.arange(min(self.cfg.batch_size, n))))
         try:
             for step in range(at.step, self.steps_per_epoch):
                 step_start = time.perf_counter()
@@ -312,7 +304,7 @@ class Trainer:
                         f"the training loss became {loss} at epoch {epoch}, step {step + 1}; "
                         "stopped without taking that step"
                     )
-                loss_sum, rows_seen = loss_sum + loss * len(rows), rows_seen + len(rows)
+                loss_sum, rows_seen, done = loss_sum + loss * len(rows), rows_seen + len(rows), step + 1
                 if self.threads.step_took(time.perf_counter() - step_start):  # slowed down: time the counts again
                     self.threads.choose(functools.partial(self.trial_step, rows))
                 bar.update()
@@ -322,14 +314,12 @@ class Trainer:
                     bar.set_postfix(postfix, refresh=False)
                 if on_step is not None:
                     on_step(epoch, step + 1, self)
-                if stopping and step + 1 < self.steps_per_epoch:
-                    seconds += time.perf_counter() - start
-                    here = Position(step + 1, at.order, loss_sum, rows_seen, seconds)
-                    return EpochResult(loss_sum / rows_seen, seconds, interrupted=here, stop_requested=True)
+                if stopping:
+                    break
         finally:
             bar.close()
             self.torch_rng = rng_state(self.world.device)
-        return EpochResult(loss_sum / max(rows_seen, 1), seconds + time.perf_counter() - start, stop_requested=stopping)
+        return Position(done, at.order, loss_sum, rows_seen, seconds + time.perf_counter() - start), stopping
 
     def clipped(self):
         """--dp: :func:`manualgrad.per_sample` with ``clip=C``: ``backward()`` leaves in ``.grad`` the clipped
@@ -347,15 +337,13 @@ class Trainer:
                 self.net.loss(self.data.train_x[mine], self.data.train_y[mine]).backward()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def global_batch(self, order: Tensor, step: int) -> Tensor:
-        """The rows of step ``step`` (0-based) for all processes together (--dp: Poisson-sampled now)."""
-        if self.privacy is not None:
-            return privacy.poisson_sample(len(self.data.train_y), self.privacy.sample_rate, self.generator)
-        return order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
-
     def batch(self, order: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The global batch's rows, and this process's share of them, distorted (--augment)."""
-        rows = self.global_batch(order, step)
+        """Step ``step``'s rows, all processes together (--dp: Poisson-sampled now), and this process's share of
+        them, distorted (--augment)."""
+        if self.privacy is not None:
+            rows = privacy.poisson_sample(len(self.data.train_y), self.privacy.sample_rate, self.generator)
+        else:
+            rows = order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
         mine = distributed.share(rows, self.world)
         x, y = self.data.train_x[mine], self.data.train_y[mine]
         if self.cfg.augment != "none" and len(rows):

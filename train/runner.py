@@ -198,26 +198,26 @@ def train_epochs(cfg, world, trainer: Trainer, native, progress: Progress, folde
     with StopRequest(world) as stop:
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             try:
-                result = trainer.train_epoch(epoch, stop, resume=progress.position, on_step=on_step)
+                at, stopping = trainer.train_epoch(epoch, stop, resume=progress.position, on_step=on_step)
             except TrainingError as e:  # a non-finite loss: the checkpoint on disk stays the last good one
                 raise _diverged(str(e), folder) from None
             broken = trainer.non_finite()
             if broken is not None:
                 raise _diverged(f"the weights became non-finite ({broken}) in epoch {epoch}; not saved", folder)
-            if result.interrupted is not None:
-                progress.position, progress.interrupted = result.interrupted, True
+            if at.step < trainer.steps_per_epoch:  # stopped mid-epoch: saved where it stopped
+                progress.position, progress.interrupted = at, True
                 save(cfg, world, trainer, native, progress, folder, mnist)
-                log(world, f"interrupted at epoch {epoch}, step {result.interrupted.step}: checkpoint written")
+                log(world, f"interrupted at epoch {epoch}, step {at.step}: checkpoint written")
                 return
             progress.epoch, progress.position = epoch, None
-            progress.history.append(record(trainer, epoch, result.train_loss, result.seconds))
+            progress.history.append(record(trainer, epoch, at))
             if native is not None:  # the torch.nn twin's epoch, right after ours (it never sees Ctrl-C)
-                theirs = native.train_epoch(epoch, StopRequest(world))
-                progress.native_history.append(record(native, epoch, theirs.train_loss, theirs.seconds))
+                theirs, _ = native.train_epoch(epoch, StopRequest(world))
+                progress.native_history.append(record(native, epoch, theirs))
             if world.main:  # the others have no test metrics
                 versus = f"  | torch.nn: {_summary(progress.native_history[-1], 0)}" if native is not None else ""
                 log(world, _summary(progress.history[-1], cfg.epochs) + versus)
-            if (result.stop_requested or (stop.requested and not world.distributed)) and epoch < cfg.epochs:
+            if (stopping or (stop.requested and not world.distributed)) and epoch < cfg.epochs:
                 progress.interrupted = True
             save(cfg, world, trainer, native, progress, folder, mnist)
             if progress.interrupted:
@@ -225,9 +225,9 @@ def train_epochs(cfg, world, trainer: Trainer, native, progress: Progress, folde
                 return
 
 
-def record(trainer: Trainer, epoch: int, train_loss: float, seconds: float) -> dict:
+def record(trainer: Trainer, epoch: int, end: Position) -> dict:
     """The epoch's line of metrics.json; rank 0 alone evaluates on the test set."""
-    r = {"epoch": epoch, "train_loss": train_loss, "seconds": seconds}
+    r = {"epoch": epoch, "train_loss": end.loss_sum / max(end.rows, 1), "seconds": end.seconds}
     if trainer.world.main:
         r["test_loss"], r["test_accuracy"] = trainer.evaluate()
     if trainer.privacy is not None:  # what the run has spent so far (at its delta)
