@@ -23,11 +23,6 @@ import manualgrad.nn as mnn
 IN_FEATURES, CLASSES, SIDE = 28 * 28, 10, 28
 
 
-def build_mlp(hidden, activation: str, dropout: float, device) -> mnn.MLP:
-    """``784 -> hidden... -> 10``, PyTorch's default initialisation (seed the global RNG first)."""
-    return mnn.MLP([IN_FEATURES, *hidden, CLASSES], activation=activation, dropout=dropout, device=device)
-
-
 def _head(layers: list, width: int, hidden, act, dropout: float, device) -> torch.nn.Sequential:
     """``layers``, then per width in ``hidden`` a ``Linear``, the activation (and dropout); ``Linear(.., 10)``."""
     for h in hidden:
@@ -71,7 +66,9 @@ def build(cfg, device) -> Net:
     """The Net that ``cfg`` trains, its weights drawn from the global RNG (seed it first)."""
     widths = "-".join(str(h) for h in (*cfg.hidden, CLASSES))
     if cfg.model == "mlp":
-        mlp = build_mlp(cfg.hidden, cfg.activation, cfg.dropout, device)
+        mlp = mnn.MLP(
+            [IN_FEATURES, *cfg.hidden, CLASSES], activation=cfg.activation, dropout=cfg.dropout, device=device
+        )
         sizes = "-".join(str(s) for s in mlp.sizes)
         return Net(mlp, cfg.impl, cfg.label_smoothing, f"MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}")
     c1, c2 = cfg.channels

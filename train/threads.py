@@ -1,11 +1,7 @@
-"""How many CPU threads torch uses while training: a fixed number, or ``auto``.
-
-torch's intra-op threads meet at a barrier after every parallel operation, so when another busy process shares the
-cores, every operation waits for the thread that lost its core (on 2 cores, the default run's epoch: 4.4 s quiet
-with 2 threads; 23-197 s with 2 threads but 5.4-6.1 s with 1 beside a busy process). ``auto`` times a few throw-away
-steps with 1 thread and with all this process's cores, at the start of every epoch and again when steps slow down
-twofold, and trains with the faster. Other counts change float summation orders: runs that must reproduce bit for
-bit whatever the load need a fixed ``--threads``.
+"""How many CPU threads torch uses while training: a fixed number, or ``auto``: time a few throw-away steps with 1
+thread and with all this process's cores, at the start of every epoch and again when steps slow down twofold, and
+train with the faster. (torch's threads meet at a barrier after every parallel operation, so when another busy
+process shares the cores, every operation waits for the thread that lost its core: see the README's measurements.)
 """
 
 from __future__ import annotations
