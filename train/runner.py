@@ -72,10 +72,8 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
         cfg = resume_config(cfg, Config.from_dict(resumed["config"]), given)
     check(cfg)
     threads = Threads(cfg.threads, world.local_size, world.device)
-    # the data: rank 0 finds (or downloads) the files, then every process reads them onto its device
-    mnist = data.load(
-        distributed.on_main(world, data.locate, cfg.data_dir, cfg.download, share=True), world.device, False
-    )
+    data_folder = distributed.on_main(world, data.locate, cfg.data_dir, cfg.download, share=True)  # rank 0 downloads
+    mnist = data.load(data_folder, world.device, download=False)  # every process reads the files onto its device
     log(world, f"data: {len(mnist.train_y):,} training and {len(mnist.test_y):,} test images from {mnist.folder}")
     if resumed is not None and resumed["data"]["fingerprint"] != mnist.fingerprint:  # its order indexes its data
         raise checkpoint.CheckpointError(
