@@ -22,7 +22,7 @@ from train import checkpoint, files
 from train.checkpoint import CheckpointError
 from train.engine import TrainingError
 from train.errors import RunError
-from train.files import FileError, FolderLock
+from train.files import LOCK, FileError
 
 
 def strict_json(path: Path):
@@ -82,7 +82,7 @@ def test_a_killed_runs_lock_does_not_block(tiny, tmp_path):
             sys.executable,
             "-c",
             "import fcntl, os, sys, time\n"
-            f"fd = os.open({str(out / FolderLock.NAME)!r}, os.O_RDWR | os.O_CREAT)\n"
+            f"fd = os.open({str(out / LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -310,7 +310,7 @@ def test_resume_on_the_same_data_elsewhere_is_fine(tiny, tmp_path):
 def _files_a_fresh_run_writes(tiny, tmp_path) -> list[str]:
     out = tmp_path / "probe"
     run(tiny_config(tiny, out))
-    return sorted(p.name for p in out.iterdir() if p.name != FolderLock.NAME)  # .lock: reused, never data
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK)  # .lock: reused, never data
 
 
 def test_a_fresh_run_refuses_a_folder_holding_any_file_it_writes(tiny, tmp_path, capsys):
@@ -326,7 +326,7 @@ def test_a_fresh_run_refuses_a_folder_holding_any_file_it_writes(tiny, tmp_path,
         assert status == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
         assert f"{out} already holds" in err and name in err, err
         assert (out / name).read_text() == '{"mine": 1}\n', f"{name} was overwritten"
-        assert {p.name for p in out.iterdir()} <= {name, FolderLock.NAME}
+        assert {p.name for p in out.iterdir()} <= {name, LOCK}
 
 
 def test_resuming_into_another_folder_refuses_its_files_too(tiny, tmp_path, capsys):

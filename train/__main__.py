@@ -1,5 +1,4 @@
-"""``python -m train``: parse the options, run, turn known failures into
-one-line messages and exit statuses (0 done, 1 failed, 2 bad options, 130 interrupted)."""
+"""``python -m train``: exit status 0 done, 1 failed, 2 bad options, 130 interrupted."""
 
 from __future__ import annotations
 

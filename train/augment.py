@@ -1,11 +1,6 @@
-"""Random distortions of whole training batches, as tensor ops on the training device.
-
-Each batch gets one random affine map per image (and, for ``elastic``, a
-smooth random displacement field, as in Simard et al. 2003), applied with a
-single ``F.grid_sample`` call on the batch. The random parameters are drawn
-for the *global* batch from the run's seeded generator and then split like the
-images, so that several processes distort each image exactly as one process
-would.
+"""Random distortions of whole training batches: one affine map per image (``elastic``: plus a smooth random
+displacement field, Simard et al. 2003), one ``F.grid_sample`` per batch. The parameters are drawn for the global
+batch from the run's seeded generator and split like the images, so several processes distort alike.
 """
 
 from __future__ import annotations

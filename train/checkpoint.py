@@ -1,27 +1,10 @@
 """``checkpoint.pt``: everything a run needs to continue exactly where it stopped, checked on the way in.
 
-The file is one header line and a ``torch.save`` archive::
-
-    manualgrad-train checkpoint format 2 bytes <n> sha256 <hex digest of the n bytes>\\n<n bytes>
-
-so that :func:`load` can tell an empty, truncated, corrupted or foreign file
-from a checkpoint, and say which, before unpickling anything. It is written
-atomically (:func:`train.files.write_atomically`).
-
-The archive holds a dict: the model, optimizer and scheduler states; the
-number of finished epochs; ``position``, when it was written in the middle of
-an epoch (Ctrl-C): that epoch's batch order, the next step and the loss summed
-so far; the RNG states (the data generator, which orders batches and draws
-augmentations, and every process's torch RNG, which draws dropout masks); the
-metrics so far; the configuration; and the fingerprint of the data it was
-trained on. A ``--dp`` run's also holds ``privacy`` (the steps taken, which
-are the accountant's whole state, and the noise multiplier) and the noise
-stream's state (``rng["noise"]``); a ``--compare-native`` run's, the torch.nn
-twin's epochs (``native_history``). :func:`load` is the only reader, and checks
-all of that as the command line would (the configuration) and by type, shape
-and range (the state), so that a checkpoint forged with a valid checksum is a
-one-line error too; :func:`misfit` (on :func:`mismatch`) checks the model, optimizer and
-scheduler states against the run's own before they are loaded.
+The file is one header line, ``manualgrad-train checkpoint format 2 bytes <n> sha256 <hex>\\n``, then ``n`` bytes
+of a ``torch.save`` archive of a dict (:data:`KEYS`; a --dp run's also ``privacy`` and ``rng["noise"]``, a
+--compare-native run's ``native_history``). :func:`load` tells an empty, truncated, corrupt or foreign file from a
+checkpoint before unpickling, then checks every entry as the command line would (the configuration) and by type,
+shape and range (the state), so that a forged checkpoint is a one-line error too.
 """
 
 from __future__ import annotations
@@ -48,21 +31,23 @@ FILENAME = "checkpoint.pt"
 MAGIC = b"manualgrad-train checkpoint"
 _HEADER = re.compile(rb"manualgrad-train checkpoint format (\d+) bytes (\d+) sha256 ([0-9a-f]{64})\n")
 _ZIP = b"PK\x03\x04"  # how a torch.save archive begins
-
-# Every key a checkpoint holds, and the type its value must have.
-KEYS = {
+KEYS = {  # every key a checkpoint holds, and the type of its value
     "config": dict,
     "data": dict,
     "epoch": int,
-    "position": (dict, type(None)),
+    "position": (dict, type(None)),  # written mid-epoch (Ctrl-C): the epoch's batch order, next step, loss so far
     "history": list,
-    "rng": dict,
+    "rng": dict,  # the data generator's state, and every process's torch RNG (dropout)
     "world_size": int,
     "model": dict,
     "optimizer": dict,
     "scheduler": (dict, type(None)),
 }
 POSITION_KEYS = ("step", "order", "loss_sum", "rows", "seconds")
+# An optimizer's hyperparameters that a learning-rate schedule moves, and the bound of their range.
+_SCHEDULED = {"lr": math.inf, "betas": 1.0, "momentum": 1.0}
+# What a learning-rate scheduler's state_dict holds of its progress: the rest is fixed by the configuration.
+_SCHEDULE_PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step"})
 
 
 class CheckpointError(RunError):
@@ -70,23 +55,20 @@ class CheckpointError(RunError):
 
 
 def checkpoint_path(path: str) -> str:
-    """``path`` itself, or ``path/checkpoint.pt`` when ``path`` is a run folder."""
     return os.path.join(path, FILENAME) if os.path.isdir(path) else path
 
 
 def save(state: dict, path: str) -> None:
-    """Write ``state`` (see the module docstring for its keys) to ``path``, atomically, with its checksum."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest()
-    header = MAGIC + f" format {FORMAT} bytes {len(payload)} sha256 {digest}\n".encode()
-    write_atomically(path, header + payload)
+    write_atomically(path, MAGIC + f" format {FORMAT} bytes {len(payload)} sha256 {digest}\n".encode() + payload)
 
 
 def load(path: str) -> dict:
-    """The checkpoint at ``path`` (a file, or a run folder holding one), on the CPU, checked: its
-    checksum, its format and every key. Anything else is a one-line :class:`CheckpointError`."""
+    """The checkpoint at ``path`` (a file, or a run folder holding one), on the CPU, checked; anything else is a
+    one-line :class:`CheckpointError`."""
     path = checkpoint_path(path)
     try:
         with open(path, "rb") as f:
@@ -95,15 +77,12 @@ def load(path: str) -> dict:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    state = _unpack(raw, path)
-    _check(state, path)
+    state = _unpack(raw, lambda problem: CheckpointError(f"cannot resume from {path}: {problem}"))
+    _check(state, lambda problem: CheckpointError(f"cannot resume from {path}: the checkpoint {problem}"))
     return state
 
 
-def _unpack(raw: bytes, path: str) -> dict:
-    def bad(problem: str) -> CheckpointError:
-        return CheckpointError(f"cannot resume from {path}: {problem}")
-
+def _unpack(raw: bytes, bad) -> dict:
     if not raw:
         raise bad("empty file")
     if not raw.startswith(MAGIC):
@@ -134,7 +113,6 @@ def _unpack(raw: bytes, path: str) -> dict:
 
 
 def _foreign_archive(raw: bytes) -> str:
-    """What a torch.save archive without our header is: a checkpoint of format 1, or something else."""
     try:
         old = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception:
@@ -144,13 +122,15 @@ def _foreign_archive(raw: bytes) -> str:
     return "a torch.save file, not a checkpoint of this training program"
 
 
-def _check(state: dict, path: str) -> None:
-    """Everything :func:`load` promises: the keys and their types, the configuration as the command line
-    would take it, and the state's types and shapes (RNG states, history, position, privacy)."""
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    def bad(problem: str) -> CheckpointError:
-        return CheckpointError(f"cannot resume from {path}: the checkpoint {problem}")
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(state: dict, bad) -> None:
     missing = [k for k in KEYS if k not in state]
     if missing:
         raise bad(f"lacks {', '.join(missing)}")
@@ -177,9 +157,21 @@ def _check(state: dict, path: str) -> None:
             raise bad(f"has a {key} state with keys that are not names")
     if not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
         raise bad("has a model state holding something other than tensors")
-    _check_rng(state, saved, bad)
+    rng, per_rank = state["rng"], state["rng"].get("torch")
+    if not isinstance(per_rank, list) or not per_rank or not all(isinstance(r, dict) for r in per_rank):
+        raise bad("has incomplete RNG states")
+    for r in per_rank:  # a CUDA run's: checked by the device's own generator when it is set; here its type
+        cuda = r.get("cuda", torch.zeros(1, dtype=torch.uint8))
+        if not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8 or cuda.dim() != 1:
+            raise bad("has an invalid RNG state")
+    streams = [rng.get("data"), *(r.get("cpu") for r in per_rank)]
+    for stream in streams + ([rng["noise"]] if saved.dp and "noise" in rng else []):
+        try:  # a state a generator takes
+            torch.Generator().set_state(stream)
+        except (TypeError, RuntimeError, ValueError):
+            raise bad("has an invalid RNG state") from None
     _check_history(state["history"], state["epoch"], "history", bad)
-    if "native_history" in state:  # --compare-native's torch.nn twin (may stop short: see train.runner)
+    if "native_history" in state:  # --compare-native's torch.nn twin (may stop short: a resumed run stops it)
         _check_history(state["native_history"], state["epoch"], "native_history", bad, complete=False)
     if state["position"] is not None:
         _check_position(state["position"], state, saved, bad)
@@ -192,57 +184,27 @@ def _check(state: dict, path: str) -> None:
             raise bad("of a --dp run has an invalid privacy state (steps taken, noise multiplier)")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_rng(state: dict, saved: Config, bad) -> None:
-    """Each RNG state is one a generator takes: tried on a scratch generator of its kind."""
-    rng = state["rng"]
-    streams = [rng.get("data")]
-    per_rank = rng.get("torch")
-    if not isinstance(per_rank, list) or not per_rank or not all(isinstance(r, dict) for r in per_rank):
-        raise bad("has incomplete RNG states")
-    streams += [r.get("cpu") for r in per_rank]
-    for r in per_rank:  # a CUDA run's: checked by the device's own generator when it is set; here its type
-        cuda = r.get("cuda", torch.zeros(1, dtype=torch.uint8))
-        if not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8 or cuda.dim() != 1:
-            raise bad("has an invalid RNG state")
-    if saved.dp and "noise" in rng:
-        streams.append(rng["noise"])
-    for stream in streams:
-        try:
-            torch.Generator().set_state(stream)
-        except (TypeError, RuntimeError, ValueError):
-            raise bad("has an invalid RNG state") from None
-
-
 def _check_history(history: list, epochs: int, key: str, bad, complete: bool = True) -> None:
     """One record per finished epoch (all of them, unless not ``complete``): epoch numbers 1, 2, ..., numbers."""
     if len(history) > epochs or (complete and len(history) != epochs):
         raise bad(f"has {len(history)} records in {key} for {epochs} finished epochs")
+    needed, optional = ("train_loss", "seconds"), ("test_loss", "test_accuracy", "epsilon", "steps")
     for number, record in enumerate(history, 1):
         if not isinstance(record, dict) or not _is_int(record.get("epoch")) or record["epoch"] != number:
             raise bad(f"has an invalid record in {key} (epoch {number})")
-        needed = ("train_loss", "seconds")
-        optional = ("test_loss", "test_accuracy", "epsilon", "steps")
         if not set(record) <= {"epoch", "threads", *needed, *optional}:
             raise bad(f"has an invalid record in {key} (epoch {number}: unknown entries)")
-        if not all(_is_number(record.get(k)) for k in needed) or not all(
-            _is_number(record[k]) for k in optional if record.get(k) is not None
+        if (
+            not all(_is_number(record.get(k)) for k in needed)
+            or not all(_is_number(record[k]) for k in optional if record.get(k) is not None)
+            or not (record.get("threads") is None or _is_number(record["threads"]))
         ):
-            raise bad(f"has an invalid record in {key} (epoch {number})")
-        if "threads" in record and not (record["threads"] is None or _is_number(record["threads"])):
             raise bad(f"has an invalid record in {key} (epoch {number})")
 
 
 def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
-    """Where an interrupted epoch stopped: a step inside an unfinished epoch, the epoch's batch order (a
-    permutation of the training rows; empty with --dp), and the loss, rows and seconds so far."""
+    """A step inside an unfinished epoch, the epoch's batch order (a permutation of the training rows; empty with
+    --dp), and the loss, rows and seconds so far."""
     from . import data, engine
 
     if set(position) != set(POSITION_KEYS):
@@ -267,6 +229,10 @@ def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
         raise bad("has an invalid position (loss, rows or seconds so far)")
 
 
+def describe(value) -> str:  # for a one-line message
+    return short(value) if isinstance(value, (int, float, str, type(None))) else f"a {type(value).__name__}"
+
+
 def mismatch(expected, actual, where: str) -> str | None:
     """Where ``actual`` (a loaded state) differs in structure from ``expected`` (a fresh one of the same run):
     other keys, lengths or types, tensors of other shapes or dtypes, non-finite numbers; None when they fit."""
@@ -288,18 +254,28 @@ def mismatch(expected, actual, where: str) -> str | None:
     return None if type(actual) is type(expected) else f"{where} is {describe(actual)}"  # bool, str, None, ...
 
 
-def describe(value) -> str:
-    """``value`` for a one-line message: a short repr of a plain value, else its type."""
-    if isinstance(value, (int, float, str, type(None))):
-        return short(value)
-    return f"a {type(value).__name__}"
+def restore(trainer: Trainer, resumed: dict, path: str) -> bool:
+    """Load the checkpoint's state into ``trainer`` once it fits (else :class:`CheckpointError`); False when
+    another number of processes wrote it."""
+    reason = misfit(trainer, resumed)
+    options = [set(group) for group in trainer.optimizer.param_groups]
+    if reason is None:
+        try:
+            same_world = trainer.load_state_dict(resumed)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            reason = first_line(e)
+    if reason is None:  # what an older torch's groups lacked, load_state_dict filled in: all of it?
+        lacking = sorted({k for group, keys in zip(trainer.optimizer.param_groups, options) for k in keys - set(group)})
+        reason = f"optimizer param_groups lack {', '.join(lacking)}" if lacking else None
+    if reason is not None:
+        raise CheckpointError(f"cannot resume from {path}: its state does not fit ({reason})") from None
+    return same_world
 
 
 def misfit(trainer: Trainer, resumed: dict) -> str | None:
-    """Where the checkpoint's model, optimizer or scheduler state differs in structure from this run's
-    (checked before loading: ``load_state_dict`` takes some misfits without a word, to fail later)."""
-    fresh = trainer.optimizer.state_dict()
-    saved = resumed["optimizer"]
+    """Where the checkpoint's model, optimizer or scheduler state differs in structure from this run's (checked
+    before loading: ``load_state_dict`` takes some misfits without a word, to fail later)."""
+    fresh, saved = trainer.optimizer.state_dict(), resumed["optimizer"]
     if set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
         return "optimizer has other entries"
     found = mismatch(trainer.net.module.state_dict(), resumed["model"], "model")
@@ -344,8 +320,7 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
     found = mismatch(fresh, saved, "scheduler")
     if found:
         return found
-    # the schedule is the configuration's; only how far along it is comes from the checkpoint, and that is
-    # the number of steps taken
+    # the schedule is the configuration's; only how far along it is (the steps taken) comes from the checkpoint
     changed = [k for k in fresh if k not in _SCHEDULE_PROGRESS and saved[k] != fresh[k]]
     if changed:
         return f"scheduler {', '.join(changed)} differ from this run's schedule"
@@ -356,15 +331,9 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
     return None
 
 
-# An optimizer's hyperparameters that a learning-rate schedule moves, and the bound of their range.
-_SCHEDULED = {"lr": math.inf, "betas": 1.0, "momentum": 1.0}
-# What a learning-rate scheduler's state_dict holds of its progress: the rest is fixed by the configuration.
-_SCHEDULE_PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step"})
-
-
 def _optimizer_state_of_one_step(optimizer: torch.optim.Optimizer) -> dict:
-    """The state one step gives a parameter under an optimizer like ``optimizer`` (its class and defaults),
-    taken on a throwaway one-element parameter: which entries there are, and which are 0-d (step counts)."""
+    """The state one step gives a parameter under an optimizer like ``optimizer`` (its class and defaults), taken
+    on a throwaway one-element parameter: which entries there are, and which are 0-d (step counts)."""
     probe = torch.nn.Parameter(torch.zeros(1))
     probe.grad = torch.zeros(1)
     accepted = inspect.signature(type(optimizer)).parameters

@@ -1,19 +1,9 @@
 """Command-line options, presets and the run's configuration.
 
-Each option is declared once, as a :class:`Config` field: its default, and in the field's metadata
-(:func:`option`) its help, its argparse ``type`` or ``choices``, its group in ``--help`` and its role
-(``training``: it decides what is learned, a resumed run takes it from its checkpoint; ``run``: where and
-how a run runs, a resumed run takes it from its command line). :func:`build_parser` and the option lists
-(:data:`TRAINING_OPTIONS`, :data:`RUN_OPTIONS`, :data:`NEWER_OPTIONS`) are generated from those fields.
-
-A preset is a set of defaults: ``--preset best`` swaps in other defaults, and
-any option given explicitly on the command line still wins over the preset.
-Invalid values are argparse usage errors (exit status 2).
-
-Which options were given explicitly matters when resuming (the checkpoint's
-values fill in the rest): :func:`parse_args` finds them by parsing a second
-time with a parser built by the same :func:`build_parser` whose defaults are
-all ``argparse.SUPPRESS``, so that only the options given appear.
+Each option is declared once, as a :class:`Config` field (:func:`option`): its default, help, argparse type or
+choices, group in ``--help`` and role (``training``: it decides what is learned, a resumed run takes it from its
+checkpoint; ``run``: where and how it runs, from the command line). The parser and the option lists are generated
+from those fields. A preset is a set of defaults; options given explicitly win over it.
 """
 
 from __future__ import annotations
@@ -38,7 +28,7 @@ MAX_WIDTH = 2**31 - 1
 MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only slows down; far more crashes OpenMP
 
 
-# ---- argparse types: each raises ArgumentTypeError, which argparse turns into a usage error (exit 2)
+# ---- argparse types: an ArgumentTypeError is a usage error (exit 2)
 
 
 def _number(kind, text):
@@ -124,12 +114,10 @@ def path(text: str) -> str:
     return text
 
 
-# The defaults of each model: what differs from the Config defaults above (which are the MLP's). They apply
-# when the model is chosen (by --model or by the preset); a preset's own values and explicit options win.
+# What each model changes in the Config defaults (the MLP's) when chosen; a preset's values and explicit options win.
 MODEL_DEFAULTS: dict[str, dict] = {
     "mlp": {},
-    # pytorch/examples' MNIST CNN (fully connected 9216-128-10, dropouts 0.25 and 0.5), trained with AdamW
-    # and onecycle for fewer epochs: an epoch costs ~20x the MLP's.
+    # pytorch/examples' CNN (9216-128-10, dropouts 0.25 and 0.5), with AdamW and onecycle: an epoch costs ~20x the MLP's
     "cnn": dict(epochs=6, hidden=(128,), dropout=0.5, impl="layers", augment="shift"),
     # Papernot et al. 2021's tanh CNN (26,010 parameters), as the DP presets train it
     "small-cnn": dict(
@@ -141,54 +129,23 @@ MODEL_DEFAULTS: dict[str, dict] = {
     ),
 }
 
-# DP-SGD's MLP: tanh (bounded activations suit clipped, noisy gradients: Papernot et al. 2021), one hidden layer,
-# no dropout, label smoothing or weight decay, large Poisson-sampled batches (4000 expected: 15 steps an epoch),
-# Adam. Found by a small search at epsilon 2 (hidden 64-512, batch 500-4000, 40-60 epochs, SGD and Adam at
-# several learning rates: 93.5-94.5% on the test set), which the guarantee does not cover.
-DP_MLP = dict(
-    dp=True,
-    hidden=(512,),
-    activation="tanh",
-    dropout=0.0,
-    label_smoothing=0.0,
-    weight_decay=0.0,
-    batch_size=4000,
-    epochs=60,
-    clip=1.0,
-    optimizer="adam",
-    lr=5e-3,
-    schedule="cosine",
-)
+# DP-SGD's MLP: tanh (bounded activations suit clipped, noisy gradients: Papernot et al. 2021), large batches, Adam;
+# from a small search at epsilon 2 (93.5-94.5% on the test set, which the guarantee does not cover).
+DP_MLP = dict(dp=True, hidden=(512,), activation="tanh", dropout=0.0, label_smoothing=0.0, weight_decay=0.0)
+DP_MLP.update(batch_size=4000, epochs=60, clip=1.0, optimizer="adam", lr=5e-3, schedule="cosine")
 
-# DP-SGD's small CNN (its defaults: tanh, no dropout or label smoothing) as Tramer & Boneh 2021 trained it:
-# SGD with momentum 0.9 at a constant learning rate, clip 0.1, the learning rate scaled with the expected batch
-# (0.5 per 512). Epochs: as many as fit in ~15 minutes on 2 CPU cores (two runs side by side, 1 thread each).
-# The README says which runs chose these values.
-DP_CNN = dict(
-    model="small-cnn",
-    channels=(32, 64),
-    dp=True,
-    optimizer="sgd",
-    momentum=0.9,
-    weight_decay=0.0,
-    schedule="none",
-    clip=0.1,
-)
+# DP-SGD's small CNN as Tramer & Boneh 2021 trained it: SGD, momentum 0.9, constant lr (0.5 per 512 of the expected
+# batch), clip 0.1; epochs: what fits in ~15 min on 2 CPU cores. The README says which runs chose these values.
+DP_CNN = dict(model="small-cnn", channels=(32, 64), dp=True, optimizer="sgd", momentum=0.9, weight_decay=0.0)
+DP_CNN.update(schedule="none", clip=0.1)
 
 # A preset only lists what differs from the defaults of its model (the `default` preset is the MLP's).
 PRESETS: dict[str, dict] = {
     "default": {},
-    # the CNN on elastically distorted images (a new distortion of every image in every epoch), longer.
+    # the CNN, longer, on elastically distorted images (a new distortion of every image in every epoch)
     "best": dict(model="cnn", epochs=20, augment="elastic"),
-    # ~99.4% in ~6-10 min on 2 CPU cores: a wider MLP that sees a new elastic distortion of every image
-    # in every epoch (Simard et al. 2003), so it trains longer without overfitting.
-    "best-mlp": dict(
-        epochs=50,
-        hidden=(1024, 1024),
-        dropout=0.2,
-        lr=1e-3,
-        augment="elastic",
-    ),
+    # ~99.4% in ~6-10 min on 2 CPU cores: a wider MLP on elastic distortions (Simard et al. 2003), longer
+    "best-mlp": dict(epochs=50, hidden=(1024, 1024), dropout=0.2, lr=1e-3, augment="elastic"),
     # DP-SGD at epsilon 3, 2 and 1 (delta 1e-5): the small CNN, DP_CNN above
     "dp3": dict(DP_CNN, epsilon=3.0, batch_size=1024, lr=1.0, epochs=40),
     "dp2": dict(DP_CNN, epsilon=2.0, batch_size=1024, lr=1.0, epochs=40),
@@ -204,13 +161,11 @@ SWITCH = "switch"  # an option's kind: a flag without a value (--dp; --no-downlo
 
 
 def option(default, where: str, help: str, kind=None, shown: str | None = None, **argparse_kw):
-    """A :class:`Config` field declaring a command-line option. ``where``: its group in ``--help``, then its role
-    (``training`` or ``run``, see the module docstring; none for ``--preset``, ``--data-dir``, ``--out``), then
-    ``newer`` for a training option added after checkpoint format 2 (a checkpoint may lack it: its default must
-    be the behaviour from before it existed), e.g. ``"dp, training, newer"``. ``kind``: :data:`SWITCH`, the
-    argparse ``type`` (a function) or the ``choices`` (a tuple). ``shown``: the default as ``--help`` states
-    it ("": not at all; None: the value). The rest goes to ``add_argument`` (``metavar``: a function is
-    called when the parser is built)."""
+    """A :class:`Config` field declaring an option. ``where``: its group in ``--help``, its role (``training``,
+    ``run`` or none) and ``newer`` for a training option a checkpoint of format 2 may lack (its default must be the
+    behaviour from before it), e.g. ``"dp, training, newer"``. ``kind``: :data:`SWITCH`, the argparse ``type`` or
+    the ``choices``. ``shown``: the default as ``--help`` states it ("": not at all; None: the value). The rest goes
+    to ``add_argument`` (a ``metavar`` function is called when the parser is built)."""
     group, role, newer = [*where.split(", "), None, None][:3]
     flag = "--no-{}" if kind == SWITCH and default else "--{}"
     if kind == SWITCH:
@@ -409,8 +364,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        """The inverse of :meth:`to_dict`; the options that decide what is learned must all be there
-        (the others may be missing, as in a configuration written before they existed)."""
+        """The inverse of :meth:`to_dict`; every training option but the newer ones must be there."""
         missing = [k for k in TRAINING_OPTIONS if k not in d and k not in NEWER_OPTIONS]
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
@@ -436,13 +390,12 @@ GROUPS = dict(
 
 
 def flag(name: str) -> str:
-    """``epsilon`` -> ``--epsilon``; ``batch_size`` -> ``--batch-size``."""
     return "--" + name.replace("_", "-")
 
 
 def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
-    """The command line's parser, with ``defaults`` as defaults (shown by ``--help``). With None, every
-    default is ``argparse.SUPPRESS`` and there is no ``--help``: parsing yields only the options given."""
+    """The command line's parser, with ``defaults`` (shown by ``--help``); with None, every default is
+    ``argparse.SUPPRESS`` and there is no ``--help``: parsing yields only the options given."""
     script = os.path.basename(sys.argv[0])
     p = argparse.ArgumentParser(
         prog="python -m train" if script in ("__main__.py", "-m", "-c", "") else script,
@@ -469,8 +422,8 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> tuple[Config, frozenset]:
-    """Parse ``argv``: the Config (the preset's defaults, explicit options over them) and the names of
-    the options given explicitly (which :func:`resume_config` needs). Invalid options exit with status 2."""
+    """The Config of ``argv`` (the preset's defaults, explicit options over them) and the names of the options
+    given explicitly (for :func:`resume_config`). Invalid options exit with status 2."""
     given, _ = build_parser(None).parse_known_args(argv)  # only the options given; bad values exit here
     parser = build_parser(defaults(getattr(given, "preset", Config.preset), getattr(given, "model", None)))
     cfg = Config(**vars(parser.parse_args(argv)))  # --help, unknown options
@@ -489,9 +442,8 @@ def parse_args(argv=None) -> tuple[Config, frozenset]:
 
 
 def defaults(preset: str = "default", model: str | None = None) -> Config:
-    """The defaults of ``preset`` for ``model`` (None: the preset's model): the Config defaults, then the
-    model's (:data:`MODEL_DEFAULTS`), then the preset's. E.g. ``run(dataclasses.replace(defaults(model="cnn"),
-    data_dir=...))`` trains the CNN as ``python -m train --model cnn`` does."""
+    """The defaults of ``preset`` for ``model`` (None: the preset's): Config's, then the model's, then the preset's.
+    ``run(dataclasses.replace(defaults(model="cnn"), data_dir=...))`` is ``python -m train --model cnn``."""
     model = model or PRESETS[preset].get("model", Config.model)
     return dataclasses.replace(
         Config(), **{**MODEL_DEFAULTS[model], **PRESETS[preset], "preset": preset, "model": model}
@@ -499,9 +451,8 @@ def defaults(preset: str = "default", model: str | None = None) -> Config:
 
 
 def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
-    """Every option's value as the command line would take it, each through its own argparse type or choices
-    (a checkpoint's stored configuration is checked so, but for the options in ``skip``, which a resumed run
-    takes from its command line): a one-line :class:`ConfigError` naming the option."""
+    """Every option's value (but those in ``skip``) through its own argparse type or choices, as the command line
+    would take it (a checkpoint's configuration is checked so): a one-line :class:`ConfigError` naming the option."""
     for action in build_parser(Config())._actions:
         if not hasattr(cfg, action.dest) or action.dest in ("help", "preset", *skip):
             continue
@@ -514,16 +465,16 @@ def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
         elif action.choices is not None:
             if not isinstance(value, str) or value not in action.choices:
                 raise ConfigError(f"{flag}: {short(value)} is not one of {', '.join(map(str, action.choices))}")
-        elif action.type is not None:
+        elif action.type is not None:  # written as on the command line, parsed by its type: it must come back
             _check_typed(flag, action.type, value)
     if cfg.preset not in PRESETS:
         raise ConfigError(f"--preset: {cfg.preset!r} is not one of {', '.join(sorted(PRESETS))}")
 
 
 def _check_typed(flag: str, kind, value) -> None:
-    """``value`` written as on the command line, then parsed by the option's own type: it must come back equal."""
+    invalid = ConfigError(f"{flag}: {short(value)} is not a valid value")
     if isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
-        raise ConfigError(f"{flag}: {short(value)} is not a valid value")
+        raise invalid
     if isinstance(value, tuple):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{flag}: {short(list(value))} is not a list of widths")
@@ -535,10 +486,9 @@ def _check_typed(flag: str, kind, value) -> None:
     try:
         parsed = kind(text)
     except argparse.ArgumentTypeError as e:
-        problem = f"{flag} {text}: {e}" if len(text) <= 40 else f"{flag}: {short(value)} is not a valid value"
-        raise ConfigError(problem) from None
+        raise (ConfigError(f"{flag} {text}: {e}") if len(text) <= 40 else invalid) from None
     if parsed != value or (isinstance(value, str) and not isinstance(parsed, str)):
-        raise ConfigError(f"{flag}: {short(value)} is not a valid value")
+        raise invalid
 
 
 def check(cfg: Config) -> None:
@@ -564,14 +514,10 @@ def check(cfg: Config) -> None:
 
 
 def resume_config(requested: Config, saved: Config, given: Collection[str] | None = None) -> Config:
-    """The configuration of a resumed run: ``saved`` (the checkpoint's), where and how it runs from
-    ``requested``. ``given`` names the options set explicitly (None: all of ``requested``'s); a given
-    option that decides what is learned must equal the checkpoint's, else :class:`ConfigError`."""
-
-    def chosen(name: str) -> bool:
-        return given is None or name in given
-
-    changed = [k for k in ("preset", *TRAINING_OPTIONS) if chosen(k) and getattr(requested, k) != getattr(saved, k)]
+    """A resumed run's configuration: ``saved`` (the checkpoint's), where and how it runs from ``requested``.
+    ``given`` names the options set explicitly (None: all); a given training option must equal the checkpoint's."""
+    given = given if given is not None else [f.name for f in OPTIONS]
+    changed = [k for k in ("preset", *TRAINING_OPTIONS) if k in given and getattr(requested, k) != getattr(saved, k)]
     if changed:
         flags = ", ".join(map(flag, changed))
         raise ConfigError(
@@ -579,6 +525,6 @@ def resume_config(requested: Config, saved: Config, given: Collection[str] | Non
             "(start a new run to change them)"
         )
     keep = {k: getattr(requested, k) for k in RUN_OPTIONS}
-    keep["out"] = requested.out if chosen("out") else None  # None: the checkpoint's folder
-    keep["data_dir"] = requested.data_dir if chosen("data_dir") else saved.data_dir
+    keep["out"] = requested.out if "out" in given else None  # None: the checkpoint's folder
+    keep["data_dir"] = requested.data_dir if "data_dir" in given else saved.data_dir
     return dataclasses.replace(saved, **keep)

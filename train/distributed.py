@@ -1,15 +1,7 @@
-"""Several processes (``torchrun --nproc_per_node=N -m train``): set-up and gradient averaging.
-
-Every process holds the whole model and the whole dataset, draws the same
-global batch (same seeded generator) and takes its own contiguous share of it.
-After the backward pass one ``all_reduce`` sums the gradients, each scaled by
-its share of the global batch, so the update is the gradient of the mean loss
-over the global batch, as in one process (up to float32 summation order).
-The same ``all_reduce`` carries the batch loss and a stop flag (Ctrl-C seen
-by any process), so that all processes agree on both at every step.
-
-Rank 0 alone logs, evaluates and writes files. Without torchrun this is one
-process of a world of one and every collective is skipped.
+"""Several processes (``torchrun --nproc_per_node=N -m train``): every process holds the whole model and data,
+draws the same global batch and takes its own contiguous share; one ``all_reduce`` a step adds the gradients, each
+scaled by its share (the gradient of the global batch's mean loss, as in one process), with the loss and a stop
+flag. Rank 0 alone logs, evaluates and writes files. Without torchrun: a world of one, no collectives.
 """
 
 from __future__ import annotations
@@ -44,29 +36,19 @@ class World:
         return self.size > 1
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def pick_device(requested: str) -> torch.device:
-    """``auto``: CUDA when available; under torchrun each process takes the GPU of its LOCAL_RANK."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
+def setup(requested_device: str) -> World:
+    """The device (``auto``: CUDA when available; under torchrun each process takes the GPU of its LOCAL_RANK),
+    and the process group when started by torchrun (gloo on CPU, nccl on CUDA)."""
+    device = torch.device("cpu")
+    if requested_device == "cuda" or (requested_device == "auto" and torch.cuda.is_available()):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
             raise SetupError(
                 f"process {local_rank} of this machine has no GPU of its own "
                 f"({torch.cuda.device_count()} visible); start fewer processes or use --device cpu"
             )
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def setup(requested_device: str) -> World:
-    """Join the process group when started by torchrun (gloo on CPU, nccl on CUDA)."""
-    device = pick_device(requested_device)
-    if not launched_by_torchrun():
+        device = torch.device("cuda", local_rank)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not started by torchrun
         return World(device=device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -77,9 +59,8 @@ def setup(requested_device: str) -> World:
 
 
 def teardown(world: World, finished: bool = True) -> None:
-    """Leave the process group. After a normal end, wait for every process first: rank 0 finishes later
-    (it evaluates and writes files), and gloo may abort a process that leaves while a peer is still
-    connected ("terminate called without an active exception")."""
+    """Leave the process group; after a normal end, wait for every process first (gloo may abort a process that
+    leaves while a peer is still connected, and rank 0 finishes later)."""
     if world.distributed and dist.is_initialized():
         if finished:
             dist.barrier()
@@ -101,12 +82,9 @@ def broadcast_parameters(module: torch.nn.Module, world: World) -> None:
 def reduce_step(
     params: list, loss: Tensor, weight: float, stop: bool, world: World, grad_weight: float | None = None
 ) -> tuple[float, bool]:
-    """Average gradients over the global batch; return the global batch's mean loss and the agreed stop flag.
-
-    ``weight`` is this process's share of the global batch (its rows / global rows): each process's
-    gradient is of its own mean loss, so ``sum_r weight_r * grad_r`` is the gradient of the global mean.
-    ``grad_weight`` (default ``weight``) scales the gradients instead: 1 sums them (--dp's clipped sums).
-    """
+    """Add the gradients over the processes, each scaled by ``grad_weight`` (default ``weight``, this process's
+    share of the global batch: ``sum_r weight_r * grad_r`` is the gradient of the global mean; 1 sums --dp's
+    clipped sums); return the global batch's mean loss and the agreed stop flag."""
     if not world.distributed:
         return loss.item(), stop
     grads = [p.grad for p in params if p.grad is not None]
@@ -142,9 +120,8 @@ def broadcast_object(obj, world: World):
 
 
 def on_main(world: World, fn, *args, share: bool = False):
-    """``fn(*args)`` on rank 0 only. A :class:`~train.errors.RunError` it raises is raised in every
-    process (so that a missing file stops all of them with the same message instead of leaving some
-    waiting). Returns rank 0's result there, and elsewhere None, or rank 0's result when ``share``."""
+    """``fn(*args)`` on rank 0 only; a :class:`~train.errors.RunError` it raises is raised in every process (none
+    is left waiting). Returns rank 0's result there, elsewhere None (or rank 0's result when ``share``)."""
     result, error = None, None
     if world.main:
         try:

@@ -1,20 +1,7 @@
 """The training loop: :meth:`Trainer.train_step`, the epoch of steps that calls it, and the evaluation.
 
-A step (:meth:`Trainer.train_step`, on the rows :meth:`Trainer.batch` gives this process: its share of the
-epoch's next slice, distorted by ``--augment``): the forward pass and the loss, ``backward()`` (for ``--impl
-fused`` one autograd node: the whole MLP and its loss), the gradients added over the processes, then, if the
-loss is finite, the optimizer's step and the scheduler's. With ``--dp`` it is DP-SGD's step, on
-:mod:`manualgrad.privacy` (:class:`PrivatePlan`): the rows are Poisson-sampled, ``backward()`` runs inside
-:func:`manualgrad.per_sample` with ``clip=C`` (``.grad`` is the clipped sum of the per-sample gradients), the
-sums are added over the processes, and the library's :class:`~manualgrad.privacy.DPOptimizer` adds the noise
-once, to that global sum, divides by the expected batch size and steps. The epoch loop
-(:meth:`Trainer.train_epoch`) calls it; the thread timing, the progress bar and the stop request sit beside it.
-
-A :class:`Trainer` owns its model, optimizer, scheduler and random streams
-(the data generator, and a saved torch RNG state for dropout that it swaps in
-while it trains), so that two trainers (``--compare-native``) can alternate
-epochs in one process and each still sees exactly what it would see alone.
-The model and its loss are the :class:`~train.model.Net`.
+A :class:`Trainer` owns its model, optimizer, scheduler and random streams (it swaps its own dropout stream in
+while it trains), so that two trainers (``--compare-native``) can alternate epochs and each sees what it would alone.
 """
 
 from __future__ import annotations
@@ -43,6 +30,9 @@ from .errors import ConfigError, RunError
 from .model import Net
 from .threads import Threads
 
+NOISE_SEED_OFFSET = 0x9E3779B97F4A7C15  # --dp's noise stream is seeded with --seed + this (mod 2**64)
+PROGRESS_BAR = dict(unit="batch", leave=False, dynamic_ncols=True)  # disable=None: shown on a terminal only
+
 
 class TrainingError(RunError):
     """Training cannot go on; the message is meant for the user, as is."""
@@ -58,47 +48,14 @@ class Position:
     rows: int = 0
     seconds: float = 0.0
 
-    def to_dict(self) -> dict:
-        return dict(step=self.step, order=self.order, loss_sum=self.loss_sum, rows=self.rows, seconds=self.seconds)
-
-
-@dataclass
-class EpochResult:
-    train_loss: float
-    seconds: float
-    interrupted: Position | None = None  # set when a stop was requested before the epoch's end
-    stop_requested: bool = False  # a stop was requested (agreed by all processes) during the last step
-
-
-class ProgressBar:
-    """The epoch's tqdm bar (rank 0 and --progress only, and only on a terminal), with the loss and samples/s."""
-
-    def __init__(self, trainer: Trainer, epoch: int, step: int):
-        cfg, self.last = trainer.cfg, trainer.steps_per_epoch - 1
-        disable = None if trainer.world.main and cfg.progress else True  # None: off unless a terminal
-        kw = dict(desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=disable)
-        self.bar = tqdm(total=trainer.steps_per_epoch, initial=step, **kw)
-
-    def show(self, step: int, loss_sum: float, rows: int, seconds: float) -> None:
-        self.bar.update()
-        if step % 20 == 0 or step == self.last:
-            speed = f"{rows / max(seconds, 1e-9):,.0f}"
-            self.bar.set_postfix({"loss": f"{loss_sum / rows:.4f}", "samples/s": speed}, refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-
 
 class StopRequest:
-    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks between steps, so that the
-    checkpoint written on the way out is a consistent state. A second Ctrl-C in a single process aborts
-    at once (the last epoch's checkpoint stays). Under torchrun repeated signals are expected (the
-    terminal and the launcher both send one) and only set the flag."""
+    """Ctrl-C (SIGINT) and SIGTERM become a flag checked between steps, so that the checkpoint written on the way
+    out is consistent. A second Ctrl-C in one process aborts at once; under torchrun (the terminal and the
+    launcher both send one) repeated signals only set the flag."""
 
     def __init__(self, world: distributed.World):
-        self.requested = False
-        self.world = world
-        self._previous = {}
+        self.requested, self.world, self._previous = False, world, {}
 
     def _handle(self, signum, frame):
         if self.requested and not self.world.distributed:
@@ -109,24 +66,23 @@ class StopRequest:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous.clear()
+        self._previous = {}
 
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
+        nesterov = cfg.momentum > 0
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=cfg.weight_decay
         )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
@@ -162,12 +118,13 @@ def secure_seed() -> int:
     return secrets.randbits(64)
 
 
+_SPENT: dict = {}  # (sigma, q, steps, delta, accountant) -> epsilon: the accountant's answers, computed once
+
+
 @dataclass
 class PrivatePlan:
-    """The DP-SGD plan of a --dp run: sampling rate, noise multiplier, clip, target (ε, δ), its accountant. The
-    noise multiplier is the smallest for which the planned steps are (ε, δ)-DP (dp-accounting, through
-    :func:`manualgrad.privacy.get_noise_multiplier`); the accountant's whole state is the number of steps taken,
-    which the checkpoint holds, so a resumed run accounts exactly as an uninterrupted one."""
+    """A --dp run's plan: σ is the smallest noise multiplier for which the planned steps are (ε, δ)-DP. The
+    accountant's whole state is the number of steps taken, which the checkpoint holds."""
 
     sample_rate: float  # q = B / N
     noise_multiplier: float  # σ: the noise's std is σ C
@@ -181,8 +138,7 @@ class PrivatePlan:
 
     @classmethod
     def plan(cls, cfg: Config, n: int, steps_per_epoch: int) -> PrivatePlan:
-        """Calibrate σ for ``cfg.epochs * steps_per_epoch`` steps at rate ``cfg.batch_size / n``; ConfigError
-        when that cannot be planned."""
+        """Calibrate σ for ``cfg.epochs * steps_per_epoch`` steps at rate ``cfg.batch_size / n``."""
         if cfg.batch_size > n:
             raise ConfigError(f"--dp: --batch-size {cfg.batch_size} is larger than the {n} training images")
         rate, steps = cfg.batch_size / n, cfg.epochs * steps_per_epoch
@@ -197,11 +153,11 @@ class PrivatePlan:
         return cls(rate, sigma, cfg.clip, float(cfg.batch_size), steps, cfg.epsilon, cfg.delta, cfg.accountant, notes)
 
     def epsilon(self, steps: int) -> float:
-        """ε spent after ``steps`` steps (at this plan's δ): the accountant composed ``steps`` times."""
-        accountant = privacy.Accountant(self.accountant)
-        accountant.history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
+        """ε spent after ``steps`` steps (at this plan's δ)."""
         key = (self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant)
         if key not in _SPENT:
+            accountant = privacy.Accountant(self.accountant)
+            accountant.history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
             _SPENT[key] = accountant.get_epsilon(self.delta)
         return _SPENT[key]
 
@@ -216,28 +172,15 @@ class PrivatePlan:
         )
 
     def describe(self) -> str:
-        notes = "".join(f"; {note}" for note in self.notes)
         return (
             f"DP-SGD: ({self.target_epsilon:g}, {self.delta:g})-DP over {self.steps} steps, sampling rate "
             f"{self.sample_rate:.4g}, clip {self.clip:g}, noise multiplier {self.noise_multiplier:.4f} "
-            f"({self.accountant} accountant){notes}"
+            f"({self.accountant} accountant)" + "".join(f"; {note}" for note in self.notes)
         )
 
     def to_dict(self) -> dict:
-        return {
-            "epsilon": self.target_epsilon,
-            "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "clip": self.clip,
-            "planned_steps": self.steps,
-            "accountant": self.accountant,
-        }
-
-
-_SPENT: dict = {}  # (sigma, q, steps, delta, accountant) -> epsilon: the accountant's answers, computed once
-
-NOISE_SEED_OFFSET = 0x9E3779B97F4A7C15  # --dp's noise stream is seeded with --seed + this (mod 2**64)
+        names = ("delta", "noise_multiplier", "sample_rate", "clip", "accountant")
+        return {"epsilon": self.target_epsilon, **{k: getattr(self, k) for k in names}, "planned_steps": self.steps}
 
 
 class Trainer:
@@ -246,61 +189,50 @@ class Trainer:
     def __init__(self, net: Net, cfg: Config, mnist: data.MNIST, world: distributed.World, threads: Threads):
         self.net, self.cfg, self.data, self.world, self.threads = net, cfg, mnist, world, threads
         self.params = list(net.parameters())
-        n = len(mnist.train_y)
-        dp = cfg.dp and net.impl != "native"
+        n, dp = len(mnist.train_y), cfg.dp and net.impl != "native"
         self.steps_per_epoch = dp_steps_per_epoch(n, cfg.batch_size) if dp else data.num_batches(n, cfg.batch_size)
-        # --dp: sigma for the planned steps; steps taken so far (the accountant's whole state)
         self.privacy = PrivatePlan.plan(cfg, n, self.steps_per_epoch) if dp else None
-        self.private_steps = 0
-        self.last_batch: Tensor | None = None
+        self.private_steps = 0  # --dp: the accountant's whole state
+        self.last_batch: Tensor | None = None  # the last step's rows, all processes together (tests read it)
         self.optimizer = make_optimizer(cfg, self.params)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
-        # Batch order (Poisson sampling) and augmentation: the same stream in every process. Dropout: torch's
-        # RNG, a different stream per process (seed + rank), kept here between epochs. --dp's noise: a stream
-        # of its own, the same in every process; with --secure-rng both shared streams are seeded from the
-        # OS's entropy (rank 0's, for every process).
+        # Batch order (Poisson sampling) and augmentation: one stream, the same in every process; --dp's noise:
+        # another (with --secure-rng both from rank 0's OS entropy). Dropout: torch's RNG, seed + rank.
         data_seed, noise_seed = cfg.seed, (cfg.seed + NOISE_SEED_OFFSET) % 2**64
         if dp and cfg.secure_rng:
             data_seed, noise_seed = distributed.broadcast_object((secure_seed(), secure_seed()), world)
         self.generator = torch.Generator().manual_seed(data_seed)
         self.noise_generator = torch.Generator().manual_seed(noise_seed) if dp else None
-        # --dp: the library's optimizer adds σ C z to the (global) clipped sums, divides by B, and steps
         self.dp_optimizer = self.privacy.optimizer(self.optimizer, self.noise_generator) if dp else None
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
             torch.manual_seed((cfg.seed + world.rank) % 2**64)
             self.torch_rng = rng_state(world.device)
 
-    # ---- state, for checkpoints
-
     def state_dict(self) -> dict:
-        """Model, optimizer, scheduler and random streams. Collective: every process must call it (each
-        contributes its own dropout stream)."""
+        """Model, optimizer, scheduler and random streams. Collective: every process adds its dropout stream."""
+        rng = {"data": self.generator.get_state(), "torch": distributed.gather_objects(self.torch_rng, self.world)}
         state = {
             "model": self.net.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "rng": {
-                "data": self.generator.get_state(),
-                "torch": distributed.gather_objects(self.torch_rng, self.world),
-            },
+            "rng": rng,
         }
         if self.privacy is not None:
-            state["rng"]["noise"] = self.noise_generator.get_state()
+            rng["noise"] = self.noise_generator.get_state()
             state["privacy"] = {"steps": self.private_steps, "noise_multiplier": self.privacy.noise_multiplier}
         return state
 
     def load_state_dict(self, state: dict) -> bool:
-        """Restore :meth:`state_dict`'s output; False when it was written by another number of processes
-        (then each process takes one of the saved dropout streams, and masks differ from the original run's)."""
+        """Restore :meth:`state_dict`'s output; False when another number of processes wrote it (then dropout
+        masks differ from the original run's)."""
         self.net.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["rng"]["data"])
-        if self.privacy is not None:
+        if self.privacy is not None:  # the noise so far was drawn at the checkpoint's sigma: go on with it
             self.noise_generator.set_state(state["rng"]["noise"])
             self.private_steps = int(state["privacy"]["steps"])
-            # the noise so far was drawn at the checkpoint's sigma: the accountant goes on with it
             self.privacy.noise_multiplier = float(state["privacy"]["noise_multiplier"])
             self.dp_optimizer.noise_multiplier = self.privacy.noise_multiplier
         per_rank = state["rng"]["torch"]
@@ -312,16 +244,15 @@ class Trainer:
         named = list(self.net.module.state_dict().items())
         for i, state in enumerate(self.optimizer.state.values()):
             named += [(f"optimizer state {i} {k}", v) for k, v in state.items()]
-        for name, t in named:
-            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                return name
-        return None
+        bad = (name for name, t in named if isinstance(t, Tensor) and t.is_floating_point() and not t.isfinite().all())
+        return next(bad, None)
 
     # ---- training
 
     def train_step(self, x: Tensor, y: Tensor, share: float, stop: bool) -> tuple[float, bool]:
-        """One optimisation step on this process's rows ``(x, y)``, ``share`` of the global batch; returns the
-        global batch's mean loss (not finite: no step was taken) and whether any process asked to stop."""
+        """One step on this process's rows, ``share`` of the global batch: forward, loss, backward, gradients
+        added over the processes, (--dp: noise,) optimizer and scheduler steps. Returns the global batch's mean
+        loss (not finite: no step was taken) and whether any process asked to stop."""
         self.optimizer.zero_grad(set_to_none=True)
         if len(y):
             with self.clipped():  # --dp: .grad becomes the clipped sum of the per-sample gradients
@@ -345,48 +276,27 @@ class Trainer:
                 self.scheduler.step()
         return loss_value, stopping
 
-    def clipped(self):
-        """--dp: :func:`manualgrad.per_sample` with ``clip=C``, under which ``backward()`` leaves in ``.grad`` the
-        clipped sum Σ_n min(1, C/‖g_n‖) g_n of the per-sample gradients of the mean loss; else nothing."""
-        if self.privacy is None:
-            return contextlib.nullcontext()
-        return manualgrad.per_sample(self.net.module, clip=self.privacy.clip, loss_reduction="mean")
-
-    def batch(self, order: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Step ``step`` (0-based) of the epoch ordered by ``order``: the global batch's rows (--dp: Poisson-sampled
-        now from the data stream; ``order`` is unused), and this process's share of them, distorted (--augment)."""
-        rows = self.global_batch(order, step)
-        mine = distributed.share(rows, self.world)
-        x, y = self.data.train_x[mine], self.data.train_y[mine]
-        if self.cfg.augment != "none" and len(rows):
-            params = augment.draw(self.cfg.augment, len(rows), self.generator)
-            x = augment.apply(x, tuple(distributed.share(p, self.world) for p in params))
-        return rows, x, y
-
-    def trial_step(self, x: Tensor, y: Tensor) -> None:
-        """A forward and backward pass whose result is thrown away, random streams untouched (:mod:`train.threads`
-        times it)."""
-        if len(y):
-            with torch.random.fork_rng(devices=[]), self.clipped():
-                self.net.loss(x, y).backward()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def train_epoch(self, epoch: int, stop: StopRequest, resume: Position | None = None, on_step=None) -> EpochResult:
-        """Run the steps of ``epoch`` (1-based), from ``resume``'s step when given. ``on_step(epoch, step,
-        trainer)``, if given, is called after every step (tests use it to interrupt or poison a run)."""
-        at = resume or self.epoch_start()
+    def train_epoch(self, epoch: int, stop: StopRequest, resume: Position | None = None, on_step=None):
+        """The steps of ``epoch`` (1-based), from ``resume``'s when given; ``on_step(epoch, step, trainer)`` after each.
+        Returns where it stopped (step ``steps_per_epoch``: at the end; before: on a stop request) and whether any
+        process asked to stop. The thread timing and the progress bar sit beside the step."""
+        n = len(self.data.train_y)  # a new epoch: a fresh order of the rows (--dp: none, each step samples)
+        at = resume or Position(
+            0, torch.zeros(0, dtype=torch.long) if self.privacy else data.epoch_order(n, self.generator)
+        )
         order, loss_sum, rows_seen, seconds = at.order.to(self.world.device), at.loss_sum, at.rows, at.seconds
         self.net.module.train()
         set_rng_state(self.torch_rng, self.world.device)
-        bar = ProgressBar(self, epoch, at.step)
-        start, stopping = time.perf_counter(), False
-        self.threads.reset_counts()
-        self.threads.choose(functools.partial(self.trial_step, *self.timing_batch(order, at.step)))
+        desc, hide = f"epoch {epoch}/{self.cfg.epochs}", None if self.world.main and self.cfg.progress else True
+        bar = tqdm(total=self.steps_per_epoch, initial=at.step, desc=desc, disable=hide, **PROGRESS_BAR)
+        start, stopping, done = time.perf_counter(), False, at.step
+        self.threads.steps.clear()  # time the thread counts on a batch of the first rows, drawn from no random stream
+        self.threads.choose(functools.partial(self.trial_step, torch.arange(min(self.cfg.batch_size, n))))
         try:
             for step in range(at.step, self.steps_per_epoch):
                 step_start = time.perf_counter()
                 rows, x, y = self.batch(order, step)
-                self.last_batch = rows  # the step's rows, all processes together (tests read it)
+                self.last_batch = rows
                 share = len(y) / len(rows) if len(rows) else 0.0  # an empty Poisson sample (--dp): 0
                 loss, stopping = self.train_step(x, y, share, stop.requested)
                 if not math.isfinite(loss):
@@ -394,54 +304,61 @@ class Trainer:
                         f"the training loss became {loss} at epoch {epoch}, step {step + 1}; "
                         "stopped without taking that step"
                     )
-                loss_sum, rows_seen = loss_sum + loss * len(rows), rows_seen + len(rows)
+                loss_sum, rows_seen, done = loss_sum + loss * len(rows), rows_seen + len(rows), step + 1
                 if self.threads.step_took(time.perf_counter() - step_start):  # slowed down: time the counts again
-                    self.threads.choose(functools.partial(self.trial_step, x, y))
-                bar.show(step, loss_sum, rows_seen, seconds + time.perf_counter() - start)
+                    self.threads.choose(functools.partial(self.trial_step, rows))
+                bar.update()
+                if step % 20 == 0 or step == self.steps_per_epoch - 1:
+                    speed = rows_seen / max(seconds + time.perf_counter() - start, 1e-9)
+                    postfix = {"loss": f"{loss_sum / max(rows_seen, 1):.4f}", "samples/s": f"{speed:,.0f}"}
+                    bar.set_postfix(postfix, refresh=False)
                 if on_step is not None:
                     on_step(epoch, step + 1, self)
-                if stopping and step + 1 < self.steps_per_epoch:
-                    seconds += time.perf_counter() - start
-                    here = Position(step + 1, at.order, loss_sum, rows_seen, seconds)
-                    return EpochResult(loss_sum / rows_seen, seconds, interrupted=here, stop_requested=True)
+                if stopping:
+                    break
         finally:
             bar.close()
             self.torch_rng = rng_state(self.world.device)
-        seconds += time.perf_counter() - start
-        return EpochResult(loss_sum / max(rows_seen, 1), seconds, stop_requested=stopping)
+        return Position(done, at.order, loss_sum, rows_seen, seconds + time.perf_counter() - start), stopping
 
-    def epoch_start(self) -> Position:
-        """A new epoch's start: step 0 of a fresh random order of the training rows (--dp: none, each step samples)."""
-        if self.privacy is not None:
-            return Position(step=0, order=torch.zeros(0, dtype=torch.long))
-        return Position(step=0, order=data.epoch_order(len(self.data.train_y), self.generator))
+    def clipped(self):
+        """--dp: :func:`manualgrad.per_sample` with ``clip=C``: ``backward()`` leaves in ``.grad`` the clipped
+        sum Σ_n min(1, C/‖g_n‖) g_n of the per-sample gradients of the mean loss; else nothing."""
+        if self.privacy is None:
+            return contextlib.nullcontext()
+        return manualgrad.per_sample(self.net.module, clip=self.privacy.clip, loss_reduction="mean")
 
-    def global_batch(self, order: Tensor, step: int) -> Tensor:
-        """The rows of step ``step`` (0-based) of the epoch ordered by ``order``, for all processes together.
-        With --dp: a Poisson-sampled batch, drawn now from the data stream (``order`` is unused)."""
-        if self.privacy is not None:
-            return privacy.poisson_sample(len(self.data.train_y), self.privacy.sample_rate, self.generator)
-        return order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
-
-    def timing_batch(self, order: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        """This process's rows of step ``step``, undistorted, drawn from no random stream: for :meth:`trial_step`."""
-        n = len(self.data.train_y)
-        rows = torch.arange(min(self.cfg.batch_size, n)) if self.privacy is not None else self.global_batch(order, step)
+    def trial_step(self, rows: Tensor) -> None:
+        """Forward and backward on this process's share of ``rows``, thrown away, random streams untouched
+        (:mod:`train.threads` times it)."""
         mine = distributed.share(rows, self.world)
-        return self.data.train_x[mine], self.data.train_y[mine]
+        if len(mine):
+            with torch.random.fork_rng(devices=[]), self.clipped():
+                self.net.loss(self.data.train_x[mine], self.data.train_y[mine]).backward()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    # ---- evaluation
+    def batch(self, order: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Step ``step``'s rows, all processes together (--dp: Poisson-sampled now), and this process's share of
+        them, distorted (--augment)."""
+        if self.privacy is not None:
+            rows = privacy.poisson_sample(len(self.data.train_y), self.privacy.sample_rate, self.generator)
+        else:
+            rows = order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
+        mine = distributed.share(rows, self.world)
+        x, y = self.data.train_x[mine], self.data.train_y[mine]
+        if self.cfg.augment != "none" and len(rows):
+            params = augment.draw(self.cfg.augment, len(rows), self.generator)
+            x = augment.apply(x, tuple(distributed.share(p, self.world) for p in params))
+        return rows, x, y
 
     @torch.no_grad()
     def evaluate(self, chunk: int = 2000) -> tuple[float, float]:
         """Mean cross-entropy (no label smoothing) and accuracy on the test set."""
         self.net.module.eval()
-        x_all, y_all = self.data.test_x, self.data.test_y
-        loss_sum = torch.zeros((), device=x_all.device)
-        correct = torch.zeros((), device=x_all.device, dtype=torch.long)
-        for x, y in zip(x_all.split(chunk), y_all.split(chunk)):
+        loss_sum, correct = 0.0, 0
+        for x, y in zip(self.data.test_x.split(chunk), self.data.test_y.split(chunk)):
             logits = self.net.logits(x)
             loss_sum += MF.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
-        n = max(len(y_all), 1)
-        return loss_sum.item() / n, correct.item() / n
+        n = max(len(self.data.test_y), 1)
+        return float(loss_sum) / n, int(correct) / n

@@ -1,9 +1,5 @@
-"""The errors a run reports to the user as they are: one message, no traceback.
-
-``python -m train`` prints ``error: <message>`` and exits with status 1, or 2
-for a :class:`ConfigError` (options that contradict each other or the
-checkpoint being resumed). Each part of the program raises its own subclass.
-"""
+"""Errors reported as one line, no traceback: ``python -m train`` prints ``error: <message>`` and exits with
+status 1, or 2 for a :class:`ConfigError`. Each part of the program raises its own subclass."""
 
 
 class RunError(Exception):
@@ -15,7 +11,7 @@ class ConfigError(RunError):
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of ``e``'s message (its type's name when it has none): for a one-line message."""
+    """The first line of ``e``'s message (its type's name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 

@@ -1,16 +1,5 @@
-"""Files that are never half-written, and folders that one process at a time may write.
-
-:func:`write_atomically` is the one way this program writes a file: the bytes go
-to a temporary file in the same folder (``<name>.<8 hex>.tmp``), are flushed
-to disk, and the temporary file is renamed over ``path``. A crash, a Ctrl-C
-or a full disk mid-write leaves the previous version intact, never half a
-file; a process killed mid-write (SIGKILL) can leave only a temporary file,
-which :func:`remove_temporaries` recognises by that pattern.
-
-:class:`FolderLock` keeps two processes from writing one folder: an exclusive
-``flock`` on a lock file, which the kernel releases when the process ends,
-however it ends, so a killed run never blocks the next one.
-"""
+"""The run folder (``config.json``, ``checkpoint.pt``, ``metrics.json``, ``curves.png``, and the lock ``.lock``),
+and files that are never half-written: :func:`write_atomically` is the one way this program writes a file."""
 
 from __future__ import annotations
 
@@ -21,11 +10,12 @@ import math
 import os
 import re
 import secrets
+import time
 
 from .errors import RunError
 
-TEMP_SUFFIX = ".tmp"
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+TEMP_SUFFIX, LOCK = ".tmp", ".lock"
+FILES = ("config.json", "checkpoint.pt", "metrics.json", "curves.png")  # what a run writes in its folder
 
 
 class FileError(RunError):
@@ -33,10 +23,9 @@ class FileError(RunError):
 
 
 def write_atomically(path: str, data: bytes | str) -> None:
-    """Replace ``path`` with ``data`` (``str`` is written as UTF-8) in one step: readers see the old
-    file or the new one, never a mixture. Errors become a one-line :class:`FileError`."""
-    if isinstance(data, str):
-        data = data.encode()
+    """Replace ``path`` with ``data`` (``str``: UTF-8) in one step: written to ``<name>.<8 hex>.tmp`` beside it,
+    flushed, renamed over it. A crash leaves the old file or the new one, never half a file."""
+    data = data.encode() if isinstance(data, str) else data
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f"{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
@@ -49,110 +38,150 @@ def write_atomically(path: str, data: bytes | str) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _sync_folder(folder)
+        fd = os.open(folder, os.O_RDONLY)  # make the rename durable: a power cut must not bring the old file back
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from None
-        raise
-
-
-def _sync_folder(folder: str) -> None:
-    """Make the rename itself durable (a power cut after it must not bring the old file back)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_error(path: str, e: OSError) -> FileError:
-    name = os.path.basename(path)
-    kept = f"the previous {name} is intact" if os.path.exists(path) else f"no {name} was written"
-    if e.errno in _DISK_FULL:
-        return FileError(f"disk full while writing {path}; {kept}")
-    return FileError(f"cannot write {path}: {e.strerror or e}; {kept}")
-
-
-def json_text(obj) -> str:
-    """``obj`` as JSON text. Non-finite floats (NaN, ±inf) become ``null``: most JSON readers reject
-    ``NaN``, and ``allow_nan=False`` makes any that slipped through an error instead of bad JSON."""
-    return json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
-
-
-def _finite(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def read_only(path: str) -> bool:
-    """Whether ``path`` is on a file system mounted read-only (no write is possible, whatever the permissions)."""
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
+        if not isinstance(e, OSError):
+            raise
+        kept = f"the previous {name} is intact" if os.path.exists(path) else f"no {name} was written"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FileError(f"disk full while writing {path}; {kept}") from None
+        raise FileError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
 
 
 def write_json(path: str, obj) -> None:
-    write_atomically(path, json_text(obj))
+    """``obj`` as strict JSON: non-finite floats (which most readers reject) become ``null``."""
+
+    def finite(obj):
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return None
+        if isinstance(obj, dict):
+            return {k: finite(v) for k, v in obj.items()}
+        return [finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+    write_atomically(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
 
 
-def remove_temporaries(folder: str, names) -> list[str]:
-    """Delete what :func:`write_atomically` leaves behind when its process is killed mid-write:
-    ``<name>.<8 characters>.tmp`` for each of ``names``, in ``folder`` only. Call it only while holding
-    the folder's lock (another process's temporary file may be in use). Returns the paths removed."""
+def remove_temporaries(folder: str, names) -> None:
+    """Delete the ``<name>.<8 characters>.tmp`` files that a write killed midway leaves, for each of ``names``
+    (only while holding the folder's lock: another process's may be in use)."""
     pattern = re.compile(rf"(?:{'|'.join(re.escape(n) for n in names)})\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
-    removed = []
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False) and pattern.fullmatch(entry.name):
             os.remove(entry.path)
-            removed.append(entry.path)
-    return removed
 
 
-class FolderLock:
-    """An exclusive lock on ``folder`` for as long as this object is open (``with`` or :meth:`close`).
+def lock(folder: str) -> int:
+    """An exclusive ``flock`` on ``folder/.lock`` (which holds the owner's process id), held while the returned
+    descriptor is open: the kernel releases it when the owner closes it or dies, so a killed run blocks no other."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise FileError(f"cannot lock {folder}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            by = f" (process {owner})" if owner.isdigit() else ""
+            raise FileError(
+                f"{folder} is in use by another run{by}; wait for it to end or choose another --out"
+            ) from None
+        raise FileError(f"cannot lock {folder}: {e.strerror or e}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
-    The lock file (``.lock``, holding the owner's process id) stays in the folder; the lock itself is
-    the kernel's ``flock``, gone when the owner closes it or dies.
-    """
 
-    NAME = ".lock"
+class RunFolder:
+    """An open, locked run folder; :meth:`close` (or ``with``) releases it. Rank 0 alone holds the lock."""
 
-    def __init__(self, folder: str):
-        self.path = os.path.join(folder, self.NAME)
+    def __init__(self, path: str, lock_fd: int | None):
+        self.path, self._lock_fd = path, lock_fd  # None: another process's view of rank 0's folder
+
+    @classmethod
+    def open(cls, out: str | None, resuming: str | None = None) -> RunFolder:
+        """Create (or reuse) ``out`` (None: a fresh ``runs/<timestamp>``), lock it, remove a killed run's
+        temporaries, and refuse it if it holds any file a run writes, unless it is the folder of the checkpoint
+        ``resuming``."""
+        path = _create(out)
+        fd = lock(path)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise FileError(f"cannot lock {folder}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                by = f" (process {owner})" if owner.isdigit() else ""
+            remove_temporaries(path, FILES)
+            existing = os.path.join(path, "checkpoint.pt")
+            own = resuming and _same_file(existing, resuming)  # the folder of the run being resumed
+            if os.path.exists(existing) and not own:
+                if resuming:
+                    raise FileError(
+                        f"{path} already holds another run, which resuming would overwrite; choose another --out"
+                    )
                 raise FileError(
-                    f"{folder} is in use by another run{by}; wait for it to end or choose another --out"
-                ) from None
-            raise FileError(f"cannot lock {folder}: {e.strerror or e}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+                    f"{path} already holds a run; continue it with --resume {path}, or choose another --out"
+                )
+            taken = [name for name in FILES if os.path.lexists(os.path.join(path, name))]
+            if taken and not own:  # a user's own files, or a run whose checkpoint was deleted
+                them = "it" if len(taken) == 1 else "them"
+                raise FileError(
+                    f"{path} already holds {', '.join(taken)}, which this run would overwrite; move {them} away "
+                    "or choose another --out"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the flock
-            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
-    def __enter__(self) -> FolderLock:
+    def __enter__(self) -> RunFolder:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _create(out: str | None) -> str:
+    if out is None:  # a new folder of its own: mkdir fails rather than share one with a run started alike
+        base = os.path.join("runs", time.strftime("%Y-%m-%d_%H-%M-%S"))
+        for suffix in range(1000):
+            path = base if suffix == 0 else f"{base}-{suffix}"
+            try:
+                os.makedirs(path)
+                return path
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise FileError(f"cannot create the run folder {path}: {e.strerror or e}") from None
+        raise FileError(f"cannot find a free run folder name {base}-N; choose one with --out")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileError(f"--out {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise FileError(f"cannot create the run folder {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        why = "permission denied"
+        try:  # a file system mounted read-only allows no write, whatever the permissions
+            why = "it is on a read-only file system" if os.statvfs(out).f_flag & os.ST_RDONLY else why
+        except OSError:
+            pass
+        raise FileError(f"cannot write to the run folder {out}: {why}")
+    return out
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

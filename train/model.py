@@ -1,29 +1,12 @@
-"""The model: an MLP or a CNN of manualgrad modules, and the ways to run it.
+"""The models (``--model``: the MLP ``784 -> hidden... -> 10``, pytorch/examples' MNIST CNN, DP-SGD's small CNN),
+all of manualgrad modules, and :class:`Net`: a model with its loss, computed one of three ways (``impl``):
 
-Three models (``--model``): the MLP ``784 -> hidden... -> 10``; the classic
-MNIST CNN of pytorch/examples (:func:`build_cnn`: two 3x3 convolutions, a 2x2
-max-pool, dropout, then fully connected layers); and the small CNN that DP-SGD
-trains (:func:`build_small_cnn`, Papernot et al. 2021's), both fed images
-``(N, 1, 28, 28)``.
+* ``fused``: :class:`manualgrad.nn.MLP` with :meth:`~manualgrad.nn.MLP.loss`, the MLP and its loss ONE Function;
+* ``layers``: one manualgrad Function per layer (:meth:`~manualgrad.nn.MLP.per_layer`) and
+  :class:`manualgrad.nn.CrossEntropyLoss`; the CNNs' only way;
+* ``native`` (``--compare-native``, ``--check-grads``): the same layers and weights as plain ``torch.nn`` modules.
 
-``Net`` pairs a module with its training loss, so that the training loop does
-not care which implementation it drives:
-
-* ``fused``: :class:`manualgrad.nn.MLP` with :meth:`~manualgrad.nn.MLP.loss`:
-  the whole MLP and its softmax cross-entropy are ONE autograd Function;
-* ``layers``: the same modules as a plain ``nn.Sequential``
-  (:meth:`~manualgrad.nn.MLP.per_layer`), one manualgrad Function per layer,
-  with :class:`manualgrad.nn.CrossEntropyLoss`; the CNN's only way;
-* ``native`` (for ``--compare-native`` and ``--check-grads`` only): the same
-  architecture and weights as plain ``torch.nn`` modules and
-  ``torch.nn.functional.cross_entropy``, i.e. torch autograd's backward.
-
-All three have the same ``state_dict`` keys, so one checkpoint fits all.
-
-:func:`build` makes the run's ``Net`` from its configuration; it is the one
-place that knows which model a run trains (the loop needs only ``loss``,
-``logits``, ``parameters``, ``module``, ``twin``, ``with_impl`` and
-``describe``).
+All three have the same ``state_dict`` keys.
 """
 
 from __future__ import annotations
@@ -34,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import manualgrad
 import manualgrad.nn as mnn
 
 from . import scatter
@@ -41,55 +25,34 @@ from . import scatter
 IN_FEATURES, CLASSES, SIDE = 28 * 28, 10, 28
 
 
-def build_mlp(hidden, activation: str, dropout: float, device) -> mnn.MLP:
-    """``784 -> hidden... -> 10``, PyTorch's default initialisation (seed the global RNG first)."""
-    return mnn.MLP([IN_FEATURES, *hidden, CLASSES], activation=activation, dropout=dropout, device=device)
+def _head(layers: list, width: int, hidden, act, dropout: float, device) -> torch.nn.Sequential:
+    """``layers``, then per width in ``hidden`` a ``Linear``, the activation (and dropout); ``Linear(.., 10)``."""
+    for h in hidden:
+        layers += [mnn.Linear(width, h, device=device), act(), *([mnn.Dropout(dropout)] if dropout > 0 else [])]
+        width = h
+    return torch.nn.Sequential(*layers, mnn.Linear(width, CLASSES, device=device))
 
 
 def build_cnn(hidden, activation: str, dropout: float, device, channels=(32, 64)) -> torch.nn.Sequential:
-    """The classic MNIST CNN, of manualgrad modules only: ``Conv2d(1, 32, 3)``, activation, ``Conv2d(32, 64,
-    3)``, activation, ``MaxPool2d(2)``, ``Dropout(dropout / 2)``, ``Flatten``, then for each width in
-    ``hidden`` a ``Linear``, the activation and ``Dropout(dropout)``, and ``Linear(.., 10)``: with ``hidden``
-    ``(128,)``, dropout 0.5 and relu, pytorch/examples' model (dropouts 0.25 and 0.5). Images ``(N, 1, 28,
-    28)`` in, logits ``(N, 10)`` out. PyTorch's default initialisation (seed the global RNG first)."""
+    """pytorch/examples' MNIST CNN (with ``hidden`` ``(128,)``, dropout 0.5, relu): ``Conv2d(1, 32, 3)``,
+    activation, ``Conv2d(32, 64, 3)``, activation, ``MaxPool2d(2)``, ``Dropout(dropout / 2)``, ``Flatten``, then
+    the fully connected layers. Images ``(N, 1, 28, 28)`` in, logits out; seed the global RNG first."""
     act = mnn.ACTIVATIONS[activation]
     (c1, c2), side = channels, (SIDE - 4) // 2  # two unpadded 3x3 convolutions, then a 2x2 pool
-    layers = [
-        mnn.Conv2d(1, c1, 3, device=device),
-        act(),
-        mnn.Conv2d(c1, c2, 3, device=device),
-        act(),
-        mnn.MaxPool2d(2),
-        *([mnn.Dropout(dropout / 2)] if dropout > 0 else []),
-        mnn.Flatten(),
-    ]
-    width = c2 * side * side  # 9216
-    for h in hidden:
-        layers += [mnn.Linear(width, h, device=device), act(), *([mnn.Dropout(dropout)] if dropout > 0 else [])]
-        width = h
-    layers.append(mnn.Linear(width, CLASSES, device=device))
-    return torch.nn.Sequential(*layers)
+    layers = [mnn.Conv2d(1, c1, 3, device=device), act(), mnn.Conv2d(c1, c2, 3, device=device), act()]
+    layers += [mnn.MaxPool2d(2), *([mnn.Dropout(dropout / 2)] if dropout > 0 else []), mnn.Flatten()]
+    return _head(layers, c2 * side * side, hidden, act, dropout, device)
 
 
 def build_small_cnn(hidden, activation: str, dropout: float, device, channels=(16, 32)) -> torch.nn.Sequential:
-    """The small CNN of DP-SGD on MNIST (Papernot et al. 2021's tanh CNN; Opacus's ``SampleConvNet`` with
-    ``--activation relu``): ``Conv2d(1, 16, 8, stride 2, padding 3)``, activation, ``MaxPool2d(2, stride 1)``,
-    ``Conv2d(16, 32, 4, stride 2)``, activation, ``MaxPool2d(2, stride 1)``, ``Flatten`` (512), then for each
-    width in ``hidden`` a ``Linear``, the activation (and ``Dropout(dropout)``), and ``Linear(.., 10)``. With
-    ``hidden`` ``(32,)``: 26,010 parameters, few for the noise to spread over. ``channels``: the two
-    convolutions' outputs (16 and 32 above)."""
+    """DP-SGD's small CNN (Papernot et al. 2021; Opacus's ``SampleConvNet`` with relu): ``Conv2d(1, 16, 8, stride
+    2, padding 3)``, activation, ``MaxPool2d(2, 1)``, ``Conv2d(16, 32, 4, stride 2)``, activation, ``MaxPool2d(2,
+    1)``, ``Flatten`` (512), then the fully connected layers: with ``hidden`` ``(32,)`` 26,010 parameters."""
     act = mnn.ACTIVATIONS[activation]
     (c1, c2), width = channels, channels[1] * 4 * 4  # 28 -> 14 -> 13 -> 5 -> 4
-    layers = [
-        *(mnn.Conv2d(1, c1, 8, stride=2, padding=3, device=device), act(), mnn.MaxPool2d(2, 1)),
-        *(mnn.Conv2d(c1, c2, 4, stride=2, device=device), act(), mnn.MaxPool2d(2, 1)),
-        mnn.Flatten(),
-    ]
-    for h in hidden:
-        layers += [mnn.Linear(width, h, device=device), act(), *([mnn.Dropout(dropout)] if dropout > 0 else [])]
-        width = h
-    layers.append(mnn.Linear(width, CLASSES, device=device))
-    return torch.nn.Sequential(*layers)
+    layers = [mnn.Conv2d(1, c1, 8, stride=2, padding=3, device=device), act(), mnn.MaxPool2d(2, 1)]
+    layers += [mnn.Conv2d(c1, c2, 4, stride=2, device=device), act(), mnn.MaxPool2d(2, 1), mnn.Flatten()]
+    return _head(layers, width, hidden, act, dropout, device)
 
 
 def build_scatter_cnn(hidden, activation: str, dropout: float, device, channels=(16, 32)) -> torch.nn.Sequential:
@@ -102,66 +65,50 @@ def build_scatter_cnn(hidden, activation: str, dropout: float, device, channels=
     layers = [mnn.GroupNorm(27, scatter.CHANNELS, affine=False, device=device)]
     layers += [mnn.Conv2d(scatter.CHANNELS, c1, 3, stride=2, padding=1, device=device), act()]
     layers += [mnn.Conv2d(c1, c2, 3, padding=1, device=device), act(), mnn.Flatten()]
-    for h in hidden:
-        layers += [mnn.Linear(width, h, device=device), act(), *([mnn.Dropout(dropout)] if dropout > 0 else [])]
-        width = h
-    layers.append(mnn.Linear(width, CLASSES, device=device))
-    return torch.nn.Sequential(*layers)
+    return _head(layers, width, hidden, act, dropout, device)
 
 
 def torch_twin(model: torch.nn.Module) -> torch.nn.Sequential:
-    """The same layers as plain torch.nn modules (``torch.nn.Linear``, ``torch.nn.Conv2d``...), with a copy
-    of the weights. Every manualgrad module subclasses its torch.nn namesake and adds no state, so the
-    twin is a copy with each module's class set back to that namesake."""
+    """A copy of the layers as plain torch.nn modules: every manualgrad module subclasses its torch.nn namesake
+    and adds no state, so each copied module's class is set back to that namesake."""
     twin = copy.deepcopy(model.per_layer() if isinstance(model, mnn.MLP) else model)
     for module in twin.modules():
-        torch_class = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
-        module.__class__ = torch_class
+        module.__class__ = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
     return twin
 
 
 def build(cfg, device) -> Net:
-    """The Net that ``cfg`` (a :class:`~train.config.Config`) trains, its weights drawn from the global
-    RNG (seed it first)."""
+    """The Net that ``cfg`` trains, its weights drawn from the global RNG (seed it first)."""
     widths = "-".join(str(h) for h in (*cfg.hidden, CLASSES))
-    if cfg.model == "cnn":
-        cnn = build_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
-        c1, c2 = cfg.channels
-        architecture = (
-            f"CNN conv{c1}-conv{c2}-pool-{widths}, {cfg.activation}, dropout {cfg.dropout / 2:g}/{cfg.dropout:g}"
+    if cfg.model == "mlp":
+        mlp = mnn.MLP(
+            [IN_FEATURES, *cfg.hidden, CLASSES], activation=cfg.activation, dropout=cfg.dropout, device=device
         )
-        return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
+        sizes = "-".join(str(s) for s in mlp.sizes)
+        return Net(mlp, cfg.impl, cfg.label_smoothing, f"MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}")
+    c1, c2 = cfg.channels
     if cfg.model == "scatter-cnn":
         cnn = build_scatter_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
-        c1, c2 = cfg.channels
         architecture = f"ScatterNet + CNN groupnorm-conv{c1}-conv{c2}-{widths}, {cfg.activation}"
         return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=scatter.SHAPE)
-    if cfg.model == "small-cnn":
+    if cfg.model == "cnn":
+        cnn = build_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
+        dropout = f"dropout {cfg.dropout / 2:g}/{cfg.dropout:g}"
+        architecture = f"CNN conv{c1}-conv{c2}-pool-{widths}, {cfg.activation}, {dropout}"
+    else:
         cnn = build_small_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
-        c1, c2 = cfg.channels
         architecture = f"small CNN conv{c1}-pool-conv{c2}-pool-{widths}, {cfg.activation}, dropout {cfg.dropout:g}"
-        return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
-    mlp = build_mlp(cfg.hidden, cfg.activation, cfg.dropout, device)
-    sizes = "-".join(str(s) for s in mlp.sizes)
-    return Net(mlp, cfg.impl, cfg.label_smoothing, f"MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}")
+    return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
 
 
 class Net:
     """A module (parameters, ``train()``/``eval()``, ``state_dict``) and how to compute its loss and logits."""
 
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        impl: str,
-        label_smoothing: float = 0.0,
-        architecture: str = "",
-        image_shape: tuple | None = None,
-    ):
+    def __init__(self, module, impl: str, label_smoothing: float = 0.0, architecture: str = "", image_shape=None):
         self.module, self.impl, self.label_smoothing = module, impl, label_smoothing
         self.architecture = architecture  # for the log: e.g. "MLP 784-512-256-10, relu, dropout 0.1"
         self.image_shape = image_shape  # None: the model takes rows (N, 784); else images (N, *image_shape)
-        # the ways of computing our gradients that --check-grads checks
-        self.impls = ("fused", "layers") if isinstance(module, mnn.MLP) else ("layers",)
+        self.impls = ("fused", "layers") if isinstance(module, mnn.MLP) else ("layers",)  # what --check-grads checks
         if impl == "fused":
             assert isinstance(module, mnn.MLP)
         elif impl == "layers":
@@ -171,7 +118,7 @@ class Net:
             raise ValueError(f"unknown impl {impl!r}")
 
     def inputs(self, x: Tensor) -> Tensor:
-        """The model's input from rows of normalised pixels ``(N, 784)``: those rows, or images ``(N, 1, 28, 28)``."""
+        """Rows of normalised pixels ``(N, 784)``, or images ``(N, 1, 28, 28)`` for a CNN."""
         return x if self.image_shape is None else x.reshape(len(x), *self.image_shape)
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
@@ -194,9 +141,34 @@ class Net:
         return Net(self.module, impl, self.label_smoothing, self.architecture, self.image_shape)
 
     def twin(self) -> Net:
-        """A torch.nn copy (same weights, torch autograd's backward): --compare-native, --check-grads."""
+        """A torch.nn copy (same weights, torch autograd's backward)."""
         return Net(torch_twin(self.module), "native", self.label_smoothing, self.architecture, self.image_shape)
 
     def describe(self) -> str:
         count = sum(p.numel() for p in self.parameters())
         return f"{self.architecture}, impl {self.impl}, {count:,} parameters"
+
+
+def compare_gradients(net: Net, x: Tensor, y: Tensor) -> tuple[float, str, float, manualgrad.Coverage]:
+    """--check-grads: ``net``'s gradients on ``(x, y)`` against its torch.nn twin's: the largest relative difference
+    (max |ours - torch| / max |torch| over a parameter), that parameter, the loss difference, our backward graph.
+    Both draw the same dropout masks (on the CPU; torch's fused CUDA dropout draws differently, so there without
+    dropout); the run's random streams are left untouched."""
+    twin, use_dropout, was_training = net.twin(), x.device.type == "cpu", net.module.training
+    results = []
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        state = torch.get_rng_state()
+        for each in (net, twin):
+            each.module.train(use_dropout)
+            torch.set_rng_state(state)
+            loss = each.loss(x, y)
+            coverage = manualgrad.manual_coverage(loss)
+            results.append((loss.detach(), torch.autograd.grad(loss, list(each.module.parameters())), coverage))
+    net.module.train(was_training)
+    (ours, our_grads, coverage), (ref, ref_grads, _) = results
+    worst_name, worst = "", -1.0
+    for (name, _), g, r in zip(net.module.named_parameters(), our_grads, ref_grads):
+        relative = ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+        if relative > worst:
+            worst_name, worst = name, relative
+    return worst, worst_name, abs(ours.item() - ref.item()), coverage

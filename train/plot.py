@@ -1,9 +1,5 @@
-"""``curves.png``: loss and test accuracy against epoch (matplotlib, Agg backend: no display needed).
-
-A run draws it when it ends or is interrupted; ``python -m train.plot RUN_FOLDER``
-draws it again from the folder's ``metrics.json`` (e.g. while the run is still
-going, or after a crash).
-"""
+"""``curves.png``: loss and test accuracy against epoch (matplotlib, Agg). A run draws it when it ends or is
+interrupted; ``python -m train.plot RUN_FOLDER`` draws it again from the folder's ``metrics.json``."""
 
 from __future__ import annotations
 
@@ -16,15 +12,15 @@ import sys
 
 
 def _value(x) -> float:
-    """A metric for plotting: a JSON null (a non-finite value) becomes a gap."""
-    return math.nan if x is None else x
+    return math.nan if x is None else x  # a JSON null (a non-finite value) becomes a gap
 
 
 def title(metrics: dict) -> str:
     """E.g. "MLP 784-512-256-10, relu, dropout 0.1, impl fused; adamw lr 0.002, seed 0"."""
     config = metrics.get("config", {})
-    text = f"{metrics.get('model', 'model')}; {config.get('optimizer')} lr {config.get('lr')}"
-    text += f", seed {config.get('seed')}"
+    text = (
+        f"{metrics.get('model', 'model')}; {config.get('optimizer')} lr {config.get('lr')}, seed {config.get('seed')}"
+    )
     augment = config.get("augment", "none")
     text += f", {augment} augmentation" if augment != "none" else ""
     private = metrics.get("privacy")
@@ -37,13 +33,8 @@ def title(metrics: dict) -> str:
 
 
 def curves_png(metrics: dict) -> bytes:
-    """The figure for ``metrics`` (what ``metrics.json`` holds), as PNG bytes. Two panels: train and test
-    loss (log scale), and test accuracy in percent; the torch.nn run's too, dashed, when there is one;
-    for a --dp run, the epsilon spent so far on the accuracy panel's right axis.
-
-    The train loss is the training objective (label-smoothed when the run smooths labels, which keeps
-    it well above the test loss); the test loss is the plain cross-entropy.
-    """
+    """The figure for ``metrics`` (``metrics.json``), as PNG: train (label-smoothed if so) and test loss, and test
+    accuracy; the torch.nn run's dashed; for a --dp run, the epsilon spent on the accuracy panel's right axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +45,6 @@ def curves_png(metrics: dict) -> bytes:
     train_name = f"train, smoothed {smoothing:g}" if smoothing else "train"
     epochs = metrics.get("epochs", [])
     native = (metrics.get("native") or {}).get("epochs")
-
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     runs = [("manualgrad", epochs, "-")] + ([("torch.nn", native, "--")] if native else [])
     for label, records, style in runs:
@@ -102,34 +92,31 @@ def curves_png(metrics: dict) -> bytes:
 
 def main(argv=None) -> int:
     """``python -m train.plot RUN_FOLDER``: (re)draw ``RUN_FOLDER/curves.png`` from its ``metrics.json``."""
-    from .files import FileError, write_atomically
+    from .errors import RunError
+    from .files import write_atomically
 
     parser = argparse.ArgumentParser(prog="python -m train.plot", description=main.__doc__)
     parser.add_argument("run_folder", help="a run folder of python -m train (it holds metrics.json)")
     parser.add_argument("--output", help="where to write the PNG (default: RUN_FOLDER/curves.png)")
     args = parser.parse_args(argv)
     source = os.path.join(args.run_folder, "metrics.json")
-    try:
-        with open(source) as f:
-            metrics = json.load(f)
-    except FileNotFoundError:
-        print(f"error: no metrics.json in {args.run_folder} (is it a run folder of python -m train?)", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"error: cannot read {source}: {e}", file=sys.stderr)
-        return 1
-    if not isinstance(metrics, dict) or not metrics.get("epochs"):
-        print(f"error: {source} has no finished epoch to plot", file=sys.stderr)
-        return 1
-    target = args.output or os.path.join(args.run_folder, "curves.png")
-    try:
-        png = curves_png(metrics)
-    except (KeyError, TypeError, AttributeError) as e:
-        print(f"error: {source} is not a metrics.json of python -m train ({type(e).__name__}: {e})", file=sys.stderr)
-        return 1
-    try:
+    try:  # each failure: one line
+        try:
+            with open(source) as f:
+                metrics = json.load(f)
+        except FileNotFoundError:
+            raise RunError(f"no metrics.json in {args.run_folder} (is it a run folder of python -m train?)") from None
+        except (OSError, ValueError) as e:
+            raise RunError(f"cannot read {source}: {e}") from None
+        if not isinstance(metrics, dict) or not metrics.get("epochs"):
+            raise RunError(f"{source} has no finished epoch to plot")
+        try:
+            png = curves_png(metrics)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise RunError(f"{source} is not a metrics.json of python -m train ({type(e).__name__}: {e})") from None
+        target = args.output or os.path.join(args.run_folder, "curves.png")
         write_atomically(target, png)
-    except FileError as e:
+    except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(target)

@@ -1,23 +1,7 @@
-"""How many CPU threads torch uses while training: a fixed number, or ``auto``.
-
-Why not simply all cores: torch's intra-op threads meet at a barrier at the
-end of every parallel operation, so each step runs at the pace of the slowest
-thread. When another busy process shares the cores, one of the threads keeps
-losing its core to it, and every operation waits for that thread. Measured
-on 2 cores, an epoch of the default run on MNIST: quiet, 4.4 s with 2 threads
-and 5.5 s with 1; beside one busy process (``while True: pass``), 23-197 s
-with 2 threads but 5.4-6.1 s with 1, and 5.1-6.1 s with ``auto`` (which
-chose 1 there and 2 on the quiet machine, where it took 4.2-4.4 s).
-
-``auto`` (the default) therefore times the two sensible choices, 1 thread and
-all the cores this process may use, on a few throw-away training steps (same
-model, same batch, gradients discarded, random streams untouched), and
-trains with the faster. It does so at the start of every epoch and again as
-soon as steps take twice as long as they did after the last choice (the load
-changed). A quiet machine keeps all cores throughout. The thread count
-changes float summation orders in some kernels, hence results in the last
-bits: a run that must reproduce bit for bit whatever the load needs a fixed
-``--threads``.
+"""How many CPU threads torch uses while training: a fixed number, or ``auto``: time a few throw-away steps with 1
+thread and with all this process's cores, at the start of every epoch and again when steps slow down twofold, and
+train with the faster. (torch's threads meet at a barrier after every parallel operation, so when another busy
+process shares the cores, every operation waits for the thread that lost its core: see the README's measurements.)
 """
 
 from __future__ import annotations
@@ -57,7 +41,7 @@ class Threads:
         else:
             self.candidates = (1, mine)
         self.current = self.candidates[-1]
-        self.steps = collections.Counter()  # steps taken with each count since reset_counts()
+        self.steps = collections.Counter()  # steps taken with each count since the epoch began
         self._times: list[float] = []
         self._baseline: float | None = None
         torch.set_num_threads(self.current)
@@ -88,8 +72,7 @@ class Threads:
         if best[fastest] < KEEP_MARGIN * best[self.current]:
             self.current = fastest
         torch.set_num_threads(self.current)
-        self._times.clear()
-        self._baseline = None
+        self._times, self._baseline = [], None
 
     def step_took(self, seconds: float) -> bool:
         """Record a training step's time; True when steps have slowed down enough to choose again."""
@@ -99,16 +82,12 @@ class Threads:
         self._times.append(seconds)
         if len(self._times) < WINDOW:
             return False
-        median = statistics.median(self._times)
-        self._times.clear()
+        median, self._times = statistics.median(self._times), []
         if self._baseline is None:
             self._baseline = median
             return False
         return median > SLOWDOWN * self._baseline
 
-    def reset_counts(self) -> None:
-        self.steps.clear()
-
     def most_used(self) -> int:
-        """The count used for most steps since :meth:`reset_counts` (for the epoch's record)."""
+        """The count used for most steps this epoch (for the epoch's record)."""
         return self.steps.most_common(1)[0][0] if self.steps else self.current
