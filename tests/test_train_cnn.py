@@ -111,7 +111,7 @@ def test_the_small_cnn_clips_each_image_under_per_sample():
 
 
 def test_dp_presets_train_the_small_cnn():
-    for name, epsilon in (("dp3", 3.0), ("dp2", 2.0), ("dp1", 1.0)):
+    for name, epsilon in (("dp3-cnn", 3.0), ("dp2-cnn", 2.0), ("dp1-cnn", 1.0)):
         cfg, _ = parse_args(["--preset", name])
         assert cfg.dp and cfg.epsilon == epsilon and cfg.delta == 1e-5 and cfg.model == "small-cnn"
         assert (cfg.activation, cfg.hidden, cfg.dropout, cfg.impl) == ("tanh", (32,), 0.0, "layers")
