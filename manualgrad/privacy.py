@@ -31,6 +31,13 @@ The accountant is Google's ``dp-accounting`` (the optional extra ``manualgrad[dp
 (``"prv"`` or ``"pld"``, the default, Opacus's ``"prv"`` stands for a tight numerical accountant) or Rényi DP
 (``"rdp"``); add-or-remove one example.
 
+Several processes (torchrun), as with Opacus: wrap the model in :class:`DPDDP` (rank 0's parameters on every
+process), then ``make_private`` returns a :class:`DistributedDPOptimizer` and a data loader whose Poisson sample
+of the whole data set is shared out between the processes (:class:`DistributedPoissonSampler`). Each process clips
+its share in its own backward pass; at the end of a logical batch rank 0 alone adds σC z, ``.grad`` is summed over
+the processes and divided by the whole logical batch's expected size: the step one process would take on the union
+of the batches, so q, the expected batch size and ε are the single process's.
+
 What the guarantee covers, and what it does not: see the README's "Differential privacy" section. In short:
 (ε, δ) holds for the trained parameters (and anything computed from them alone) with respect to adding or
 removing one example of ``data_loader.dataset``, provided every step ran through these objects, the
@@ -56,10 +63,14 @@ from .errors import InputError
 from .per_sample import PerSample, refuse_sample_mixing
 
 __all__ = [
+    "DPDDP",
     "Accountant",
     "BatchMemoryManager",
     "DPDataLoader",
     "DPOptimizer",
+    "DifferentiallyPrivateDistributedDataParallel",
+    "DistributedDPOptimizer",
+    "DistributedPoissonSampler",
     "PoissonSampler",
     "PrivacyEngine",
     "PrivacyWarning",
@@ -291,6 +302,53 @@ def poisson_sample(num_samples: int, sample_rate: float, generator: torch.Genera
     return (torch.rand(num_samples, generator=generator) < sample_rate).nonzero().flatten()
 
 
+class DistributedPoissonSampler(Sampler[list[int]]):
+    """This process's share of ``steps`` Poisson samples of the whole data set ``range(total_size)`` (Opacus's
+    ``DistributedUniformWithReplacementSampler``): every process draws the same mask over all the indices, each with
+    probability ``sample_rate``, and keeps its own, ``rank, rank + world_size, ...`` (``num_samples`` of them).
+
+    The union over the processes is thus one Poisson sample at rate q of the whole data set, the accountant's
+    assumption, whatever the processes' own random states: the mask comes from a generator seeded alike on every
+    process (rank 0 draws the seed from ``generator``, or torch's global one, and broadcasts it here). Opacus draws
+    each process's share from that process's generator, and the same seed on every process (as a script seeding
+    alike would have it) then includes example i of one share exactly when example i of every other. A batch may
+    be empty and is yielded: every process takes ``steps`` steps, so their all-reduces stay matched."""
+
+    def __init__(self, *, total_size: int, sample_rate: float, steps: int, generator: torch.Generator | None = None):
+        self.rank, self.world_size = _process_group("DistributedPoissonSampler")
+        self.total_size, self.sample_rate, self.steps = total_size, sample_rate, steps
+        self.num_samples = len(range(self.rank, total_size, self.world_size))  # this process's share
+        device = generator.device if generator is not None else torch.device("cpu")
+        seed = torch.randint(2**62, (1,), generator=generator, device=device).to(_collective_device())
+        torch.distributed.broadcast(seed, src=0)
+        self.generator = torch.Generator().manual_seed(int(seed.item()))  # the same on every process
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            batch = poisson_sample(self.total_size, self.sample_rate, self.generator)
+            yield batch[batch % self.world_size == self.rank].tolist()
+
+
+def _process_group(what: str) -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default process group, which ``what`` needs."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise InputError(
+            f"privacy: {what} needs torch.distributed's default process group, and none is initialised: call "
+            "torch.distributed.init_process_group() first (in each process torchrun starts)"
+        )
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor sent by a collective must live: NCCL sends CUDA tensors only."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _empty_like(batch):
     """The structure of a collated batch, each tensor cut to 0 rows (what an empty Poisson batch collates to)."""
     if isinstance(batch, torch.Tensor):
@@ -333,16 +391,35 @@ def _loader_options(data_loader: DataLoader) -> dict:
 
 class DPDataLoader(DataLoader):
     """A :class:`~torch.utils.data.DataLoader` of Poisson-sampled batches (:class:`PoissonSampler`):
-    ``len(data_loader)`` steps an epoch, each example in a batch with probability ``sample_rate``."""
+    ``len(data_loader)`` steps an epoch, each example in a batch with probability ``sample_rate``.
+    ``distributed=True``: this process's share of each Poisson sample of the whole data set
+    (:class:`DistributedPoissonSampler`; ``sample_rate`` stays the whole data set's)."""
 
-    def __init__(self, dataset, *, sample_rate: float, steps: int, collate_fn=None, generator=None, **options):
-        sampler = PoissonSampler(num_samples=len(dataset), sample_rate=sample_rate, steps=steps, generator=generator)
+    def __init__(
+        self,
+        dataset,
+        *,
+        sample_rate: float,
+        steps: int,
+        collate_fn=None,
+        generator=None,
+        distributed: bool = False,
+        **options,
+    ):
+        if distributed:
+            sampler = DistributedPoissonSampler(
+                total_size=len(dataset), sample_rate=sample_rate, steps=steps, generator=generator
+            )
+        else:
+            sampler = PoissonSampler(
+                num_samples=len(dataset), sample_rate=sample_rate, steps=steps, generator=generator
+            )
         collate = _CollateWithEmpty(collate_fn or torch.utils.data.default_collate, dataset)
         super().__init__(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator, **options)
-        self.sample_rate = sample_rate
+        self.sample_rate, self.distributed = sample_rate, distributed
 
     @classmethod
-    def from_data_loader(cls, data_loader: DataLoader, *, generator=None) -> DPDataLoader:
+    def from_data_loader(cls, data_loader: DataLoader, *, generator=None, distributed: bool = False) -> DPDataLoader:
         steps = len(data_loader)
         return cls(
             data_loader.dataset,
@@ -350,6 +427,7 @@ class DPDataLoader(DataLoader):
             steps=steps,
             collate_fn=data_loader.collate_fn,
             generator=generator if generator is not None else data_loader.generator,
+            distributed=distributed,
             **_loader_options(data_loader),
         )
 
@@ -485,6 +563,34 @@ class DPOptimizer(torch.optim.Optimizer):
         return f"DPOptimizer(σ={self.noise_multiplier:g}, C={self.max_grad_norm:g}, {self.original_optimizer!r})"
 
 
+class DistributedDPOptimizer(DPOptimizer):
+    """:class:`DPOptimizer` for one process of several (torchrun), each holding its share of every logical batch
+    (Opacus's name). At the end of a logical batch rank 0 alone adds σC z, ``.grad`` is summed over the processes
+    (an all-reduce), and each divides by ``expected_batch_size``, the whole logical batch's: every process then
+    holds what one process would on the union of the shares, with one process's noise, so the accountant's step
+    is unchanged. The steps inside a logical batch (:class:`BatchMemoryManager`) send nothing, so the processes
+    may split their shares into different numbers of physical batches."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, **options):
+        rank, world_size = _process_group("DistributedDPOptimizer")
+        super().__init__(optimizer, **options)
+        self.rank, self.world_size = rank, world_size
+
+    def add_noise(self) -> None:
+        """The noisy clipped sum of the whole logical batch: rank 0's noise, then the sum over the processes."""
+        if self.rank == 0:
+            super().add_noise()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)  # this process's share was empty, or had no backward
+            elif not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()  # all_reduce works in place on dense memory
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+
+    def __repr__(self) -> str:
+        return f"Distributed{super().__repr__()}"
+
+
 # -- the model -----------------------------------------------------------------------------------------------------
 
 
@@ -513,6 +619,51 @@ class _Recording:
         for handle in self.handles:
             handle.remove()
         self.recorder.close()
+
+
+class DifferentiallyPrivateDistributedDataParallel(torch.nn.Module):
+    """Opacus's wrapper for several processes (alias :data:`DPDDP`): at construction every process gets rank 0's
+    parameters and buffers (a broadcast); afterwards it just calls ``module``. Unlike torch's
+    ``DistributedDataParallel`` it adds no gradient hooks: the clipping happens inside the backward pass, and
+    :class:`DistributedDPOptimizer` (what ``make_private`` returns for it) sums the clipped sums at the step."""
+
+    def __init__(self, module: torch.nn.Module):
+        if not isinstance(module, torch.nn.Module):
+            raise InputError(f"DPDDP: module must be a torch.nn.Module, got {type(module).__name__}")
+        _process_group("DPDDP")
+        super().__init__()
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                torch.distributed.broadcast(t.data, src=0)
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+DPDDP = DifferentiallyPrivateDistributedDataParallel
+
+
+def _unwrap(module: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """The model to make private, and whether it runs in several processes (wrapped in a :class:`DPDDP`)."""
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            raise InputError(
+                f"privacy: {name or 'module'} is a torch.nn.parallel.DistributedDataParallel, whose hooks all-reduce "
+                "the gradients autograd accumulates; the clipped sums are added to .grad at the end of the backward "
+                "pass, past those hooks, so DDP never reduces them (.grad comes out zero, or with "
+                "find_unused_parameters=True each process's own sum); wrap the model in "
+                "manualgrad.privacy.DPDDP instead (Opacus's DifferentiallyPrivateDistributedDataParallel)"
+            )
+        if isinstance(m, DPDDP) and m is not module:
+            raise InputError(
+                f"privacy: {name} is a DPDDP inside the model; wrap the whole model (DPDDP(model)) so that the "
+                "optimizer sums the clipped gradients of every process"
+            )
+    if isinstance(module, DPDDP):
+        _process_group("make_private with a DPDDP module")
+        return module.module, True
+    return module, False
 
 
 # -- the engine ----------------------------------------------------------------------------------------------------
@@ -564,6 +715,12 @@ class PrivacyEngine:
         wrapped in a :class:`DPOptimizer`; ``data_loader`` becomes a :class:`DPDataLoader` of Poisson-sampled
         batches at rate ``1 / len(data_loader)`` (``poisson_sampling=False`` keeps it, and the accounting's
         assumption no longer holds). ``max_grad_norm`` is C; ``noise_multiplier`` σ (0: clipping only, ε infinite).
+
+        A :class:`DPDDP` ``module`` (several processes): its ``module`` is converted, the optimizer is a
+        :class:`DistributedDPOptimizer`, and the data loader this process's share of each Poisson sample
+        (:class:`DistributedPoissonSampler`); the rate, the expected batch size and ε are the whole data set's.
+        Call it in every process, in the same order. torch's ``DistributedDataParallel`` is refused: its hooks
+        reduce autograd's gradients, and never see the clipped sums.
         """
         _check_positive("max_grad_norm", max_grad_norm)
         if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)):
@@ -577,6 +734,7 @@ class PrivacyEngine:
         if clipping != "flat":
             raise InputError(f"privacy: clipping={clipping!r} is not supported (flat clipping only)")
         steps = _steps_of(data_loader)
+        model, distributed = _unwrap(module)
         parameters = set(module.parameters())
         if any(p not in parameters for group in optimizer.param_groups for p in group["params"]):
             raise InputError("privacy: the optimizer holds parameters that are not the module's")
@@ -588,16 +746,16 @@ class PrivacyEngine:
             )
         with warnings.catch_warnings():  # torch backward for parameterless functional calls does not affect DP
             warnings.simplefilter("ignore", ConversionWarning)
-            convert(module)
-        recorder = PerSample(module, clip=max_grad_norm, loss_reduction=loss_reduction)  # refuses what has no rule
+            convert(model)
+        recorder = PerSample(model, clip=max_grad_norm, loss_reduction=loss_reduction)  # refuses what has no rule
         refuse_sample_mixing(recorder._mixing)
         recorder.open()
-        self._recordings.append(_Recording(module, recorder))
+        self._recordings.append(_Recording(model, recorder))
         sample_rate = 1 / steps
         if poisson_sampling:
-            data_loader = DPDataLoader.from_data_loader(data_loader)
-        expected_batch_size = int(len(data_loader.dataset) * sample_rate)
-        optimizer = DPOptimizer(
+            data_loader = DPDataLoader.from_data_loader(data_loader, distributed=distributed)
+        expected_batch_size = int(len(data_loader.dataset) * sample_rate)  # of all the processes together
+        optimizer = (DistributedDPOptimizer if distributed else DPOptimizer)(
             optimizer,
             noise_multiplier=float(noise_multiplier),
             max_grad_norm=float(max_grad_norm),
