@@ -32,7 +32,7 @@ from manualgrad.privacy import (
 
 N, BATCH, EPOCHS, CLIP = 40, 8, 2, 0.5  # q = 1/5, 10 logical steps, clipping active (norms above 0.5)
 SIGMA, NOISE_SEED, PHYSICAL = 0.7, 123, 3
-SAMPLER_SIZE, SAMPLER_RATE, SAMPLER_STEPS = 1001, 0.1, 400  # an odd size: shares of 501 and 500
+SAMPLER_SIZE, SAMPLER_RATE, SAMPLER_STEPS = 1000, 0.1, 400  # shares of 500: alike generators would draw alike
 WORKER = textwrap.dedent(
     f"""
     import contextlib, sys, warnings
@@ -120,8 +120,8 @@ WORKER = textwrap.dedent(
     sampler = DistributedPoissonSampler(
         total_size={SAMPLER_SIZE}, sample_rate={SAMPLER_RATE}, steps={SAMPLER_STEPS})
     out["sampler"] = {{"batches": list(sampler), "num_samples": sampler.num_samples}}
-    small = DistributedPoissonSampler(total_size=6, sample_rate=0.1, steps=50)
-    out["small"] = list(small)
+    small = DistributedPoissonSampler(total_size=7, sample_rate=0.1, steps=50)
+    out["small"] = {{"batches": list(small), "num_samples": small.num_samples}}
 
     # make_private_with_epsilon: the noise multiplier of the whole data set's rate
     model = DPDDP(mlp(seed=0))
@@ -262,18 +262,19 @@ def test_only_rank_0_draws_noise_and_its_scale_is_one_processs(ranks):
 
 
 def test_sampler_shares_one_poisson_sample_of_the_whole_data_set(ranks):
-    """400 steps at q = 0.1 over 1001 examples, both processes seeded alike. Each keeps its share (even / odd
-    indices: 501 and 500), every step (also empty ones). Bounds at 5 standard errors: each process's mean batch
-    size q·share (sd √(q(1-q)·share/400) ≈ 0.2); each example's frequency q, jointly: Σ (count - 40)² / (400 q (1-q))
-    is χ² with 1001 degrees of freedom (sd 44.7); the shares independent: examples 2i and 2i+1 together in
-    q² of the draws (2,000 expected, sd ≈ 45; the same mask on both shares would give q, 20,000)."""
+    """400 steps at q = 0.1 over 1000 examples, both processes seeded alike. Each keeps its share (even / odd
+    indices, 500 each), every step (also empty ones: 7 examples at q = 0.1, shares of 4 and 3). Bounds at 5
+    standard errors: each process's mean batch size q·share (sd √(q(1-q)·share/400) ≈ 0.2); each example's
+    frequency q, jointly: Σ (count - 40)² / (400 q (1-q)) is χ² with 1000 degrees of freedom (sd 44.7); the shares
+    independent: examples 2i and 2i+1 together in q² of the draws (2,000 expected, sd ≈ 45; each share drawn from
+    its process's generator, seeded alike, would give q, 20,000)."""
     size, q, steps = SAMPLER_SIZE, SAMPLER_RATE, SAMPLER_STEPS
     counts = torch.zeros(size)
     together = 0
     batches = [ranks[r]["sampler"]["batches"] for r in (0, 1)]
-    assert [ranks[r]["sampler"]["num_samples"] for r in (0, 1)] == [501, 500]
+    assert [ranks[r]["sampler"]["num_samples"] for r in (0, 1)] == [500, 500]
     assert len(batches[0]) == len(batches[1]) == steps
-    for r, share in ((0, 501), (1, 500)):
+    for r, share in ((0, 500), (1, 500)):
         assert all(i % 2 == r for b in batches[r] for i in b)
         mean = sum(len(b) for b in batches[r]) / steps
         assert abs(mean - q * share) < 5 * math.sqrt(q * (1 - q) * share / steps), (r, mean)
@@ -286,8 +287,10 @@ def test_sampler_shares_one_poisson_sample_of_the_whole_data_set(ranks):
     assert abs(chi2 - size) < 5 * math.sqrt(2 * size), chi2
     pairs = size // 2
     assert abs(together - pairs * steps * q * q) < 5 * math.sqrt(pairs * steps * q * q), together
-    small = [ranks[r]["small"] for r in (0, 1)]
+    small = [ranks[r]["small"]["batches"] for r in (0, 1)]
+    assert [ranks[r]["small"]["num_samples"] for r in (0, 1)] == [4, 3]
     assert len(small[0]) == len(small[1]) == 50 and [] in small[0] and [] in small[1]  # empty batches are steps
+    assert all(i in (0, 2, 4, 6) for b in small[0] for i in b) and all(i in (1, 3, 5) for b in small[1] for i in b)
 
 
 def test_epsilon_and_noise_are_the_single_process_ones(ranks):
