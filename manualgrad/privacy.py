@@ -315,6 +315,11 @@ class DistributedPoissonSampler(Sampler[list[int]]):
     be empty and is yielded: every process takes ``steps`` steps, so their all-reduces stay matched."""
 
     def __init__(self, *, total_size: int, sample_rate: float, steps: int, generator: torch.Generator | None = None):
+        for name, value, low in (("total_size", total_size, 1), ("steps", steps, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"DistributedPoissonSampler: {name} must be an int >= {low}, got {value!r}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
+            raise InputError(f"DistributedPoissonSampler: sample_rate must be in (0, 1], got {sample_rate!r}")
         self.rank, self.world_size = _process_group("DistributedPoissonSampler")
         self.total_size, self.sample_rate, self.steps = total_size, sample_rate, steps
         self.num_samples = len(range(self.rank, total_size, self.world_size))  # this process's share

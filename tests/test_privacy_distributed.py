@@ -344,6 +344,15 @@ def test_without_a_process_group_everything_distributed_refuses():
         )
     with pytest.raises(InputError, match="DistributedPoissonSampler needs torch.distributed"):
         DistributedPoissonSampler(total_size=10, sample_rate=0.5, steps=2)
+    for bad, match in (
+        ({"total_size": 0}, "total_size must be an int >= 1, got 0"),
+        ({"total_size": 10.0}, "total_size must be an int >= 1, got 10.0"),
+        ({"steps": 0}, "steps must be an int >= 1, got 0"),
+        ({"sample_rate": 0.0}, r"sample_rate must be in \(0, 1\], got 0.0"),
+        ({"sample_rate": 1.5}, r"sample_rate must be in \(0, 1\], got 1.5"),
+    ):
+        with pytest.raises(InputError, match=match):
+            DistributedPoissonSampler(**{"total_size": 10, "sample_rate": 0.5, "steps": 2, **bad})
     data = torch.utils.data.TensorDataset(torch.zeros(10, 3))
     with pytest.raises(InputError, match="DistributedPoissonSampler needs"):
         DPDataLoader(data, sample_rate=0.5, steps=2, distributed=True)
