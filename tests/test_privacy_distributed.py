@@ -144,6 +144,13 @@ WORKER = textwrap.dedent(
     out["ddp"] = refusal(lambda: PrivacyEngine().make_private(
         module=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=0.1),
         data_loader=torch.utils.data.DataLoader(data(), batch_size={BATCH}), noise_multiplier=1.0, max_grad_norm=1.0))
+    # why: under torch's DDP, the clipped sums never reach DDP's all-reduce, and .grad comes out zero
+    x, y, _ = data().tensors
+    for through in (ddp, ddp.module):
+        with manualgrad.per_sample(ddp.module, clip={CLIP}):
+            torch.nn.functional.cross_entropy(through(x[:8]), y[:8]).backward()
+        out["ddp_grads" if through is ddp else "own_grads"] = [p.grad.clone() for p in ddp.module.parameters()]
+        ddp.module.zero_grad()
     inner = torch.nn.Sequential(DPDDP(mlp(seed=0)))
     out["nested"] = refusal(lambda: PrivacyEngine().make_private(
         module=inner, optimizer=torch.optim.SGD(inner.parameters(), lr=0.1),
@@ -322,7 +329,11 @@ def test_epsilon_and_noise_are_the_single_process_ones(ranks):
 
 
 def test_torch_ddp_and_a_dpddp_inside_the_model_are_refused(ranks):
+    """Refused, with the reason: the clipped sums reach .grad past DDP's hooks, and DDP leaves .grad zero where the
+    model alone (the same batch) has its clipped sum."""
     for r in (0, 1):
+        assert all(not g.any() for g in ranks[r]["ddp_grads"])
+        assert all(g.any() for g in ranks[r]["own_grads"])
         message = ranks[r]["ddp"]
         assert message is not None and "DistributedDataParallel" in message and "DPDDP" in message
         assert "never reduces them" in message
