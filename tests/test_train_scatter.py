@@ -142,6 +142,6 @@ def test_dp_presets_train_the_scatter_cnn():
     for name, epsilon, batch, epochs in (("dp3", 3.0, 1024, 40), ("dp2", 2.0, 1024, 40), ("dp1", 1.0, 4096, 30)):
         cfg, _ = parse_args(["--preset", name])
         assert cfg.dp and cfg.epsilon == epsilon and cfg.delta == 1e-5 and cfg.model == "scatter-cnn"
-        assert (cfg.channels, cfg.hidden, cfg.activation, cfg.augment) == ((16, 32), (32,), "tanh", "none")
+        assert (cfg.channels, cfg.hidden, cfg.activation, cfg.augment) == ((32, 64), (32,), "tanh", "none")
         assert (cfg.batch_size, cfg.epochs, cfg.optimizer, cfg.momentum, cfg.clip) == (batch, epochs, "sgd", 0.9, 0.1)
         assert cfg.lr == batch / 1024 and cfg.schedule == "none" and cfg.weight_decay == 0.0

@@ -140,8 +140,9 @@ DP_CNN = dict(model="small-cnn", channels=(32, 64), dp=True, optimizer="sgd", mo
 DP_CNN.update(schedule="none", clip=0.1)
 
 # DP-SGD on ScatterNet features (train/scatter.py) as Tramer & Boneh 2021 trained their CNN on them: the same SGD
-# recipe, batch 1024, lr 1, 40 epochs (epsilon 1: batch 4096, lr 4, 30 epochs, as for the small CNN).
-DP_SCATTER = dict(DP_CNN, model="scatter-cnn", channels=(16, 32), batch_size=1024, lr=1.0, epochs=40)
+# recipe, batch 1024, lr 1, 40 epochs (epsilon 1: batch 4096, lr 4, 30 epochs, as for the small CNN), at their
+# larger width (channels 32,64: 98.69% against 98.58% for 16,32 at epsilon 3 in one run each; see the README).
+DP_SCATTER = dict(DP_CNN, model="scatter-cnn", channels=(32, 64), batch_size=1024, lr=1.0, epochs=40)
 
 # A preset only lists what differs from the defaults of its model (the `default` preset is the MLP's).
 PRESETS: dict[str, dict] = {
