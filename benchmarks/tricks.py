@@ -16,7 +16,6 @@ import time
 
 import torch
 
-import manualgrad
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import _checks
@@ -79,10 +78,7 @@ TRICKS = {
         "_torch_max_pool2d",
         lambda x, k, s, p, d, c: torch.nn.functional.max_pool2d(x, k, s, p, d, ceil_mode=c, return_indices=True),
     ),
-    "one pass per activation backward (fused.fused_backward, opt-in)": lambda: manualgrad.fused_backward(False),
 }
-#: the tricks a user switches on (off by default): trick -> a context manager that switches it on
-OPT_IN = {"one pass per activation backward (fused.fused_backward, opt-in)": manualgrad.fused_backward}
 
 
 def _steps(quick: bool):
@@ -140,7 +136,7 @@ def _alternating(step, trick: str, rounds: int, calls: int) -> tuple[float, floa
     samples = {"on": [], "off": []}
     for r in range(rounds):
         for state in ("on", "off") if r % 2 else ("off", "on"):
-            with OPT_IN.get(trick, contextlib.nullcontext)() if state == "on" else TRICKS[trick]():
+            with contextlib.nullcontext() if state == "on" else TRICKS[trick]():
                 step()  # one untimed call after the switch
                 start = time.perf_counter()
                 for _ in range(calls):

@@ -23,7 +23,10 @@ from .. import _compat
 
 __all__ = ["fused_backward", "product"]
 
-MIN_NUMEL = 1 << 16  # below this, the compiled call's fixed cost (~20-40 µs) outweighs the passes it saves
+# below this the compiled call's fixed cost (~20-40 µs) outweighs the passes it saves: measured on MNIST-size
+# steps (784-512-256-10, 1 thread), the compiled backward cost 1-5% of the step at batch 128 (65,536 elements)
+# and bought 3-15% at batch 512 (262,144) for GELU, SiLU and ELU (ReLU's, one comparison, lost 2.5%)
+MIN_NUMEL = 1 << 18
 
 
 class _State:
@@ -40,7 +43,7 @@ class fused_backward:
 
     Args:
         enabled: compile each activation's ``G_Y ⊙ h'`` with ``torch.compile`` (default True).
-        min_numel: the smallest tensor that takes the compiled path (default 65,536 elements).
+        min_numel: the smallest tensor that takes the compiled path (default 262,144 elements).
 
     Example::
 
