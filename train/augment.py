@@ -1,7 +1,5 @@
 """Random distortions of whole training batches: one affine map per image (``elastic``: plus a smooth random
-displacement field, Simard et al. 2003), one ``F.grid_sample`` per batch. The parameters are drawn for the global
-batch from the run's seeded generator and split like the images, so several processes distort alike.
-"""
+displacement field, Simard et al. 2003), one ``F.grid_sample``; drawn for the global batch, split like the images."""
 
 from __future__ import annotations
 

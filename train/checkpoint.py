@@ -1,11 +1,6 @@
-"""``checkpoint.pt``: everything a run needs to continue exactly where it stopped, checked on the way in.
-
-The file is one header line, ``manualgrad-train checkpoint format 2 bytes <n> sha256 <hex>\\n``, then ``n`` bytes
-of a ``torch.save`` archive of a dict (:data:`KEYS`; a --dp run's also ``privacy`` and ``rng["noise"]``, a
---compare-native run's ``native_history``). :func:`load` tells an empty, truncated, corrupt or foreign file from a
-checkpoint before unpickling, then checks every entry as the command line would (the configuration) and by type,
-shape and range (the state), so that a forged checkpoint is a one-line error too.
-"""
+"""``checkpoint.pt``: a header line, ``manualgrad-train checkpoint format 2 bytes <n> sha256 <hex>\\n``, then the
+``n`` bytes of a ``torch.save`` archive of a dict (:data:`KEYS`). :func:`load` checks the bytes before unpickling, then
+every entry (the configuration as the command line would), so that a forged checkpoint is a one-line error too."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""MNIST as four tensors on the training device (a batch is ``x[indices]``: no per-sample transforms, no
-DataLoader workers, which on 2 cores cost ~6x the small MLP itself). The IDX files are read by a small validating
-reader (torchvision only downloads them): a missing, truncated or foreign file is a one-line :class:`DataError`.
-"""
+"""MNIST as four tensors on the training device (a batch is ``x[indices]``: no DataLoader, which on 2 cores costs ~6x
+the MLP). A missing, truncated or foreign IDX file is a one-line :class:`DataError` (torchvision only downloads)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Several processes (``torchrun --nproc_per_node=N -m train``): every process holds the whole model and data,
-draws the same global batch and takes its own contiguous share; one ``all_reduce`` a step adds the gradients, each
-scaled by its share (the gradient of the global batch's mean loss, as in one process), with the loss and a stop
-flag. Rank 0 alone logs, evaluates and writes files. Without torchrun: a world of one, no collectives.
-"""
+"""Several processes (``torchrun``): each holds the model and data, draws the same global batch and takes its share;
+one ``all_reduce`` a step adds the gradients, each scaled by its share, with the loss and a stop flag. Rank 0 alone
+logs, evaluates and writes files. Without torchrun: a world of one, no collectives."""
 
 from __future__ import annotations
 

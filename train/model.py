@@ -1,13 +1,6 @@
-"""The models (``--model``: the MLP ``784 -> hidden... -> 10``, pytorch/examples' MNIST CNN, DP-SGD's small CNN),
-all of manualgrad modules, and :class:`Net`: a model with its loss, computed one of three ways (``impl``):
-
-* ``fused``: :class:`manualgrad.nn.MLP` with :meth:`~manualgrad.nn.MLP.loss`, the MLP and its loss ONE Function;
-* ``layers``: one manualgrad Function per layer (:meth:`~manualgrad.nn.MLP.per_layer`) and
-  :class:`manualgrad.nn.CrossEntropyLoss`; the CNNs' only way;
-* ``native`` (``--compare-native``, ``--check-grads``): the same layers and weights as plain ``torch.nn`` modules.
-
-All three have the same ``state_dict`` keys.
-"""
+"""The models (``--model``), all of manualgrad modules, and :class:`Net`: a model with its loss, computed ``fused``
+(the MLP and its loss ONE Function, :meth:`manualgrad.nn.MLP.loss`), ``layers`` (one Function per layer; the CNNs'
+only way) or ``native`` (the same layers and weights as plain ``torch.nn`` modules), all with the same state_dict."""
 
 from __future__ import annotations
 

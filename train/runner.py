@@ -106,8 +106,6 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
 
 
 # ---- the steps before training
-
-
 def open_run_folder(cfg: Config, world: distributed.World) -> RunFolder:
     """Rank 0 opens (creates, locks) the run folder; the other processes learn its path."""
     resuming = checkpoint.checkpoint_path(cfg.resume) if cfg.resume else None
@@ -195,8 +193,6 @@ def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.Wor
 
 
 # ---- the epochs
-
-
 def train_epochs(cfg, world, trainer: Trainer, native, progress: Progress, folder, mnist, on_step) -> None:
     """Train the remaining epochs, saving after each; on Ctrl-C, save where it stopped and return."""
     with StopRequest(world) as stop:
@@ -259,8 +255,6 @@ def save(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFo
 
 
 # ---- the end
-
-
 def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFolder) -> dict:
     """metrics.json and curves.png in their final form, and the last lines of the log."""
     metrics = metrics_of(cfg, world, trainer, native, progress)
@@ -321,8 +315,6 @@ def draw_curves(folder: RunFolder, metrics: dict) -> None:
 
 
 # ---- helpers
-
-
 def log(world: distributed.World | None, *args) -> None:
     """A line on rank 0's standard output (None: this process's), beside the progress bar."""
     if world is None or world.main:
