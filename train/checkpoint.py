@@ -62,8 +62,7 @@ def save(state: dict, path: str) -> None:
 
 
 def load(path: str) -> dict:
-    """The checkpoint at ``path`` (a file, or a run folder holding one), on the CPU, checked; anything else is a
-    one-line :class:`CheckpointError`."""
+    """The checkpoint at ``path`` (a file or its run folder), on the CPU, checked, else a :class:`CheckpointError`."""
     path = checkpoint_path(path)
     try:
         with open(path, "rb") as f:
@@ -198,8 +197,7 @@ def _check_history(history: list, epochs: int, key: str, bad, complete: bool = T
 
 
 def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
-    """A step inside an unfinished epoch, the epoch's batch order (a permutation of the training rows; empty with
-    --dp), and the loss, rows and seconds so far."""
+    """A step inside an unfinished epoch, its batch order (--dp: empty), the loss, rows and seconds so far."""
     from . import data, engine
 
     if set(position) != set(POSITION_KEYS):
@@ -229,8 +227,7 @@ def describe(value) -> str:  # for a one-line message
 
 
 def mismatch(expected, actual, where: str) -> str | None:
-    """Where ``actual`` (a loaded state) differs in structure from ``expected`` (a fresh one of the same run):
-    other keys, lengths or types, tensors of other shapes or dtypes, non-finite numbers; None when they fit."""
+    """Where ``actual`` differs in structure (keys, lengths, types, shapes, dtypes, finiteness) from ``expected``."""
     if isinstance(expected, torch.Tensor):
         if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape or actual.dtype != expected.dtype:
             got = f"{tuple(actual.shape)} {actual.dtype}" if isinstance(actual, torch.Tensor) else describe(actual)
@@ -250,8 +247,7 @@ def mismatch(expected, actual, where: str) -> str | None:
 
 
 def restore(trainer: Trainer, resumed: dict, path: str) -> bool:
-    """Load the checkpoint's state into ``trainer`` once it fits (else :class:`CheckpointError`); False when
-    another number of processes wrote it."""
+    """Load the checkpoint into ``trainer`` if it fits; False when another number of processes wrote it."""
     reason = misfit(trainer, resumed)
     options = [set(group) for group in trainer.optimizer.param_groups]
     if reason is None:
@@ -268,8 +264,7 @@ def restore(trainer: Trainer, resumed: dict, path: str) -> bool:
 
 
 def misfit(trainer: Trainer, resumed: dict) -> str | None:
-    """Where the checkpoint's model, optimizer or scheduler state differs in structure from this run's (checked
-    before loading: ``load_state_dict`` takes some misfits without a word, to fail later)."""
+    """How the checkpoint's state differs from this run's (load_state_dict takes some misfits without a word)."""
     fresh, saved = trainer.optimizer.state_dict(), resumed["optimizer"]
     if set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
         return "optimizer has other entries"
@@ -327,8 +322,7 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
 
 
 def _optimizer_state_of_one_step(optimizer: torch.optim.Optimizer) -> dict:
-    """The state one step gives a parameter under an optimizer like ``optimizer`` (its class and defaults), taken
-    on a throwaway one-element parameter: which entries there are, and which are 0-d (step counts)."""
+    """The state one step of ``optimizer``'s kind gives a throwaway parameter: its entries, and the 0-d ones."""
     probe = torch.nn.Parameter(torch.zeros(1))
     probe.grad = torch.zeros(1)
     accepted = inspect.signature(type(optimizer)).parameters

@@ -85,8 +85,7 @@ def channel_pair(text: str) -> tuple:
 
 
 def activation_name(text: str) -> str:
-    """A registered activation's name (the registry is read now: one registered after import counts);
-    ``file.py:name`` or ``module:name`` imports that first and names the activation it registered."""
+    """A registered activation's name; ``file.py:name`` or ``module:name`` imports that first (it registers one)."""
     if ":" in text:
         from manualgrad.check import load
 
@@ -341,8 +340,7 @@ def flag(name: str) -> str:
 
 
 def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
-    """The command line's parser, with ``defaults`` (shown by ``--help``); with None, every default is
-    ``argparse.SUPPRESS`` and there is no ``--help``: parsing yields only the options given."""
+    """The parser, with ``defaults`` (None: only the options given are parsed, no ``--help``)."""
     script = os.path.basename(sys.argv[0])
     p = argparse.ArgumentParser(
         prog="python -m train" if script in ("__main__.py", "-m", "-c", "") else script,
@@ -369,8 +367,7 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> tuple[Config, frozenset]:
-    """The Config of ``argv`` (the preset's defaults, explicit options over them) and the names of the options
-    given explicitly (for :func:`resume_config`). Invalid options exit with status 2."""
+    """The Config of ``argv`` and the names of the options given explicitly; bad options exit with status 2."""
     given, _ = build_parser(None).parse_known_args(argv)  # only the options given; bad values exit here
     parser = build_parser(defaults(getattr(given, "preset", Config.preset), getattr(given, "model", None)))
     cfg = Config(**vars(parser.parse_args(argv)))  # --help, unknown options
@@ -397,8 +394,7 @@ def defaults(preset: str = "default", model: str | None = None) -> Config:
 
 
 def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
-    """Every option's value (but those in ``skip``) through its own argparse type or choices, as the command line
-    would take it (a checkpoint's configuration is checked so): a one-line :class:`ConfigError` naming the option."""
+    """Every option's value (but ``skip``'s) checked as the command line would take it, else a :class:`ConfigError`."""
     for action in build_parser(Config())._actions:
         if not hasattr(cfg, action.dest) or action.dest in ("help", "preset", *skip):
             continue
@@ -457,8 +453,7 @@ def check(cfg: Config) -> None:
 
 
 def resume_config(requested: Config, saved: Config, given: Collection[str] | None = None) -> Config:
-    """A resumed run's configuration: ``saved`` (the checkpoint's), where and how it runs from ``requested``.
-    ``given`` names the options set explicitly (None: all); a given training option must equal the checkpoint's."""
+    """The checkpoint's configuration ``saved``, the run options from ``requested``; ``given``: None for all."""
     given = given if given is not None else [f.name for f in OPTIONS]
     changed = [k for k in ("preset", *TRAINING_OPTIONS) if k in given and getattr(requested, k) != getattr(saved, k)]
     if changed:

@@ -81,8 +81,7 @@ def _present(folder: str) -> list[str]:
 
 
 def locate(data_dir: str, download: bool = True) -> str:
-    """The folder holding the four files: ``<data_dir>/MNIST/raw`` (torchvision's layout) or ``data_dir``
-    itself. Missing files are downloaded into ``<data_dir>/MNIST/raw`` when ``download`` allows."""
+    """The folder holding the four files: ``<data_dir>/MNIST/raw`` (downloaded there if need be) or ``data_dir``."""
     raw = os.path.join(data_dir, "MNIST", "raw")
     for folder in (raw, data_dir):
         if len(_present(folder)) == len(FILES):
@@ -136,8 +135,7 @@ def fetch(folder: str) -> None:
 
 
 def read_idx(folder: str, name: str, digest=None) -> Tensor:
-    """One IDX file of unsigned bytes (``name`` or ``name.gz``) as a uint8 tensor, its magic number, dimensions
-    and length checked; its bytes are fed to ``digest`` (a hashlib object)."""
+    """One IDX file (``name`` or ``name.gz``) as a uint8 tensor, checked; its bytes are fed to ``digest``."""
     path = os.path.join(folder, name)
     try:
         with open(path, "rb") if os.path.isfile(path) else gzip.open(path + ".gz", "rb") as f:

@@ -35,8 +35,7 @@ class World:
 
 
 def setup(requested_device: str) -> World:
-    """The device (``auto``: CUDA when available; under torchrun each process takes the GPU of its LOCAL_RANK),
-    and the process group when started by torchrun (gloo on CPU, nccl on CUDA)."""
+    """The device (under torchrun: the GPU of LOCAL_RANK), and under torchrun the process group (gloo or nccl)."""
     device = torch.device("cpu")
     if requested_device == "cuda" or (requested_device == "auto" and torch.cuda.is_available()):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,8 +56,7 @@ def setup(requested_device: str) -> World:
 
 
 def teardown(world: World, finished: bool = True) -> None:
-    """Leave the process group; after a normal end, wait for every process first (gloo may abort a process that
-    leaves while a peer is still connected, and rank 0 finishes later)."""
+    """Leave the process group; after a normal end, wait for every process first (gloo aborts early leavers)."""
     if world.distributed and dist.is_initialized():
         if finished:
             dist.barrier()
@@ -118,8 +116,7 @@ def broadcast_object(obj, world: World):
 
 
 def on_main(world: World, fn, *args, share: bool = False):
-    """``fn(*args)`` on rank 0 only; a :class:`~train.errors.RunError` it raises is raised in every process (none
-    is left waiting). Returns rank 0's result there, elsewhere None (or rank 0's result when ``share``)."""
+    """``fn(*args)`` on rank 0 only, its RunError raised in every process; rank 0's result (all of them: ``share``)."""
     result, error = None, None
     if world.main:
         try:

@@ -23,8 +23,7 @@ class FileError(RunError):
 
 
 def write_atomically(path: str, data: bytes | str) -> None:
-    """Replace ``path`` with ``data`` (``str``: UTF-8) in one step: written to ``<name>.<8 hex>.tmp`` beside it,
-    flushed, renamed over it. A crash leaves the old file or the new one, never half a file."""
+    """Replace ``path`` with ``data`` in one step (a temporary file, flushed, renamed): never half a file."""
     data = data.encode() if isinstance(data, str) else data
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f"{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
@@ -68,8 +67,7 @@ def write_json(path: str, obj) -> None:
 
 
 def remove_temporaries(folder: str, names) -> None:
-    """Delete the ``<name>.<8 characters>.tmp`` files that a write killed midway leaves, for each of ``names``
-    (only while holding the folder's lock: another process's may be in use)."""
+    """Delete the ``<name>.<8 characters>.tmp`` files a killed write left (only under the folder's lock)."""
     pattern = re.compile(rf"(?:{'|'.join(re.escape(n) for n in names)})\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False) and pattern.fullmatch(entry.name):
@@ -77,8 +75,7 @@ def remove_temporaries(folder: str, names) -> None:
 
 
 def lock(folder: str) -> int:
-    """An exclusive ``flock`` on ``folder/.lock`` (which holds the owner's process id), held while the returned
-    descriptor is open: the kernel releases it when the owner closes it or dies, so a killed run blocks no other."""
+    """An exclusive ``flock`` on ``folder/.lock`` (holding the owner's pid); the kernel drops it when its owner dies."""
     try:
         fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:

@@ -27,9 +27,7 @@ def _head(layers: list, width: int, hidden, act, dropout: float, device) -> torc
 
 
 def build_cnn(hidden, activation: str, dropout: float, device, channels=(32, 64)) -> torch.nn.Sequential:
-    """pytorch/examples' MNIST CNN (with ``hidden`` ``(128,)``, dropout 0.5, relu): ``Conv2d(1, 32, 3)``,
-    activation, ``Conv2d(32, 64, 3)``, activation, ``MaxPool2d(2)``, ``Dropout(dropout / 2)``, ``Flatten``, then
-    the fully connected layers. Images ``(N, 1, 28, 28)`` in, logits out; seed the global RNG first."""
+    """pytorch/examples' MNIST CNN: two 3x3 convolutions, ``MaxPool2d(2)``, ``Dropout(dropout / 2)``, the head."""
     act = mnn.ACTIVATIONS[activation]
     (c1, c2), side = channels, (SIDE - 4) // 2  # two unpadded 3x3 convolutions, then a 2x2 pool
     layers = [mnn.Conv2d(1, c1, 3, device=device), act(), mnn.Conv2d(c1, c2, 3, device=device), act()]
@@ -38,9 +36,7 @@ def build_cnn(hidden, activation: str, dropout: float, device, channels=(32, 64)
 
 
 def build_small_cnn(hidden, activation: str, dropout: float, device, channels=(16, 32)) -> torch.nn.Sequential:
-    """DP-SGD's small CNN (Papernot et al. 2021; Opacus's ``SampleConvNet`` with relu): ``Conv2d(1, 16, 8, stride
-    2, padding 3)``, activation, ``MaxPool2d(2, 1)``, ``Conv2d(16, 32, 4, stride 2)``, activation, ``MaxPool2d(2,
-    1)``, ``Flatten`` (512), then the fully connected layers: with ``hidden`` ``(32,)`` 26,010 parameters."""
+    """DP-SGD's small CNN (Papernot et al. 2021, Opacus's ``SampleConvNet``); with ``hidden`` (32,): 26,010 weights."""
     act = mnn.ACTIVATIONS[activation]
     (c1, c2), width = channels, channels[1] * 4 * 4  # 28 -> 14 -> 13 -> 5 -> 4
     layers = [mnn.Conv2d(1, c1, 8, stride=2, padding=3, device=device), act(), mnn.MaxPool2d(2, 1)]
@@ -49,10 +45,7 @@ def build_small_cnn(hidden, activation: str, dropout: float, device, channels=(1
 
 
 def build_scatter_cnn(hidden, activation: str, dropout: float, device, channels=(16, 32)) -> torch.nn.Sequential:
-    """Tramer & Boneh 2021's CNN on ScatterNet features (:mod:`train.scatter`): ``GroupNorm(27, 81)`` without
-    parameters (each image's features normalised by themselves), ``Conv2d(81, 16, 3, stride 2, padding 1)``,
-    activation, ``Conv2d(16, 32, 3, padding 1)``, activation, ``Flatten`` (512), then the fully connected layers.
-    Features ``(N, 81, 7, 7)`` in, logits out; seed the global RNG first."""
+    """Tramer & Boneh 2021's CNN on ScatterNet features: a GroupNorm without weights, two 3x3 convolutions, the head."""
     act = mnn.ACTIVATIONS[activation]
     (c1, c2), width = channels, channels[1] * 4 * 4  # 7 -> 4 -> 4
     layers = [mnn.GroupNorm(27, scatter.CHANNELS, affine=False, device=device)]
@@ -62,8 +55,7 @@ def build_scatter_cnn(hidden, activation: str, dropout: float, device, channels=
 
 
 def torch_twin(model: torch.nn.Module) -> torch.nn.Sequential:
-    """A copy of the layers as plain torch.nn modules: every manualgrad module subclasses its torch.nn namesake
-    and adds no state, so each copied module's class is set back to that namesake."""
+    """A copy as plain torch.nn modules: each manualgrad module's class set back to its torch.nn base."""
     twin = copy.deepcopy(model.per_layer() if isinstance(model, mnn.MLP) else model)
     for module in twin.modules():
         module.__class__ = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))

@@ -33,8 +33,7 @@ def title(metrics: dict) -> str:
 
 
 def curves_png(metrics: dict) -> bytes:
-    """The figure for ``metrics`` (``metrics.json``), as PNG: train (label-smoothed if so) and test loss, and test
-    accuracy; the torch.nn run's dashed; for a --dp run, the epsilon spent on the accuracy panel's right axis."""
+    """The PNG of ``metrics``: train and test loss, test accuracy (the torch.nn run's dashed; --dp: epsilon spent)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -116,8 +116,7 @@ def open_run_folder(cfg: Config, world: distributed.World) -> RunFolder:
 
 
 def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.MNIST):
-    """The trainer of the run's model (seeded initial weights, equal in every process), and with
-    --compare-native the torch.nn twin's (same weights, seed, batches and augmentations)."""
+    """The run's trainer (seeded initial weights), and with --compare-native the torch.nn twin's (same weights)."""
     torch.manual_seed(cfg.seed)
     net = model.build(cfg, world.device)
     distributed.broadcast_parameters(net.module, world)
@@ -126,12 +125,9 @@ def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.M
     processes = _plural(world.size, "process", "processes")
     log(world, f"model: {net.describe()}; device {world.device}, {threads.describe()}, {processes}")
     batch = f"Poisson-sampled batches of {cfg.batch_size} expected" if cfg.dp else f"batch {cfg.batch_size}"
-    log(
-        world,
-        f"training: {_plural(cfg.epochs, 'epoch')}, {batch}, {cfg.optimizer} lr {cfg.lr:g} "
-        f"weight decay {cfg.weight_decay:g}, schedule {cfg.schedule}, label smoothing {cfg.label_smoothing:g}, "
-        f"augment {cfg.augment}, seed {cfg.seed}",
-    )
+    optimizer = f"{cfg.optimizer} lr {cfg.lr:g} weight decay {cfg.weight_decay:g}, schedule {cfg.schedule}"
+    regularise = f"label smoothing {cfg.label_smoothing:g}, augment {cfg.augment}, seed {cfg.seed}"
+    log(world, f"training: {_plural(cfg.epochs, 'epoch')}, {batch}, {optimizer}, {regularise}")
     if trainer.privacy is not None:
         rng = "the OS's entropy (--secure-rng)" if cfg.secure_rng else "--seed (reproducible: see --secure-rng)"
         log(world, f"privacy: {trainer.privacy.describe()}; batches and noise seeded from {rng}")
@@ -150,18 +146,15 @@ def check_coverage(net: model.Net, mnist: data.MNIST, cfg: Config, world: distri
 
 def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
     """--check-grads (rank 0): our gradients on the first batch against torch autograd's, for every impl."""
-    batch = data.epoch_order(len(mnist.train_y), torch.Generator().manual_seed(cfg.seed))[: cfg.batch_size]
-    batch = batch.to(world.device)
+    order = data.epoch_order(len(mnist.train_y), torch.Generator().manual_seed(cfg.seed))
+    batch = order[: cfg.batch_size].to(world.device)
+    x, y = mnist.train_x[batch], mnist.train_y[batch]
     for impl in dict.fromkeys((net.impl, *net.impls)):  # the run's way first
-        worst, name, loss_difference, coverage = model.compare_gradients(
-            net.with_impl(impl), mnist.train_x[batch], mnist.train_y[batch]
-        )
+        worst, name, loss_difference, coverage = model.compare_gradients(net.with_impl(impl), x, y)
         verdict = "OK" if worst <= TOLERANCE else f"MISMATCH (tolerance {TOLERANCE:g})"
-        log(
-            world,
-            f"check-grads [{impl}]: largest relative difference to torch autograd {worst:.2e} (in {name}), "
-            f"loss difference {loss_difference:.1e}: {verdict}\n  backward graph: {coverage}",
-        )
+        found = f"largest relative difference to torch autograd {worst:.2e} (in {name})"
+        log(world, f"check-grads [{impl}]: {found}, loss difference {loss_difference:.1e}: {verdict}")
+        log(world, f"  backward graph: {coverage}")
         if not worst <= TOLERANCE:  # NaN too
             raise TrainingError(
                 f"--check-grads: the {impl} gradients differ from torch autograd's by {worst:.2e} (relative) in {name}"
@@ -172,21 +165,14 @@ def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.Wor
     """The trainer's state and the run's progress from the checkpoint."""
     path = checkpoint.checkpoint_path(cfg.resume)
     if not checkpoint.restore(trainer, resumed, path):
-        processes = len(resumed["rng"]["torch"])
-        log(
-            world,
-            f"warning: the checkpoint was written by {processes} processes, this run has "
-            f"{world.size}: dropout masks will differ from an uninterrupted run",
-        )
+        written = f"the checkpoint was written by {len(resumed['rng']['torch'])} processes, this run has {world.size}"
+        log(world, f"warning: {written}: dropout masks will differ from an uninterrupted run")
     position = Position(**resumed["position"]) if resumed["position"] is not None else None
     native_history = resumed.get("native_history", [])
     progress = Progress(resumed["epoch"], position, resumed["history"], native_history)
     if native_history:
-        log(
-            world,
-            f"the checkpoint's --compare-native record (torch.nn epochs 1-{len(native_history)}) is kept in "
-            "metrics.json; a resumed run does not train the torch.nn twin further",
-        )
+        record = f"the checkpoint's --compare-native record (torch.nn epochs 1-{len(native_history)})"
+        log(world, f"{record} is kept in metrics.json; a resumed run does not train the torch.nn twin further")
     where = f"epoch {progress.epoch + 1}" + (f", step {position.step + 1}" if position else "")
     log(world, f"resumed from {path}: continuing at {where}")
     return progress
@@ -263,11 +249,8 @@ def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: Run
     elif world.main and progress.history:
         epochs = _plural(len(progress.history), "epoch")
         private = f", ({metrics['privacy']['spent_epsilon']:.3f}, {cfg.delta:g})-DP" if trainer.privacy else ""
-        log(
-            world,
-            f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {epochs}{private}, "
-            f"{metrics['train_seconds']:.1f} s of training; files in {folder.path}",
-        )
+        accuracy = f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {epochs}{private}"
+        log(world, f"{accuracy}, {metrics['train_seconds']:.1f} s of training; files in {folder.path}")
         if progress.native_history:
             metrics["native"]["time_ratio"] = _print_comparison(world, cfg, progress.history, progress.native_history)
     distributed.on_main(world, write_json, folder.file("metrics.json"), metrics)
@@ -277,7 +260,8 @@ def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: Run
 
 def metrics_of(cfg: Config, world: distributed.World, trainer: Trainer, native, progress: Progress) -> dict:
     """What metrics.json holds."""
-    history = progress.history
+    history, threads = progress.history, "auto" if trainer.threads.auto else trainer.threads.current
+    environment = {"device": str(world.device), "threads": threads, "processes": world.size, "torch": torch.__version__}
     metrics = {
         "test_accuracy": history[-1].get("test_accuracy") if history else None,  # rank 0 alone evaluates
         "train_seconds": sum(r["seconds"] for r in history),
@@ -286,12 +270,7 @@ def metrics_of(cfg: Config, world: distributed.World, trainer: Trainer, native, 
         "model": trainer.net.describe(),
         "epochs": history,
         "config": cfg.to_dict(),
-        "environment": {
-            "device": str(world.device),
-            "threads": "auto" if trainer.threads.auto else trainer.threads.current,
-            "processes": world.size,
-            "torch": torch.__version__,
-        },
+        "environment": environment,
     }
     if trainer.privacy is not None:
         spent = trainer.privacy.epsilon(trainer.private_steps)  # an interrupted epoch's steps count too
@@ -341,8 +320,7 @@ def _summary(r: dict, epochs: int) -> str:
 
 
 def _print_comparison(world, cfg: Config, ours: list[dict], theirs: list[dict]) -> dict:
-    """The two runs side by side, over the epochs both trained (a resumed run trains ours only); returns the
-    epoch-time ratios (manualgrad / torch.nn)."""
+    """Both runs side by side, over the epochs both trained; returns the epoch-time ratios ours / torch.nn."""
     if len(theirs) < len(ours):
         log(world, f"\n(torch.nn trained epochs 1-{len(theirs)} only, before the run was resumed: compared there)")
         ours = ours[: len(theirs)]
@@ -356,10 +334,7 @@ def _print_comparison(world, cfg: Config, ours: list[dict], theirs: list[dict]) 
     per_epoch = [x / y for x, y in zip(a, b)]
     ratio = {"mean": statistics.fmean(a) / statistics.fmean(b), "median_per_epoch": statistics.median(per_epoch)}
     ratio.update(fastest=min(a) / min(b), per_epoch=per_epoch)
-    log(
-        world,
-        f"epoch-time ratio manualgrad / torch.nn: {ratio['mean']:.3f} (mean), "
-        f"{ratio['median_per_epoch']:.3f} (median of per-epoch ratios), {ratio['fastest']:.3f} (fastest epochs); "
-        "the two alternate epoch by epoch in this process",
-    )
+    means = f"{ratio['mean']:.3f} (mean), {ratio['median_per_epoch']:.3f} (median of per-epoch ratios)"
+    fastest = f"{ratio['fastest']:.3f} (fastest epochs); the two alternate epoch by epoch in this process"
+    log(world, f"epoch-time ratio manualgrad / torch.nn: {means}, {fastest}")
     return ratio
