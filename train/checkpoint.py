@@ -182,17 +182,14 @@ def _check_history(history: list, epochs: int, key: str, bad, complete: bool = T
     """One record per finished epoch (all of them, unless not ``complete``): epoch numbers 1, 2, ..., numbers."""
     if len(history) > epochs or (complete and len(history) != epochs):
         raise bad(f"has {len(history)} records in {key} for {epochs} finished epochs")
-    needed, optional = ("train_loss", "seconds"), ("test_loss", "test_accuracy", "epsilon", "steps")
+    needed, optional = ("train_loss", "seconds"), ("test_loss", "test_accuracy", "epsilon", "steps", "threads")
     for number, record in enumerate(history, 1):
         if not isinstance(record, dict) or not _is_int(record.get("epoch")) or record["epoch"] != number:
             raise bad(f"has an invalid record in {key} (epoch {number})")
-        if not set(record) <= {"epoch", "threads", *needed, *optional}:
+        if not set(record) <= {"epoch", *needed, *optional}:
             raise bad(f"has an invalid record in {key} (epoch {number}: unknown entries)")
-        if (
-            not all(_is_number(record.get(k)) for k in needed)
-            or not all(_is_number(record[k]) for k in optional if record.get(k) is not None)
-            or not (record.get("threads") is None or _is_number(record["threads"]))
-        ):
+        present = [k for k in optional if record.get(k) is not None]
+        if not all(_is_number(record.get(k)) for k in (*needed, *present)):
             raise bad(f"has an invalid record in {key} (epoch {number})")
 
 
@@ -210,12 +207,8 @@ def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
             f"has an invalid position (step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps)"
         )
     expected = torch.zeros(0, dtype=torch.long) if saved.dp else torch.arange(n)
-    if (
-        not isinstance(order, torch.Tensor)
-        or order.dtype != torch.long
-        or order.shape != expected.shape
-        or not torch.equal(order.sort().values, expected)
-    ):
+    is_tensor = isinstance(order, torch.Tensor) and order.dtype == torch.long and order.shape == expected.shape
+    if not is_tensor or not torch.equal(order.sort().values, expected):
         raise bad("has an invalid position (its batch order is not an order of the training rows)")
     numbers = [position[k] for k in ("loss_sum", "rows", "seconds")]
     if not all(_is_number(v) and 0 <= v < math.inf for v in numbers) or not _is_int(position["rows"]):

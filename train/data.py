@@ -57,23 +57,16 @@ def load(data_dir: str, device: torch.device, download: bool = True) -> MNIST:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         image_file, label_file = FILES[f"{split}_images"], FILES[f"{split}_labels"]
         if images.dim() != 3 or images.shape[1:] != (SIDE, SIDE):
-            raise _error(
-                folder, f"{image_file} holds images of shape {tuple(images.shape[1:])}, expected {SIDE}x{SIDE}"
-            )
+            raise _error(folder, f"{image_file} holds images of shape {tuple(images.shape[1:])}, expected 28x28")
         if len(images) == 0:
             raise _error(folder, f"{image_file} holds no images")
         if labels.dim() != 1 or len(labels) != len(images):
             raise _error(folder, f"{label_file} has {len(labels)} labels for {len(images)} images")
         if len(labels) and int(labels.max()) > 9:
             raise _error(folder, f"{label_file} has a label {int(labels.max())}, expected 0-9")
-    return MNIST(
-        train_x=normalise(arrays["train_images"]).to(device),
-        train_y=arrays["train_labels"].long().to(device),
-        test_x=normalise(arrays["test_images"]).to(device),
-        test_y=arrays["test_labels"].long().to(device),
-        folder=folder,
-        fingerprint=digest.hexdigest(),
-    )
+    x = {split: normalise(arrays[f"{split}_images"]).to(device) for split in ("train", "test")}
+    y = {split: arrays[f"{split}_labels"].long().to(device) for split in ("train", "test")}
+    return MNIST(x["train"], y["train"], x["test"], y["test"], folder=folder, fingerprint=digest.hexdigest())
 
 
 def _present(folder: str) -> list[str]:
@@ -166,12 +159,9 @@ def read_idx(folder: str, name: str, digest=None) -> Tensor:
 
 def _error(folder: str, problem: str) -> DataError:
     """One line: what is wrong, and how to provide the files."""
-    names = ", ".join(FILES.values())
-    return DataError(
-        f"MNIST data in {folder} is unusable: {problem}; put the four IDX files ({names}; plain or .gz) "
-        f"there, e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/, or point --data-dir at a folder "
-        "that has them"
-    )
+    files = f"the four IDX files ({', '.join(FILES.values())}; plain or .gz)"
+    where = "e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/, or point --data-dir at a folder that has them"
+    return DataError(f"MNIST data in {folder} is unusable: {problem}; put {files} there, {where}")
 
 
 def epoch_order(n: int, generator: torch.Generator) -> Tensor:

@@ -104,9 +104,7 @@ class RunFolder:
 
     @classmethod
     def open(cls, out: str | None, resuming: str | None = None) -> RunFolder:
-        """Create (or reuse) ``out`` (None: a fresh ``runs/<timestamp>``), lock it, remove a killed run's
-        temporaries, and refuse it if it holds any file a run writes, unless it is the folder of the checkpoint
-        ``resuming``."""
+        """Create or reuse ``out`` (None: ``runs/<timestamp>``), lock it; refuse a run's files but ``resuming``'s."""
         path = _create(out)
         fd = lock(path)
         try:
@@ -124,10 +122,8 @@ class RunFolder:
             taken = [name for name in FILES if os.path.lexists(os.path.join(path, name))]
             if taken and not own:  # a user's own files, or a run whose checkpoint was deleted
                 them = "it" if len(taken) == 1 else "them"
-                raise FileError(
-                    f"{path} already holds {', '.join(taken)}, which this run would overwrite; move {them} away "
-                    "or choose another --out"
-                )
+                overwritten = f"{', '.join(taken)}, which this run would overwrite"
+                raise FileError(f"{path} already holds {overwritten}; move {them} away or choose another --out")
         except BaseException:
             os.close(fd)
             raise
