@@ -291,9 +291,8 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
         for name, value in state.items():
             like = expected[name]  # a 0-d tensor (the step count), or one of the parameter's shape (or None)
             shape = () if isinstance(like, torch.Tensor) and like.dim() == 0 else tuple(params[index].shape)
-            if (like is None and value is None) or (
-                isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.is_floating_point()
-            ):
+            fits = isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.is_floating_point()
+            if fits or (like is None and value is None):
                 continue
             got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
             return f"optimizer state {index} {name} is {got}, expected a tensor of shape {shape}"

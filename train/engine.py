@@ -159,11 +159,10 @@ class PrivatePlan:
         return privacy.DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, generator=generator, **sizes)
 
     def describe(self) -> str:
-        return (
-            f"DP-SGD: ({self.target_epsilon:g}, {self.delta:g})-DP over {self.steps} steps, sampling rate "
-            f"{self.sample_rate:.4g}, clip {self.clip:g}, noise multiplier {self.noise_multiplier:.4f} "
-            f"({self.accountant} accountant)" + "".join(f"; {note}" for note in self.notes)
-        )
+        plan = f"({self.target_epsilon:g}, {self.delta:g})-DP over {self.steps} steps"
+        noise = f"clip {self.clip:g}, noise multiplier {self.noise_multiplier:.4f} ({self.accountant} accountant)"
+        notes = "".join(f"; {note}" for note in self.notes)
+        return f"DP-SGD: {plan}, sampling rate {self.sample_rate:.4g}, {noise}{notes}"
 
     def to_dict(self) -> dict:
         names = ("delta", "noise_multiplier", "sample_rate", "clip", "accountant")

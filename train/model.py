@@ -66,11 +66,10 @@ def build(cfg, device) -> Net:
     """The Net that ``cfg`` trains, its weights drawn from the global RNG (seed it first)."""
     widths = "-".join(str(h) for h in (*cfg.hidden, CLASSES))
     if cfg.model == "mlp":
-        mlp = mnn.MLP(
-            [IN_FEATURES, *cfg.hidden, CLASSES], activation=cfg.activation, dropout=cfg.dropout, device=device
-        )
-        sizes = "-".join(str(s) for s in mlp.sizes)
-        return Net(mlp, cfg.impl, cfg.label_smoothing, f"MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}")
+        sizes = [IN_FEATURES, *cfg.hidden, CLASSES]
+        mlp = mnn.MLP(sizes, activation=cfg.activation, dropout=cfg.dropout, device=device)
+        architecture = f"MLP {'-'.join(map(str, sizes))}, {cfg.activation}, dropout {cfg.dropout}"
+        return Net(mlp, cfg.impl, cfg.label_smoothing, architecture)
     c1, c2 = cfg.channels
     if cfg.model == "scatter-cnn":
         cnn = build_scatter_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
@@ -135,10 +134,8 @@ class Net:
 
 
 def compare_gradients(net: Net, x: Tensor, y: Tensor) -> tuple[float, str, float, manualgrad.Coverage]:
-    """--check-grads: ``net``'s gradients on ``(x, y)`` against its torch.nn twin's: the largest relative difference
-    (max |ours - torch| / max |torch| over a parameter), that parameter, the loss difference, our backward graph.
-    Both draw the same dropout masks (on the CPU; torch's fused CUDA dropout draws differently, so there without
-    dropout); the run's random streams are left untouched."""
+    """--check-grads: the largest relative difference (max |ours - torch| / max |torch|) of ``net``'s gradients from
+    its torch.nn twin's, its parameter, the loss difference, our backward graph; same dropout masks (on the CPU)."""
     twin, use_dropout, was_training = net.twin(), x.device.type == "cpu", net.module.training
     results = []
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):

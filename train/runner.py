@@ -225,14 +225,10 @@ def record(trainer: Trainer, epoch: int, end: Position) -> dict:
 def save(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFolder, mnist: data.MNIST) -> None:
     """checkpoint.pt, then metrics.json (rank 0 writes; every process takes part in gathering the state)."""
     state = trainer.state_dict()
-    state.update(
-        config=cfg.to_dict(),
-        data={"fingerprint": mnist.fingerprint, "train": len(mnist.train_y), "test": len(mnist.test_y)},
-        epoch=progress.epoch,
-        position=dict(vars(progress.position)) if progress.position else None,
-        history=progress.history,
-        world_size=world.size,
-    )
+    facts = {"fingerprint": mnist.fingerprint, "train": len(mnist.train_y), "test": len(mnist.test_y)}
+    position = dict(vars(progress.position)) if progress.position else None
+    state.update(config=cfg.to_dict(), data=facts, epoch=progress.epoch, position=position, history=progress.history)
+    state["world_size"] = world.size
     if progress.native_history:  # --compare-native: the torch.nn twin's epochs, kept on resume
         state["native_history"] = progress.native_history
     metrics = metrics_of(cfg, world, trainer, native, progress)
