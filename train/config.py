@@ -171,19 +171,17 @@ class Config:
     preset: str = option(
         "default",
         "run",
-        "named set of defaults; explicit options override it. default: the MLP 784-512-256-10, 15 epochs; "
-        "best: the CNN on elastically distorted images, 20 epochs; best-mlp: 784-1024-1024-10, elastic, 50 epochs; "
-        "dp3, dp2, dp1: DP-SGD at epsilon 3, 2, 1 (delta 1e-5), the small tanh CNN; dp2-mlp: the same at 2, "
-        "a tanh MLP 784-512-10",
+        "named set of defaults (explicit options override it): default: the MLP 784-512-256-10, 15 epochs; best: "
+        "the CNN, elastic distortions, 20 epochs; best-mlp: 784-1024-1024-10, elastic, 50 epochs; dp3, dp2, dp1: "
+        "DP-SGD at epsilon 3, 2, 1 (delta 1e-5), the small tanh CNN; dp2-mlp: the same at 2, a tanh MLP 784-512-10",
         tuple(sorted(PRESETS)),
     )
     model: str = option(
         "mlp",
         "model, training, newer",
-        "mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN (Conv2d 1->32 3x3, Conv2d 32->64 3x3, "
-        "max-pool 2, Linear 9216 -> hidden... -> 10); small-cnn: DP-SGD's small CNN (Papernot et al. 2021); "
-        "scatter-cnn: a CNN on ScatterNet features (Tramer & Boneh 2021; needs kymatio; no --augment). "
-        "Each model has its own defaults: see --model NAME --help",
+        "mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN (Conv2d 1->32 3x3, Conv2d 32->64 3x3, max-pool "
+        "2, Linear 9216 -> hidden... -> 10); small-cnn: DP-SGD's small CNN (Papernot et al. 2021); scatter-cnn: a CNN "
+        "on ScatterNet features (Tramer & Boneh 2021; needs kymatio; no --augment); own defaults: --model NAME --help",
         MODELS,
     )
     data_dir: str = option(
@@ -224,8 +222,7 @@ class Config:
     augment: str = option(
         "none",
         "optimisation, training",
-        "distort the training batches: shift (up to 2 px), affine (rotate, scale, shear, shift), elastic (affine "
-        "+ elastic distortion)",
+        "distort training batches: shift (up to 2 px), affine (rotate, scale, shear, shift), elastic (affine, warped)",
         ("none", "shift", "affine", "elastic"),
     )
     impl: str = option(
@@ -266,9 +263,8 @@ class Config:
     threads: int | None = option(
         None,
         "run, run",
-        f"CPU threads per process, 1 to {MAX_THREADS}, or auto: every epoch (and when steps slow down) time 1 "
-        "thread against all cores and train with the faster. Results differ in the last bits with the count: "
-        "pass a number to reproduce a run bit for bit",
+        f"CPU threads per process, 1 to {MAX_THREADS}, or auto: every epoch (and on a slowdown) time 1 thread against "
+        "all cores, train with the faster; results differ in the last bits with the count: a number reproduces them",
         threads,
         shown="auto",
     )
@@ -291,8 +287,7 @@ class Config:
     compare_native: bool = option(
         False,
         "checks, run",
-        "also train the model in plain torch.nn (same weights, seed and batches; epochs alternating) and print "
-        "both with the epoch-time ratio (not with --dp)",
+        "also train it in plain torch.nn (same weights and batches, epochs alternating); print both, the time ratio",
         SWITCH,
     )
     check_grads: bool = option(

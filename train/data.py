@@ -164,10 +164,5 @@ def _error(folder: str, problem: str) -> DataError:
     return DataError(f"MNIST data in {folder} is unusable: {problem}; put {files} there, {where}")
 
 
-def epoch_order(n: int, generator: torch.Generator) -> Tensor:
-    """A fresh random order of ``range(n)``; batch ``i`` is ``order[i*B:(i+1)*B]`` (the last may be smaller)."""
-    return torch.randperm(n, generator=generator)
-
-
 def num_batches(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size

@@ -264,9 +264,9 @@ class Trainer:
         """The steps of ``epoch`` (1-based), from ``resume``'s when given; ``on_step(epoch, step, trainer)`` after each.
         Returns where it stopped (step ``steps_per_epoch``: at the end; before: on a stop request) and whether any
         process asked to stop. The thread timing and the progress bar sit beside the step."""
-        n = len(self.data.train_y)  # a new epoch: a fresh order of the rows (--dp: none, each step samples)
+        n = len(self.data.train_y)  # a new epoch: a fresh order of the rows, batch i is order[iB:(i+1)B] (--dp: none)
         at = resume or Position(
-            0, torch.zeros(0, dtype=torch.long) if self.privacy else data.epoch_order(n, self.generator)
+            0, torch.zeros(0, dtype=torch.long) if self.privacy else torch.randperm(n, generator=self.generator)
         )
         order, loss_sum, rows_seen, seconds = at.order.to(self.world.device), at.loss_sum, at.rows, at.seconds
         self.net.module.train()

@@ -112,13 +112,9 @@ class RunFolder:
             existing = os.path.join(path, "checkpoint.pt")
             own = resuming and _same_file(existing, resuming)  # the folder of the run being resumed
             if os.path.exists(existing) and not own:
-                if resuming:
-                    raise FileError(
-                        f"{path} already holds another run, which resuming would overwrite; choose another --out"
-                    )
-                raise FileError(
-                    f"{path} already holds a run; continue it with --resume {path}, or choose another --out"
-                )
+                what = "another run, which resuming would overwrite" if resuming else "a run"
+                advice = "" if resuming else f"continue it with --resume {path}, or "
+                raise FileError(f"{path} already holds {what}; {advice}choose another --out")
             taken = [name for name in FILES if os.path.lexists(os.path.join(path, name))]
             if taken and not own:  # a user's own files, or a run whose checkpoint was deleted
                 them = "it" if len(taken) == 1 else "them"
