@@ -42,9 +42,8 @@ def draw(kind: str, n: int, generator: torch.Generator) -> tuple[Tensor, ...]:
     sh = uniform(n, bound=shear)
     t = uniform(n, 2, bound=shift * 2 / SIDE)  # grid units: the image spans [-1, 1]
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    theta = torch.stack(
-        [torch.stack([cos, -sin + sh * cos, t[:, 0]], 1), torch.stack([sin, cos + sh * sin, t[:, 1]], 1)], 1
-    )
+    rows = [torch.stack([cos, -sin + sh * cos, t[:, 0]], 1), torch.stack([sin, cos + sh * sin, t[:, 1]], 1)]
+    theta = torch.stack(rows, 1)
     if not elastic:
         return (theta,)
     return theta, uniform(n, 2, SIDE, SIDE)

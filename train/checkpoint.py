@@ -203,9 +203,8 @@ def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
     steps = engine.dp_steps_per_epoch(n, saved.batch_size) if saved.dp else data.num_batches(n, saved.batch_size)
     step, order = position["step"], position["order"]
     if state["epoch"] >= saved.epochs or not _is_int(step) or not 1 <= step < steps:
-        raise bad(
-            f"has an invalid position (step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps)"
-        )
+        where = f"step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps"
+        raise bad(f"has an invalid position ({where})")
     expected = torch.zeros(0, dtype=torch.long) if saved.dp else torch.arange(n)
     is_tensor = isinstance(order, torch.Tensor) and order.dtype == torch.long and order.shape == expected.shape
     if not is_tensor or not torch.equal(order.sort().values, expected):

@@ -57,9 +57,8 @@ def threads(text: str) -> int | None:
         return None
     value = _number(int, text)
     if not 1 <= value <= MAX_THREADS:
-        raise argparse.ArgumentTypeError(
-            f"must be auto or from 1 to {MAX_THREADS} (4x this machine's {os.cpu_count()} cores), got {value}"
-        )
+        cap = f"{MAX_THREADS} (4x this machine's {os.cpu_count()} cores)"
+        raise argparse.ArgumentTypeError(f"must be auto or from 1 to {cap}, got {value}")
     return value
 
 
@@ -439,9 +438,8 @@ def check(cfg: Config) -> None:
         if cfg.epsilon is None:
             raise ConfigError("--dp needs --epsilon, the privacy budget of the whole run (e.g. --epsilon 2)")
         if not (cfg.epsilon > 0 and cfg.clip > 0 and 0 < cfg.delta < 1):
-            raise ConfigError(
-                f"--dp needs epsilon > 0, 0 < delta < 1 and clip > 0, got {cfg.epsilon}, {cfg.delta}, {cfg.clip}"
-            )
+            got = f"{cfg.epsilon}, {cfg.delta}, {cfg.clip}"
+            raise ConfigError(f"--dp needs epsilon > 0, 0 < delta < 1 and clip > 0, got {got}")
         if cfg.compare_native:
             raise ConfigError("--compare-native cannot be combined with --dp (the torch.nn twin has no DP-SGD)")
 

@@ -40,10 +40,9 @@ def setup(requested_device: str) -> World:
     if requested_device == "cuda" or (requested_device == "auto" and torch.cuda.is_available()):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
-            raise SetupError(
-                f"process {local_rank} of this machine has no GPU of its own "
-                f"({torch.cuda.device_count()} visible); start fewer processes or use --device cpu"
-            )
+            visible = torch.cuda.device_count()
+            problem = f"process {local_rank} of this machine has no GPU of its own ({visible} visible)"
+            raise SetupError(f"{problem}; start fewer processes or use --device cpu")
         device = torch.device("cuda", local_rank)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not started by torchrun
         return World(device=device)

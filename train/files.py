@@ -87,9 +87,8 @@ def lock(folder: str) -> int:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
             by = f" (process {owner})" if owner.isdigit() else ""
-            raise FileError(
-                f"{folder} is in use by another run{by}; wait for it to end or choose another --out"
-            ) from None
+            busy = f"{folder} is in use by another run{by}"
+            raise FileError(f"{busy}; wait for it to end or choose another --out") from None
         raise FileError(f"cannot lock {folder}: {e.strerror or e}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -77,10 +77,9 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     mnist = data.load(data_folder, world.device, download=False)  # every process reads the files onto its device
     log(world, f"data: {len(mnist.train_y):,} training and {len(mnist.test_y):,} test images from {mnist.folder}")
     if resumed is not None and resumed["data"]["fingerprint"] != mnist.fingerprint:  # its order indexes its data
-        raise checkpoint.CheckpointError(
-            f"cannot resume from {checkpoint.checkpoint_path(cfg.resume)}: it was trained on other data than the "
-            f"files in {mnist.folder} (their fingerprints differ); resume with the same MNIST files"
-        )
+        other = f"it was trained on other data than the files in {mnist.folder} (their fingerprints differ)"
+        path = checkpoint.checkpoint_path(cfg.resume)
+        raise checkpoint.CheckpointError(f"cannot resume from {path}: {other}; resume with the same MNIST files")
     if cfg.model == "scatter-cnn":  # fixed features in place of the pixels, computed once
         start = time.perf_counter()
         mnist = scatter.transform(mnist)
@@ -156,9 +155,8 @@ def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distr
         log(world, f"check-grads [{impl}]: {found}, loss difference {loss_difference:.1e}: {verdict}")
         log(world, f"  backward graph: {coverage}")
         if not worst <= TOLERANCE:  # NaN too
-            raise TrainingError(
-                f"--check-grads: the {impl} gradients differ from torch autograd's by {worst:.2e} (relative) in {name}"
-            )
+            differ = f"the {impl} gradients differ from torch autograd's by {worst:.2e} (relative) in {name}"
+            raise TrainingError(f"--check-grads: {differ}")
 
 
 def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.World) -> Progress:
@@ -309,10 +307,8 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 def _summary(r: dict, epochs: int) -> str:
     head = f"epoch {r['epoch']:>3}/{epochs}  " if epochs else ""
     spent = f"  epsilon {r['epsilon']:.3f}" if "epsilon" in r else ""
-    return (
-        f"{head}train loss {r['train_loss']:.4f}  test loss {r['test_loss']:.4f}  "
-        f"test acc {100 * r['test_accuracy']:.2f}%{spent}  {r['seconds']:.1f} s"
-    )
+    losses = f"train loss {r['train_loss']:.4f}  test loss {r['test_loss']:.4f}"
+    return f"{head}{losses}  test acc {100 * r['test_accuracy']:.2f}%{spent}  {r['seconds']:.1f} s"
 
 
 def _print_comparison(world, cfg: Config, ours: list[dict], theirs: list[dict]) -> dict:
