@@ -206,8 +206,8 @@ def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
         where = f"step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps"
         raise bad(f"has an invalid position ({where})")
     expected = torch.zeros(0, dtype=torch.long) if saved.dp else torch.arange(n)
-    is_tensor = isinstance(order, torch.Tensor) and order.dtype == torch.long and order.shape == expected.shape
-    if not is_tensor or not torch.equal(order.sort().values, expected):
+    well_formed = isinstance(order, torch.Tensor) and order.dtype == torch.long and order.shape == expected.shape
+    if not well_formed or not torch.equal(order.sort().values, expected):
         raise bad("has an invalid position (its batch order is not an order of the training rows)")
     numbers = [position[k] for k in ("loss_sum", "rows", "seconds")]
     if not all(_is_number(v) and 0 <= v < math.inf for v in numbers) or not _is_int(position["rows"]):

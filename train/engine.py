@@ -206,7 +206,7 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> bool:
-        """Restore :meth:`state_dict`'s output; False when another number of processes wrote it (other dropouts)."""
+        """Restore :meth:`state_dict`'s output; False when another number of processes wrote it (dropout differs)."""
         self.net.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler:

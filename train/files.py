@@ -75,7 +75,7 @@ def remove_temporaries(folder: str, names) -> None:
 
 
 def lock(folder: str) -> int:
-    """An exclusive ``flock`` on ``folder/.lock`` (holding the owner's pid); the kernel drops it when its owner dies."""
+    """An exclusive ``flock`` on ``folder/.lock`` (holding our pid) until the returned descriptor closes or we die."""
     try:
         fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:

@@ -55,7 +55,7 @@ def build_scatter_cnn(hidden, activation: str, dropout: float, device, channels=
 
 
 def torch_twin(model: torch.nn.Module) -> torch.nn.Sequential:
-    """A copy as plain torch.nn modules: each manualgrad module's class set back to its torch.nn base."""
+    """A copy as plain torch.nn modules: each manualgrad module (a subclass adding no state) set back to its base."""
     twin = copy.deepcopy(model.per_layer() if isinstance(model, mnn.MLP) else model)
     for module in twin.modules():
         module.__class__ = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
@@ -135,7 +135,8 @@ class Net:
 
 def compare_gradients(net: Net, x: Tensor, y: Tensor) -> tuple[float, str, float, manualgrad.Coverage]:
     """--check-grads: the largest relative difference (max |ours - torch| / max |torch|) of ``net``'s gradients from
-    its torch.nn twin's, its parameter, the loss difference, our backward graph; same dropout masks (on the CPU)."""
+    its torch.nn twin's, its parameter, the loss difference, our backward graph. Both draw the same dropout masks (on
+    the CPU; torch's fused CUDA dropout draws differently, so there without dropout)."""
     twin, use_dropout, was_training = net.twin(), x.device.type == "cpu", net.module.training
     results = []
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
