@@ -183,17 +183,11 @@ class Config:
         "on ScatterNet features (Tramer & Boneh 2021; needs kymatio; no --augment); own defaults: --model NAME --help",
         MODELS,
     )
-    data_dir: str = option(
-        "data/", "run", "folder with the MNIST IDX files (<dir>/MNIST/raw/ or <dir>); downloaded when missing", path
-    )
+    data_dir: str = option("data/", "run", "MNIST IDX files: <dir>/MNIST/raw/ or <dir> (downloaded when missing)", path)
     download: bool = option(True, "run, run", "never download; fail if the files are missing", SWITCH)
     epochs: int = option(15, "optimisation, training", "passes over the training set", positive_int)
-    batch_size: int = option(
-        128, "optimisation, training", "global batch size (split across processes under torchrun)", positive_int
-    )
-    hidden: tuple = option(
-        (512, 256), "model, training", "hidden layer widths, e.g. 512,256 (the CNNs': fully connected)", hidden_sizes
-    )
+    batch_size: int = option(128, "optimisation, training", "global batch size (split across processes)", positive_int)
+    hidden: tuple = option((512, 256), "model, training", "hidden layer widths, e.g. 512,256", hidden_sizes)
     channels: tuple = option(
         (32, 64), "model, training, newer", "the CNNs' two convolutions' output channels, e.g. 32,64", channel_pair
     )
@@ -206,9 +200,7 @@ class Config:
     )
     dropout: float = option(0.1, "model, training", "dropout probability after every hidden activation", probability)
     label_smoothing: float = option(0.1, "optimisation, training", "label smoothing of the training loss", probability)
-    optimizer: str = option(
-        "adamw", "optimisation, training", "sgd (Nesterov momentum), adam, adamw", ("sgd", "adam", "adamw")
-    )
+    optimizer: str = option("adamw", "optimisation, training", "sgd: with Nesterov momentum", ("sgd", "adam", "adamw"))
     lr: float = option(2e-3, "optimisation, training", "learning rate (the peak one for onecycle)", positive_float)
     momentum: float = option(0.9, "optimisation, training", "momentum for sgd", probability)
     weight_decay: float = option(0.05, "optimisation, training", "weight decay", nonnegative_float)
@@ -230,9 +222,7 @@ class Config:
         "fused: the MLP and its loss as one manualgrad Function (MLP.loss); layers: one Function per layer (CNNs)",
         ("fused", "layers"),
     )
-    seed: int = option(
-        0, "run, training", "seed for initial weights, batch order, dropout and augmentation (0 to 2**64-1)", seed
-    )
+    seed: int = option(0, "run, training", "initial weights, batch order, dropout, augmentation (0 to 2**64-1)", seed)
     dp: bool = option(
         False,
         "dp, training, newer",
@@ -289,12 +279,8 @@ class Config:
         "also train it in plain torch.nn (same weights and batches, epochs alternating); print both, the time ratio",
         SWITCH,
     )
-    check_grads: bool = option(
-        False, "checks, run", "first compare our gradients on one batch with torch autograd's", SWITCH
-    )
-    progress: bool = option(
-        True, "run, run", "no progress bars, one line per epoch (bars show on a terminal only)", SWITCH
-    )
+    check_grads: bool = option(False, "checks, run", "compare our gradients with autograd's on one batch first", SWITCH)
+    progress: bool = option(True, "run, run", "no progress bars (shown on a terminal only)", SWITCH)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
