@@ -26,7 +26,7 @@ FILENAME = "checkpoint.pt"
 MAGIC = b"manualgrad-train checkpoint"
 _HEADER = re.compile(rb"manualgrad-train checkpoint format (\d+) bytes (\d+) sha256 ([0-9a-f]{64})\n")
 _ZIP = b"PK\x03\x04"  # how a torch.save archive begins
-KEYS = {  # every key a checkpoint holds, and the type of its value
+KEYS = {  # every key a checkpoint holds and its type (--dp: also privacy; --compare-native: native_history)
     "config": dict,
     "data": dict,
     "epoch": int,

@@ -205,10 +205,7 @@ class Config:
     momentum: float = option(0.9, "optimisation, training", "momentum for sgd", probability)
     weight_decay: float = option(0.05, "optimisation, training", "weight decay", nonnegative_float)
     schedule: str = option(
-        "onecycle",
-        "optimisation, training",
-        "learning-rate schedule, stepped every batch: onecycle (warm-up, anneal), cosine (anneal to 0), none",
-        ("onecycle", "cosine", "none"),
+        "onecycle", "optimisation, training", "lr schedule, stepped every batch", ("onecycle", "cosine", "none")
     )
     augment: str = option(
         "none",
@@ -217,10 +214,7 @@ class Config:
         ("none", "shift", "affine", "elastic"),
     )
     impl: str = option(
-        "fused",
-        "model, training",
-        "fused: the MLP and its loss as one manualgrad Function (MLP.loss); layers: one Function per layer (CNNs)",
-        ("fused", "layers"),
+        "fused", "model, training", "fused: MLP and loss in one Function; layers: one per layer", ("fused", "layers")
     )
     seed: int = option(0, "run, training", "initial weights, batch order, dropout, augmentation (0 to 2**64-1)", seed)
     dp: bool = option(
@@ -236,10 +230,7 @@ class Config:
     delta: float = option(1e-5, "dp, training, newer", "the delta of (epsilon, delta)-DP", open_probability)
     clip: float = option(1.0, "dp, training, newer", "per-sample gradient norm bound C", positive_float)
     accountant: str = option(
-        "pld",
-        "dp, training, newer",
-        "pld: privacy loss distributions (tight); rdp: Renyi DP (an upper bound: more noise for the same epsilon)",
-        ("pld", "rdp"),
+        "pld", "dp, training, newer", "pld: privacy loss distributions, tight; rdp: Renyi DP, looser", ("pld", "rdp")
     )
     secure_rng: bool = option(
         False,
