@@ -216,7 +216,7 @@ class Config:
     impl: str = option(
         "fused", "model, training", "fused: MLP and loss in one Function; layers: one per layer", ("fused", "layers")
     )
-    seed: int = option(0, "run, training", "initial weights, batch order, dropout, augmentation (0 to 2**64-1)", seed)
+    seed: int = option(0, "run, training", "seeds weights, batch order, dropout, augmentation (0 to 2**64-1)", seed)
     dp: bool = option(
         False,
         "dp, training, newer",
@@ -244,7 +244,7 @@ class Config:
         None,
         "run, run",
         f"CPU threads per process, 1 to {MAX_THREADS}, or auto: every epoch (and on a slowdown) time 1 thread against "
-        "all cores, train with the faster; results differ in the last bits with the count: a number reproduces them",
+        "all cores and train with the faster (the count changes the last bits: fix it to reproduce a run bit for bit)",
         threads,
         shown="auto",
     )
@@ -267,7 +267,7 @@ class Config:
     compare_native: bool = option(
         False,
         "checks, run",
-        "also train it in plain torch.nn (same weights and batches, epochs alternating); print both, the time ratio",
+        "also train it in plain torch.nn (same weights and batches, epochs alternating); print both and the time ratio",
         SWITCH,
     )
     check_grads: bool = option(False, "checks, run", "compare our gradients with autograd's on one batch first", SWITCH)
