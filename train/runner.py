@@ -225,8 +225,8 @@ def save(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFo
     state = trainer.state_dict()
     facts = {"fingerprint": mnist.fingerprint, "train": len(mnist.train_y), "test": len(mnist.test_y)}
     position = dict(vars(progress.position)) if progress.position else None
-    state.update(config=cfg.to_dict(), data=facts, epoch=progress.epoch, position=position, history=progress.history)
-    state["world_size"] = world.size
+    state.update(config=cfg.to_dict(), data=facts, epoch=progress.epoch, position=position)
+    state.update(history=progress.history, world_size=world.size)
     if progress.native_history:  # --compare-native: the torch.nn twin's epochs, kept on resume
         state["native_history"] = progress.native_history
     metrics = metrics_of(cfg, world, trainer, native, progress)
