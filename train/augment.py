@@ -1,7 +1,5 @@
 """Random distortions of whole training batches: one affine map per image (``elastic``: plus a smooth random
-displacement field, Simard et al. 2003), one ``F.grid_sample`` per batch. The parameters are drawn for the global
-batch from the run's seeded generator and split like the images, so several processes distort alike.
-"""
+displacement field, Simard et al. 2003), one ``F.grid_sample``; drawn for the global batch, split like the images."""
 
 from __future__ import annotations
 
@@ -44,9 +42,8 @@ def draw(kind: str, n: int, generator: torch.Generator) -> tuple[Tensor, ...]:
     sh = uniform(n, bound=shear)
     t = uniform(n, 2, bound=shift * 2 / SIDE)  # grid units: the image spans [-1, 1]
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    theta = torch.stack(
-        [torch.stack([cos, -sin + sh * cos, t[:, 0]], 1), torch.stack([sin, cos + sh * sin, t[:, 1]], 1)], 1
-    )
+    rows = [torch.stack([cos, -sin + sh * cos, t[:, 0]], 1), torch.stack([sin, cos + sh * sin, t[:, 1]], 1)]
+    theta = torch.stack(rows, 1)
     if not elastic:
         return (theta,)
     return theta, uniform(n, 2, SIDE, SIDE)

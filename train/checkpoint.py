@@ -1,11 +1,6 @@
-"""``checkpoint.pt``: everything a run needs to continue exactly where it stopped, checked on the way in.
-
-The file is one header line, ``manualgrad-train checkpoint format 2 bytes <n> sha256 <hex>\\n``, then ``n`` bytes
-of a ``torch.save`` archive of a dict (:data:`KEYS`; a --dp run's also ``privacy`` and ``rng["noise"]``, a
---compare-native run's ``native_history``). :func:`load` tells an empty, truncated, corrupt or foreign file from a
-checkpoint before unpickling, then checks every entry as the command line would (the configuration) and by type,
-shape and range (the state), so that a forged checkpoint is a one-line error too.
-"""
+"""``checkpoint.pt``: a header line, ``manualgrad-train checkpoint format 2 bytes <n> sha256 <hex>\\n``, then the
+``n`` bytes of a ``torch.save`` archive of a dict (:data:`KEYS`). :func:`load` checks the bytes before unpickling, then
+every entry (the configuration as the command line would), so that a forged checkpoint is a one-line error too."""
 
 from __future__ import annotations
 
@@ -31,7 +26,7 @@ FILENAME = "checkpoint.pt"
 MAGIC = b"manualgrad-train checkpoint"
 _HEADER = re.compile(rb"manualgrad-train checkpoint format (\d+) bytes (\d+) sha256 ([0-9a-f]{64})\n")
 _ZIP = b"PK\x03\x04"  # how a torch.save archive begins
-KEYS = {  # every key a checkpoint holds, and the type of its value
+KEYS = {  # every key a checkpoint holds and its type (--dp: also privacy; --compare-native: native_history)
     "config": dict,
     "data": dict,
     "epoch": int,
@@ -67,8 +62,7 @@ def save(state: dict, path: str) -> None:
 
 
 def load(path: str) -> dict:
-    """The checkpoint at ``path`` (a file, or a run folder holding one), on the CPU, checked; anything else is a
-    one-line :class:`CheckpointError`."""
+    """The checkpoint at ``path`` (a file or its run folder), on the CPU, checked, else a :class:`CheckpointError`."""
     path = checkpoint_path(path)
     try:
         with open(path, "rb") as f:
@@ -188,23 +182,19 @@ def _check_history(history: list, epochs: int, key: str, bad, complete: bool = T
     """One record per finished epoch (all of them, unless not ``complete``): epoch numbers 1, 2, ..., numbers."""
     if len(history) > epochs or (complete and len(history) != epochs):
         raise bad(f"has {len(history)} records in {key} for {epochs} finished epochs")
-    needed, optional = ("train_loss", "seconds"), ("test_loss", "test_accuracy", "epsilon", "steps")
+    needed, optional = ("train_loss", "seconds"), ("test_loss", "test_accuracy", "epsilon", "steps", "threads")
     for number, record in enumerate(history, 1):
         if not isinstance(record, dict) or not _is_int(record.get("epoch")) or record["epoch"] != number:
             raise bad(f"has an invalid record in {key} (epoch {number})")
-        if not set(record) <= {"epoch", "threads", *needed, *optional}:
+        if not set(record) <= {"epoch", *needed, *optional}:
             raise bad(f"has an invalid record in {key} (epoch {number}: unknown entries)")
-        if (
-            not all(_is_number(record.get(k)) for k in needed)
-            or not all(_is_number(record[k]) for k in optional if record.get(k) is not None)
-            or not (record.get("threads") is None or _is_number(record["threads"]))
-        ):
+        present = [k for k in optional if record.get(k) is not None]
+        if not all(_is_number(record.get(k)) for k in (*needed, *present)):
             raise bad(f"has an invalid record in {key} (epoch {number})")
 
 
 def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
-    """A step inside an unfinished epoch, the epoch's batch order (a permutation of the training rows; empty with
-    --dp), and the loss, rows and seconds so far."""
+    """A step inside an unfinished epoch, its batch order (--dp: empty), the loss, rows and seconds so far."""
     from . import data, engine
 
     if set(position) != set(POSITION_KEYS):
@@ -213,16 +203,11 @@ def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
     steps = engine.dp_steps_per_epoch(n, saved.batch_size) if saved.dp else data.num_batches(n, saved.batch_size)
     step, order = position["step"], position["order"]
     if state["epoch"] >= saved.epochs or not _is_int(step) or not 1 <= step < steps:
-        raise bad(
-            f"has an invalid position (step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps)"
-        )
+        where = f"step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps"
+        raise bad(f"has an invalid position ({where})")
     expected = torch.zeros(0, dtype=torch.long) if saved.dp else torch.arange(n)
-    if (
-        not isinstance(order, torch.Tensor)
-        or order.dtype != torch.long
-        or order.shape != expected.shape
-        or not torch.equal(order.sort().values, expected)
-    ):
+    well_formed = isinstance(order, torch.Tensor) and order.dtype == torch.long and order.shape == expected.shape
+    if not well_formed or not torch.equal(order.sort().values, expected):
         raise bad("has an invalid position (its batch order is not an order of the training rows)")
     numbers = [position[k] for k in ("loss_sum", "rows", "seconds")]
     if not all(_is_number(v) and 0 <= v < math.inf for v in numbers) or not _is_int(position["rows"]):
@@ -234,8 +219,7 @@ def describe(value) -> str:  # for a one-line message
 
 
 def mismatch(expected, actual, where: str) -> str | None:
-    """Where ``actual`` (a loaded state) differs in structure from ``expected`` (a fresh one of the same run):
-    other keys, lengths or types, tensors of other shapes or dtypes, non-finite numbers; None when they fit."""
+    """Where ``actual`` differs in structure (keys, lengths, types, shapes, dtypes, finiteness) from ``expected``."""
     if isinstance(expected, torch.Tensor):
         if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape or actual.dtype != expected.dtype:
             got = f"{tuple(actual.shape)} {actual.dtype}" if isinstance(actual, torch.Tensor) else describe(actual)
@@ -255,8 +239,7 @@ def mismatch(expected, actual, where: str) -> str | None:
 
 
 def restore(trainer: Trainer, resumed: dict, path: str) -> bool:
-    """Load the checkpoint's state into ``trainer`` once it fits (else :class:`CheckpointError`); False when
-    another number of processes wrote it."""
+    """Load the checkpoint into ``trainer`` if it fits; False when another number of processes wrote it."""
     reason = misfit(trainer, resumed)
     options = [set(group) for group in trainer.optimizer.param_groups]
     if reason is None:
@@ -273,8 +256,7 @@ def restore(trainer: Trainer, resumed: dict, path: str) -> bool:
 
 
 def misfit(trainer: Trainer, resumed: dict) -> str | None:
-    """Where the checkpoint's model, optimizer or scheduler state differs in structure from this run's (checked
-    before loading: ``load_state_dict`` takes some misfits without a word, to fail later)."""
+    """How the checkpoint's state differs from this run's (load_state_dict takes some misfits without a word)."""
     fresh, saved = trainer.optimizer.state_dict(), resumed["optimizer"]
     if set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
         return "optimizer has other entries"
@@ -308,9 +290,8 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
         for name, value in state.items():
             like = expected[name]  # a 0-d tensor (the step count), or one of the parameter's shape (or None)
             shape = () if isinstance(like, torch.Tensor) and like.dim() == 0 else tuple(params[index].shape)
-            if (like is None and value is None) or (
-                isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.is_floating_point()
-            ):
+            fits = isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.is_floating_point()
+            if fits or (like is None and value is None):
                 continue
             got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
             return f"optimizer state {index} {name} is {got}, expected a tensor of shape {shape}"
@@ -332,8 +313,7 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
 
 
 def _optimizer_state_of_one_step(optimizer: torch.optim.Optimizer) -> dict:
-    """The state one step gives a parameter under an optimizer like ``optimizer`` (its class and defaults), taken
-    on a throwaway one-element parameter: which entries there are, and which are 0-d (step counts)."""
+    """The state one step of ``optimizer``'s kind gives a throwaway parameter: its entries, and the 0-d ones."""
     probe = torch.nn.Parameter(torch.zeros(1))
     probe.grad = torch.zeros(1)
     accepted = inspect.signature(type(optimizer)).parameters

@@ -1,10 +1,5 @@
-"""Command-line options, presets and the run's configuration.
-
-Each option is declared once, as a :class:`Config` field (:func:`option`): its default, help, argparse type or
-choices, group in ``--help`` and role (``training``: it decides what is learned, a resumed run takes it from its
-checkpoint; ``run``: where and how it runs, from the command line). The parser and the option lists are generated
-from those fields. A preset is a set of defaults; options given explicitly win over it.
-"""
+"""The options: each one a :class:`Config` field (:func:`option`), from which the parser, ``--help`` and the option
+lists are generated. A preset is a set of defaults; options given explicitly win over it."""
 
 from __future__ import annotations
 
@@ -29,8 +24,6 @@ MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only slows down; far more crashe
 
 
 # ---- argparse types: an ArgumentTypeError is a usage error (exit 2)
-
-
 def _number(kind, text):
     try:
         return kind(text)
@@ -64,9 +57,8 @@ def threads(text: str) -> int | None:
         return None
     value = _number(int, text)
     if not 1 <= value <= MAX_THREADS:
-        raise argparse.ArgumentTypeError(
-            f"must be auto or from 1 to {MAX_THREADS} (4x this machine's {os.cpu_count()} cores), got {value}"
-        )
+        cap = f"{MAX_THREADS} (4x this machine's {os.cpu_count()} cores)"
+        raise argparse.ArgumentTypeError(f"must be auto or from 1 to {cap}, got {value}")
     return value
 
 
@@ -92,8 +84,7 @@ def channel_pair(text: str) -> tuple:
 
 
 def activation_name(text: str) -> str:
-    """A registered activation's name (the registry is read now: one registered after import counts);
-    ``file.py:name`` or ``module:name`` imports that first and names the activation it registered."""
+    """A registered activation's name; ``file.py:name`` or ``module:name`` imports that first (it registers one)."""
     if ":" in text:
         from manualgrad.check import load
 
@@ -115,22 +106,17 @@ def path(text: str) -> str:
 
 
 # What each model changes in the Config defaults (the MLP's) when chosen; a preset's values and explicit options win.
+SMALL_CNN = dict(channels=(16, 32), hidden=(32,), activation="tanh", dropout=0.0, impl="layers", label_smoothing=0.0)
 MODEL_DEFAULTS: dict[str, dict] = {
     "mlp": {},
     # pytorch/examples' CNN (9216-128-10, dropouts 0.25 and 0.5), with AdamW and onecycle: an epoch costs ~20x the MLP's
     "cnn": dict(epochs=6, hidden=(128,), dropout=0.5, impl="layers", augment="shift"),
-    # Papernot et al. 2021's tanh CNN (26,010 parameters), as the DP presets train it
-    "small-cnn": dict(
-        channels=(16, 32), hidden=(32,), activation="tanh", dropout=0.0, impl="layers", label_smoothing=0.0
-    ),
-    # Tramer & Boneh 2021's CNN on ScatterNet features (train/scatter.py), as the DP presets train it
-    "scatter-cnn": dict(
-        channels=(16, 32), hidden=(32,), activation="tanh", dropout=0.0, impl="layers", label_smoothing=0.0
-    ),
+    # Papernot et al. 2021's tanh CNN (26,010 parameters) and Tramer & Boneh 2021's CNN on ScatterNet features
+    "small-cnn": SMALL_CNN,
+    "scatter-cnn": SMALL_CNN,
 }
 
-# DP-SGD's MLP: tanh (bounded activations suit clipped, noisy gradients: Papernot et al. 2021), large batches, Adam;
-# from a small search at epsilon 2 (93.5-94.5% on the test set, which the guarantee does not cover).
+# DP-SGD's MLP: tanh (Papernot et al. 2021), large batches, Adam; from a small search at epsilon 2 (93.5-94.5%).
 DP_MLP = dict(dp=True, hidden=(512,), activation="tanh", dropout=0.0, label_smoothing=0.0, weight_decay=0.0)
 DP_MLP.update(batch_size=4000, epochs=60, clip=1.0, optimizer="adam", lr=5e-3, schedule="cosine")
 
@@ -169,11 +155,10 @@ SWITCH = "switch"  # an option's kind: a flag without a value (--dp; --no-downlo
 
 
 def option(default, where: str, help: str, kind=None, shown: str | None = None, **argparse_kw):
-    """A :class:`Config` field declaring an option. ``where``: its group in ``--help``, its role (``training``,
-    ``run`` or none) and ``newer`` for a training option a checkpoint of format 2 may lack (its default must be the
-    behaviour from before it), e.g. ``"dp, training, newer"``. ``kind``: :data:`SWITCH`, the argparse ``type`` or
-    the ``choices``. ``shown``: the default as ``--help`` states it ("": not at all; None: the value). The rest goes
-    to ``add_argument`` (a ``metavar`` function is called when the parser is built)."""
+    """A :class:`Config` field declaring an option. ``where``: its group in ``--help``, its role (``training``: a
+    resumed run takes it from its checkpoint; ``run``: from the command line) and ``newer`` for a training option a
+    checkpoint of format 2 may lack (then it has its default). ``kind``: :data:`SWITCH`, the argparse ``type`` or the
+    ``choices``. ``shown``: the default as ``--help`` states it ("": not at all; None: the value)."""
     group, role, newer = [*where.split(", "), None, None][:3]
     flag = "--no-{}" if kind == SWITCH and default else "--{}"
     if kind == SWITCH:
@@ -193,156 +178,97 @@ class Config:
     preset: str = option(
         "default",
         "run",
-        "named set of defaults; explicit options override it. default: the MLP 784-512-256-10, "
-        "15 epochs, ~98.8%% in ~25-40 s on 2 CPU cores; best: the CNN on elastically distorted images, "
-        "20 epochs; best-mlp: 784-1024-1024-10 on elastically distorted images, 50 epochs, ~99.4%% in "
-        "~6-10 min; dp3, dp2, dp1: DP-SGD at epsilon 3, 2 and 1 (delta 1e-5), a CNN on ScatterNet features, "
-        "~10 min each; dp3-cnn, dp2-cnn, dp1-cnn: the same from the pixels, the small tanh CNN, ~15 min each; "
-        "dp2-mlp: DP-SGD at epsilon 2, a tanh MLP 784-512-10",
+        "named set of defaults (explicit options override it): default: the MLP 784-512-256-10, 15 epochs; best: "
+        "the CNN, elastic distortions, 20 epochs; best-mlp: 784-1024-1024-10, elastic, 50 epochs; dp3, dp2, dp1: "
+        "DP-SGD at epsilon 3, 2, 1 (delta 1e-5), a CNN on ScatterNet features; dp3-cnn, dp2-cnn, dp1-cnn: the same "
+        "from the pixels, the small tanh CNN; dp2-mlp: DP-SGD at 2, a tanh MLP 784-512-10",
         tuple(sorted(PRESETS)),
     )
     model: str = option(
         "mlp",
         "model, training, newer",
-        "mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN (Conv2d 1->32 3x3, Conv2d "
-        "32->64 3x3, max-pool 2, dropout/2, Linear 9216 -> hidden... -> 10, dropout after each hidden "
-        "Linear), with its own defaults (6 epochs, --hidden 128, --dropout 0.5, --impl layers, --augment shift); "
-        "small-cnn: the small CNN of DP-SGD (Papernot et al. 2021: Conv2d 1->16 8x8 stride 2, max-pool 2 stride 1, "
-        "Conv2d 16->32 4x4 stride 2, max-pool 2 stride 1, Linear 512 -> hidden... -> 10), with its own defaults "
-        "(--channels 16,32, --hidden 32, --activation tanh, --dropout 0, --label-smoothing 0, --impl layers); "
-        "scatter-cnn: a CNN on ScatterNet features (Tramer & Boneh 2021: the images' scattering transform, 81x7x7, "
-        "GroupNorm without parameters, Conv2d 81->16 3x3 stride 2, Conv2d 16->32 3x3, Linear 512 -> hidden... -> "
-        "10; needs kymatio), the small CNN's defaults, no --augment",
+        "mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN (Conv2d 1->32 3x3, Conv2d 32->64 3x3, max-pool "
+        "2, Linear 9216 -> hidden... -> 10); small-cnn: DP-SGD's small CNN (Papernot et al. 2021); scatter-cnn: a CNN "
+        "on ScatterNet features (Tramer & Boneh 2021; needs kymatio; no --augment); own defaults: --model NAME --help",
         MODELS,
     )
-    data_dir: str = option(
-        "data/",
-        "run",
-        "folder with the MNIST IDX files (torchvision layout <dir>/MNIST/raw/, or the four files "
-        "directly in <dir>); downloaded there when missing",
-        path,
-    )
+    data_dir: str = option("data/", "run", "MNIST IDX files: <dir>/MNIST/raw/ or <dir> (downloaded when missing)", path)
     download: bool = option(True, "run, run", "never download; fail if the files are missing", SWITCH)
     epochs: int = option(15, "optimisation, training", "passes over the training set", positive_int)
-    batch_size: int = option(
-        128, "optimisation, training", "global batch size (split across processes under torchrun)", positive_int
-    )
-    hidden: tuple = option(
-        (512, 256),
-        "model, training",
-        "hidden layer widths, comma-separated (e.g. 512,256); for the CNN, its fully connected layers",
-        hidden_sizes,
-    )
+    batch_size: int = option(128, "optimisation, training", "global batch size (split across processes)", positive_int)
+    hidden: tuple = option((512, 256), "model, training", "hidden layer widths, e.g. 512,256", hidden_sizes)
     channels: tuple = option(
-        (32, 64),
-        "model, training, newer",
-        "the CNNs' two convolutions' output channels, comma-separated (the MLP has none)",
-        channel_pair,
+        (32, 64), "model, training, newer", "the CNNs' two convolutions' output channels, e.g. 32,64", channel_pair
     )
     activation: str = option(
         "relu",
         "model, training",
-        "activation after every hidden layer; your own: my_ops.py:squareplus or my_module:squareplus "
-        "(imported first, so that its registration runs)",
+        "activation after every hidden layer; yours: my_ops.py:squareplus or my_module:squareplus (imported first)",
         activation_name,
         metavar=lambda: "{" + ",".join(ACTIVATIONS) + "}",  # the registry as it is when the parser is built
     )
     dropout: float = option(0.1, "model, training", "dropout probability after every hidden activation", probability)
     label_smoothing: float = option(0.1, "optimisation, training", "label smoothing of the training loss", probability)
-    optimizer: str = option(
-        "adamw",
-        "optimisation, training",
-        "sgd: with (Nesterov) momentum; adam; adamw: decoupled weight decay",
-        ("sgd", "adam", "adamw"),
-    )
+    optimizer: str = option("adamw", "optimisation, training", "sgd: with Nesterov momentum", ("sgd", "adam", "adamw"))
     lr: float = option(2e-3, "optimisation, training", "learning rate (the peak one for onecycle)", positive_float)
     momentum: float = option(0.9, "optimisation, training", "momentum for sgd", probability)
     weight_decay: float = option(0.05, "optimisation, training", "weight decay", nonnegative_float)
     schedule: str = option(
-        "onecycle",
-        "optimisation, training",
-        "learning-rate schedule, stepped every batch: onecycle (warm-up then anneal), "
-        "cosine (anneal to 0), none (constant)",
-        ("onecycle", "cosine", "none"),
+        "onecycle", "optimisation, training", "lr schedule, stepped every batch", ("onecycle", "cosine", "none")
     )
     augment: str = option(
         "none",
         "optimisation, training",
-        "batch-level augmentation of training images: shift (up to 2 px), affine (rotate, "
-        "scale, shear, shift), elastic (affine + elastic distortion)",
+        "distort training batches: shift (up to 2 px), affine (rotate, scale, shear, shift), elastic (affine, warped)",
         ("none", "shift", "affine", "elastic"),
     )
     impl: str = option(
-        "fused",
-        "model, training",
-        "fused: the whole MLP and its loss as one manualgrad Function (MLP.loss); "
-        "layers: one manualgrad Function per layer (MLP.per_layer() + manualgrad CrossEntropyLoss); "
-        "the CNN has layers only",
-        ("fused", "layers"),
+        "fused", "model, training", "fused: MLP and loss in one Function; layers: one per layer", ("fused", "layers")
     )
-    seed: int = option(
-        0, "run, training", "seed for initial weights, batch order, dropout and augmentation (0 to 2**64-1)", seed
-    )
+    seed: int = option(0, "run, training", "seeds weights, batch order, dropout, augmentation (0 to 2**64-1)", seed)
     dp: bool = option(
         False,
         "dp, training, newer",
-        "train with DP-SGD: each step's batch Poisson-sampled (every training image in it with "
-        "probability batch-size/N; epochs of N/batch-size steps), each image's gradient clipped to norm "
-        "--clip, Gaussian noise of std sigma*clip added to their sum, sigma set by the accountant so that "
-        "the whole run is (--epsilon, --delta)-DP. Needs dp-accounting: pip install -e '.[dp]'",
+        "train with DP-SGD: Poisson-sampled batches (rate batch-size/N), each image's gradient clipped to --clip, "
+        "Gaussian noise calibrated so that the whole run is (--epsilon, --delta)-DP; needs pip install -e '.[dp]'",
         SWITCH,
     )
     epsilon: float | None = option(
-        None,
-        "dp, training, newer",
-        "the privacy budget epsilon of the whole run",
-        positive_float,
-        shown="none; required with --dp",
+        None, "dp, training, newer", "the whole run's privacy budget", positive_float, shown="none; required with --dp"
     )
     delta: float = option(1e-5, "dp, training, newer", "the delta of (epsilon, delta)-DP", open_probability)
     clip: float = option(1.0, "dp, training, newer", "per-sample gradient norm bound C", positive_float)
     accountant: str = option(
-        "pld",
-        "dp, training, newer",
-        "dp-accounting's privacy accountant: pld (privacy loss distributions, tight) or rdp (Renyi DP, "
-        "an upper bound: more noise for the same epsilon)",
-        ("pld", "rdp"),
+        "pld", "dp, training, newer", "pld: privacy loss distributions, tight; rdp: Renyi DP, looser", ("pld", "rdp")
     )
     secure_rng: bool = option(
         False,
         "dp, training, newer",
-        "draw the batches and the noise from streams seeded by the operating system's entropy, not by "
-        "--seed: without it anyone who knows the seed can recompute them, and the guarantee does not hold "
-        "against them (the run cannot be repeated; resuming stays exact)",
+        "seed the batches and the noise from the OS's entropy, not --seed (whoever knows the seed can recompute "
+        "them: the guarantee does not hold against them); the run cannot be repeated, resuming stays exact",
         SWITCH,
     )
     device: str = option("auto", "run, run", "auto: cuda when available, else cpu", ("auto", "cpu", "cuda"))
     threads: int | None = option(
         None,
         "run, run",
-        f"CPU threads per process, 1 to {MAX_THREADS}, or auto: at the start of every epoch (and again "
-        "when steps slow down) time a few throw-away steps with 1 thread and with all of this process's "
-        "cores, and train with the faster. That keeps a busy machine from slowing training down many "
-        "times over; a different count changes results in the last float bits, so pass a number for runs "
-        "that must reproduce bit for bit whatever the machine's load",
+        f"CPU threads per process, 1 to {MAX_THREADS}, or auto: every epoch (and on a slowdown) time 1 thread against "
+        "all cores and train with the faster (the count changes the last bits: fix it to reproduce a run bit for bit)",
         threads,
         shown="auto",
     )
     out: str | None = option(
         None,
         "run",
-        "run folder for metrics, checkpoint and plots (default: runs/<timestamp>; when resuming: the "
-        "checkpoint's folder). One run at a time: a folder in use by a running run is refused, and so is "
-        "a folder holding any file a run writes (config.json, checkpoint.pt, metrics.json, curves.png), "
-        "except the folder of the checkpoint being resumed",
+        "run folder (default: runs/<timestamp>; resuming: the checkpoint's). Refused while a run uses it, and if it "
+        "holds a run's files (config.json, checkpoint.pt, metrics.json, curves.png) unless it is the resumed run's",
         path,
         shown="",
     )
     resume: str | None = option(
         None,
         "run, run",
-        "continue from a checkpoint.pt (or a run folder holding one), with its options and on the same "
-        "data (checked by fingerprint)",
+        "continue from a checkpoint.pt (or its run folder), with its options, on the same data",
         path,
         shown="",
         metavar="PATH",
@@ -350,21 +276,11 @@ class Config:
     compare_native: bool = option(
         False,
         "checks, run",
-        "also train the same model written in plain torch.nn (same initial weights, seed and batches, "
-        "epochs interleaved in this process) and print both side by side with the epoch-time ratio "
-        "(not with --dp)",
+        "also train it in plain torch.nn (same weights and batches, epochs alternating); print both and the time ratio",
         SWITCH,
     )
-    check_grads: bool = option(
-        False,
-        "checks, run",
-        "before training, compare our gradients on one batch with torch autograd's "
-        "(a torch.nn twin with the same weights) and print the largest relative difference",
-        SWITCH,
-    )
-    progress: bool = option(
-        True, "run, run", "no progress bars, only one line per epoch (bars are shown only on a terminal anyway)", SWITCH
-    )
+    check_grads: bool = option(False, "checks, run", "compare our gradients with autograd's on one batch first", SWITCH)
+    progress: bool = option(True, "run, run", "no progress bars (shown on a terminal only)", SWITCH)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -403,8 +319,7 @@ def flag(name: str) -> str:
 
 
 def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
-    """The command line's parser, with ``defaults`` (shown by ``--help``); with None, every default is
-    ``argparse.SUPPRESS`` and there is no ``--help``: parsing yields only the options given."""
+    """The parser, with ``defaults`` (None: only the options given are parsed, no ``--help``)."""
     script = os.path.basename(sys.argv[0])
     p = argparse.ArgumentParser(
         prog="python -m train" if script in ("__main__.py", "-m", "-c", "") else script,
@@ -431,8 +346,7 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> tuple[Config, frozenset]:
-    """The Config of ``argv`` (the preset's defaults, explicit options over them) and the names of the options
-    given explicitly (for :func:`resume_config`). Invalid options exit with status 2."""
+    """The Config of ``argv`` and the names of the options given explicitly; bad options exit with status 2."""
     given, _ = build_parser(None).parse_known_args(argv)  # only the options given; bad values exit here
     parser = build_parser(defaults(getattr(given, "preset", Config.preset), getattr(given, "model", None)))
     cfg = Config(**vars(parser.parse_args(argv)))  # --help, unknown options
@@ -454,14 +368,12 @@ def defaults(preset: str = "default", model: str | None = None) -> Config:
     """The defaults of ``preset`` for ``model`` (None: the preset's): Config's, then the model's, then the preset's.
     ``run(dataclasses.replace(defaults(model="cnn"), data_dir=...))`` is ``python -m train --model cnn``."""
     model = model or PRESETS[preset].get("model", Config.model)
-    return dataclasses.replace(
-        Config(), **{**MODEL_DEFAULTS[model], **PRESETS[preset], "preset": preset, "model": model}
-    )
+    changes = {**MODEL_DEFAULTS[model], **PRESETS[preset], "preset": preset, "model": model}
+    return dataclasses.replace(Config(), **changes)
 
 
 def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
-    """Every option's value (but those in ``skip``) through its own argparse type or choices, as the command line
-    would take it (a checkpoint's configuration is checked so): a one-line :class:`ConfigError` naming the option."""
+    """Every option's value (but ``skip``'s) checked as the command line would take it, else a :class:`ConfigError`."""
     for action in build_parser(Config())._actions:
         if not hasattr(cfg, action.dest) or action.dest in ("help", "preset", *skip):
             continue
@@ -512,27 +424,19 @@ def check(cfg: Config) -> None:
         if cfg.epsilon is None:
             raise ConfigError("--dp needs --epsilon, the privacy budget of the whole run (e.g. --epsilon 2)")
         if not (cfg.epsilon > 0 and cfg.clip > 0 and 0 < cfg.delta < 1):
-            raise ConfigError(
-                f"--dp needs epsilon > 0, 0 < delta < 1 and clip > 0, got {cfg.epsilon}, {cfg.delta}, {cfg.clip}"
-            )
+            got = f"{cfg.epsilon}, {cfg.delta}, {cfg.clip}"
+            raise ConfigError(f"--dp needs epsilon > 0, 0 < delta < 1 and clip > 0, got {got}")
         if cfg.compare_native:
-            raise ConfigError(
-                "--compare-native cannot be combined with --dp (the torch.nn twin would need Opacus's per-sample "
-                "clipping to train alike)"
-            )
+            raise ConfigError("--compare-native cannot be combined with --dp (the torch.nn twin has no DP-SGD)")
 
 
 def resume_config(requested: Config, saved: Config, given: Collection[str] | None = None) -> Config:
-    """A resumed run's configuration: ``saved`` (the checkpoint's), where and how it runs from ``requested``.
-    ``given`` names the options set explicitly (None: all); a given training option must equal the checkpoint's."""
+    """The checkpoint's configuration ``saved``, the run options from ``requested``; ``given``: None for all."""
     given = given if given is not None else [f.name for f in OPTIONS]
     changed = [k for k in ("preset", *TRAINING_OPTIONS) if k in given and getattr(requested, k) != getattr(saved, k)]
     if changed:
         flags = ", ".join(map(flag, changed))
-        raise ConfigError(
-            f"--resume continues a run as it was configured; {flags} differ from its checkpoint "
-            "(start a new run to change them)"
-        )
+        raise ConfigError(f"--resume continues a run as it was; {flags} differ from its checkpoint (start a new run)")
     keep = {k: getattr(requested, k) for k in RUN_OPTIONS}
     keep["out"] = requested.out if "out" in given else None  # None: the checkpoint's folder
     keep["data_dir"] = requested.data_dir if "data_dir" in given else saved.data_dir

@@ -1,7 +1,5 @@
-"""MNIST as four tensors on the training device (a batch is ``x[indices]``: no per-sample transforms, no
-DataLoader workers, which on 2 cores cost ~6x the small MLP itself). The IDX files are read by a small validating
-reader (torchvision only downloads them): a missing, truncated or foreign file is a one-line :class:`DataError`.
-"""
+"""MNIST as four tensors on the training device (a batch is ``x[indices]``: no DataLoader, which on 2 cores costs ~6x
+the MLP). A missing, truncated or foreign IDX file is a one-line :class:`DataError` (torchvision only downloads)."""
 
 from __future__ import annotations
 
@@ -59,23 +57,16 @@ def load(data_dir: str, device: torch.device, download: bool = True) -> MNIST:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         image_file, label_file = FILES[f"{split}_images"], FILES[f"{split}_labels"]
         if images.dim() != 3 or images.shape[1:] != (SIDE, SIDE):
-            raise _error(
-                folder, f"{image_file} holds images of shape {tuple(images.shape[1:])}, expected {SIDE}x{SIDE}"
-            )
+            raise _error(folder, f"{image_file} holds images of shape {tuple(images.shape[1:])}, expected 28x28")
         if len(images) == 0:
             raise _error(folder, f"{image_file} holds no images")
         if labels.dim() != 1 or len(labels) != len(images):
             raise _error(folder, f"{label_file} has {len(labels)} labels for {len(images)} images")
         if len(labels) and int(labels.max()) > 9:
             raise _error(folder, f"{label_file} has a label {int(labels.max())}, expected 0-9")
-    return MNIST(
-        train_x=normalise(arrays["train_images"]).to(device),
-        train_y=arrays["train_labels"].long().to(device),
-        test_x=normalise(arrays["test_images"]).to(device),
-        test_y=arrays["test_labels"].long().to(device),
-        folder=folder,
-        fingerprint=digest.hexdigest(),
-    )
+    x = {split: normalise(arrays[f"{split}_images"]).to(device) for split in ("train", "test")}
+    y = {split: arrays[f"{split}_labels"].long().to(device) for split in ("train", "test")}
+    return MNIST(x["train"], y["train"], x["test"], y["test"], folder=folder, fingerprint=digest.hexdigest())
 
 
 def _present(folder: str) -> list[str]:
@@ -83,8 +74,7 @@ def _present(folder: str) -> list[str]:
 
 
 def locate(data_dir: str, download: bool = True) -> str:
-    """The folder holding the four files: ``<data_dir>/MNIST/raw`` (torchvision's layout) or ``data_dir``
-    itself. Missing files are downloaded into ``<data_dir>/MNIST/raw`` when ``download`` allows."""
+    """The folder holding the four files: ``<data_dir>/MNIST/raw`` (downloaded there if need be) or ``data_dir``."""
     raw = os.path.join(data_dir, "MNIST", "raw")
     for folder in (raw, data_dir):
         if len(_present(folder)) == len(FILES):
@@ -138,8 +128,7 @@ def fetch(folder: str) -> None:
 
 
 def read_idx(folder: str, name: str, digest=None) -> Tensor:
-    """One IDX file of unsigned bytes (``name`` or ``name.gz``) as a uint8 tensor, its magic number, dimensions
-    and length checked; its bytes are fed to ``digest`` (a hashlib object)."""
+    """One IDX file (``name`` or ``name.gz``) as a uint8 tensor, checked; its bytes are fed to ``digest``."""
     path = os.path.join(folder, name)
     try:
         with open(path, "rb") if os.path.isfile(path) else gzip.open(path + ".gz", "rb") as f:
@@ -170,17 +159,9 @@ def read_idx(folder: str, name: str, digest=None) -> Tensor:
 
 def _error(folder: str, problem: str) -> DataError:
     """One line: what is wrong, and how to provide the files."""
-    names = ", ".join(FILES.values())
-    return DataError(
-        f"MNIST data in {folder} is unusable: {problem}; put the four IDX files ({names}; plain or .gz) "
-        f"there, e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/, or point --data-dir at a folder "
-        "that has them"
-    )
-
-
-def epoch_order(n: int, generator: torch.Generator) -> Tensor:
-    """A fresh random order of ``range(n)``; batch ``i`` is ``order[i*B:(i+1)*B]`` (the last may be smaller)."""
-    return torch.randperm(n, generator=generator)
+    files = f"the four IDX files ({', '.join(FILES.values())}; plain or .gz)"
+    where = "e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/, or point --data-dir at a folder that has them"
+    return DataError(f"MNIST data in {folder} is unusable: {problem}; put {files} there, {where}")
 
 
 def num_batches(n: int, batch_size: int) -> int:

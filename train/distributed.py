@@ -1,8 +1,6 @@
-"""Several processes (``torchrun --nproc_per_node=N -m train``): every process holds the whole model and data,
-draws the same global batch and takes its own contiguous share; one ``all_reduce`` a step adds the gradients, each
-scaled by its share (the gradient of the global batch's mean loss, as in one process), with the loss and a stop
-flag. Rank 0 alone logs, evaluates and writes files. Without torchrun: a world of one, no collectives.
-"""
+"""Several processes (``torchrun``): each holds the model and data, draws the same global batch and takes its share;
+one ``all_reduce`` a step adds the gradients, each scaled by its share, with the loss and a stop flag. Rank 0 alone
+logs, evaluates and writes files. Without torchrun: a world of one, no collectives."""
 
 from __future__ import annotations
 
@@ -37,16 +35,14 @@ class World:
 
 
 def setup(requested_device: str) -> World:
-    """The device (``auto``: CUDA when available; under torchrun each process takes the GPU of its LOCAL_RANK),
-    and the process group when started by torchrun (gloo on CPU, nccl on CUDA)."""
+    """The device (under torchrun: the GPU of LOCAL_RANK), and under torchrun the process group (gloo or nccl)."""
     device = torch.device("cpu")
     if requested_device == "cuda" or (requested_device == "auto" and torch.cuda.is_available()):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
-            raise SetupError(
-                f"process {local_rank} of this machine has no GPU of its own "
-                f"({torch.cuda.device_count()} visible); start fewer processes or use --device cpu"
-            )
+            visible = torch.cuda.device_count()
+            problem = f"process {local_rank} of this machine has no GPU of its own ({visible} visible)"
+            raise SetupError(f"{problem}; start fewer processes or use --device cpu")
         device = torch.device("cuda", local_rank)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not started by torchrun
         return World(device=device)
@@ -59,8 +55,7 @@ def setup(requested_device: str) -> World:
 
 
 def teardown(world: World, finished: bool = True) -> None:
-    """Leave the process group; after a normal end, wait for every process first (gloo may abort a process that
-    leaves while a peer is still connected, and rank 0 finishes later)."""
+    """Leave the process group; after a normal end, wait for every process first (gloo aborts early leavers)."""
     if world.distributed and dist.is_initialized():
         if finished:
             dist.barrier()
@@ -82,22 +77,18 @@ def broadcast_parameters(module: torch.nn.Module, world: World) -> None:
 def reduce_step(
     params: list, loss: Tensor, weight: float, stop: bool, world: World, grad_weight: float | None = None
 ) -> tuple[float, bool]:
-    """Add the gradients over the processes, each scaled by ``grad_weight`` (default ``weight``, this process's
-    share of the global batch: ``sum_r weight_r * grad_r`` is the gradient of the global mean; 1 sums --dp's
-    clipped sums); return the global batch's mean loss and the agreed stop flag."""
+    """Add the gradients over the processes, each scaled by ``grad_weight`` (default ``weight``, this process's share
+    of the global batch; --dp: 1); return the global batch's mean loss and whether any process asked to stop."""
     if not world.distributed:
         return loss.item(), stop
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat(
-        [g.reshape(-1) for g in grads] + [loss.detach().reshape(1), torch.ones(1, device=loss.device) * stop]
-    )
+    stop_flag = torch.ones(1, device=loss.device) * stop
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1), stop_flag])
     flat[:-2].mul_(weight if grad_weight is None else grad_weight)
     flat[-2].mul_(weight)
     dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for g, summed in zip(grads, flat[:-2].split([g.numel() for g in grads])):
+        g.copy_(summed.view_as(g))
     return flat[-2].item(), bool(flat[-1].item() > 0)
 
 
@@ -120,8 +111,7 @@ def broadcast_object(obj, world: World):
 
 
 def on_main(world: World, fn, *args, share: bool = False):
-    """``fn(*args)`` on rank 0 only; a :class:`~train.errors.RunError` it raises is raised in every process (none
-    is left waiting). Returns rank 0's result there, elsewhere None (or rank 0's result when ``share``)."""
+    """``fn(*args)`` on rank 0 only, its RunError raised in every process; rank 0's result (all of them: ``share``)."""
     result, error = None, None
     if world.main:
         try:

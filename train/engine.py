@@ -1,8 +1,5 @@
-"""The training loop: :meth:`Trainer.train_step`, the epoch of steps that calls it, and the evaluation.
-
-A :class:`Trainer` owns its model, optimizer, scheduler and random streams (it swaps its own dropout stream in
-while it trains), so that two trainers (``--compare-native``) can alternate epochs and each sees what it would alone.
-"""
+"""The training loop: :meth:`Trainer.train_step`, the epoch that calls it, the evaluation. A :class:`Trainer` owns its
+random streams, so that two (``--compare-native``) can alternate epochs and each sees what it would alone."""
 
 from __future__ import annotations
 
@@ -50,9 +47,8 @@ class Position:
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) and SIGTERM become a flag checked between steps, so that the checkpoint written on the way
-    out is consistent. A second Ctrl-C in one process aborts at once; under torchrun (the terminal and the
-    launcher both send one) repeated signals only set the flag."""
+    """Ctrl-C (SIGINT) and SIGTERM become a flag checked between steps. A second Ctrl-C in one process aborts at once;
+    under torchrun (the terminal and the launcher both send one) repeated signals only set the flag."""
 
     def __init__(self, world: distributed.World):
         self.requested, self.world, self._previous = False, world, {}
@@ -76,17 +72,14 @@ class StopRequest:
 
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    options = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        nesterov = cfg.momentum > 0
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.SGD(params, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **options)
     optimizer = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer(params, **options)
 
 
-def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
-    """Stepped after every batch."""
+def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):  # stepped after every batch
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
@@ -123,8 +116,7 @@ _SPENT: dict = {}  # (sigma, q, steps, delta, accountant) -> epsilon: the accoun
 
 @dataclass
 class PrivatePlan:
-    """A --dp run's plan: σ is the smallest noise multiplier for which the planned steps are (ε, δ)-DP. The
-    accountant's whole state is the number of steps taken, which the checkpoint holds."""
+    """A --dp run's plan: σ is the smallest noise multiplier for which the planned steps are (ε, δ)-DP."""
 
     sample_rate: float  # q = B / N
     noise_multiplier: float  # σ: the noise's std is σ C
@@ -163,20 +155,14 @@ class PrivatePlan:
 
     def optimizer(self, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> privacy.DPOptimizer:
         """``optimizer`` wrapped: its step adds σ C z (z drawn from ``generator``) and divides by B first."""
-        return privacy.DPOptimizer(
-            optimizer,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.clip,
-            expected_batch_size=self.expected_batch,
-            generator=generator,
-        )
+        sizes = dict(max_grad_norm=self.clip, expected_batch_size=self.expected_batch)
+        return privacy.DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, generator=generator, **sizes)
 
     def describe(self) -> str:
-        return (
-            f"DP-SGD: ({self.target_epsilon:g}, {self.delta:g})-DP over {self.steps} steps, sampling rate "
-            f"{self.sample_rate:.4g}, clip {self.clip:g}, noise multiplier {self.noise_multiplier:.4f} "
-            f"({self.accountant} accountant)" + "".join(f"; {note}" for note in self.notes)
-        )
+        plan = f"({self.target_epsilon:g}, {self.delta:g})-DP over {self.steps} steps"
+        noise = f"clip {self.clip:g}, noise multiplier {self.noise_multiplier:.4f} ({self.accountant} accountant)"
+        notes = "".join(f"; {note}" for note in self.notes)
+        return f"DP-SGD: {plan}, sampling rate {self.sample_rate:.4g}, {noise}{notes}"
 
     def to_dict(self) -> dict:
         names = ("delta", "noise_multiplier", "sample_rate", "clip", "accountant")
@@ -211,20 +197,16 @@ class Trainer:
     def state_dict(self) -> dict:
         """Model, optimizer, scheduler and random streams. Collective: every process adds its dropout stream."""
         rng = {"data": self.generator.get_state(), "torch": distributed.gather_objects(self.torch_rng, self.world)}
-        state = {
-            "model": self.net.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "rng": rng,
-        }
+        model, optimizer = self.net.module.state_dict(), self.optimizer.state_dict()
+        scheduler = self.scheduler.state_dict() if self.scheduler else None
+        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": rng}
         if self.privacy is not None:
             rng["noise"] = self.noise_generator.get_state()
             state["privacy"] = {"steps": self.private_steps, "noise_multiplier": self.privacy.noise_multiplier}
         return state
 
     def load_state_dict(self, state: dict) -> bool:
-        """Restore :meth:`state_dict`'s output; False when another number of processes wrote it (then dropout
-        masks differ from the original run's)."""
+        """Restore :meth:`state_dict`'s output; False when another number of processes wrote it (dropout differs)."""
         self.net.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler:
@@ -248,11 +230,10 @@ class Trainer:
         return next(bad, None)
 
     # ---- training
-
     def train_step(self, x: Tensor, y: Tensor, share: float, stop: bool) -> tuple[float, bool]:
-        """One step on this process's rows, ``share`` of the global batch: forward, loss, backward, gradients
-        added over the processes, (--dp: noise,) optimizer and scheduler steps. Returns the global batch's mean
-        loss (not finite: no step was taken) and whether any process asked to stop."""
+        """One step on this process's rows, ``share`` of the global batch: forward, loss, backward, gradients added
+        over the processes, (--dp: noise,) optimizer and scheduler steps. Returns the global batch's mean loss (not
+        finite: no step was taken) and whether any process asked to stop."""
         self.optimizer.zero_grad(set_to_none=True)
         if len(y):
             with self.clipped():  # --dp: .grad becomes the clipped sum of the per-sample gradients
@@ -280,9 +261,9 @@ class Trainer:
         """The steps of ``epoch`` (1-based), from ``resume``'s when given; ``on_step(epoch, step, trainer)`` after each.
         Returns where it stopped (step ``steps_per_epoch``: at the end; before: on a stop request) and whether any
         process asked to stop. The thread timing and the progress bar sit beside the step."""
-        n = len(self.data.train_y)  # a new epoch: a fresh order of the rows (--dp: none, each step samples)
+        n = len(self.data.train_y)  # a new epoch: a fresh order of the rows, batch i is order[iB:(i+1)B] (--dp: none)
         at = resume or Position(
-            0, torch.zeros(0, dtype=torch.long) if self.privacy else data.epoch_order(n, self.generator)
+            0, torch.zeros(0, dtype=torch.long) if self.privacy else torch.randperm(n, generator=self.generator)
         )
         order, loss_sum, rows_seen, seconds = at.order.to(self.world.device), at.loss_sum, at.rows, at.seconds
         self.net.module.train()
@@ -300,10 +281,8 @@ class Trainer:
                 share = len(y) / len(rows) if len(rows) else 0.0  # an empty Poisson sample (--dp): 0
                 loss, stopping = self.train_step(x, y, share, stop.requested)
                 if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"the training loss became {loss} at epoch {epoch}, step {step + 1}; "
-                        "stopped without taking that step"
-                    )
+                    problem = f"the training loss became {loss} at epoch {epoch}, step {step + 1}"
+                    raise TrainingError(f"{problem}; stopped without taking that step")
                 loss_sum, rows_seen, done = loss_sum + loss * len(rows), rows_seen + len(rows), step + 1
                 if self.threads.step_took(time.perf_counter() - step_start):  # slowed down: time the counts again
                     self.threads.choose(functools.partial(self.trial_step, rows))
@@ -322,15 +301,14 @@ class Trainer:
         return Position(done, at.order, loss_sum, rows_seen, seconds + time.perf_counter() - start), stopping
 
     def clipped(self):
-        """--dp: :func:`manualgrad.per_sample` with ``clip=C``: ``backward()`` leaves in ``.grad`` the clipped
-        sum Σ_n min(1, C/‖g_n‖) g_n of the per-sample gradients of the mean loss; else nothing."""
+        """--dp: ``backward()`` leaves in ``.grad`` the clipped sum Σ_n min(1, C/‖g_n‖) g_n of the per-sample gradients
+        of the mean loss (:func:`manualgrad.per_sample`); else nothing."""
         if self.privacy is None:
             return contextlib.nullcontext()
         return manualgrad.per_sample(self.net.module, clip=self.privacy.clip, loss_reduction="mean")
 
     def trial_step(self, rows: Tensor) -> None:
-        """Forward and backward on this process's share of ``rows``, thrown away, random streams untouched
-        (:mod:`train.threads` times it)."""
+        """Forward and backward on this process's share of ``rows``, thrown away, random streams untouched."""
         mine = distributed.share(rows, self.world)
         if len(mine):
             with torch.random.fork_rng(devices=[]), self.clipped():
@@ -338,8 +316,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def batch(self, order: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Step ``step``'s rows, all processes together (--dp: Poisson-sampled now), and this process's share of
-        them, distorted (--augment)."""
+        """Step ``step``'s rows (--dp: Poisson-sampled now), and this process's share of them, distorted (--augment)."""
         if self.privacy is not None:
             rows = privacy.poisson_sample(len(self.data.train_y), self.privacy.sample_rate, self.generator)
         else:

@@ -23,8 +23,7 @@ class FileError(RunError):
 
 
 def write_atomically(path: str, data: bytes | str) -> None:
-    """Replace ``path`` with ``data`` (``str``: UTF-8) in one step: written to ``<name>.<8 hex>.tmp`` beside it,
-    flushed, renamed over it. A crash leaves the old file or the new one, never half a file."""
+    """Replace ``path`` with ``data`` in one step (a temporary file, flushed, renamed): never half a file."""
     data = data.encode() if isinstance(data, str) else data
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f"{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
@@ -68,8 +67,7 @@ def write_json(path: str, obj) -> None:
 
 
 def remove_temporaries(folder: str, names) -> None:
-    """Delete the ``<name>.<8 characters>.tmp`` files that a write killed midway leaves, for each of ``names``
-    (only while holding the folder's lock: another process's may be in use)."""
+    """Delete the ``<name>.<8 characters>.tmp`` files a killed write left (only under the folder's lock)."""
     pattern = re.compile(rf"(?:{'|'.join(re.escape(n) for n in names)})\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False) and pattern.fullmatch(entry.name):
@@ -77,8 +75,7 @@ def remove_temporaries(folder: str, names) -> None:
 
 
 def lock(folder: str) -> int:
-    """An exclusive ``flock`` on ``folder/.lock`` (which holds the owner's process id), held while the returned
-    descriptor is open: the kernel releases it when the owner closes it or dies, so a killed run blocks no other."""
+    """An exclusive ``flock`` on ``folder/.lock`` (holding our pid) until the returned descriptor closes or we die."""
     try:
         fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
@@ -90,9 +87,8 @@ def lock(folder: str) -> int:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
             by = f" (process {owner})" if owner.isdigit() else ""
-            raise FileError(
-                f"{folder} is in use by another run{by}; wait for it to end or choose another --out"
-            ) from None
+            busy = f"{folder} is in use by another run{by}"
+            raise FileError(f"{busy}; wait for it to end or choose another --out") from None
         raise FileError(f"cannot lock {folder}: {e.strerror or e}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -107,9 +103,7 @@ class RunFolder:
 
     @classmethod
     def open(cls, out: str | None, resuming: str | None = None) -> RunFolder:
-        """Create (or reuse) ``out`` (None: a fresh ``runs/<timestamp>``), lock it, remove a killed run's
-        temporaries, and refuse it if it holds any file a run writes, unless it is the folder of the checkpoint
-        ``resuming``."""
+        """Create or reuse ``out`` (None: ``runs/<timestamp>``), lock it; refuse a run's files but ``resuming``'s."""
         path = _create(out)
         fd = lock(path)
         try:
@@ -117,20 +111,14 @@ class RunFolder:
             existing = os.path.join(path, "checkpoint.pt")
             own = resuming and _same_file(existing, resuming)  # the folder of the run being resumed
             if os.path.exists(existing) and not own:
-                if resuming:
-                    raise FileError(
-                        f"{path} already holds another run, which resuming would overwrite; choose another --out"
-                    )
-                raise FileError(
-                    f"{path} already holds a run; continue it with --resume {path}, or choose another --out"
-                )
+                what = "another run, which resuming would overwrite" if resuming else "a run"
+                advice = "" if resuming else f"continue it with --resume {path}, or "
+                raise FileError(f"{path} already holds {what}; {advice}choose another --out")
             taken = [name for name in FILES if os.path.lexists(os.path.join(path, name))]
             if taken and not own:  # a user's own files, or a run whose checkpoint was deleted
                 them = "it" if len(taken) == 1 else "them"
-                raise FileError(
-                    f"{path} already holds {', '.join(taken)}, which this run would overwrite; move {them} away "
-                    "or choose another --out"
-                )
+                overwritten = f"{', '.join(taken)}, which this run would overwrite"
+                raise FileError(f"{path} already holds {overwritten}; move {them} away or choose another --out")
         except BaseException:
             os.close(fd)
             raise

@@ -1,13 +1,6 @@
-"""The models (``--model``: the MLP ``784 -> hidden... -> 10``, pytorch/examples' MNIST CNN, DP-SGD's small CNN),
-all of manualgrad modules, and :class:`Net`: a model with its loss, computed one of three ways (``impl``):
-
-* ``fused``: :class:`manualgrad.nn.MLP` with :meth:`~manualgrad.nn.MLP.loss`, the MLP and its loss ONE Function;
-* ``layers``: one manualgrad Function per layer (:meth:`~manualgrad.nn.MLP.per_layer`) and
-  :class:`manualgrad.nn.CrossEntropyLoss`; the CNNs' only way;
-* ``native`` (``--compare-native``, ``--check-grads``): the same layers and weights as plain ``torch.nn`` modules.
-
-All three have the same ``state_dict`` keys.
-"""
+"""The models (``--model``), all of manualgrad modules, and :class:`Net`: a model with its loss, computed ``fused``
+(the MLP and its loss ONE Function, :meth:`manualgrad.nn.MLP.loss`), ``layers`` (one Function per layer; the CNNs'
+only way) or ``native`` (the same layers and weights as plain ``torch.nn`` modules), all with the same state_dict."""
 
 from __future__ import annotations
 
@@ -34,9 +27,7 @@ def _head(layers: list, width: int, hidden, act, dropout: float, device) -> torc
 
 
 def build_cnn(hidden, activation: str, dropout: float, device, channels=(32, 64)) -> torch.nn.Sequential:
-    """pytorch/examples' MNIST CNN (with ``hidden`` ``(128,)``, dropout 0.5, relu): ``Conv2d(1, 32, 3)``,
-    activation, ``Conv2d(32, 64, 3)``, activation, ``MaxPool2d(2)``, ``Dropout(dropout / 2)``, ``Flatten``, then
-    the fully connected layers. Images ``(N, 1, 28, 28)`` in, logits out; seed the global RNG first."""
+    """pytorch/examples' MNIST CNN: two 3x3 convolutions, ``MaxPool2d(2)``, ``Dropout(dropout / 2)``, the head."""
     act = mnn.ACTIVATIONS[activation]
     (c1, c2), side = channels, (SIDE - 4) // 2  # two unpadded 3x3 convolutions, then a 2x2 pool
     layers = [mnn.Conv2d(1, c1, 3, device=device), act(), mnn.Conv2d(c1, c2, 3, device=device), act()]
@@ -45,9 +36,7 @@ def build_cnn(hidden, activation: str, dropout: float, device, channels=(32, 64)
 
 
 def build_small_cnn(hidden, activation: str, dropout: float, device, channels=(16, 32)) -> torch.nn.Sequential:
-    """DP-SGD's small CNN (Papernot et al. 2021; Opacus's ``SampleConvNet`` with relu): ``Conv2d(1, 16, 8, stride
-    2, padding 3)``, activation, ``MaxPool2d(2, 1)``, ``Conv2d(16, 32, 4, stride 2)``, activation, ``MaxPool2d(2,
-    1)``, ``Flatten`` (512), then the fully connected layers: with ``hidden`` ``(32,)`` 26,010 parameters."""
+    """DP-SGD's small CNN (Papernot et al. 2021, Opacus's ``SampleConvNet``); with ``hidden`` (32,): 26,010 weights."""
     act = mnn.ACTIVATIONS[activation]
     (c1, c2), width = channels, channels[1] * 4 * 4  # 28 -> 14 -> 13 -> 5 -> 4
     layers = [mnn.Conv2d(1, c1, 8, stride=2, padding=3, device=device), act(), mnn.MaxPool2d(2, 1)]
@@ -56,10 +45,7 @@ def build_small_cnn(hidden, activation: str, dropout: float, device, channels=(1
 
 
 def build_scatter_cnn(hidden, activation: str, dropout: float, device, channels=(16, 32)) -> torch.nn.Sequential:
-    """Tramer & Boneh 2021's CNN on ScatterNet features (:mod:`train.scatter`): ``GroupNorm(27, 81)`` without
-    parameters (each image's features normalised by themselves), ``Conv2d(81, 16, 3, stride 2, padding 1)``,
-    activation, ``Conv2d(16, 32, 3, padding 1)``, activation, ``Flatten`` (512), then the fully connected layers.
-    Features ``(N, 81, 7, 7)`` in, logits out; seed the global RNG first."""
+    """Tramer & Boneh 2021's CNN on ScatterNet features: a GroupNorm without weights, two 3x3 convolutions, the head."""
     act = mnn.ACTIVATIONS[activation]
     (c1, c2), width = channels, channels[1] * 4 * 4  # 7 -> 4 -> 4
     layers = [mnn.GroupNorm(27, scatter.CHANNELS, affine=False, device=device)]
@@ -69,8 +55,7 @@ def build_scatter_cnn(hidden, activation: str, dropout: float, device, channels=
 
 
 def torch_twin(model: torch.nn.Module) -> torch.nn.Sequential:
-    """A copy of the layers as plain torch.nn modules: every manualgrad module subclasses its torch.nn namesake
-    and adds no state, so each copied module's class is set back to that namesake."""
+    """A copy as plain torch.nn modules: each manualgrad module (a subclass adding no state) set back to its base."""
     twin = copy.deepcopy(model.per_layer() if isinstance(model, mnn.MLP) else model)
     for module in twin.modules():
         module.__class__ = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
@@ -81,11 +66,10 @@ def build(cfg, device) -> Net:
     """The Net that ``cfg`` trains, its weights drawn from the global RNG (seed it first)."""
     widths = "-".join(str(h) for h in (*cfg.hidden, CLASSES))
     if cfg.model == "mlp":
-        mlp = mnn.MLP(
-            [IN_FEATURES, *cfg.hidden, CLASSES], activation=cfg.activation, dropout=cfg.dropout, device=device
-        )
-        sizes = "-".join(str(s) for s in mlp.sizes)
-        return Net(mlp, cfg.impl, cfg.label_smoothing, f"MLP {sizes}, {cfg.activation}, dropout {cfg.dropout}")
+        sizes = [IN_FEATURES, *cfg.hidden, CLASSES]
+        mlp = mnn.MLP(sizes, activation=cfg.activation, dropout=cfg.dropout, device=device)
+        architecture = f"MLP {'-'.join(map(str, sizes))}, {cfg.activation}, dropout {cfg.dropout}"
+        return Net(mlp, cfg.impl, cfg.label_smoothing, architecture)
     c1, c2 = cfg.channels
     if cfg.model == "scatter-cnn":
         cnn = build_scatter_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
@@ -150,10 +134,9 @@ class Net:
 
 
 def compare_gradients(net: Net, x: Tensor, y: Tensor) -> tuple[float, str, float, manualgrad.Coverage]:
-    """--check-grads: ``net``'s gradients on ``(x, y)`` against its torch.nn twin's: the largest relative difference
-    (max |ours - torch| / max |torch| over a parameter), that parameter, the loss difference, our backward graph.
-    Both draw the same dropout masks (on the CPU; torch's fused CUDA dropout draws differently, so there without
-    dropout); the run's random streams are left untouched."""
+    """--check-grads: the largest relative difference (max |ours - torch| / max |torch|) of ``net``'s gradients from
+    its torch.nn twin's, its parameter, the loss difference, our backward graph. Both draw the same dropout masks (on
+    the CPU; torch's fused CUDA dropout draws differently, so there without dropout)."""
     twin, use_dropout, was_training = net.twin(), x.device.type == "cpu", net.module.training
     results = []
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):

@@ -18,23 +18,20 @@ def _value(x) -> float:
 def title(metrics: dict) -> str:
     """E.g. "MLP 784-512-256-10, relu, dropout 0.1, impl fused; adamw lr 0.002, seed 0"."""
     config = metrics.get("config", {})
-    text = (
-        f"{metrics.get('model', 'model')}; {config.get('optimizer')} lr {config.get('lr')}, seed {config.get('seed')}"
-    )
+    training = f"{config.get('optimizer')} lr {config.get('lr')}, seed {config.get('seed')}"
+    text = f"{metrics.get('model', 'model')}; {training}"
     augment = config.get("augment", "none")
     text += f", {augment} augmentation" if augment != "none" else ""
     private = metrics.get("privacy")
     if private:
-        text += (
-            f"\nDP-SGD: batch {config.get('batch_size')} expected, clip {private['clip']:g}, noise multiplier "
-            f"{private['noise_multiplier']:.3f}, ({private['spent_epsilon']:.2f}, {private['delta']:g})-DP"
-        )
+        noise = f"clip {private['clip']:g}, noise multiplier {private['noise_multiplier']:.3f}"
+        spent = f"({private['spent_epsilon']:.2f}, {private['delta']:g})-DP"
+        text += f"\nDP-SGD: batch {config.get('batch_size')} expected, {noise}, {spent}"
     return text
 
 
 def curves_png(metrics: dict) -> bytes:
-    """The figure for ``metrics`` (``metrics.json``), as PNG: train (label-smoothed if so) and test loss, and test
-    accuracy; the torch.nn run's dashed; for a --dp run, the epsilon spent on the accuracy panel's right axis."""
+    """The PNG of ``metrics``: train and test loss, test accuracy (the torch.nn run's dashed; --dp: epsilon spent)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,13 +58,8 @@ def curves_png(metrics: dict) -> bytes:
     if accuracies:
         best, last = max(accuracies), epochs[-1]
         if last.get("test_accuracy") is not None:
-            ax_acc.annotate(
-                f"{100 * last['test_accuracy']:.2f}%",
-                (last["epoch"], 100 * last["test_accuracy"]),
-                textcoords="offset points",
-                xytext=(-10, -14),
-                ha="right",
-            )
+            point = (last["epoch"], 100 * last["test_accuracy"])
+            ax_acc.annotate(f"{point[1]:.2f}%", point, textcoords="offset points", xytext=(-10, -14), ha="right")
         low = min(accuracies[len(accuracies) // 4 :])  # skip the steep start
         ax_acc.set_ylim(max(low - 0.2, best - 3), min(100.0, best + 0.3))
     spent = [(r["epoch"], r["epsilon"]) for r in epochs if r.get("epsilon") is not None]

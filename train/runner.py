@@ -77,10 +77,9 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     mnist = data.load(data_folder, world.device, download=False)  # every process reads the files onto its device
     log(world, f"data: {len(mnist.train_y):,} training and {len(mnist.test_y):,} test images from {mnist.folder}")
     if resumed is not None and resumed["data"]["fingerprint"] != mnist.fingerprint:  # its order indexes its data
-        raise checkpoint.CheckpointError(
-            f"cannot resume from {checkpoint.checkpoint_path(cfg.resume)}: it was trained on other data than the "
-            f"files in {mnist.folder} (their fingerprints differ); resume with the same MNIST files"
-        )
+        other = f"it was trained on other data than the files in {mnist.folder} (their fingerprints differ)"
+        path = checkpoint.checkpoint_path(cfg.resume)
+        raise checkpoint.CheckpointError(f"cannot resume from {path}: {other}; resume with the same MNIST files")
     if cfg.model == "scatter-cnn":  # fixed features in place of the pixels, computed once
         start = time.perf_counter()
         mnist = scatter.transform(mnist)
@@ -106,8 +105,6 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
 
 
 # ---- the steps before training
-
-
 def open_run_folder(cfg: Config, world: distributed.World) -> RunFolder:
     """Rank 0 opens (creates, locks) the run folder; the other processes learn its path."""
     resuming = checkpoint.checkpoint_path(cfg.resume) if cfg.resume else None
@@ -118,8 +115,7 @@ def open_run_folder(cfg: Config, world: distributed.World) -> RunFolder:
 
 
 def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.MNIST):
-    """The trainer of the run's model (seeded initial weights, equal in every process), and with
-    --compare-native the torch.nn twin's (same weights, seed, batches and augmentations)."""
+    """The run's trainer (seeded initial weights), and with --compare-native the torch.nn twin's (same weights)."""
     torch.manual_seed(cfg.seed)
     net = model.build(cfg, world.device)
     distributed.broadcast_parameters(net.module, world)
@@ -128,12 +124,9 @@ def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.M
     processes = _plural(world.size, "process", "processes")
     log(world, f"model: {net.describe()}; device {world.device}, {threads.describe()}, {processes}")
     batch = f"Poisson-sampled batches of {cfg.batch_size} expected" if cfg.dp else f"batch {cfg.batch_size}"
-    log(
-        world,
-        f"training: {_plural(cfg.epochs, 'epoch')}, {batch}, {cfg.optimizer} lr {cfg.lr:g} "
-        f"weight decay {cfg.weight_decay:g}, schedule {cfg.schedule}, label smoothing {cfg.label_smoothing:g}, "
-        f"augment {cfg.augment}, seed {cfg.seed}",
-    )
+    optimizer = f"{cfg.optimizer} lr {cfg.lr:g} weight decay {cfg.weight_decay:g}, schedule {cfg.schedule}"
+    regularise = f"label smoothing {cfg.label_smoothing:g}, augment {cfg.augment}, seed {cfg.seed}"
+    log(world, f"training: {_plural(cfg.epochs, 'epoch')}, {batch}, {optimizer}, {regularise}")
     if trainer.privacy is not None:
         rng = "the OS's entropy (--secure-rng)" if cfg.secure_rng else "--seed (reproducible: see --secure-rng)"
         log(world, f"privacy: {trainer.privacy.describe()}; batches and noise seeded from {rng}")
@@ -152,51 +145,38 @@ def check_coverage(net: model.Net, mnist: data.MNIST, cfg: Config, world: distri
 
 def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
     """--check-grads (rank 0): our gradients on the first batch against torch autograd's, for every impl."""
-    batch = data.epoch_order(len(mnist.train_y), torch.Generator().manual_seed(cfg.seed))[: cfg.batch_size]
-    batch = batch.to(world.device)
+    order = torch.randperm(len(mnist.train_y), generator=torch.Generator().manual_seed(cfg.seed))
+    batch = order[: cfg.batch_size].to(world.device)
+    x, y = mnist.train_x[batch], mnist.train_y[batch]
     for impl in dict.fromkeys((net.impl, *net.impls)):  # the run's way first
-        worst, name, loss_difference, coverage = model.compare_gradients(
-            net.with_impl(impl), mnist.train_x[batch], mnist.train_y[batch]
-        )
+        worst, name, loss_difference, coverage = model.compare_gradients(net.with_impl(impl), x, y)
         verdict = "OK" if worst <= TOLERANCE else f"MISMATCH (tolerance {TOLERANCE:g})"
-        log(
-            world,
-            f"check-grads [{impl}]: largest relative difference to torch autograd {worst:.2e} (in {name}), "
-            f"loss difference {loss_difference:.1e}: {verdict}\n  backward graph: {coverage}",
-        )
+        found = f"largest relative difference to torch autograd {worst:.2e} (in {name})"
+        log(world, f"check-grads [{impl}]: {found}, loss difference {loss_difference:.1e}: {verdict}")
+        log(world, f"  backward graph: {coverage}")
         if not worst <= TOLERANCE:  # NaN too
-            raise TrainingError(
-                f"--check-grads: the {impl} gradients differ from torch autograd's by {worst:.2e} (relative) in {name}"
-            )
+            differ = f"the {impl} gradients differ from torch autograd's by {worst:.2e} (relative) in {name}"
+            raise TrainingError(f"--check-grads: {differ}")
 
 
 def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.World) -> Progress:
     """The trainer's state and the run's progress from the checkpoint."""
     path = checkpoint.checkpoint_path(cfg.resume)
     if not checkpoint.restore(trainer, resumed, path):
-        processes = len(resumed["rng"]["torch"])
-        log(
-            world,
-            f"warning: the checkpoint was written by {processes} processes, this run has "
-            f"{world.size}: dropout masks will differ from an uninterrupted run",
-        )
+        written = f"the checkpoint was written by {len(resumed['rng']['torch'])} processes, this run has {world.size}"
+        log(world, f"warning: {written}: dropout masks will differ from an uninterrupted run")
     position = Position(**resumed["position"]) if resumed["position"] is not None else None
     native_history = resumed.get("native_history", [])
     progress = Progress(resumed["epoch"], position, resumed["history"], native_history)
     if native_history:
-        log(
-            world,
-            f"the checkpoint's --compare-native record (torch.nn epochs 1-{len(native_history)}) is kept in "
-            "metrics.json; a resumed run does not train the torch.nn twin further",
-        )
+        record = f"the checkpoint's --compare-native record (torch.nn epochs 1-{len(native_history)})"
+        log(world, f"{record} is kept in metrics.json; a resumed run does not train the torch.nn twin further")
     where = f"epoch {progress.epoch + 1}" + (f", step {position.step + 1}" if position else "")
     log(world, f"resumed from {path}: continuing at {where}")
     return progress
 
 
 # ---- the epochs
-
-
 def train_epochs(cfg, world, trainer: Trainer, native, progress: Progress, folder, mnist, on_step) -> None:
     """Train the remaining epochs, saving after each; on Ctrl-C, save where it stopped and return."""
     with StopRequest(world) as stop:
@@ -243,14 +223,10 @@ def record(trainer: Trainer, epoch: int, end: Position) -> dict:
 def save(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFolder, mnist: data.MNIST) -> None:
     """checkpoint.pt, then metrics.json (rank 0 writes; every process takes part in gathering the state)."""
     state = trainer.state_dict()
-    state.update(
-        config=cfg.to_dict(),
-        data={"fingerprint": mnist.fingerprint, "train": len(mnist.train_y), "test": len(mnist.test_y)},
-        epoch=progress.epoch,
-        position=dict(vars(progress.position)) if progress.position else None,
-        history=progress.history,
-        world_size=world.size,
-    )
+    facts = {"fingerprint": mnist.fingerprint, "train": len(mnist.train_y), "test": len(mnist.test_y)}
+    position = dict(vars(progress.position)) if progress.position else None
+    state.update(config=cfg.to_dict(), data=facts, epoch=progress.epoch, position=position)
+    state.update(history=progress.history, world_size=world.size)
     if progress.native_history:  # --compare-native: the torch.nn twin's epochs, kept on resume
         state["native_history"] = progress.native_history
     metrics = metrics_of(cfg, world, trainer, native, progress)
@@ -259,8 +235,6 @@ def save(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFo
 
 
 # ---- the end
-
-
 def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: RunFolder) -> dict:
     """metrics.json and curves.png in their final form, and the last lines of the log."""
     metrics = metrics_of(cfg, world, trainer, native, progress)
@@ -269,11 +243,8 @@ def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: Run
     elif world.main and progress.history:
         epochs = _plural(len(progress.history), "epoch")
         private = f", ({metrics['privacy']['spent_epsilon']:.3f}, {cfg.delta:g})-DP" if trainer.privacy else ""
-        log(
-            world,
-            f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {epochs}{private}, "
-            f"{metrics['train_seconds']:.1f} s of training; files in {folder.path}",
-        )
+        accuracy = f"final test accuracy {100 * metrics['test_accuracy']:.2f}% after {epochs}{private}"
+        log(world, f"{accuracy}, {metrics['train_seconds']:.1f} s of training; files in {folder.path}")
         if progress.native_history:
             metrics["native"]["time_ratio"] = _print_comparison(world, cfg, progress.history, progress.native_history)
     distributed.on_main(world, write_json, folder.file("metrics.json"), metrics)
@@ -283,7 +254,8 @@ def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: Run
 
 def metrics_of(cfg: Config, world: distributed.World, trainer: Trainer, native, progress: Progress) -> dict:
     """What metrics.json holds."""
-    history = progress.history
+    history, threads = progress.history, "auto" if trainer.threads.auto else trainer.threads.current
+    environment = {"device": str(world.device), "threads": threads, "processes": world.size, "torch": torch.__version__}
     metrics = {
         "test_accuracy": history[-1].get("test_accuracy") if history else None,  # rank 0 alone evaluates
         "train_seconds": sum(r["seconds"] for r in history),
@@ -292,12 +264,7 @@ def metrics_of(cfg: Config, world: distributed.World, trainer: Trainer, native, 
         "model": trainer.net.describe(),
         "epochs": history,
         "config": cfg.to_dict(),
-        "environment": {
-            "device": str(world.device),
-            "threads": "auto" if trainer.threads.auto else trainer.threads.current,
-            "processes": world.size,
-            "torch": torch.__version__,
-        },
+        "environment": environment,
     }
     if trainer.privacy is not None:
         spent = trainer.privacy.epsilon(trainer.private_steps)  # an interrupted epoch's steps count too
@@ -321,8 +288,6 @@ def draw_curves(folder: RunFolder, metrics: dict) -> None:
 
 
 # ---- helpers
-
-
 def log(world: distributed.World | None, *args) -> None:
     """A line on rank 0's standard output (None: this process's), beside the progress bar."""
     if world is None or world.main:
@@ -342,15 +307,12 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 def _summary(r: dict, epochs: int) -> str:
     head = f"epoch {r['epoch']:>3}/{epochs}  " if epochs else ""
     spent = f"  epsilon {r['epsilon']:.3f}" if "epsilon" in r else ""
-    return (
-        f"{head}train loss {r['train_loss']:.4f}  test loss {r['test_loss']:.4f}  "
-        f"test acc {100 * r['test_accuracy']:.2f}%{spent}  {r['seconds']:.1f} s"
-    )
+    losses = f"train loss {r['train_loss']:.4f}  test loss {r['test_loss']:.4f}"
+    return f"{head}{losses}  test acc {100 * r['test_accuracy']:.2f}%{spent}  {r['seconds']:.1f} s"
 
 
 def _print_comparison(world, cfg: Config, ours: list[dict], theirs: list[dict]) -> dict:
-    """The two runs side by side, over the epochs both trained (a resumed run trains ours only); returns the
-    epoch-time ratios (manualgrad / torch.nn)."""
+    """Both runs side by side, over the epochs both trained; returns the epoch-time ratios ours / torch.nn."""
     if len(theirs) < len(ours):
         log(world, f"\n(torch.nn trained epochs 1-{len(theirs)} only, before the run was resumed: compared there)")
         ours = ours[: len(theirs)]
@@ -364,10 +326,7 @@ def _print_comparison(world, cfg: Config, ours: list[dict], theirs: list[dict]) 
     per_epoch = [x / y for x, y in zip(a, b)]
     ratio = {"mean": statistics.fmean(a) / statistics.fmean(b), "median_per_epoch": statistics.median(per_epoch)}
     ratio.update(fastest=min(a) / min(b), per_epoch=per_epoch)
-    log(
-        world,
-        f"epoch-time ratio manualgrad / torch.nn: {ratio['mean']:.3f} (mean), "
-        f"{ratio['median_per_epoch']:.3f} (median of per-epoch ratios), {ratio['fastest']:.3f} (fastest epochs); "
-        "the two alternate epoch by epoch in this process",
-    )
+    means = f"{ratio['mean']:.3f} (mean), {ratio['median_per_epoch']:.3f} (median of per-epoch ratios)"
+    fastest = f"{ratio['fastest']:.3f} (fastest epochs); the two alternate epoch by epoch in this process"
+    log(world, f"epoch-time ratio manualgrad / torch.nn: {means}, {fastest}")
     return ratio

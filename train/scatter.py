@@ -1,11 +1,6 @@
-"""ScatterNet features of the images (``--model scatter-cnn``): a fixed wavelet transform with no parameters.
-
-The scattering transform of Oyallon & Mallat (2015), through kymatio, at J = 2 with 8 orientations: every
-28x28 image becomes 81 channels of 7x7 (the local averages of the image, of its wavelet moduli and of theirs).
-Tramer & Boneh (2021) train DP-SGD on these features: the transform is the same for any data set, so computing
-it costs no privacy, and a small CNN on top learns from fewer, noisier steps than one on the pixels. The
-features are computed once per run, on the run's device, for the training and the test images.
-"""
+"""ScatterNet features (``--model scatter-cnn``): kymatio's scattering transform (Oyallon & Mallat 2015) at J = 2,
+8 orientations, makes every 28x28 image 81 channels of 7x7. It has no parameters, so it costs no privacy (Tramer &
+Boneh 2021 train DP-SGD on it); computed once per run, on the run's device."""
 
 from __future__ import annotations
 

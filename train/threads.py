@@ -1,8 +1,5 @@
-"""How many CPU threads torch uses while training: a fixed number, or ``auto``: time a few throw-away steps with 1
-thread and with all this process's cores, at the start of every epoch and again when steps slow down twofold, and
-train with the faster. (torch's threads meet at a barrier after every parallel operation, so when another busy
-process shares the cores, every operation waits for the thread that lost its core: see the README's measurements.)
-"""
+"""How many CPU threads torch uses: a fixed number, or ``auto``: time a few throw-away steps with 1 thread and with
+all this process's cores, every epoch and when steps slow down twofold, and train with the faster (see the README)."""
 
 from __future__ import annotations
 
