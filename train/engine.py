@@ -246,7 +246,7 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
         # the gradients added over the processes, each weighted by its share of the batch (--dp: the clipped sums)
         weight = 1.0 if self.privacy is not None else share
-        loss_value, stopping = distributed.reduce_step(self.params, loss, share, stop, self.world, weight)
+        loss_value, stopping = distributed.reduce_step(self.params, loss, share, weight, stop, self.world)
         if math.isfinite(loss_value):
             if self.privacy is not None:  # noise σ C z added once, to the global sum (same z everywhere), / B
                 self.dp_optimizer.step()
