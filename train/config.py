@@ -290,15 +290,10 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         """The inverse of :meth:`to_dict`; every training option but the newer ones must be there."""
-        missing = [k for k in TRAINING_OPTIONS if k not in d and k not in NEWER_OPTIONS]
-        if missing:
+        if missing := [k for k in TRAINING_OPTIONS if k not in d and k not in NEWER_OPTIONS]:
             raise ValueError(f"no {', '.join(missing)}")
         known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["hidden"] = tuple(d["hidden"])
-        if "channels" in d:
-            d["channels"] = tuple(d["channels"])
-        return cls(**d)
+        return cls(**{k: tuple(v) if k in ("hidden", "channels") else v for k, v in d.items() if k in known})
 
 
 OPTIONS = dataclasses.fields(Config)
