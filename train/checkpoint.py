@@ -194,12 +194,12 @@ def _check_history(history: list, epochs: int, key: str, bad, complete: bool = T
 
 def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
     """A step inside an unfinished epoch, its batch order (--dp: empty), the loss, rows and seconds so far."""
-    from . import data, engine
+    from . import engine
 
     if set(position) != set(POSITION_KEYS):
         raise bad(f"has an incomplete position (needs {', '.join(POSITION_KEYS)}, nothing else)")
     n = state["data"]["train"]
-    steps = engine.dp_steps_per_epoch(n, saved.batch_size) if saved.dp else data.num_batches(n, saved.batch_size)
+    steps = engine.steps_per_epoch(n, saved.batch_size, saved.dp)
     step, order = position["step"], position["order"]
     if state["epoch"] >= saved.epochs or not _is_int(step) or not 1 <= step < steps:
         where = f"step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps"

@@ -370,7 +370,7 @@ def defaults(preset: str = "default", model: str | None = None) -> Config:
 def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
     """Every option's value (but ``skip``'s) checked as the command line would take it, else a :class:`ConfigError`."""
     for action in build_parser(Config())._actions:
-        if not hasattr(cfg, action.dest) or action.dest in ("help", "preset", *skip):
+        if not hasattr(cfg, action.dest) or action.dest in skip:  # not an option (--help), or skipped
             continue
         flag, value = action.option_strings[-1], getattr(cfg, action.dest)
         if action.nargs == 0:  # a switch (--dp, --no-download, ...)
@@ -383,8 +383,6 @@ def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
                 raise ConfigError(f"{flag}: {short(value)} is not one of {', '.join(map(str, action.choices))}")
         elif action.type is not None:  # written as on the command line, parsed by its type: it must come back
             _check_typed(flag, action.type, value)
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"--preset: {cfg.preset!r} is not one of {', '.join(sorted(PRESETS))}")
 
 
 def _check_typed(flag: str, kind, value) -> None:

@@ -161,7 +161,3 @@ def _error(folder: str, problem: str) -> DataError:
     files = f"the four IDX files ({', '.join(FILES.values())}; plain or .gz)"
     where = "e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/, or point --data-dir at a folder that has them"
     return DataError(f"MNIST data in {folder} is unusable: {problem}; put {files} there, {where}")
-
-
-def num_batches(n: int, batch_size: int) -> int:
-    return (n + batch_size - 1) // batch_size
