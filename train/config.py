@@ -49,17 +49,13 @@ positive_float = number_in(float, lambda v: 0 < v < math.inf, "a positive number
 nonnegative_float = number_in(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 open_probability = number_in(float, lambda v: 0 < v < 1, "in (0, 1)")  # δ
 probability = number_in(float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout, label smoothing, momentum
+_CAP = f"{MAX_THREADS} (4x this machine's {os.cpu_count()} cores)"
+_thread_count = number_in(int, lambda v: 1 <= v <= MAX_THREADS, f"auto or from 1 to {_CAP}")  # --threads: see threads
 
 
 def threads(text: str) -> int | None:
     """``auto`` -> None; otherwise a thread count from 1 to :data:`MAX_THREADS`."""
-    if text.strip().lower() == "auto":
-        return None
-    value = _number(int, text)
-    if not 1 <= value <= MAX_THREADS:
-        cap = f"{MAX_THREADS} (4x this machine's {os.cpu_count()} cores)"
-        raise argparse.ArgumentTypeError(f"must be auto or from 1 to {cap}, got {value}")
-    return value
+    return None if text.strip().lower() == "auto" else _thread_count(text)
 
 
 def hidden_sizes(text: str) -> tuple:
