@@ -87,7 +87,7 @@ def test_poisson_batch_rows_are_independent_draws():
     assert 5.5 < sizes.std().item() < 8.5
     counts = torch.bincount(torch.cat(batches), minlength=1000).double()  # every row, alike: about 400 * 0.05
     assert counts.min() >= 5 and counts.max() <= 40 and all(len(b.unique()) == len(b) for b in batches)
-    assert engine.dp_steps_per_epoch(60000, 256) == 234 and engine.dp_steps_per_epoch(64, 1000) == 1
+    assert engine.steps_per_epoch(60000, 256, dp=True) == 234 and engine.steps_per_epoch(64, 1000, dp=True) == 1
 
 
 # ---- clipping

@@ -125,8 +125,7 @@ def _is_number(value) -> bool:
 
 
 def _check(state: dict, bad) -> None:
-    missing = [k for k in KEYS if k not in state]
-    if missing:
+    if missing := [k for k in KEYS if k not in state]:
         raise bad(f"lacks {', '.join(missing)}")
     for key, kind in KEYS.items():
         if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
@@ -195,12 +194,12 @@ def _check_history(history: list, epochs: int, key: str, bad, complete: bool = T
 
 def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
     """A step inside an unfinished epoch, its batch order (--dp: empty), the loss, rows and seconds so far."""
-    from . import data, engine
+    from . import engine
 
     if set(position) != set(POSITION_KEYS):
         raise bad(f"has an incomplete position (needs {', '.join(POSITION_KEYS)}, nothing else)")
     n = state["data"]["train"]
-    steps = engine.dp_steps_per_epoch(n, saved.batch_size) if saved.dp else data.num_batches(n, saved.batch_size)
+    steps = engine.steps_per_epoch(n, saved.batch_size, saved.dp)
     step, order = position["step"], position["order"]
     if state["epoch"] >= saved.epochs or not _is_int(step) or not 1 <= step < steps:
         where = f"step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps"
@@ -240,16 +239,17 @@ def mismatch(expected, actual, where: str) -> str | None:
 
 def restore(trainer: Trainer, resumed: dict, path: str) -> bool:
     """Load the checkpoint into ``trainer`` if it fits; False when another number of processes wrote it."""
-    reason = misfit(trainer, resumed)
     options = [set(group) for group in trainer.optimizer.param_groups]
+    reason = misfit(trainer, resumed)
     if reason is None:
         try:
             same_world = trainer.load_state_dict(resumed)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             reason = first_line(e)
-    if reason is None:  # what an older torch's groups lacked, load_state_dict filled in: all of it?
-        lacking = sorted({k for group, keys in zip(trainer.optimizer.param_groups, options) for k in keys - set(group)})
-        reason = f"optimizer param_groups lack {', '.join(lacking)}" if lacking else None
+        else:  # what an older torch's groups lacked, load_state_dict filled in: all of it?
+            groups = zip(trainer.optimizer.param_groups, options)
+            if lacking := sorted({k for group, keys in groups for k in keys - set(group)}):
+                reason = f"optimizer param_groups lack {', '.join(lacking)}"
     if reason is not None:
         raise CheckpointError(f"cannot resume from {path}: its state does not fit ({reason})") from None
     return same_world
@@ -260,8 +260,7 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
     fresh, saved = trainer.optimizer.state_dict(), resumed["optimizer"]
     if set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
         return "optimizer has other entries"
-    found = mismatch(trainer.net.module.state_dict(), resumed["model"], "model")
-    if found:
+    if found := mismatch(trainer.net.module.state_dict(), resumed["model"], "model"):
         return found
     groups = saved["param_groups"]
     if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
@@ -270,8 +269,7 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
         # an older torch's groups may lack options added since (load_state_dict fills them in), never add any
         if not isinstance(theirs, dict) or not set(theirs) <= set(ours):
             return f"optimizer param_groups[{number}] has other entries"
-        found = mismatch({k: ours[k] for k in theirs}, theirs, f"optimizer param_groups[{number}]")
-        if found:
+        if found := mismatch({k: ours[k] for k in theirs}, theirs, f"optimizer param_groups[{number}]"):
             return found
         for key, value in theirs.items():  # the schedule moves lr and momentum; the rest is the configuration's
             if key in _SCHEDULED:
@@ -298,12 +296,10 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
     if trainer.scheduler is None:
         return None if resumed["scheduler"] is None else "scheduler is there, but this run has none"
     fresh, saved = trainer.scheduler.state_dict(), resumed["scheduler"]
-    found = mismatch(fresh, saved, "scheduler")
-    if found:
+    if found := mismatch(fresh, saved, "scheduler"):
         return found
     # the schedule is the configuration's; only how far along it is (the steps taken) comes from the checkpoint
-    changed = [k for k in fresh if k not in _SCHEDULE_PROGRESS and saved[k] != fresh[k]]
-    if changed:
+    if changed := [k for k in fresh if k not in _SCHEDULE_PROGRESS and saved[k] != fresh[k]]:
         return f"scheduler {', '.join(changed)} differ from this run's schedule"
     position = resumed["position"]
     steps = resumed["epoch"] * trainer.steps_per_epoch + (position["step"] if position else 0)

@@ -49,17 +49,13 @@ positive_float = number_in(float, lambda v: 0 < v < math.inf, "a positive number
 nonnegative_float = number_in(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 open_probability = number_in(float, lambda v: 0 < v < 1, "in (0, 1)")  # δ
 probability = number_in(float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout, label smoothing, momentum
+_CAP = f"{MAX_THREADS} (4x this machine's {os.cpu_count()} cores)"
+_thread_count = number_in(int, lambda v: 1 <= v <= MAX_THREADS, f"auto or from 1 to {_CAP}")  # --threads: see threads
 
 
 def threads(text: str) -> int | None:
     """``auto`` -> None; otherwise a thread count from 1 to :data:`MAX_THREADS`."""
-    if text.strip().lower() == "auto":
-        return None
-    value = _number(int, text)
-    if not 1 <= value <= MAX_THREADS:
-        cap = f"{MAX_THREADS} (4x this machine's {os.cpu_count()} cores)"
-        raise argparse.ArgumentTypeError(f"must be auto or from 1 to {cap}, got {value}")
-    return value
+    return None if text.strip().lower() == "auto" else _thread_count(text)
 
 
 def hidden_sizes(text: str) -> tuple:
@@ -290,15 +286,10 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         """The inverse of :meth:`to_dict`; every training option but the newer ones must be there."""
-        missing = [k for k in TRAINING_OPTIONS if k not in d and k not in NEWER_OPTIONS]
-        if missing:
+        if missing := [k for k in TRAINING_OPTIONS if k not in d and k not in NEWER_OPTIONS]:
             raise ValueError(f"no {', '.join(missing)}")
         known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["hidden"] = tuple(d["hidden"])
-        if "channels" in d:
-            d["channels"] = tuple(d["channels"])
-        return cls(**d)
+        return cls(**{k: tuple(v) if k in ("hidden", "channels") else v for k, v in d.items() if k in known})
 
 
 OPTIONS = dataclasses.fields(Config)
@@ -375,7 +366,7 @@ def defaults(preset: str = "default", model: str | None = None) -> Config:
 def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
     """Every option's value (but ``skip``'s) checked as the command line would take it, else a :class:`ConfigError`."""
     for action in build_parser(Config())._actions:
-        if not hasattr(cfg, action.dest) or action.dest in ("help", "preset", *skip):
+        if not hasattr(cfg, action.dest) or action.dest in skip:  # not an option (--help), or skipped
             continue
         flag, value = action.option_strings[-1], getattr(cfg, action.dest)
         if action.nargs == 0:  # a switch (--dp, --no-download, ...)
@@ -388,8 +379,6 @@ def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
                 raise ConfigError(f"{flag}: {short(value)} is not one of {', '.join(map(str, action.choices))}")
         elif action.type is not None:  # written as on the command line, parsed by its type: it must come back
             _check_typed(flag, action.type, value)
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"--preset: {cfg.preset!r} is not one of {', '.join(sorted(PRESETS))}")
 
 
 def _check_typed(flag: str, kind, value) -> None:

@@ -127,7 +127,7 @@ def fetch(folder: str) -> None:
         socket.setdefaulttimeout(previous)
 
 
-def read_idx(folder: str, name: str, digest=None) -> Tensor:
+def read_idx(folder: str, name: str, digest) -> Tensor:
     """One IDX file (``name`` or ``name.gz``) as a uint8 tensor, checked; its bytes are fed to ``digest``."""
     path = os.path.join(folder, name)
     try:
@@ -150,8 +150,7 @@ def read_idx(folder: str, name: str, digest=None) -> Tensor:
     if len(data) != header + size:
         what = "truncated" if len(data) < header + size else "longer than its header says"
         raise _error(folder, f"{name} is {what}: {len(data)} bytes, its header announces {header + size}")
-    if digest is not None:
-        digest.update(data)
+    digest.update(data)
     if size == 0:  # frombuffer refuses a count of 0
         return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header, count=size).reshape(shape)
@@ -162,7 +161,3 @@ def _error(folder: str, problem: str) -> DataError:
     files = f"the four IDX files ({', '.join(FILES.values())}; plain or .gz)"
     where = "e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/, or point --data-dir at a folder that has them"
     return DataError(f"MNIST data in {folder} is unusable: {problem}; put {files} there, {where}")
-
-
-def num_batches(n: int, batch_size: int) -> int:
-    return (n + batch_size - 1) // batch_size

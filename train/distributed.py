@@ -74,18 +74,16 @@ def broadcast_parameters(module: torch.nn.Module, world: World) -> None:
             dist.broadcast(t, src=0)
 
 
-def reduce_step(
-    params: list, loss: Tensor, weight: float, stop: bool, world: World, grad_weight: float | None = None
-) -> tuple[float, bool]:
-    """Add the gradients over the processes, each scaled by ``grad_weight`` (default ``weight``, this process's share
-    of the global batch; --dp: 1); return the global batch's mean loss and whether any process asked to stop."""
+def reduce_step(params, loss: Tensor, share: float, weight: float, stop: bool, world: World) -> tuple[float, bool]:
+    """Add the gradients over the processes, each scaled by ``weight`` (this process's ``share`` of the global
+    batch; --dp: 1); return the global batch's mean loss and whether any process asked to stop."""
     if not world.distributed:
         return loss.item(), stop
     grads = [p.grad for p in params if p.grad is not None]
     stop_flag = torch.ones(1, device=loss.device) * stop
     flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1), stop_flag])
-    flat[:-2].mul_(weight if grad_weight is None else grad_weight)
-    flat[-2].mul_(weight)
+    flat[:-2].mul_(weight)
+    flat[-2].mul_(share)
     dist.all_reduce(flat)
     for g, summed in zip(grads, flat[:-2].split([g.numel() for g in grads])):
         g.copy_(summed.view_as(g))

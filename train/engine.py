@@ -101,9 +101,9 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def dp_steps_per_epoch(n: int, batch_size: int) -> int:
-    """--dp: round(1/q) steps of expected size ``batch_size`` make an epoch of ``n`` images (at least 1)."""
-    return max(1, round(n / batch_size))
+def steps_per_epoch(n: int, batch_size: int, dp: bool) -> int:
+    """The batches of ``n`` images; --dp: round(1/q) steps of expected size ``batch_size`` (at least 1)."""
+    return max(1, round(n / batch_size)) if dp else (n + batch_size - 1) // batch_size
 
 
 def secure_seed() -> int:
@@ -176,7 +176,7 @@ class Trainer:
         self.net, self.cfg, self.data, self.world, self.threads = net, cfg, mnist, world, threads
         self.params = list(net.parameters())
         n, dp = len(mnist.train_y), cfg.dp and net.impl != "native"
-        self.steps_per_epoch = dp_steps_per_epoch(n, cfg.batch_size) if dp else data.num_batches(n, cfg.batch_size)
+        self.steps_per_epoch = steps_per_epoch(n, cfg.batch_size, dp)
         self.privacy = PrivatePlan.plan(cfg, n, self.steps_per_epoch) if dp else None
         self.private_steps = 0  # --dp: the accountant's whole state
         self.last_batch: Tensor | None = None  # the last step's rows, all processes together (tests read it)
@@ -246,7 +246,7 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
         # the gradients added over the processes, each weighted by its share of the batch (--dp: the clipped sums)
         weight = 1.0 if self.privacy is not None else share
-        loss_value, stopping = distributed.reduce_step(self.params, loss, share, stop, self.world, weight)
+        loss_value, stopping = distributed.reduce_step(self.params, loss, share, weight, stop, self.world)
         if math.isfinite(loss_value):
             if self.privacy is not None:  # noise σ C z added once, to the global sum (same z everywhere), / B
                 self.dp_optimizer.step()

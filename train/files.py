@@ -109,7 +109,10 @@ class RunFolder:
         try:
             remove_temporaries(path, FILES)
             existing = os.path.join(path, "checkpoint.pt")
-            own = resuming and _same_file(existing, resuming)  # the folder of the run being resumed
+            try:  # the folder of the run being resumed?
+                own = bool(resuming) and os.path.samefile(existing, resuming)
+            except OSError:
+                own = False
             if os.path.exists(existing) and not own:
                 what = "another run, which resuming would overwrite" if resuming else "a run"
                 advice = "" if resuming else f"continue it with --resume {path}, or "
@@ -166,10 +169,3 @@ def _create(out: str | None) -> str:
             pass
         raise FileError(f"cannot write to the run folder {out}: {why}")
     return out
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False

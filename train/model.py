@@ -93,13 +93,9 @@ class Net:
         self.architecture = architecture  # for the log: e.g. "MLP 784-512-256-10, relu, dropout 0.1"
         self.image_shape = image_shape  # None: the model takes rows (N, 784); else images (N, *image_shape)
         self.impls = ("fused", "layers") if isinstance(module, mnn.MLP) else ("layers",)  # what --check-grads checks
-        if impl == "fused":
-            assert isinstance(module, mnn.MLP)
-        elif impl == "layers":
+        if impl == "layers":  # "fused": the MLP's own loss; "native": torch.nn's
             self._sequential = module.per_layer() if isinstance(module, mnn.MLP) else module
             self._criterion = mnn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        elif impl != "native":
-            raise ValueError(f"unknown impl {impl!r}")
 
     def inputs(self, x: Tensor) -> Tensor:
         """Rows of normalised pixels ``(N, 784)``, or images ``(N, 1, 28, 28)`` for a CNN."""

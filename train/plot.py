@@ -44,14 +44,13 @@ def curves_png(metrics: dict) -> bytes:
     native = (metrics.get("native") or {}).get("epochs")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     runs = [("manualgrad", epochs, "-")] + ([("torch.nn", native, "--")] if native else [])
+    curves = [(ax_loss, "train_loss", 1, "tab:blue", train_name), (ax_loss, "test_loss", 1, "tab:orange", "test")]
+    curves.append((ax_acc, "test_accuracy", 100, "tab:green", "test"))  # in percent
     for label, records, style in runs:
         x = [r["epoch"] for r in records]
-        train_loss = [_value(r["train_loss"]) for r in records]
-        test_loss = [_value(r["test_loss"]) for r in records]
-        accuracy = [100 * _value(r["test_accuracy"]) for r in records]
-        ax_loss.plot(x, train_loss, style, color="tab:blue", marker="o", ms=3, label=f"{train_name} ({label})")
-        ax_loss.plot(x, test_loss, style, color="tab:orange", marker="o", ms=3, label=f"test ({label})")
-        ax_acc.plot(x, accuracy, style, color="tab:green", marker="o", ms=3, label=f"test ({label})")
+        for ax, key, scale, color, name in curves:
+            y = [scale * _value(r[key]) for r in records]
+            ax.plot(x, y, style, color=color, marker="o", ms=3, label=f"{name} ({label})")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy")
     accuracies = [100 * r["test_accuracy"] for r in epochs if r.get("test_accuracy") is not None]

@@ -185,8 +185,7 @@ def train_epochs(cfg, world, trainer: Trainer, native, progress: Progress, folde
                 at, stopping = trainer.train_epoch(epoch, stop, resume=progress.position, on_step=on_step)
             except TrainingError as e:  # a non-finite loss: the checkpoint on disk stays the last good one
                 raise _diverged(str(e), folder) from None
-            broken = trainer.non_finite()
-            if broken is not None:
+            if (broken := trainer.non_finite()) is not None:
                 raise _diverged(f"the weights became non-finite ({broken}) in epoch {epoch}; not saved", folder)
             if at.step < trainer.steps_per_epoch:  # stopped mid-epoch: saved where it stopped
                 progress.position, progress.interrupted = at, True
