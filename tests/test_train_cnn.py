@@ -7,6 +7,7 @@ Tiny IDX files written by the tests; the CNN's fully connected layer is narrowed
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,24 @@ def test_a_checkpoint_from_before_the_model_option_resumes_as_the_mlp(tiny, tmp_
     resumed = run(dataclasses.replace(part, resume=part.out))
     assert resumed["config"]["model"] == "mlp" and not resumed["config"]["dp"]
     assert without_timing(resumed["epochs"]) == without_timing(whole["epochs"])
+
+
+def test_check_grads_reports_a_nan_difference_as_the_worst(monkeypatch):
+    """--check-grads' comparison: one parameter whose gradient differs by NaN fails the check, whatever the
+    others (NaN > x is false, so a plain maximum would skip it and pass)."""
+    torch.manual_seed(0)
+    net = model.Net(model.build_small_cnn((8,), "tanh", 0.0, "cpu", channels=(4, 4)), "layers", image_shape=(1, 28, 28))
+    x, y = torch.randn(3, 784), torch.tensor([0, 1, 2])
+    worst, _, _, _ = model.compare_gradients(net, x, y)
+    assert 0 <= worst < 1e-4  # our gradients are torch's
+    grad = torch.autograd.grad
+
+    def nan_in_the_last(loss, params):  # the twin's (torch's) last gradient poisoned with a NaN
+        grads = list(grad(loss, params))
+        if loss.grad_fn is not None and "CrossEntropyFunction" not in type(loss.grad_fn).__name__:
+            grads[-1] = grads[-1].clone().fill_(float("nan"))
+        return tuple(grads)
+
+    monkeypatch.setattr(torch.autograd, "grad", nan_in_the_last)
+    worst, name, _, _ = model.compare_gradients(net, x, y)
+    assert math.isnan(worst) and name == "9.bias"  # the last Linear's bias

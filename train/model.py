@@ -5,6 +5,7 @@ only way) or ``native`` (the same layers and weights as plain ``torch.nn`` modul
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,8 @@ def compare_gradients(net: Net, x: Tensor, y: Tensor) -> tuple[float, str, float
     worst_name, worst = "", -1.0
     for (name, _), g, r in zip(net.module.named_parameters(), our_grads, ref_grads):
         relative = ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-        if relative > worst:
+        if not relative <= worst:  # NaN counts as the worst
             worst_name, worst = name, relative
+            if math.isnan(relative):
+                break
     return worst, worst_name, abs(ours.item() - ref.item()), coverage
