@@ -1,19 +1,21 @@
-r"""One pass per activation backward, opt-in: :math:`G_Z = G_Y \odot h'(S)` compiled by ``torch.compile``.
+r"""One pass per backward formula, opt-in: an activation's :math:`G_Z = G_Y \odot h'(S)` and LayerNorm's
+:math:`G_X`, compiled by ``torch.compile``.
 
-Speed (the one trick in this file): an activation's backward written in tensor ops makes one pass over memory
-per operation (GELU's :math:`h'` is an ``erf``, an ``exp`` and several multiply-adds), where PyTorch's derivative
-kernel makes one. Under :func:`fused_backward` the same Python expression, ``G_Y * derivative(S)``, is compiled
-by ``torch.compile`` (inductor: a C++ loop on the CPU, Triton on CUDA) into one loop, so the code a reader sees
-is still the formula. It is used only where it pays and can run: tensors of at least ``min_numel`` elements,
-no double backward, forward-mode AD, vmap or enclosing ``torch.compile`` (there the plain expression runs).
-Cost: each activation compiles once per process and dtype (about 1 s each on a CPU, several seconds for the
-first), hence opt-in. ``tests/test_fused.py`` checks that both are equal; ``python -m benchmarks`` measures it.
+Speed (the one trick in this file): a backward written in tensor ops makes one pass over memory per operation
+(GELU's :math:`h'` is an ``erf``, an ``exp`` and several multiply-adds; LayerNorm's :math:`G_X` a dozen passes),
+where PyTorch's derivative kernel makes one. Under :func:`fused_backward` the same Python formula is compiled by
+``torch.compile`` (inductor: a C++ loop on the CPU, Triton on CUDA) into one loop, so the code a reader sees is
+still the formula. It is used only where it pays and can run: tensors of at least ``min_numel`` elements, no
+double backward, forward-mode AD, vmap or enclosing ``torch.compile`` (there the plain formula runs). Cost: each
+Function compiles once per process and dtype (about 1 s each on a CPU, several seconds for the first), hence
+opt-in. ``tests/test_fused.py`` checks that both are equal; ``python -m benchmarks`` measures it.
 """
 
 from __future__ import annotations
 
 import types
 import warnings
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from .. import _compat
 
-__all__ = ["fused_backward", "product"]
+__all__ = ["fused_backward", "product", "run"]
 
 # below this the compiled call's fixed cost (~20-40 µs) outweighs the passes it saves: measured on MNIST-size
 # steps (784-512-256-10, 1 thread), the compiled backward cost 1-5% of the step at batch 128 (65,536 elements)
@@ -36,13 +38,13 @@ class _State:
 
 
 class fused_backward:
-    """Switch the one-pass activation backwards on (or off), for the process or, as a context manager, for a block.
+    """Switch the one-pass backwards (activations, LayerNorm) on or off, for the process or, in a ``with``, a block.
 
     Like ``torch.set_grad_enabled``, it takes effect when called and, used in a ``with``, restores the previous
     setting on exit.
 
     Args:
-        enabled: compile each activation's ``G_Y ⊙ h'`` with ``torch.compile`` (default True).
+        enabled: compile each activation's ``G_Y ⊙ h'`` and LayerNorm's ``G_X`` with ``torch.compile`` (default True).
         min_numel: the smallest tensor that takes the compiled path (default 262,144 elements).
 
     Example::
@@ -68,25 +70,34 @@ class fused_backward:
 
 
 def product(cls, grad_output: Tensor, saved: Tensor, params) -> Tensor | None:
-    """``grad_output * cls.derivative(saved, *params)`` in one compiled pass, or None where that path is off,
-    too small, or cannot run (then the caller evaluates the plain expression)."""
-    if not _State.enabled or grad_output.numel() < _State.min_numel or grad_output.shape != saved.shape:
+    """An activation's ``grad_output * cls.derivative(saved, *params)`` in one compiled pass, or None (then the
+    caller evaluates the plain expression)."""
+    if grad_output.shape != saved.shape:
+        return None
+    return run(cls, lambda g, s, *p: g * cls.derivative(s, *p), grad_output, saved, *params)  # G_Z = G_Y ⊙ h'
+
+
+def run(owner: type, formula: Callable, *args):
+    """``formula(*args)`` compiled (once per ``owner``, the Function whose backward it is), or None where that path
+    is off, the first tensor too small, or the call cannot run compiled: then the caller runs its plain code."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if not _State.enabled or tensors[0].numel() < _State.min_numel:
         return None
     if torch.is_grad_enabled() or _compat.forward_ad_enabled() or torch.compiler.is_compiling():
         return None
-    if _compat.batched(grad_output) or _compat.batched(saved):
+    if any(_compat.batched(t) for t in tensors):
         return None
-    if cls not in _State.compiled:
-        _State.compiled[cls] = _compile(cls)
-    compiled = _State.compiled[cls]
+    if owner not in _State.compiled:
+        _State.compiled[owner] = _compile(formula, owner.__name__)
+    compiled = _State.compiled[owner]
     if compiled is None:
         return None
     try:
-        return compiled(grad_output, saved, *params)
+        return compiled(*args)
     except Exception as e:  # no compiler on this machine, or one that failed: the plain expression, said once
-        _State.compiled[cls] = None
+        _State.compiled[owner] = None
         warnings.warn(
-            f"fused_backward: {cls.__name__} could not be compiled ({type(e).__name__}: {e}); "
+            f"fused_backward: {owner.__name__} could not be compiled ({type(e).__name__}: {e}); "
             "its backward runs as plain tensor ops",
             RuntimeWarning,
             stacklevel=2,
@@ -94,11 +105,9 @@ def product(cls, grad_output: Tensor, saved: Tensor, params) -> Tensor | None:
         return None
 
 
-def _compile(cls):
-    def body(grad_output, saved, *params):
-        return grad_output * cls.derivative(saved, *params)  # G_Z = G_Y ⊙ h'
-
-    # torch.compile keeps its compiled versions per code object: one code object per activation, so that nine
-    # activations do not count as recompilations of one function
-    code = body.__code__.replace(co_name=f"{cls.__name__}_fused_backward")
-    return torch.compile(types.FunctionType(code, body.__globals__, code.co_name, None, body.__closure__), dynamic=True)
+def _compile(formula: Callable, name: str):
+    # torch.compile keeps its compiled versions per code object: one code object per Function, so that the
+    # activations (one lambda) do not count as recompilations of one function
+    code = formula.__code__.replace(co_name=f"{name}_fused_backward")
+    function = types.FunctionType(code, formula.__globals__, code.co_name, formula.__defaults__, formula.__closure__)
+    return torch.compile(function, dynamic=True)

@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import _checks
 from ..errors import InputError
 from ..registry import operation
-from . import recorder
+from . import fused, recorder
 from .base import ManualFunction, apply, cast, opmath, save, tangent_sum
 
 __all__ = ["GroupNormFunction", "LayerNormFunction", "group_norm", "layer_norm"]
@@ -49,8 +49,20 @@ def _through(g: Tensor, x_hat: Tensor, r: Tensor, g_x_hat: Tensor | None = None)
     return centred.mul_(r) if not centred.requires_grad else centred * r
 
 
+def _one_pass(g: Tensor, x: Tensor, w: Tensor | None, eps: float, rows_shape: tuple) -> tuple[Tensor, Tensor]:
+    """G_X and x̂ from G_Y, X and γ, the slices of shape ``rows_shape``: the backward's formulas, for
+    :func:`manualgrad.fused_backward` to compile into one pass."""
+    x_hat, r = _standardized(x.reshape(rows_shape), eps)
+    g_hat = (g if w is None else g * w).reshape(rows_shape)  # G_x̂ = G_Y ⊙ γ
+    return _through(g_hat, x_hat, r).reshape(x.shape), x_hat.reshape(x.shape)
+
+
 class _Normalization(ManualFunction):
     """The shared backward and jvp; a subclass says how its input is cut into slices and how γ broadcasts."""
+
+    #: whether manualgrad.fused_backward compiles G_X (measured, 1 thread: LayerNorm 64×128×256 forward + backward
+    #: 6.2× → 2.2× native; GroupNorm 64×32×16×16, 8 groups, 3.3× → 14.8×: inductor's loop over the groups is slow)
+    compiles_well = False
 
     @staticmethod
     def slices(ctx, t: Tensor) -> Tensor:  # (..., M): one slice per row
@@ -71,14 +83,20 @@ class _Normalization(ManualFunction):
         input, weight = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]
         g = opmath(grad_output)
-        x_hat, r, x_hat_rows = _Normalization._parts(cls, ctx, input)
+        w = None if weight is None else cast(weight, g.dtype).reshape(cls.affine_shape(ctx))
         grad_input = grad_weight = grad_bias = None
-        g_x = g * x_hat  # G_Y ⊙ x̂: G_γ's terms
-        if needs_input:
-            g_hat, g_hat_x = g, g_x
-            if weight is not None:  # G_x̂ = G_Y ⊙ γ
-                w = cast(weight, g.dtype).reshape(cls.affine_shape(ctx))
-                g_hat, g_hat_x = g * w, g_x * w
+        rows_shape = tuple(cls.slices(ctx, g).shape)
+        one_pass = None
+        if needs_input and cls.compiles_well:
+            one_pass = fused.run(cls, _one_pass, g, opmath(input), w, ctx.eps, rows_shape)
+        if one_pass is not None:  # manualgrad.fused_backward: G_X and x̂ compiled, the same formulas
+            grad_input, x_hat = one_pass
+            grad_input, g_x = cast(grad_input, input.dtype), g * x_hat
+        else:
+            x_hat, r, x_hat_rows = _Normalization._parts(cls, ctx, input)
+            g_x = g * x_hat  # G_Y ⊙ x̂: G_γ's terms
+        if needs_input and one_pass is None:
+            g_hat, g_hat_x = (g, g_x) if w is None else (g * w, g_x * w)  # G_x̂ = G_Y ⊙ γ
             rows = _through(cls.slices(ctx, g_hat), x_hat_rows, r, cls.slices(ctx, g_hat_x))
             grad_input = cast(rows.reshape(input.shape), input.dtype)
         if ctx.per_sample is not None:  # sample n's G_γ and G_β: the same sums over its own rows
@@ -123,6 +141,8 @@ class LayerNormFunction(_Normalization):
 
     Shape: input ``(*, *normalized_shape)``; weight and bias ``normalized_shape`` or None; output as input.
     """
+
+    compiles_well = True
 
     @staticmethod
     def forward(input, normalized_shape, weight, bias, eps):
