@@ -87,7 +87,7 @@ class _Normalization(ManualFunction):
         grad_input = grad_weight = grad_bias = None
         rows_shape = tuple(cls.slices(ctx, g).shape)
         one_pass = None
-        if needs_input and cls.compiles_well:
+        if needs_input and not torch.compiler.is_compiling() and cls.compiles_well:  # (Dynamo cannot read the flag)
             one_pass = fused.run(cls, _one_pass, g, opmath(input), w, ctx.eps, rows_shape)
         if one_pass is not None:  # manualgrad.fused_backward: G_X and x̂ compiled, the same formulas
             grad_input, x_hat = one_pass
