@@ -32,6 +32,10 @@ def test_benchmark_suite_runs_and_writes_results(tmp_path, monkeypatch):
         assert has_limit == (row["function"] in activations), row
         if has_limit:
             assert row["one_pass_us"] > 0 and row["ours_over_one_pass"] == row["ours_us"] / row["one_pass_us"]
+    compiled = activations | {"layer_norm"}  # manualgrad.fused_backward's Functions (GroupNorm's stays plain)
+    for row in report["runs"][0]["functions"]:
+        assert ("fused_us" in row) == (row["function"] in compiled), row
+        if "fused_us" in row:
             assert row["fused_us"] > 0 and math.isclose(row["fused_ratio"], row["fused_us"] / row["native_us"])
     dp_rows = written["dp"]  # a whole DP-SGD step beside the plain step (and Opacus's modes, when installed)
     assert {row["model"] for row in dp_rows} == {"SampleConvNet", "MLP 8-6-10", "text 4x5 tokens"}
