@@ -152,9 +152,24 @@ def run_torchrun(*args: str, processes: int = 2, timeout: int = 180) -> subproce
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def clipped_sum_one_by_one(twin: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float) -> list:
+    """DP-SGD's clipped sum by torch autograd, one example at a time: Σ_n min(1, C/‖g_n‖) g_n over ``twin``'s
+    parameters; asserts each bound is active (so a test checks the clipping, not only the sum)."""
+    expected = [torch.zeros_like(p) for p in twin.parameters()]
+    for n in range(len(y)):
+        loss = torch.nn.functional.cross_entropy(twin(x[n : n + 1]), y[n : n + 1])
+        grads = torch.autograd.grad(loss, list(twin.parameters()))
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        assert norm > clip, (n, float(norm), clip)
+        for e, g in zip(expected, grads):
+            e += g * min(1.0, clip / float(norm))
+    return expected
+
+
 __all__ = [
     "REPO",
     "Config",
+    "clipped_sum_one_by_one",
     "free_port",
     "interrupt_at",
     "load_params",

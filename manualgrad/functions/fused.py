@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import _compat
 
-__all__ = ["fused_backward", "product", "run"]
+__all__ = ["fused_backward", "product", "run", "wanted"]
 
 # below this the compiled call's fixed cost (~20-40 µs) outweighs the passes it saves: measured on MNIST-size
 # steps (784-512-256-10, 1 thread), the compiled backward cost 1-5% of the step at batch 128 (65,536 elements)
@@ -72,18 +72,23 @@ class fused_backward:
 def product(cls, grad_output: Tensor, saved: Tensor, params) -> Tensor | None:
     """An activation's ``grad_output * cls.derivative(saved, *params)`` in one compiled pass, or None (then the
     caller evaluates the plain expression)."""
-    if grad_output.shape != saved.shape:
+    if not wanted() or grad_output.shape != saved.shape:
         return None
     return run(cls, lambda g, s, *p: g * cls.derivative(s, *p), grad_output, saved, *params)  # G_Z = G_Y ⊙ h'
+
+
+def wanted() -> bool:
+    """Whether the compiled path is switched on and can run here (nothing records, traces or compiles)."""
+    if not _State.enabled or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() or _compat.forward_ad_enabled())
 
 
 def run(owner: type, formula: Callable, *args):
     """``formula(*args)`` compiled (once per ``owner``, the Function whose backward it is), or None where that path
     is off, the first tensor too small, or the call cannot run compiled: then the caller runs its plain code."""
     tensors = [a for a in args if isinstance(a, Tensor)]
-    if not _State.enabled or tensors[0].numel() < _State.min_numel:
-        return None
-    if torch.is_grad_enabled() or _compat.forward_ad_enabled() or torch.compiler.is_compiling():
+    if not wanted() or tensors[0].numel() < _State.min_numel:
         return None
     if any(_compat.batched(t) for t in tensors):
         return None

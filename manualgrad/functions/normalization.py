@@ -85,10 +85,9 @@ class _Normalization(ManualFunction):
         g = opmath(grad_output)
         w = None if weight is None else cast(weight, g.dtype).reshape(cls.affine_shape(ctx))
         grad_input = grad_weight = grad_bias = None
-        rows_shape = tuple(cls.slices(ctx, g).shape)
         one_pass = None
-        if needs_input and not torch.compiler.is_compiling() and cls.compiles_well:  # (Dynamo cannot read the flag)
-            one_pass = fused.run(cls, _one_pass, g, opmath(input), w, ctx.eps, rows_shape)
+        if needs_input and fused.wanted() and cls.compiles_well:  # (after wanted(): Dynamo cannot read the flag)
+            one_pass = fused.run(cls, _one_pass, g, opmath(input), w, ctx.eps, tuple(cls.slices(ctx, g).shape))
         if one_pass is not None:  # manualgrad.fused_backward: G_X and x̂ compiled, the same formulas
             grad_input, x_hat = one_pass
             grad_input, g_x = cast(grad_input, input.dtype), g * x_hat
