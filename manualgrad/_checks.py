@@ -157,8 +157,9 @@ def class_weight(layer: str, weight: Tensor | None, input: Tensor, classes: int)
     not_differentiated(layer, "class weight", weight)
 
 
-def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing, layer="cross_entropy") -> None:
-    """Logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` against class indices or class probabilities."""
+def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothing, layer="cross_entropy"):
+    """Logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` against class indices or class probabilities; returns
+    what :func:`nll_loss` returns."""
     probability(layer, "label_smoothing", label_smoothing)
     if isinstance(target, Tensor) and target.is_floating_point():
         _class_scores(layer, input, target, weight, reduction_)
@@ -167,16 +168,23 @@ def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothi
                 f"{layer}: class-probability target has shape {shape(target)}, input has shape {shape(input)} "
                 "(they must match; class indices need an integer target)"
             )
-        return
-    nll_loss(input, target, weight, ignore_index, reduction_, layer)
+        return None
+    return nll_loss(input, target, weight, ignore_index, reduction_, layer)
 
 
-def nll_loss(input, target, weight, ignore_index, reduction_, layer="nll_loss") -> None:
-    """Scores ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` against class indices in [0, C) (or ``ignore_index``)."""
+def nll_loss(input, target, weight, ignore_index, reduction_, layer="nll_loss"):
+    """Scores ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` against class indices in [0, C) (or ``ignore_index``).
+    Returns ``{"ignore_index": None}`` where it read every index to be a class and ``ignore_index`` none: no row
+    is ignored, which the loss's Function then need not look for (None otherwise)."""
     _class_scores(layer, input, target, weight, reduction_)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"{layer}: ignore_index must be an int, got {type(ignore_index).__name__}")
     class_dim = 0 if input.dim() == 1 else 1
     class_index_target(layer, input, target, class_dim)
-    class_values(layer, target, input.shape[class_dim], ignore_index)
+    classes = input.shape[class_dim]
+    if class_values(layer, target, classes, ignore_index) and not 0 <= ignore_index < classes:
+        return {"ignore_index": None}
+    return None
 
 
 def _class_scores(layer, input, target, weight, reduction_) -> None:
@@ -208,14 +216,15 @@ def class_index_target(layer: str, input: Tensor, target: Tensor, class_dim: int
         )
 
 
-def class_values(layer: str, target: Tensor, classes: int, ignore_index: int | None = None) -> None:
-    """Class indices in [0, classes), or ``ignore_index`` (None: no index is ignored)."""
+def class_values(layer: str, target: Tensor, classes: int, ignore_index: int | None = None) -> bool:
+    """Class indices in [0, classes), or ``ignore_index`` (None: no index is ignored). True where it read every
+    index to lie in [0, classes) (on the CPU), False where it could not tell or some index is ``ignore_index``."""
     if target.numel() == 0 or _compat.traced(target):
-        return
+        return False
     if target.device.type == "cpu":
         low, high = (v.item() for v in torch.aminmax(target))
         if 0 <= low and high < classes:  # the common case, read from two numbers
-            return
+            return True
     outside = (target < 0) | (target >= classes)
     if ignore_index is not None:
         outside &= target != ignore_index
@@ -227,6 +236,7 @@ def class_values(layer: str, target: Tensor, classes: int, ignore_index: int | N
             f"{layer}: target holds class indices outside [0, {classes}) (e.g. {target[outside][0].item()}); "
             f"the allowed range is {allowed}"
         )
+    return False
 
 
 def class_indices(layer: str, input: Tensor, target: Tensor, classes: int) -> None:

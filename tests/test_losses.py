@@ -14,7 +14,8 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
-from manualgrad import InputError
+from manualgrad import InputError, _checks
+from manualgrad.functions import softmax
 from manualgrad.functions.losses import base as losses_base
 from manualgrad.functions.losses import pointwise
 
@@ -265,6 +266,64 @@ def test_an_ignore_index_among_the_classes(name):
     assert torch.equal(grad[[1, 3]], torch.zeros(2, 4, dtype=F64))
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+def test_the_checks_say_no_row_is_ignored_only_where_they_read_it(name):
+    """``{"ignore_index": None}`` (the Function then looks for no ignored row) only where every index was read to be a
+    class and ignore_index is none of them."""
+    check = getattr(_checks, name)
+    extra = (0.0,) if name == "cross_entropy" else ()
+    x, t = torch.randn(6, 4), torch.tensor([0, 2, 1, 2, 3, 0])
+    assert check(x, t, None, -100, "mean", *extra) == {"ignore_index": None}
+    assert check(x, t, None, 4, "sum", *extra) == {"ignore_index": None}
+    assert check(x, t, None, 2, "mean", *extra) is None  # a class: rows may be ignored
+    assert check(x, torch.tensor([0, -100, 1, 2, 3, 0]), None, -100, "mean", *extra) is None
+    assert check(x[:0], t[:0], None, -100, "mean", *extra) is None  # nothing read
+    if name == "cross_entropy":
+        assert check(x, torch.rand(6, 4), None, -100, "mean", 0.0) is None  # probabilities
+
+
+@pytest.mark.parametrize("bad", [None, 2.0, True])
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+def test_ignore_index_must_be_an_int_as_in_torch(name, bad):
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError):
+        getattr(TF, name)(x, t, ignore_index=bad)
+    with pytest.raises(TypeError, match=f"{name}: ignore_index must be an int"):
+        getattr(MF, name)(x, t, ignore_index=bad)
+
+
+@pytest.mark.parametrize(
+    "function, options",
+    [
+        ("CrossEntropyFunction", ("mean", 0.0)),
+        ("CrossEntropyFunction", ("sum", 0.1)),
+        ("CrossEntropyFunction", ("none", 0.0)),
+        ("NLLLossFunction", ("mean",)),
+        ("NLLLossFunction", ("none",)),
+    ],
+)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("shape", [(5, 4), (4,), (3, 4, 2)], ids=str)
+def test_a_function_told_no_row_is_ignored_equals_one_told_the_index(function, options, weighted, shape):
+    """ignore_index None (what the checks hand on) and an index no row holds: the same loss, gradient and jvp."""
+    from manualgrad import functions
+
+    cls = getattr(functions, function)
+    x = torch.randn(shape, dtype=F64, requires_grad=True)
+    t = torch.randint(0, 4, shape[:1] + shape[2:] if len(shape) > 1 else ())
+    w = torch.rand(4, dtype=F64) + 0.5 if weighted else None
+    results = []
+    for ignore_index in (None, -100):
+        out = cls.apply(x, t, w, ignore_index, *options)
+        (grad,) = torch.autograd.grad(out, x, torch.rand_like(out, generator=torch.Generator().manual_seed(1)))
+        with torch.autograd.forward_ad.dual_level():
+            tangent = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones_like(x))
+            jvp = torch.autograd.forward_ad.unpack_dual(cls.apply(tangent, t, w, ignore_index, *options)).tangent
+        results.append((out, grad, jvp))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+
 # ---- the speed helpers equal the plain formulas ------------------------------------------------------
 
 
@@ -440,3 +499,33 @@ def test_an_elementwise_loss_of_input_and_target_apart_gets_its_backward_and_jvp
     wrong = type("Wrong", (_PoissonNLLFunction,), {"d_target": staticmethod(lambda x, t, in_place: (x, 1.0))})
     report = check(lambda x, t: apply(wrong, x, t, None, reduction), x, t, reference=reference, properties=properties)
     assert not report.ok  # a sign flipped in ∂ℓ/∂t is caught
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_short_rows_written_out_are_torchs_softmax(log, monkeypatch):
+    """exp_normalize's formula (taken here whatever this CPU's vectors: torch's kernel is made to fail) against torch's
+    kernel and against float64; special values as torch; other tensors go to torch's kernel unchanged."""
+    monkeypatch.setattr(softmax, "_LANES", 16)
+    kernel = torch.log_softmax if log else torch.softmax
+    special = torch.tensor([[float("inf"), 1.0], [float("-inf"), 0.0], [float("nan"), 1.0], [-float("inf")] * 2])
+    inputs = [torch.randn(256, 10) * 30, torch.randn(128, 1), torch.randn(4, 64, 15), special.repeat(32, 1)]
+    expected = [kernel(z, -1) for z in inputs]
+    with monkeypatch.context() as m:
+        m.setattr(torch, "log_softmax" if log else "softmax", None)  # the formula must not call it
+        got = [softmax.exp_normalize(z, -1, log=log) for z in inputs]
+    for z, a, b in zip(inputs, got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
+        exact = kernel(z.double(), -1)
+        assert ((a.double() - exact).abs().nan_to_num(0) <= (b.double() - exact).abs().nan_to_num(0) + 1e-6).all()
+    for z, dim in ((torch.randn(256, 16), -1), (torch.randn(256, 10).double(), -1), (torch.randn(10, 256), 0)):
+        assert torch.equal(softmax.exp_normalize(z, dim, log=log), kernel(z, dim))  # torch's kernel itself
+
+
+def test_cross_entropy_on_many_short_rows_is_torchs():
+    """The MNIST shape (written-out log-softmax forward, softmax backward): loss and gradient as torch's."""
+    x, t = torch.randn(256, 10, requires_grad=True), torch.randint(0, 10, (256,))
+    for reduction in ("mean", "none"):
+        ours = outputs_and_grads(MF.cross_entropy, (x, t), {"reduction": reduction}, leaves=(0,))
+        theirs = outputs_and_grads(TF.cross_entropy, (x, t), {"reduction": reduction}, leaves=(0,))
+        torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours[1][0], theirs[1][0], rtol=1e-5, atol=1e-7)

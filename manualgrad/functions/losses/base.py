@@ -159,7 +159,8 @@ class PointwiseLoss(ElementwiseLoss):
 def loss(function: type[ManualFunction], module, name: str, check=None, *, reference=None):
     """Declare and return ``function``'s wrapper ``name``, with the signature of torch's function of that name (or
     ``mse_loss``'s): legacy ``size_average``/``reduce`` to ``reduction``, ``check(*forward's arguments, layer=name)``
-    (default ``_checks.pointwise_loss`` or ``_checks.<name>``), float options as floats, uint8 class indices as int64,
+    (default ``_checks.pointwise_loss`` or ``_checks.<name>``; it may return arguments it settled, by name, e.g.
+    ``{"ignore_index": None}``), float options as floats, uint8 class indices as int64,
     then ``function``. No torch module nor ``reference``: the checks compare with ``function.forward``."""
     params = list(inspect.signature(getattr(F, name, F.mse_loss)).parameters.values())[1:]
     names, order = ["input", *(p.name for p in params)], list(inspect.signature(function.forward).parameters)
@@ -174,7 +175,8 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, refer
             args = [values[i] for i in take]
             if legacy:
                 args[legacy[2]] = _checks.legacy_reduction(name, values[legacy[0]], values[legacy[1]], args[legacy[2]])
-            check(*args, layer=name)
+            for parameter, value in (check(*args, layer=name) or {}).items():  # what the checks found out
+                args[order.index(parameter)] = value
             for j in floats:
                 args[j] = float(args[j])
             if args[1].dtype == torch.uint8:  # class indices, which torch takes for a 1-D or 2-D input
@@ -189,19 +191,23 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, refer
 
 
 class ClassTarget:
-    """A class-index target's rows: ``valid`` (not ``ignore_index``), ``index`` (t, ignored rows at 0, class dimension
-    kept), ``w_t`` (:math:`w_{t_n}`, 1.0 without class weights), ``divisor`` (the count of valid rows, or Σ w_t)."""
+    """A class-index target's rows: ``valid`` (not ``ignore_index``; None: all, as for ``ignore_index`` None, which
+    says that no row is ignored), ``index`` (t, ignored rows at 0, class dimension kept), ``w_t`` (:math:`w_{t_n}`,
+    1.0 without class weights), ``divisor`` (the count of valid rows, or Σ w_t)."""
 
-    def __init__(self, target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype, dim: int):
-        self.valid = target != ignore_index  # the rows that count
-        index = target.masked_fill(~self.valid, 0)  # an ignored row's index may be anything, e.g. -100
+    def __init__(self, target: Tensor, weight: Tensor | None, ignore_index: int | None, dtype: torch.dtype, dim: int):
+        self.valid = None if ignore_index is None else target != ignore_index  # the rows that count
+        index = target if ignore_index is None else target.masked_fill(~self.valid, 0)  # an ignored row's: e.g. -100
         self.index = index.unsqueeze(dim)
         self.w_t = 1.0 if weight is None else cast(weight, dtype)[index]
-        self.divisor = self.valid.sum() if weight is None else (self.w_t * self.valid).sum()
+        if weight is None:
+            self.divisor = target.numel() if self.valid is None else self.valid.sum()
+        else:
+            self.divisor = (self.w_t if self.valid is None else self.w_t * self.valid).sum()
 
 
 def _minus_onehot(g: Tensor, index: Tensor, coefficient, dim: int, in_place: bool) -> Tensor:
     """g − onehot(t) ⊙ coefficient along ``dim`` (``index``: t with ``dim`` kept; the coefficient a number or shaped
     like ``index``), without the one-hot matrix: added at the target classes (in ``g`` itself when ``in_place``)."""
-    minus = (-(coefficient if isinstance(coefficient, Tensor) else g.new_full((), coefficient))).expand(index.shape)
+    minus = (-coefficient if isinstance(coefficient, Tensor) else g.new_full((), -coefficient)).expand(index.shape)
     return g.scatter_add_(dim, index, minus) if in_place else g.scatter_add(dim, index, minus)

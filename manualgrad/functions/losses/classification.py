@@ -13,12 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import ManualFunction, apply, cast, opmath, recorded, save
-from ..softmax import LogSoftmaxFunction, SoftmaxFunction
+from ..softmax import LogSoftmaxFunction, SoftmaxFunction, exp_normalize
 from . import base
 from .base import ClassTarget, _minus_onehot, _reduce, _row_scale, _times, class_dim, loss
 
+#: ``ignore_index`` None (the checks found every index a class): the kernels get this one, which no index equals
+_NONE_IGNORED = -100
+
 # softmax and log-softmax inside a backward; through our Functions when a double backward records them
-_softmax = recorded(torch.softmax, lambda z, dim: apply(SoftmaxFunction, z, dim, None))
+_softmax = recorded(exp_normalize, lambda z, dim: apply(SoftmaxFunction, z, dim, None))
 _log_softmax = recorded(torch.log_softmax, lambda z, dim: apply(LogSoftmaxFunction, z, dim, None))
 
 
@@ -76,9 +79,13 @@ class CrossEntropyFunction(ManualFunction):
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing):
-        return F.cross_entropy(
-            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-        )
+        ignore_index = _NONE_IGNORED if ignore_index is None else ignore_index
+        if target.is_floating_point() or label_smoothing:
+            return F.cross_entropy(
+                input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+            )
+        logp = exp_normalize(input, class_dim(input), log=True)  # what F.cross_entropy computes, short rows faster
+        return F.nll_loss(logp, target, weight, ignore_index=ignore_index, reduction=reduction)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -118,6 +125,7 @@ class NLLLossFunction(ManualFunction):
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction):
+        ignore_index = _NONE_IGNORED if ignore_index is None else ignore_index
         return F.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
 
     @staticmethod
@@ -135,7 +143,7 @@ class NLLLossFunction(ManualFunction):
     def backward(ctx, grad_output):
         g = opmath(grad_output)
         rows, dim, reduction = NLLLossFunction._rows(ctx, g.dtype)
-        coefficient = rows.w_t * _row_scale(g, reduction, rows.divisor, rows.valid)  # w_{t_n} ∂R/∂ℓ_n
+        coefficient = _times(_row_scale(g, reduction, rows.divisor, rows.valid), rows.w_t, False)  # w_{t_n} ∂R/∂ℓ_n
         coefficient = coefficient.unsqueeze(dim) if coefficient.dim() else coefficient
         zeros = torch.zeros(ctx.input_shape, dtype=g.dtype, device=ctx.device)
         grad_input = _minus_onehot(zeros, rows.index, coefficient, dim, base._in_place(grad_output))  # −w_t g_n at t_n
@@ -145,7 +153,8 @@ class NLLLossFunction(ManualFunction):
     def jvp(ctx, input_tangent, *_):
         rows, dim, reduction = NLLLossFunction._rows(ctx, ctx.dtype)
         terms = -rows.w_t * input_tangent.gather(dim, rows.index).squeeze(dim)  # ℓ̇_n = −w_{t_n} Ẋ[n, t_n]
-        return _reduce(torch.where(rows.valid, terms, 0), reduction, rows.divisor)  # ignored rows count nowhere
+        terms = terms if rows.valid is None else torch.where(rows.valid, terms, 0)  # ignored rows count nowhere
+        return _reduce(terms, reduction, rows.divisor)
 
 
 # the wrappers, with torch's signatures (losses.base.loss)
