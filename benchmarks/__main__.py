@@ -87,6 +87,18 @@ CNN_COLUMNS = [
     ("ours µs", "ours_us", ".0f"),
     ("ours / native", "ratio", ".3f"),
 ]
+GAP_COLUMNS = [
+    ("MLP", "sizes", "s"),
+    ("batch", "batch", "d"),
+    ("native µs", "native_us", ".0f"),
+    ("ours µs", "ours_us", ".0f"),
+    ("gap µs", "gap_us", ".0f"),
+    ("Linear layers µs", "Linear_us", ".0f"),
+    ("ReLUs µs", "ReLU_us", ".0f"),
+    ("loss µs", "CrossEntropyLoss_us", ".0f"),
+    ("Functions", "functions", "d"),
+    ("Function floor µs", "floor_us", ".0f"),
+]
 TRICK_COLUMNS = [
     ("trick", "trick", "s"),
     ("step", "step", "s"),
@@ -153,6 +165,8 @@ def run(device: str, threads: list[int], quick: bool, rounds: int) -> dict:
             flush=True,
         )
         report["dp"] = dp.dp_steps(device, quick)
+    print(f"[{device}, {min(thread_counts)} thread(s)] where a per-layer step's extra time goes ...", flush=True)
+    report["step_gap"] = suites.step_gap(device, quick)
     print(f"[{device}, {min(thread_counts)} thread(s)] what each speed trick buys ...", flush=True)
     report["tricks"] = tricks.trick_gains(device, quick)
     return report
@@ -184,6 +198,13 @@ def markdown(report: dict) -> str:
             "(σ = 1, C = 1; ratio to the plain torch.nn step, and each step's time over manualgrad's DP step)\n"
         )
         parts.append(table(report["dp"], DP_COLUMNS))
+    if report.get("step_gap"):
+        parts.append(
+            f"\n**Where a per-layer step's extra time goes, {report['per_sample_threads']} thread(s)** (each kind of "
+            "our modules swapped for torch.nn's: its share of the gap; the Function floor: what the step's autograd "
+            "Functions cost beyond their kernels, measured on a Function of one kernel each way)\n"
+        )
+        parts.append(table(report["step_gap"], GAP_COLUMNS))
     if report.get("tricks"):
         parts.append(
             f"\n**What each speed trick buys, {report['per_sample_threads']} thread(s)** "

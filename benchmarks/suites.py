@@ -184,6 +184,70 @@ def mlp_steps(device: str, quick: bool = False, rounds: int = 30, dtype=None) ->
     return rows
 
 
+class _Negate(manualgrad.functions.ManualFunction):
+    """-x, forward and backward one torch kernel each: what an autograd Function written in Python costs beyond
+    the kernels it runs (:func:`step_gap`)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.neg(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return -grad_output
+
+
+def _per_layer_mlp(sizes, linear, activation, device):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers += [linear(a, b)] + ([activation()] if i < len(sizes) - 2 else [])
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def step_gap(device: str, quick: bool = False, rounds: int = 30) -> list[dict]:
+    """Where a per-layer MLP step's extra time goes: the step with each kind of our modules swapped for torch.nn's
+    (its share of the gap: ours minus that step), and the Function floor: a Function whose forward and backward are
+    one torch kernel each (``-x``) against ``torch.neg`` under autograd, on the hidden layers' size, times the
+    step's Functions (each layer, each activation, the loss). CPU, float32."""
+    if device != "cpu":
+        return []
+    cases = [((6, 5, 3), 4)] if quick else [((784, 512, 256, 10), 128), ((64, 64, 64, 10), 64)]
+    return [_step_gap(sizes, batch, device, 2 if quick else rounds) for sizes, batch in cases]
+
+
+def _step_gap(sizes, batch, device, rounds) -> dict:
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
+    kinds = ("Linear", "ReLU", "CrossEntropyLoss")
+    modules = {"native": (torch.nn,) * 3, "ours": (mnn,) * 3}
+    modules |= {f"torch.nn {k}": tuple(torch.nn if i == j else mnn for j in range(3)) for i, k in enumerate(kinds)}
+
+    def step(lin, act, loss):
+        model, criterion = _per_layer_mlp(sizes, lin.Linear, act.ReLU, device), loss.CrossEntropyLoss()
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            criterion(model(x), y).backward()
+
+        return run
+
+    steps = {name: step(*nns) for name, nns in modules.items()}
+    hidden, grad = torch.randn(batch, sizes[1], requires_grad=True), torch.randn(batch, sizes[1])
+    steps["torch.neg"] = lambda: torch.neg(hidden).backward(grad)
+    steps["Function -x"] = lambda: _Negate.apply(hidden).backward(grad)
+    t = interleaved(steps, device=device, rounds=rounds)
+    functions = 2 * (len(sizes) - 1)  # the Linear layers, the activations between them, the loss
+    row = {"sizes": "-".join(map(str, sizes)), "batch": batch, "native_us": t["native"] * 1e6}
+    row |= {"ours_us": t["ours"] * 1e6, "gap_us": (t["ours"] - t["native"]) * 1e6, "functions": functions}
+    row |= {f"{kind}_us": (t["ours"] - t[f"torch.nn {kind}"]) * 1e6 for kind in kinds}
+    row["floor_us"] = functions * (t["Function -x"] - t["torch.neg"]) * 1e6
+    return row
+
+
 def mnist_cnn(nn) -> torch.nn.Sequential:
     """The classic MNIST CNN (PyTorch's examples/mnist), built from ``nn``: ``torch.nn`` or ``manualgrad.nn``."""
     return nn.Sequential(

@@ -41,7 +41,11 @@ def test_benchmark_suite_runs_and_writes_results(tmp_path, monkeypatch):
     assert {row["model"] for row in dp_rows} == {"SampleConvNet", "MLP 8-6-10", "text 4x5 tokens"}
     assert {"plain (torch.nn)", "manualgrad DP"} <= {row["variant"] for row in dp_rows}
     assert all(math.isfinite(row["us"]) and row["us"] > 0 for row in dp_rows)
+    (gap,) = written["step_gap"]  # where a per-layer step's extra time goes
+    assert gap["functions"] == 4 and gap["ours_us"] - gap["native_us"] == pytest.approx(gap["gap_us"])
+    assert all(math.isfinite(gap[k]) for k in ("Linear_us", "ReLU_us", "CrossEntropyLoss_us", "floor_us"))
     assert "| MLP |" in quick.with_suffix(".md").read_text()
+    assert "| Function floor µs |" in quick.with_suffix(".md").read_text()
     assert "| one-pass limit µs | ours / limit | fused µs | fused / native |" in quick.with_suffix(".md").read_text()
 
 

@@ -26,8 +26,9 @@ __all__ = ["LinearFunction", "linear"]
 
 
 def rows(t: Tensor) -> Tensor:
-    """``t`` as a matrix of rows: ``(*, k)`` -> ``(N, k)``, ``N`` the product of the leading sizes (also when k = 0)."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    """``t`` as a matrix of rows: ``(*, k)`` -> ``(N, k)``, ``N`` the product of the leading sizes (also when k = 0);
+    a matrix is its own rows."""
+    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 class LinearFunction(ManualFunction):
@@ -71,7 +72,9 @@ class LinearFunction(ManualFunction):
             input = None if input is None else cast(input, grad_output.dtype)
             weight = None if weight is None else cast(weight, grad_output.dtype)
         grad_z = rows(grad_output)  # N x p
-        grad_input = grad_z.mm(weight).reshape(ctx.input_shape) if needs_input else None  # G_X = G_Z W
+        grad_input = grad_z.mm(weight) if needs_input else None  # G_X = G_Z W
+        if grad_input is not None and grad_input.shape != ctx.input_shape:
+            grad_input = grad_input.reshape(ctx.input_shape)
         if ctx.per_sample is not None:  # clipping: the recorder forms G_W and G_b at the end of the backward pass
             taken = ctx.per_sample.record(recorder.samples(grad_output), recorder.samples(input))
             needs_weight, needs_bias = needs_weight and not taken[0], needs_bias and not taken[1]
