@@ -50,6 +50,12 @@ def same_dtype(layer: str, name_a: str, a: Tensor, name_b: str, b: Tensor) -> No
         raise InputError(f"{layer}: {name_a} has dtype {a.dtype} but {name_b} has dtype {b.dtype}")
 
 
+def integer(layer: str, name: str, value) -> None:
+    """A Python int (not a bool), as torch's argument parser takes for an int argument."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{layer}: {name} must be an int, got {type(value).__name__}")
+
+
 def choice(layer: str, name: str, value, allowed) -> None:
     if value not in allowed:
         raise InputError(f"{layer}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -161,6 +167,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction_, label_smoothi
     """Logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` against class indices or class probabilities; returns
     what :func:`nll_loss` returns."""
     probability(layer, "label_smoothing", label_smoothing)
+    integer(layer, "ignore_index", ignore_index)
     if isinstance(target, Tensor) and target.is_floating_point():
         _class_scores(layer, input, target, weight, reduction_)
         if target.shape != input.shape:
@@ -177,8 +184,7 @@ def nll_loss(input, target, weight, ignore_index, reduction_, layer="nll_loss"):
     Returns ``{"ignore_index": None}`` where it read every index to be a class and ``ignore_index`` none: no row
     is ignored, which the loss's Function then need not look for (None otherwise)."""
     _class_scores(layer, input, target, weight, reduction_)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"{layer}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    integer(layer, "ignore_index", ignore_index)
     class_dim = 0 if input.dim() == 1 else 1
     class_index_target(layer, input, target, class_dim)
     classes = input.shape[class_dim]

@@ -290,6 +290,11 @@ def test_ignore_index_must_be_an_int_as_in_torch(name, bad):
         getattr(TF, name)(x, t, ignore_index=bad)
     with pytest.raises(TypeError, match=f"{name}: ignore_index must be an int"):
         getattr(MF, name)(x, t, ignore_index=bad)
+    if name == "cross_entropy":  # class probabilities: torch's parser refuses it all the same
+        with pytest.raises(TypeError):
+            TF.cross_entropy(x, torch.rand(3, 4), ignore_index=bad)
+        with pytest.raises(TypeError, match="cross_entropy: ignore_index must be an int"):
+            MF.cross_entropy(x, torch.rand(3, 4), ignore_index=bad)
 
 
 @pytest.mark.parametrize(
