@@ -29,9 +29,10 @@ Batched, as PyTorch stores it (``G_Z`` is ``N x O x L``; per group of channels):
 ``fold`` adds every column back onto the pixels its patch came from (the
 adjoint of unfolding): the transposed convolution, ``conv_transpose2d``.
 :math:`G_W` is the formula (unfold, then a batched product summed over the
-batch) for short patches, and the same sums as one convolution over the batch,
-with batch and channels swapped, for patches of :data:`SWAP_AT` numbers or
-more (``_weight_grad``): measured faster there, and tested equal.
+batch) for short patches, and the same sums otherwise: one matrix product per
+kernel offset (many channels, small kernels), or one convolution over the
+batch with batch and channels swapped (the rest; ``_weight_grad``): each
+measured fastest where it runs, all tested equal.
 
 The three maps are bilinear and adjoint to each other:
 :math:`\langle W \star^\top G, V\rangle = \langle G, W \star V\rangle = \langle W, V \star G\rangle`
@@ -119,22 +120,37 @@ def _input_grad(g: Tensor, w: Tensor, geometry: ConvGeometry) -> Tensor:
 
 
 def _weight_grad(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
-    """G_W = Σ_n Σ_ℓ G_Z[n, :, ℓ] X̂[n, :, ℓ]ᵀ, per group: by the patches (the formula), or, for patches of
-    :data:`SWAP_AT` numbers or more, by :func:`_weight_grad_by_convolution` (the same sums, measured faster)."""
+    """G_W = Σ_n Σ_ℓ G_Z[n, :, ℓ] X̂[n, :, ℓ]ᵀ, per group, by one of three ways to the same sums, each where it
+    measured fastest: by the patches (the formula) for patches of fewer than :data:`SWAP_AT` numbers; from there
+    on, one product per kernel offset (:func:`_weight_grad_by_offsets`) from :data:`OFFSETS_AT` channels per
+    group, for kernels of at most :data:`OFFSETS_UP_TO` positions, else as a convolution over the batch
+    (:func:`_weight_grad_by_convolution`)."""
     x, g = _batched(x), _batched(g)
     k_h, k_w = geometry.kernel_size
     if x.shape[0] == 0:  # an empty batch: an empty sum
         return g.new_zeros(g.shape[1], x.shape[1] // geometry.groups, k_h, k_w)
-    if x.shape[1] // geometry.groups * k_h * k_w >= SWAP_AT:
-        return _weight_grad_by_convolution(x, g, geometry)
-    return _weight_grad_by_patches(x, g, geometry)
+    channels = x.shape[1] // geometry.groups
+    if channels * k_h * k_w < SWAP_AT:
+        return _weight_grad_by_patches(x, g, geometry)
+    if channels >= OFFSETS_AT and k_h * k_w <= OFFSETS_UP_TO:
+        return _weight_grad_by_offsets(x, g, geometry)
+    return _weight_grad_by_convolution(x, g, geometry)
 
 
-#: Patch length (C_g k_h k_w) from which G_W is computed as a convolution over the batch. Measured (1 thread,
-#: interleaved medians; batch 64, 28 x 28 inputs, 3 x 3 kernels, 32 output channels), by the patches vs as a
-#: convolution: 9 numbers (C = 1) 3.3 vs 4.8 ms; 27: 11.6 vs 11.9 ms; 72: 15.5 vs 8.2 ms; 288 (the MNIST
-#: conv2, 64 outputs on 26 x 26): 92 vs 30 ms.
+#: Patch length (C_g k_h k_w) below which G_W is computed by the patches. Measured (1 thread, interleaved
+#: medians; batch 64, 28 x 28 inputs, 3 x 3 kernels, 32 output channels), by the patches vs as a convolution
+#: vs by kernel offsets: 9 numbers (C = 1) 1.0 vs 1.5 vs 3.0 ms; 18: 1.7 vs 1.9 vs 4.4; 36: 3.0 vs 2.7 vs 4.6;
+#: 72: 5.8 vs 4.3 vs 5.1; 144: 11.9 vs 7.7 vs 5.5 ms.
 SWAP_AT = 32
+#: Channels per group (C_g) from which, and kernel positions (k_h k_w) up to which, G_W is computed by kernel
+#: offsets. Measured as above (patches vs convolution vs offsets, ms): the MNIST conv2 (64 x 32 x 26 x 26, 64
+#: outputs, 3 x 3) 36 vs 27 vs 14; 16 channels on 28 x 28, 3 x 3, 32 outputs 11.9 vs 7.7 vs 5.5; 64 x 64 x 16 x
+#: 16, 128 outputs, 3 x 3, stride 2, padding 1: 10.8 vs 10.4 vs 7.4; conv1d 64 x 16 x 128, 32 outputs, k 5:
+#: 1.2 vs 0.69 vs 0.56. Not with 8 channels (3 x 3: 5.8 vs 4.3 vs 5.1), nor with larger kernels, where the
+#: convolution gains: 5 x 5, 16 -> 32 channels on 28 x 28: 62 vs 13 vs 17; 7 x 7, 16 -> 64 on 32 x 32: 94 vs
+#: 25 vs 41; 32 -> 64 channels: 5 x 5 146 vs 49 vs 48, 7 x 7 191 vs 46 vs 64 ms.
+OFFSETS_AT = 16
+OFFSETS_UP_TO = 9
 
 
 def patches(x: Tensor, geometry: ConvGeometry) -> Tensor:
@@ -177,6 +193,44 @@ def _weight_grad_by_convolution(x: Tensor, g: Tensor, geometry: ConvGeometry, pe
         out = out.reshape(c_g, groups, n, o_g, k_h, k_w).permute(2, 1, 3, 0, 4, 5).reshape(n, o, c_g, k_h, k_w)
         return out.contiguous()
     return out.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # a new tensor, not a view of out
+
+
+def _weight_grad_by_offsets(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The same sums, one kernel offset at a time. The kernel's entry (i, j) meets, at output position (h, w), the
+    padded input's pixel (h s_h + i d_h, w s_w + j d_w), so (per group)
+
+        G_W[:, :, i, j] = Σ_{n,h,w} G_Z[n, :, h, w] X_pad[n, :, h s_h + i d_h, w s_w + j d_w]ᵀ,
+
+    one matrix product per offset. Split X_pad into its s_h s_w phases, X^{ab}[n, :, u, v] = X_pad[n, :, u s_h + a,
+    v s_w + b] (H' x W' each: X_pad rounded up to whole strides), and write i d_h = q s_h + a, j d_w = r s_w + b:
+    the pixel is X^{ab}[n, :, h + q, w + r]. Lay out G_Z on the H' x W' grid (zero beyond Z_h x Z_w) and flatten
+    (n, h, w) into one index t = (n H' + h) W' + w: (h + q, w + r) is t + q W' + r, so
+
+        G_W[:, :, i, j] = Σ_t Ĝ[:, t] X^{ab}[t + q W' + r]ᵀ,
+
+    (O x T) times (T x C), the rows of X^{ab} (channels last) from q W' + r on: a view, no copy per offset. (A
+    shift that runs past a row or a sample meets the zeros of Ĝ.) With groups, a batched product over them."""
+    n, c, height, width = x.shape
+    o, groups, (z_h, z_w) = g.shape[1], geometry.groups, g.shape[2:]
+    (s_h, s_w), (d_h, d_w), (k_h, k_w) = geometry.stride, geometry.dilation, geometry.kernel_size
+    top, bottom, left, right = geometry.padding
+    c_g, o_g = c // groups, o // groups
+    rows, columns = -(-(top + height + bottom) // s_h), -(-(left + width + right) // s_w)  # H', W'
+    x_pad = F.pad(x, (left, columns * s_w - left - width, top, rows * s_h - top - height))
+    phases = x_pad.reshape(n, groups, c_g, rows, s_h, columns, s_w).permute(4, 6, 1, 0, 3, 5, 2)
+    phases = phases.reshape(s_h, s_w, groups, n * rows * columns, c_g)  # X^{ab}, per group: (T, C_g)
+    g_hat = g.new_zeros(groups, o_g, n, rows, columns)  # Ĝ, per group: (O_g, T)
+    g_hat[..., :z_h, :z_w] = g.reshape(n, groups, o_g, z_h, z_w).permute(1, 2, 0, 3, 4)
+    length = n * rows * columns - (k_h - 1) * d_h // s_h * columns - (k_w - 1) * d_w // s_w  # t: all shifts fit
+    g_hat = g_hat.reshape(groups, o_g, -1)[..., :length]  # beyond: zeros
+    out = x.new_empty(groups, o_g, c_g, k_h, k_w)
+    for i in range(k_h):
+        q, a = divmod(i * d_h, s_h)
+        for j in range(k_w):
+            r, b = divmod(j * d_w, s_w)
+            shift = q * columns + r
+            out[..., i, j] = g_hat.bmm(phases[a, b, :, shift : shift + length])
+    return out.reshape(o, c_g, k_h, k_w)
 
 
 # ---- the Functions --------------------------------------------------------------------------------
