@@ -305,7 +305,7 @@ def test_weight_gradient_by_kernel_offsets_equals_the_unfold_formula(shape, weig
     against Σ_{n,ℓ} G_Z[n, :, ℓ] X̂[n, :, ℓ]ᵀ with X̂ = unfold(X_pad), one einsum in float64. Non-square kernels,
     strides and dilations that differ between height and width, so that swapping i and j, or a stride or a
     dilation dropped or read along the other axis, changes the sums; routed through ``_weight_grad`` (every
-    geometry by offsets) for the unbatched and empty ones."""
+    geometry by offsets) for the unbatched and empty ones. And each sample's G_W[n] (``per_sample``)."""
     monkeypatch.setattr(conv, "SWAP_AT", 0)
     monkeypatch.setattr(conv, "OFFSETS_AT", 1)
     monkeypatch.setattr(conv, "OFFSETS_UP_TO", 100)
@@ -326,6 +326,9 @@ def test_weight_gradient_by_kernel_offsets_equals_the_unfold_formula(shape, weig
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     if shape[0]:
         torch.testing.assert_close(conv._weight_grad_by_offsets(xb, gb, geometry), expected, rtol=1e-12, atol=1e-12)
+        each = torch.einsum("ngol,ngcijl->ngocij", g_z, x_hat).reshape(len(xb), *w.shape)  # G_W[n], not summed
+        got = conv._weight_grad_by_offsets(xb, gb, geometry, per_sample=True)
+        torch.testing.assert_close(got, each, rtol=1e-12, atol=1e-12)
 
 
 # ---- derivatives of any order, edge shapes, integers, in place ----------------------------------
