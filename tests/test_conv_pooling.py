@@ -307,8 +307,7 @@ def test_weight_gradient_by_kernel_offsets_equals_the_unfold_formula(shape, weig
     dilation dropped or read along the other axis, changes the sums; routed through ``_weight_grad`` (every
     geometry by offsets) for the unbatched and empty ones. And each sample's G_W[n] (``per_sample``)."""
     monkeypatch.setattr(conv, "SWAP_AT", 0)
-    monkeypatch.setattr(conv, "OFFSETS_AT", 1)
-    monkeypatch.setattr(conv, "OFFSETS_UP_TO", 100)
+    monkeypatch.setattr(conv, "_by_offsets", lambda x, geometry: True)
     x, w = torch.randn(shape, dtype=F64), torch.randn(weight, dtype=F64)
     options = [kwargs.get(name, default) for name, default in (("stride", 1), ("padding", 0), ("dilation", 1))]
     groups = kwargs.get("groups", 1)
@@ -342,14 +341,14 @@ def _counted(monkeypatch, name: str) -> list:
 
 
 @pytest.mark.parametrize(
-    "shapes,kwargs",
+    "shapes,kwargs,by_offsets",
     [
-        (((2, 2, 5, 6), (4, 1, 3, 2)), {"stride": (2, 1), "padding": 1, "dilation": (1, 2), "groups": 2}),
-        (((2, 16, 5, 6), (3, 16, 3, 2)), {"stride": (2, 1), "padding": 1, "dilation": (1, 2)}),
+        (((2, 2, 5, 6), (4, 1, 3, 2)), {"stride": (2, 1), "padding": 1, "dilation": (1, 2), "groups": 2}, False),
+        (((2, 16, 5, 6), (3, 16, 3, 2)), {"stride": (2, 1), "padding": 1, "dilation": (1, 2)}, True),
     ],
     ids=["groups", "16-channels"],
 )
-def test_conv2d_third_derivatives_match_torch_without_a_derivative_kernel(shapes, kwargs, monkeypatch):
+def test_conv2d_third_derivatives_match_torch_without_a_derivative_kernel(shapes, kwargs, by_offsets, monkeypatch):
     """The backward applies ConvTranspose2dFunction and Conv2dWeightFunction, whose backward passes apply the
     three again: every order is convolutions. The third step squares the second derivatives (it took their
     cos, which turned float64 rounding of second derivatives of size ~10² into differences up to ~1e-9).
@@ -368,7 +367,7 @@ def test_conv2d_third_derivatives_match_torch_without_a_derivative_kernel(shapes
         results.append((third, recorder.derivative_kernels))
     (ours, our_kernels), (theirs, their_kernels) = results
     assert our_kernels == [] and "convolution_backward" in their_kernels
-    assert bool(offsets) == (shapes[0][1] // kwargs.get("groups", 1) >= conv.OFFSETS_AT)
+    assert bool(offsets) == by_offsets
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 

@@ -122,8 +122,8 @@ def _input_grad(g: Tensor, w: Tensor, geometry: ConvGeometry) -> Tensor:
 def _weight_grad(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
     """G_W = Σ_n Σ_ℓ G_Z[n, :, ℓ] X̂[n, :, ℓ]ᵀ, per group, by one of three ways to the same sums, each where it
     measured fastest: by the patches (the formula) for patches of fewer than :data:`SWAP_AT` numbers; from there
-    on, one product per kernel offset (:func:`_weight_grad_by_offsets`) from :data:`OFFSETS_AT` channels per
-    group, for kernels of at most :data:`OFFSETS_UP_TO` positions, else as a convolution over the batch
+    on, one product per kernel offset (:func:`_weight_grad_by_offsets`) without groups, from :data:`OFFSETS_AT`
+    channels, for kernels of at most :data:`OFFSETS_UP_TO` positions, else as a convolution over the batch
     (:func:`_weight_grad_by_convolution`)."""
     x, g = _batched(x), _batched(g)
     k_h, k_w = geometry.kernel_size
@@ -138,22 +138,25 @@ def _weight_grad(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
 
 def _by_offsets(x: Tensor, geometry: ConvGeometry) -> bool:
     """Whether G_W (or each sample's) is computed by kernel offsets rather than as a convolution over the batch:
-    from :data:`OFFSETS_AT` channels per group, for kernels of at most :data:`OFFSETS_UP_TO` positions."""
-    return x.shape[1] // geometry.groups >= OFFSETS_AT and math.prod(geometry.kernel_size) <= OFFSETS_UP_TO
+    without groups, from :data:`OFFSETS_AT` channels, for kernels of at most :data:`OFFSETS_UP_TO` positions."""
+    fits = geometry.groups == 1 and math.prod(geometry.kernel_size) <= OFFSETS_UP_TO
+    return fits and x.shape[1] >= OFFSETS_AT
 
 
 #: Patch length (C_g k_h k_w) below which G_W is computed by the patches. Measured (1 thread, interleaved
-#: medians; batch 64, 28 x 28 inputs, 3 x 3 kernels, 32 output channels), by the patches vs as a convolution
-#: vs by kernel offsets: 9 numbers (C = 1) 1.0 vs 1.5 vs 3.0 ms; 18: 1.7 vs 1.9 vs 4.4; 36: 3.0 vs 2.7 vs 4.6;
-#: 72: 5.8 vs 4.3 vs 5.1; 144: 11.9 vs 7.7 vs 5.5 ms.
+#: medians; batch 64, 28 x 28 inputs, 3 x 3 kernels, 32 output channels; ms by the patches, as a convolution, by
+#: kernel offsets): 9 numbers (C = 1) 1.0, 1.5, 3.0; 18: 1.7, 1.9, 4.4; 36: 3.0, 2.7, 4.6; 72: 5.8, 4.3, 5.1;
+#: 144: 11.9, 7.7, 5.5.
 SWAP_AT = 32
-#: Channels per group (C_g) from which, and kernel positions (k_h k_w) up to which, G_W is computed by kernel
-#: offsets. Measured as above (patches vs convolution vs offsets, ms): the MNIST conv2 (64 x 32 x 26 x 26, 64
-#: outputs, 3 x 3) 36 vs 27 vs 14; 16 channels on 28 x 28, 3 x 3, 32 outputs 11.9 vs 7.7 vs 5.5; 64 x 64 x 16 x
-#: 16, 128 outputs, 3 x 3, stride 2, padding 1: 10.8 vs 10.4 vs 7.4; conv1d 64 x 16 x 128, 32 outputs, k 5:
-#: 1.2 vs 0.69 vs 0.56. Not with 8 channels (3 x 3: 5.8 vs 4.3 vs 5.1), nor with larger kernels, where the
-#: convolution gains: 5 x 5, 16 -> 32 channels on 28 x 28: 62 vs 13 vs 17; 7 x 7, 16 -> 64 on 32 x 32: 94 vs
-#: 25 vs 41; 32 -> 64 channels: 5 x 5 146 vs 49 vs 48, 7 x 7 191 vs 46 vs 64 ms.
+#: Input channels from which, and kernel positions (k_h k_w) up to which, G_W is computed by kernel offsets,
+#: without groups. Measured as above (ms by the patches, as a convolution, by kernel offsets): the MNIST conv2
+#: (64 x 32 x 26 x 26, 64 outputs, 3 x 3) 35, 27, 16; 16 channels on 28 x 28, 3 x 3: 32 outputs 11.9, 7.7, 5.5,
+#: 16 outputs 11.3, 4.0, 3.5; 64 x 64 x 16 x 16, 128 outputs, 3 x 3, stride 2, padding 1: 13, 12, 8.9; conv1d
+#: 64 x 16 x 128, 32 outputs, k 5: 1.2, 0.68, 0.56. Not from 8 channels (above), nor for larger kernels, where
+#: the convolution gains (5 x 5, 16 -> 32 channels on 28 x 28: 62, 13, 17; 7 x 7, 16 -> 64 on 32 x 32: 94, 25,
+#: 41; 32 -> 64 channels: 5 x 5 146, 49, 48, 7 x 7 191, 46, 64), nor with groups, small products batched over
+#: them (64 -> 64 channels on 16 x 16, 3 x 3, 4 groups: 29, 5.5, 5.9; 2 groups: 27, 10.8, 10.4; 128 -> 64,
+#: 4 groups: 59, 15.8, 17.4).
 OFFSETS_AT = 16
 OFFSETS_UP_TO = 9
 
