@@ -227,13 +227,14 @@ def _weight_grad_by_offsets(x: Tensor, g: Tensor, geometry: ConvGeometry, per_sa
     c_g, o_g = c // groups, o // groups
     samples, summed = (n, 1) if per_sample else (1, n)  # the batch: in the products' batch, or in t
     rows, columns = -(-(top + height + bottom) // s_h), -(-(left + width + right) // s_w)  # H', W'
-    x_pad = F.pad(x, (left, columns * s_w - left - width, top, rows * s_h - top - height))
+    sides = (left, columns * s_w - left - width, top, rows * s_h - top - height)
+    x_pad = F.pad(x, sides) if any(sides) else x
     phases = x_pad.reshape(samples, summed, groups, c_g, rows, s_h, columns, s_w).permute(5, 7, 0, 2, 1, 4, 6, 3)
     phases = phases.reshape(s_h, s_w, samples * groups, summed * rows * columns, c_g)  # X^{ab}: (T, C_g) each
-    g_hat = g.new_zeros(samples, groups, o_g, summed, rows, columns)  # Ĝ: (O_g, T) each
-    g_hat[..., :z_h, :z_w] = g.reshape(samples, summed, groups, o_g, z_h, z_w).permute(0, 2, 3, 1, 4, 5)
+    g_hat = g.reshape(samples, summed, groups, o_g, z_h, z_w).permute(0, 2, 3, 1, 4, 5)
+    g_hat = F.pad(g_hat, (0, columns - z_w, 0, rows - z_h)).reshape(samples * groups, o_g, -1)  # Ĝ: (O_g, T) each
     length = summed * rows * columns - (k_h - 1) * d_h // s_h * columns - (k_w - 1) * d_w // s_w  # all shifts fit
-    g_hat = g_hat.reshape(samples * groups, o_g, -1)[..., :length]  # beyond: zeros
+    g_hat = g_hat[..., :length]  # beyond: zeros
     out = x.new_empty(samples * groups, o_g, c_g, k_h, k_w)
     for i in range(k_h):
         q, a = divmod(i * d_h, s_h)
