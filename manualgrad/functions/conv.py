@@ -30,9 +30,9 @@ Batched, as PyTorch stores it (``G_Z`` is ``N x O x L``; per group of channels):
 adjoint of unfolding): the transposed convolution, ``conv_transpose2d``.
 :math:`G_W` is the formula (unfold, then a batched product summed over the
 batch) for short patches, and the same sums otherwise: one matrix product per
-kernel offset (many channels, small kernels), or one convolution over the
-batch with batch and channels swapped (the rest; ``_weight_grad``): each
-measured fastest where it runs, all tested equal.
+kernel offset (many channels, small kernels, no groups), or one convolution
+over the batch with batch and channels swapped (the rest; ``_weight_grad``):
+each measured fastest where it runs, all tested equal.
 
 The three maps are bilinear and adjoint to each other:
 :math:`\langle W \star^\top G, V\rangle = \langle G, W \star V\rangle = \langle W, V \star G\rangle`
@@ -139,8 +139,7 @@ def _weight_grad(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
 def _by_offsets(x: Tensor, geometry: ConvGeometry) -> bool:
     """Whether G_W (or each sample's) is computed by kernel offsets rather than as a convolution over the batch:
     without groups, from :data:`OFFSETS_AT` channels, for kernels of at most :data:`OFFSETS_UP_TO` positions."""
-    fits = geometry.groups == 1 and math.prod(geometry.kernel_size) <= OFFSETS_UP_TO
-    return fits and x.shape[1] >= OFFSETS_AT
+    return geometry.groups == 1 and x.shape[1] >= OFFSETS_AT and math.prod(geometry.kernel_size) <= OFFSETS_UP_TO
 
 
 #: Patch length (C_g k_h k_w) below which G_W is computed by the patches. Measured (1 thread, interleaved
