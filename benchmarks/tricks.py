@@ -70,7 +70,9 @@ TRICKS = {
     "linear's one-expression check": lambda: _swapped(_checks, "_linear_fits", lambda *a: False),
     "losses in place (losses.base._in_place)": lambda: _swapped(losses.base, "_in_place", lambda g: False),
     "save_for_forward only under forward AD": lambda: _swapped(base._compat, "forward_ad_enabled", lambda: True),
-    "G_W as a convolution over the batch (conv.SWAP_AT)": lambda: _swapped(conv, "SWAP_AT", math.inf),
+    # off: the patches for every G_W; and the next one off: a convolution over the batch where offsets would run
+    "G_W beyond short patches by offsets or a convolution (conv.SWAP_AT)": lambda: _swapped(conv, "SWAP_AT", math.inf),
+    "G_W by kernel offsets (conv.OFFSETS_AT)": lambda: _swapped(conv, "OFFSETS_AT", math.inf),
     "G_Y ⊙ h' into h' (activations.times)": lambda: _swapped(activations, "times", lambda g, h, fresh=False: g * h),
     "e^x through exp2 (base.exp)": _plain_exp,
     "short softmax rows written out (softmax.exp_normalize)": lambda: _swapped(softmax, "_LANES", 0),

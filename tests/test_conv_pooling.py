@@ -270,17 +270,92 @@ def test_weight_gradient_by_convolution_equals_the_formula(shape, weight, kwargs
     batched = (x if x.dim() == 4 else x.unsqueeze(0)), (g if g.dim() == 4 else g.unsqueeze(0))
     torch.testing.assert_close(conv._weight_grad_by_patches(*batched, geometry), expected)
     torch.testing.assert_close(conv._weight_grad_by_convolution(*batched, geometry), expected)
+    torch.testing.assert_close(conv._weight_grad_by_offsets(*batched, geometry), expected)
+
+
+@pytest.mark.parametrize(
+    "shape,weight,kwargs",
+    [
+        ((2, 3, 9, 8), (4, 3, 3, 2), {}),
+        ((2, 3, 9, 11), (4, 3, 3, 2), {"stride": (2, 3)}),
+        ((2, 2, 10, 9), (3, 2, 3, 4), {"stride": (3, 2), "padding": (2, 1), "dilation": (2, 3)}),
+        ((2, 2, 6, 7), (3, 2, 4, 2), {"padding": "same", "dilation": (1, 2)}),
+        ((2, 2, 5, 6), (3, 2, 4, 4), {"padding": "same", "dilation": (2, 1)}),
+        ((2, 4, 7, 8), (6, 2, 3, 2), {"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2), "groups": 2}),
+        ((1, 3, 5, 9), (3, 1, 3, 3), {"stride": 3, "padding": 1, "groups": 3}),
+        ((3, 2, 1, 12), (3, 2, 1, 3), {"stride": (1, 2), "padding": (0, 1)}),
+        ((2, 5, 7), (3, 2, 3, 2), {"stride": (2, 1), "padding": 1}),
+        ((0, 2, 5, 6), (3, 2, 3, 2), {"stride": 2}),
+    ],
+    ids=[
+        "3x2",
+        "stride",
+        "stride,padding,dilation",
+        "same,even,dilated-width",
+        "same,even,dilated-height",
+        "groups",
+        "depthwise,stride>kernel",
+        "one-row",
+        "unbatched",
+        "empty",
+    ],
+)
+def test_weight_gradient_by_kernel_offsets_equals_the_unfold_formula(shape, weight, kwargs, monkeypatch):
+    """``_weight_grad_by_offsets`` (G_W[:, :, i, j] one product per kernel offset, over the input's stride phases)
+    against Σ_{n,ℓ} G_Z[n, :, ℓ] X̂[n, :, ℓ]ᵀ with X̂ = unfold(X_pad), one einsum in float64. Non-square kernels,
+    strides and dilations that differ between height and width, so that swapping i and j, or a stride or a
+    dilation dropped or read along the other axis, changes the sums; routed through ``_weight_grad`` (every
+    geometry by offsets) for the unbatched and empty ones. And each sample's G_W[n] (``per_sample``)."""
+    monkeypatch.setattr(conv, "SWAP_AT", 0)
+    monkeypatch.setattr(conv, "_by_offsets", lambda x, geometry: True)
+    x, w = torch.randn(shape, dtype=F64), torch.randn(weight, dtype=F64)
+    options = [kwargs.get(name, default) for name, default in (("stride", 1), ("padding", 0), ("dilation", 1))]
+    groups = kwargs.get("groups", 1)
+    geometry = conv._geometry(x, w, None, *options, groups)
+    with warnings.catch_warnings():  # torch's note on an even 'same' kernel's padded copy
+        warnings.simplefilter("ignore")
+        g = torch.randn_like(F.conv2d(x, w, **kwargs))
+    xb, gb = (x, g) if x.dim() == 4 else (x.unsqueeze(0), g.unsqueeze(0))
+    top, bottom, left, right = geometry.padding
+    x_hat = F.unfold(F.pad(xb, (left, right, top, bottom)), w.shape[2:], geometry.dilation, 0, geometry.stride)
+    x_hat = x_hat.reshape(len(xb), groups, w.shape[1], *w.shape[2:], x_hat.shape[-1])  # (N, G, C_g, k_h, k_w, L)
+    g_z = gb.reshape(len(gb), groups, w.shape[0] // groups, x_hat.shape[-1])  # (N, G, O_g, L)
+    expected = torch.einsum("ngol,ngcijl->gocij", g_z, x_hat).reshape(w.shape)
+    got = conv._weight_grad(x, g, geometry)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if shape[0]:
+        torch.testing.assert_close(conv._weight_grad_by_offsets(xb, gb, geometry), expected, rtol=1e-12, atol=1e-12)
+        each = torch.einsum("ngol,ngcijl->ngocij", g_z, x_hat).reshape(len(xb), *w.shape)  # G_W[n], not summed
+        got = conv._weight_grad_by_offsets(xb, gb, geometry, per_sample=True)
+        torch.testing.assert_close(got, each, rtol=1e-12, atol=1e-12)
 
 
 # ---- derivatives of any order, edge shapes, integers, in place ----------------------------------
 
 
-def test_conv2d_third_derivatives_match_torch_without_a_derivative_kernel():
+def _counted(monkeypatch, name: str) -> list:
+    """Count the calls of ``conv.<name>`` (one entry per call)."""
+    calls, fn = [], getattr(conv, name)
+    monkeypatch.setattr(conv, name, lambda *args, **kwargs: calls.append(1) or fn(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "shapes,kwargs,by_offsets",
+    [
+        (((2, 2, 5, 6), (4, 1, 3, 2)), {"stride": (2, 1), "padding": 1, "dilation": (1, 2), "groups": 2}, False),
+        (((2, 16, 5, 6), (3, 16, 3, 2)), {"stride": (2, 1), "padding": 1, "dilation": (1, 2)}, True),
+    ],
+    ids=["groups", "16-channels"],
+)
+def test_conv2d_third_derivatives_match_torch_without_a_derivative_kernel(shapes, kwargs, by_offsets, monkeypatch):
     """The backward applies ConvTranspose2dFunction and Conv2dWeightFunction, whose backward passes apply the
     three again: every order is convolutions. The third step squares the second derivatives (it took their
-    cos, which turned float64 rounding of second derivatives of size ~10² into differences up to ~1e-9)."""
-    x0, w0, b0 = torch.randn(2, 2, 5, 6, dtype=F64), torch.randn(4, 1, 3, 2, dtype=F64), torch.randn(4, dtype=F64)
-    kwargs = {"stride": (2, 1), "padding": 1, "dilation": (1, 2), "groups": 2}
+    cos, which turned float64 rounding of second derivatives of size ~10² into differences up to ~1e-9).
+    With 16 channels G_W is computed by kernel offsets (:data:`conv.OFFSETS_AT`)."""
+    offsets = _counted(monkeypatch, "_weight_grad_by_offsets")
+    x0, w0 = (torch.randn(shape, dtype=F64) for shape in shapes)
+    b0 = torch.randn(shapes[1][0], dtype=F64)
     results = []
     for fn in (MF.conv2d, F.conv2d):
         x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
@@ -292,8 +367,21 @@ def test_conv2d_third_derivatives_match_torch_without_a_derivative_kernel():
         results.append((third, recorder.derivative_kernels))
     (ours, our_kernels), (theirs, their_kernels) = results
     assert our_kernels == [] and "convolution_backward" in their_kernels
+    assert bool(offsets) == by_offsets
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_conv1d_with_16_channels_by_kernel_offsets_passes_gradcheck(monkeypatch):
+    """A Conv1d's k positions are a 1 x k kernel's: from :data:`conv.OFFSETS_AT` channels, G_W by kernel offsets.
+    First and second derivatives against finite differences."""
+    offsets = _counted(monkeypatch, "_weight_grad_by_offsets")
+    x, w, b = (torch.randn(shape, dtype=F64, requires_grad=True) for shape in ((2, 16, 7), (3, 16, 3), (3,)))
+
+    def fn(*args):
+        return MF.conv1d(*args, stride=2, padding=1)
+
+    assert gradcheck(fn, (x, w, b)) and gradgradcheck(fn, (x, w, b)) and offsets
 
 
 @pytest.mark.parametrize(

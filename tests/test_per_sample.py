@@ -15,6 +15,7 @@ import manualgrad
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import InputError
+from manualgrad.functions import conv as convolution
 from manualgrad.per_sample import EPSILON
 
 
@@ -236,17 +237,27 @@ def test_convolutions_per_sample(conv, clip):
             torch.testing.assert_close(p.grad, (want * factor).sum(0), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("side", [4, 12], ids=["gram: few positions", "products: many positions"])
-def test_convolutions_per_sample_either_way(side):
+@pytest.mark.parametrize(
+    "side,channels",
+    [(4, 2), (12, 2), (12, 16)],
+    ids=["gram: few positions", "products: many positions", "products by kernel offsets: 16 channels"],
+)
+def test_convolutions_per_sample_either_way(side, channels, monkeypatch):
     """Both ways a convolution's per-sample norms are formed: the T x T Gram form of G and the patches (few
-    output positions, many weights), or each G_W[n] by one grouped convolution (many positions)."""
+    output positions, many weights), or each G_W[n] formed (many positions): by one grouped convolution, or,
+    from :data:`convolution.OFFSETS_AT` channels, by kernel offsets."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(mnn.Conv2d(2, 16, 3), mnn.Tanh(), mnn.Flatten()).double()
+    offsets, by_offsets = [], convolution._weight_grad_by_offsets
+    monkeypatch.setattr(
+        convolution, "_weight_grad_by_offsets", lambda *a, **k: offsets.append(1) or by_offsets(*a, **k)
+    )
+    model = torch.nn.Sequential(mnn.Conv2d(channels, 16, 3), mnn.Tanh(), mnn.Flatten()).double()
     model.append(mnn.Linear(16 * (side - 2) ** 2, 3).double())
-    x, y = torch.randn(4, 2, side, side, dtype=F64), torch.randint(0, 3, (4,))
+    x, y = torch.randn(4, channels, side, side, dtype=F64), torch.randint(0, 3, (4,))
     expected = reference_per_sample(model, x, y, seed=0)
     with manualgrad.per_sample(model, grads=True):
         MF.cross_entropy(model(x), y).backward()
+    assert bool(offsets) == (channels >= convolution.OFFSETS_AT)
     for p, want in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad_sample, want, rtol=0, atol=1e-10)
         torch.testing.assert_close(p.norm_sample, want.flatten(1).norm(dim=1), rtol=0, atol=1e-10)

@@ -29,9 +29,10 @@ Batched, as PyTorch stores it (``G_Z`` is ``N x O x L``; per group of channels):
 ``fold`` adds every column back onto the pixels its patch came from (the
 adjoint of unfolding): the transposed convolution, ``conv_transpose2d``.
 :math:`G_W` is the formula (unfold, then a batched product summed over the
-batch) for short patches, and the same sums as one convolution over the batch,
-with batch and channels swapped, for patches of :data:`SWAP_AT` numbers or
-more (``_weight_grad``): measured faster there, and tested equal.
+batch) for short patches, and the same sums otherwise: one matrix product per
+kernel offset (many channels, small kernels, no groups), or one convolution
+over the batch with batch and channels swapped (the rest; ``_weight_grad``):
+each measured fastest where it runs, all tested equal.
 
 The three maps are bilinear and adjoint to each other:
 :math:`\langle W \star^\top G, V\rangle = \langle G, W \star V\rangle = \langle W, V \star G\rangle`
@@ -119,22 +120,44 @@ def _input_grad(g: Tensor, w: Tensor, geometry: ConvGeometry) -> Tensor:
 
 
 def _weight_grad(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
-    """G_W = Σ_n Σ_ℓ G_Z[n, :, ℓ] X̂[n, :, ℓ]ᵀ, per group: by the patches (the formula), or, for patches of
-    :data:`SWAP_AT` numbers or more, by :func:`_weight_grad_by_convolution` (the same sums, measured faster)."""
+    """G_W = Σ_n Σ_ℓ G_Z[n, :, ℓ] X̂[n, :, ℓ]ᵀ, per group, by one of three ways to the same sums, each where it
+    measured fastest: by the patches (the formula) for patches of fewer than :data:`SWAP_AT` numbers; from there
+    on, one product per kernel offset (:func:`_weight_grad_by_offsets`) without groups, from :data:`OFFSETS_AT`
+    channels, for kernels of at most :data:`OFFSETS_UP_TO` positions, else as a convolution over the batch
+    (:func:`_weight_grad_by_convolution`)."""
     x, g = _batched(x), _batched(g)
     k_h, k_w = geometry.kernel_size
     if x.shape[0] == 0:  # an empty batch: an empty sum
         return g.new_zeros(g.shape[1], x.shape[1] // geometry.groups, k_h, k_w)
-    if x.shape[1] // geometry.groups * k_h * k_w >= SWAP_AT:
-        return _weight_grad_by_convolution(x, g, geometry)
-    return _weight_grad_by_patches(x, g, geometry)
+    if x.shape[1] // geometry.groups * k_h * k_w < SWAP_AT:
+        return _weight_grad_by_patches(x, g, geometry)
+    if _by_offsets(x, geometry):
+        return _weight_grad_by_offsets(x, g, geometry)
+    return _weight_grad_by_convolution(x, g, geometry)
 
 
-#: Patch length (C_g k_h k_w) from which G_W is computed as a convolution over the batch. Measured (1 thread,
-#: interleaved medians; batch 64, 28 x 28 inputs, 3 x 3 kernels, 32 output channels), by the patches vs as a
-#: convolution: 9 numbers (C = 1) 3.3 vs 4.8 ms; 27: 11.6 vs 11.9 ms; 72: 15.5 vs 8.2 ms; 288 (the MNIST
-#: conv2, 64 outputs on 26 x 26): 92 vs 30 ms.
+def _by_offsets(x: Tensor, geometry: ConvGeometry) -> bool:
+    """Whether G_W (or each sample's) is computed by kernel offsets rather than as a convolution over the batch:
+    without groups, from :data:`OFFSETS_AT` channels, for kernels of at most :data:`OFFSETS_UP_TO` positions."""
+    return geometry.groups == 1 and x.shape[1] >= OFFSETS_AT and math.prod(geometry.kernel_size) <= OFFSETS_UP_TO
+
+
+#: Patch length (C_g k_h k_w) below which G_W is computed by the patches. Measured (1 thread, interleaved
+#: medians; batch 64, 28 x 28 inputs, 3 x 3 kernels, 32 output channels; ms by the patches, as a convolution, by
+#: kernel offsets): 9 numbers (C = 1) 1.0, 1.5, 3.0; 18: 1.7, 1.9, 4.4; 36: 3.0, 2.7, 4.6; 72: 5.8, 4.3, 5.1;
+#: 144: 11.9, 7.7, 5.5.
 SWAP_AT = 32
+#: Input channels from which, and kernel positions (k_h k_w) up to which, G_W is computed by kernel offsets,
+#: without groups. Measured as above (ms by the patches, as a convolution, by kernel offsets): the MNIST conv2
+#: (64 x 32 x 26 x 26, 64 outputs, 3 x 3) 35, 27, 16; 16 channels on 28 x 28, 3 x 3: 32 outputs 11.9, 7.7, 5.5,
+#: 16 outputs 11.3, 4.0, 3.5; 64 x 64 x 16 x 16, 128 outputs, 3 x 3, stride 2, padding 1: 13, 12, 8.9; conv1d
+#: 64 x 16 x 128, 32 outputs, k 5: 1.2, 0.68, 0.56. Not from 8 channels (above), nor for larger kernels, where
+#: the convolution gains (5 x 5, 16 -> 32 channels on 28 x 28: 62, 13, 17; 7 x 7, 16 -> 64 on 32 x 32: 94, 25,
+#: 41; 32 -> 64 channels: 5 x 5 146, 49, 48, 7 x 7 191, 46, 64), nor with groups, small products batched over
+#: them (64 -> 64 channels on 16 x 16, 3 x 3, 4 groups: 29, 5.5, 5.9; 2 groups: 27, 10.8, 10.4; 128 -> 64,
+#: 4 groups: 59, 15.8, 17.4).
+OFFSETS_AT = 16
+OFFSETS_UP_TO = 9
 
 
 def patches(x: Tensor, geometry: ConvGeometry) -> Tensor:
@@ -177,6 +200,48 @@ def _weight_grad_by_convolution(x: Tensor, g: Tensor, geometry: ConvGeometry, pe
         out = out.reshape(c_g, groups, n, o_g, k_h, k_w).permute(2, 1, 3, 0, 4, 5).reshape(n, o, c_g, k_h, k_w)
         return out.contiguous()
     return out.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # a new tensor, not a view of out
+
+
+def _weight_grad_by_offsets(x: Tensor, g: Tensor, geometry: ConvGeometry, per_sample: bool = False) -> Tensor:
+    """The same sums, one kernel offset at a time. The kernel's entry (i, j) meets, at output position (h, w), the
+    padded input's pixel (h s_h + i d_h, w s_w + j d_w), so (per group)
+
+        G_W[:, :, i, j] = Σ_{n,h,w} G_Z[n, :, h, w] X_pad[n, :, h s_h + i d_h, w s_w + j d_w]ᵀ,
+
+    one matrix product per offset. Split X_pad into its s_h s_w phases, X^{ab}[n, :, u, v] = X_pad[n, :, u s_h + a,
+    v s_w + b] (H' x W' each: X_pad rounded up to whole strides), and write i d_h = q s_h + a, j d_w = r s_w + b:
+    the pixel is X^{ab}[n, :, h + q, w + r]. Lay out G_Z on the H' x W' grid (zero beyond Z_h x Z_w) and flatten
+    (n, h, w) into one index t = (n H' + h) W' + w: (h + q, w + r) is t + q W' + r, so
+
+        G_W[:, :, i, j] = Σ_t Ĝ[:, t] X^{ab}[t + q W' + r]ᵀ,
+
+    (O x T) times (T x C), the rows of X^{ab} (channels last) from q W' + r on: a view, no copy per offset. (A
+    shift that runs past a row or a sample meets the zeros of Ĝ.) With groups, a batched product over them.
+    ``per_sample``: each sample's G_W[n] ``(N, O, C_g, k_h, k_w)``, not their sum: t runs over one sample's
+    grid, the products batched over (sample, group)."""
+    n, c, height, width = x.shape
+    o, groups, (z_h, z_w) = g.shape[1], geometry.groups, g.shape[2:]
+    (s_h, s_w), (d_h, d_w), (k_h, k_w) = geometry.stride, geometry.dilation, geometry.kernel_size
+    top, bottom, left, right = geometry.padding
+    c_g, o_g = c // groups, o // groups
+    samples, summed = (n, 1) if per_sample else (1, n)  # the batch: in the products' batch, or in t
+    rows, columns = -(-(top + height + bottom) // s_h), -(-(left + width + right) // s_w)  # H', W'
+    sides = (left, columns * s_w - left - width, top, rows * s_h - top - height)
+    x_pad = F.pad(x, sides) if any(sides) else x
+    phases = x_pad.reshape(samples, summed, groups, c_g, rows, s_h, columns, s_w).permute(5, 7, 0, 2, 1, 4, 6, 3)
+    phases = phases.reshape(s_h, s_w, samples * groups, summed * rows * columns, c_g)  # X^{ab}: (T, C_g) each
+    g_hat = g.reshape(samples, summed, groups, o_g, z_h, z_w).permute(0, 2, 3, 1, 4, 5)
+    g_hat = F.pad(g_hat, (0, columns - z_w, 0, rows - z_h)).reshape(samples * groups, o_g, -1)  # Ĝ: (O_g, T) each
+    length = summed * rows * columns - (k_h - 1) * d_h // s_h * columns - (k_w - 1) * d_w // s_w  # all shifts fit
+    g_hat = g_hat[..., :length]  # beyond: zeros
+    out = x.new_empty(samples * groups, o_g, c_g, k_h, k_w)
+    for i in range(k_h):
+        q, a = divmod(i * d_h, s_h)
+        for j in range(k_w):
+            r, b = divmod(j * d_w, s_w)
+            shift = q * columns + r
+            out[..., i, j] = g_hat.bmm(phases[a, b, :, shift : shift + length])
+    return out.reshape(n, o, c_g, k_h, k_w) if per_sample else out.reshape(o, c_g, k_h, k_w)
 
 
 # ---- the Functions --------------------------------------------------------------------------------
@@ -295,16 +360,19 @@ class Conv1dFunction(ManualFunction):
 def _record_per_sample(layer, g: Tensor, x: Tensor, geometry: ConvGeometry) -> tuple[bool, bool]:
     """Per-sample quantities (:mod:`~manualgrad.functions.recorder`): sample n's G_W is G_Z[n] X̂[n]ᵀ, a Linear
     layer's over the L output positions. Where the recorder would form each G_W[n] anyway (L (O + C k_h k_w) ≥
-    O C k_h k_w: small kernels, many positions), the layer hands it G_W[n] itself, all by one grouped
-    convolution (:func:`_weight_grad_by_convolution`): no patches, ~3x faster on the DP small CNN's first
-    layer (1 thread, batch 512: 5.9 against 16.6 ms for unfold and the batched product). Else it hands ``G`` as
-    ``(N, L, O)`` and the patches as ``(N, L, C k_h k_w)``, and the recorder takes the T x T Gram form."""
+    O C k_h k_w: small kernels, many positions), the layer hands it G_W[n] itself, no patches: by kernel
+    offsets where G_W is (:func:`_by_offsets`; on the MNIST conv2, batch 64, 1 thread: 16 against 33 ms), else
+    all by one grouped convolution (:func:`_weight_grad_by_convolution`; ~3x faster on the DP small CNN's first
+    layer, batch 512: 5.9 against 16.6 ms for unfold and the batched product; 2.8 against 21 ms by offsets at
+    batch 240). Else it hands ``G`` as ``(N, L, O)`` and the patches as ``(N, L, C k_h k_w)``, and the recorder
+    takes the T x T Gram form."""
     g, x = _batched(g), _batched(x)
     positions, patch = g.shape[-2] * g.shape[-1], x.shape[1] // geometry.groups * math.prod(geometry.kernel_size)
     if len(g) and positions * (g.shape[1] + patch) >= g.shape[1] * patch:
         weights = None
         if layer.weight is not None:  # (N, *weight.shape): a Conv1d's weight has no k_h
-            weights = _weight_grad_by_convolution(x, g, geometry, per_sample=True).reshape(len(g), *layer.weight.shape)
+            by = _weight_grad_by_offsets if _by_offsets(x, geometry) else _weight_grad_by_convolution
+            weights = by(x, g, geometry, per_sample=True).reshape(len(g), *layer.weight.shape)
         return layer.record_samples(weights, g.sum((2, 3)) if layer.bias is not None else None)
 
     def weighted(c: Tensor):  # the clipped sums: X ⋆ (c ⊙ G) and Σ (c ⊙ G), no patches
