@@ -121,15 +121,16 @@ def _input_grad(g: Tensor, w: Tensor, geometry: ConvGeometry) -> Tensor:
 
 def _weight_grad(x: Tensor, g: Tensor, geometry: ConvGeometry) -> Tensor:
     """G_W = Σ_n Σ_ℓ G_Z[n, :, ℓ] X̂[n, :, ℓ]ᵀ, per group, by one of three ways to the same sums, each where it
-    measured fastest: by the patches (the formula) for patches of fewer than :data:`SWAP_AT` numbers; from there
-    on, one product per kernel offset (:func:`_weight_grad_by_offsets`) without groups, from :data:`OFFSETS_AT`
-    channels, for kernels of at most :data:`OFFSETS_UP_TO` positions, else as a convolution over the batch
-    (:func:`_weight_grad_by_convolution`)."""
+    measured fastest: by the patches (the formula) without groups for patches of fewer than :data:`SWAP_AT`
+    numbers (with groups the convolution measured 1.4-2.6x faster: depthwise 3 x 3 on 64 x 32 x 28 x 28, 89
+    against 40 ms; 8 -> 16 channels in 2 groups, 11 against 4.3 ms); from there on, one product per kernel offset
+    (:func:`_weight_grad_by_offsets`) without groups, from :data:`OFFSETS_AT` channels, for kernels of at most
+    :data:`OFFSETS_UP_TO` positions, else as a convolution over the batch (:func:`_weight_grad_by_convolution`)."""
     x, g = _batched(x), _batched(g)
     k_h, k_w = geometry.kernel_size
     if x.shape[0] == 0:  # an empty batch: an empty sum
         return g.new_zeros(g.shape[1], x.shape[1] // geometry.groups, k_h, k_w)
-    if x.shape[1] // geometry.groups * k_h * k_w < SWAP_AT:
+    if geometry.groups == 1 and x.shape[1] * k_h * k_w < SWAP_AT:
         return _weight_grad_by_patches(x, g, geometry)
     if _by_offsets(x, geometry):
         return _weight_grad_by_offsets(x, g, geometry)
