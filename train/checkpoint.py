@@ -10,16 +10,13 @@ import io
 import math
 import os
 import re
-from typing import TYPE_CHECKING
 
 import torch
 
 from .config import RUN_OPTIONS, Config, check, check_values
+from .engine import Trainer, steps_per_epoch
 from .errors import ConfigError, RunError, first_line, short
 from .files import write_atomically
-
-if TYPE_CHECKING:
-    from .engine import Trainer
 
 FORMAT = 2
 FILENAME = "checkpoint.pt"
@@ -194,12 +191,10 @@ def _check_history(history: list, epochs: int, key: str, bad, complete: bool = T
 
 def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
     """A step inside an unfinished epoch, its batch order (--dp: empty), the loss, rows and seconds so far."""
-    from . import engine
-
     if set(position) != set(POSITION_KEYS):
         raise bad(f"has an incomplete position (needs {', '.join(POSITION_KEYS)}, nothing else)")
     n = state["data"]["train"]
-    steps = engine.steps_per_epoch(n, saved.batch_size, saved.dp)
+    steps = steps_per_epoch(n, saved.batch_size, saved.dp)
     step, order = position["step"], position["order"]
     if state["epoch"] >= saved.epochs or not _is_int(step) or not 1 <= step < steps:
         where = f"step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps"

@@ -24,18 +24,14 @@ MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only slows down; far more crashe
 
 
 # ---- argparse types: an ArgumentTypeError is a usage error (exit 2)
-def _number(kind, text):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-
-
 def number_in(kind, ok, what: str):
     """An argparse type: ``text`` as a ``kind`` (int or float) for which ``ok`` holds, else "must be ``what``"."""
 
     def parse(text: str):
-        value = _number(kind, text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
         if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {value if kind is int else text}")
         return value
@@ -300,9 +296,7 @@ NEWER_OPTIONS = frozenset(f.name for f in OPTIONS if f.metadata["newer"])
 # Options that say only where and how a run runs: a resumed run takes them from the command line.
 RUN_OPTIONS = tuple(f.name for f in OPTIONS if f.metadata["role"] == "run")
 PRIVACY_OPTIONS = frozenset(f.name for f in OPTIONS if f.metadata["group"] == "dp") - {"dp"}
-GROUPS = dict(
-    run="run", model="model", optimisation="optimisation", dp="differential privacy (DP-SGD)", checks="checks"
-)
+GROUPS = {"dp": "differential privacy (DP-SGD)"}  # a group's title in --help, where it is not its name
 
 
 def flag(name: str) -> str:
@@ -319,7 +313,7 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
         epilog="Several processes: torchrun --nproc_per_node=2 -m train [options] (same results as one process).",
         add_help=defaults is not None,
     )
-    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    groups = {g: p.add_argument_group(GROUPS.get(g, g)) for g in dict.fromkeys(f.metadata["group"] for f in OPTIONS)}
     for f in OPTIONS:
         meta, kw = f.metadata, dict(f.metadata["argparse"])
         if callable(kw.get("metavar")):
@@ -366,39 +360,28 @@ def defaults(preset: str = "default", model: str | None = None) -> Config:
 def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
     """Every option's value (but ``skip``'s) checked as the command line would take it, else a :class:`ConfigError`."""
     for action in build_parser(Config())._actions:
-        if not hasattr(cfg, action.dest) or action.dest in skip:  # not an option (--help), or skipped
-            continue
-        flag, value = action.option_strings[-1], getattr(cfg, action.dest)
+        flag, value = action.option_strings[-1], getattr(cfg, action.dest, None)
+        if not hasattr(cfg, action.dest) or action.dest in skip or (value is None and action.default is None):
+            continue  # not an option (--help), skipped, or not given (--epsilon without --dp, --out, --resume)
+        invalid = ConfigError(f"{flag}: {short(value)} is not a valid value")
         if action.nargs == 0:  # a switch (--dp, --no-download, ...)
             if not isinstance(value, bool):
                 raise ConfigError(f"{flag}: expected true or false, got {short(value)}")
-        elif value is None and action.default is None:  # "not given": --epsilon without --dp, --out, --resume
-            pass
         elif action.choices is not None:
-            if not isinstance(value, str) or value not in action.choices:
-                raise ConfigError(f"{flag}: {short(value)} is not one of {', '.join(map(str, action.choices))}")
-        elif action.type is not None:  # written as on the command line, parsed by its type: it must come back
-            _check_typed(flag, action.type, value)
-
-
-def _check_typed(flag: str, kind, value) -> None:
-    invalid = ConfigError(f"{flag}: {short(value)} is not a valid value")
-    if isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
-        raise invalid
-    if isinstance(value, tuple):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{flag}: {short(list(value))} is not a list of widths")
-        text = ",".join(map(str, value)) if value else "none"
-    else:
-        text = repr(value) if isinstance(value, float) else str(value)
-    if kind is activation_name and ":" in text:  # a stored run names its activation; it never imports a file
-        raise ConfigError(f"{flag}: {short(value)} is not a registered activation's name")
-    try:
-        parsed = kind(text)
-    except argparse.ArgumentTypeError as e:
-        raise (ConfigError(f"{flag} {text}: {e}") if len(text) <= 40 else invalid) from None
-    if parsed != value or (isinstance(value, str) and not isinstance(parsed, str)):
-        raise invalid
+            if value not in action.choices:
+                raise ConfigError(f"{flag}: {short(value)} is not one of {', '.join(action.choices)}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
+            raise invalid
+        else:  # written as on the command line, parsed by its type: it must come back
+            text = (",".join(map(str, value)) or "none") if isinstance(value, tuple) else str(value)
+            if action.type is activation_name and ":" in text:  # a stored run never imports a file
+                raise ConfigError(f"{flag}: {short(value)} is not a registered activation's name")
+            try:
+                parsed = action.type(text)
+            except argparse.ArgumentTypeError as e:
+                raise (ConfigError(f"{flag} {text}: {e}") if len(text) <= 40 else invalid) from None
+            if parsed != value:
+                raise invalid
 
 
 def check(cfg: Config) -> None:

@@ -151,9 +151,7 @@ def read_idx(folder: str, name: str, digest) -> Tensor:
         what = "truncated" if len(data) < header + size else "longer than its header says"
         raise _error(folder, f"{name} is {what}: {len(data)} bytes, its header announces {header + size}")
     digest.update(data)
-    if size == 0:  # frombuffer refuses a count of 0
-        return torch.empty(shape, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header, count=size).reshape(shape)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)[header:].reshape(shape)
 
 
 def _error(folder: str, problem: str) -> DataError:

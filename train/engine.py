@@ -248,11 +248,8 @@ class Trainer:
         weight = 1.0 if self.privacy is not None else share
         loss_value, stopping = distributed.reduce_step(self.params, loss, share, weight, stop, self.world)
         if math.isfinite(loss_value):
-            if self.privacy is not None:  # noise σ C z added once, to the global sum (same z everywhere), / B
-                self.dp_optimizer.step()
-                self.private_steps += 1
-            else:
-                self.optimizer.step()
+            (self.dp_optimizer or self.optimizer).step()  # --dp: noise σ C z added once, to the global sum, then / B
+            self.private_steps += self.dp_optimizer is not None
             if self.scheduler:
                 self.scheduler.step()
         return loss_value, stopping

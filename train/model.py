@@ -65,25 +65,20 @@ def torch_twin(model: torch.nn.Module) -> torch.nn.Sequential:
 
 def build(cfg, device) -> Net:
     """The Net that ``cfg`` trains, its weights drawn from the global RNG (seed it first)."""
-    widths = "-".join(str(h) for h in (*cfg.hidden, CLASSES))
     if cfg.model == "mlp":
         sizes = [IN_FEATURES, *cfg.hidden, CLASSES]
         mlp = mnn.MLP(sizes, activation=cfg.activation, dropout=cfg.dropout, device=device)
         architecture = f"MLP {'-'.join(map(str, sizes))}, {cfg.activation}, dropout {cfg.dropout}"
         return Net(mlp, cfg.impl, cfg.label_smoothing, architecture)
-    c1, c2 = cfg.channels
-    if cfg.model == "scatter-cnn":
-        cnn = build_scatter_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
-        architecture = f"ScatterNet + CNN groupnorm-conv{c1}-conv{c2}-{widths}, {cfg.activation}"
-        return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=scatter.SHAPE)
-    if cfg.model == "cnn":
-        cnn = build_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
-        dropout = f"dropout {cfg.dropout / 2:g}/{cfg.dropout:g}"
-        architecture = f"CNN conv{c1}-conv{c2}-pool-{widths}, {cfg.activation}, {dropout}"
-    else:
-        cnn = build_small_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
-        architecture = f"small CNN conv{c1}-pool-conv{c2}-pool-{widths}, {cfg.activation}, dropout {cfg.dropout:g}"
-    return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
+    (c1, c2), act, p, head = cfg.channels, cfg.activation, cfg.dropout, "-".join(map(str, (*cfg.hidden, CLASSES)))
+    builder, architecture = {
+        "cnn": (build_cnn, f"CNN conv{c1}-conv{c2}-pool-{head}, {act}, dropout {p / 2:g}/{p:g}"),
+        "small-cnn": (build_small_cnn, f"small CNN conv{c1}-pool-conv{c2}-pool-{head}, {act}, dropout {p:g}"),
+        "scatter-cnn": (build_scatter_cnn, f"ScatterNet + CNN groupnorm-conv{c1}-conv{c2}-{head}, {act}"),
+    }[cfg.model]
+    shape = scatter.SHAPE if cfg.model == "scatter-cnn" else (1, SIDE, SIDE)  # the features' or the images'
+    cnn = builder(cfg.hidden, act, p, device, cfg.channels)
+    return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=shape)
 
 
 class Net:

@@ -11,10 +11,6 @@ import os
 import sys
 
 
-def _value(x) -> float:
-    return math.nan if x is None else x  # a JSON null (a non-finite value) becomes a gap
-
-
 def title(metrics: dict) -> str:
     """E.g. "MLP 784-512-256-10, relu, dropout 0.1, impl fused; adamw lr 0.002, seed 0"."""
     config = metrics.get("config", {})
@@ -49,7 +45,7 @@ def curves_png(metrics: dict) -> bytes:
     for label, records, style in runs:
         x = [r["epoch"] for r in records]
         for ax, key, scale, color, name in curves:
-            y = [scale * _value(r[key]) for r in records]
+            y = [math.nan if r[key] is None else scale * r[key] for r in records]  # null (not finite): a gap
             ax.plot(x, y, style, color=color, marker="o", ms=3, label=f"{name} ({label})")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy")
