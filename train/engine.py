@@ -4,6 +4,7 @@ random streams, so that two (``--compare-native``) can alternate epochs and each
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import secrets
@@ -68,24 +69,20 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous = {}
 
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     options = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **options)
-    optimizer = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return optimizer(params, **options)
+    return (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW)(params, **options)
 
 
 def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):  # stepped after every batch
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total) if cfg.schedule == "cosine" else None
 
 
 def rng_state(device: torch.device) -> dict:
@@ -259,15 +256,15 @@ class Trainer:
         Returns where it stopped (step ``steps_per_epoch``: at the end; before: on a stop request) and whether any
         process asked to stop. The thread timing and the progress bar sit beside the step."""
         n = len(self.data.train_y)  # a new epoch: a fresh order of the rows, batch i is order[iB:(i+1)B] (--dp: none)
-        at = resume or Position(
-            0, torch.zeros(0, dtype=torch.long) if self.privacy else torch.randperm(n, generator=self.generator)
-        )
-        order, loss_sum, rows_seen, seconds = at.order.to(self.world.device), at.loss_sum, at.rows, at.seconds
+        at = dataclasses.replace(resume) if resume else Position(0, torch.zeros(0, dtype=torch.long))
+        if not resume and not self.privacy:
+            at.order = torch.randperm(n, generator=self.generator)
+        order, seconds_before = at.order.to(self.world.device), at.seconds
         self.net.module.train()
         set_rng_state(self.torch_rng, self.world.device)
         desc, hide = f"epoch {epoch}/{self.cfg.epochs}", None if self.world.main and self.cfg.progress else True
         bar = tqdm(total=self.steps_per_epoch, initial=at.step, desc=desc, disable=hide, **PROGRESS_BAR)
-        start, stopping, done = time.perf_counter(), False, at.step
+        start, stopping = time.perf_counter(), False
         self.threads.steps.clear()  # time the thread counts on a batch of the first rows, drawn from no random stream
         self.threads.choose(functools.partial(self.trial_step, torch.arange(min(self.cfg.batch_size, n))))
         try:
@@ -280,13 +277,13 @@ class Trainer:
                 if not math.isfinite(loss):
                     problem = f"the training loss became {loss} at epoch {epoch}, step {step + 1}"
                     raise TrainingError(f"{problem}; stopped without taking that step")
-                loss_sum, rows_seen, done = loss_sum + loss * len(rows), rows_seen + len(rows), step + 1
+                at.loss_sum, at.rows, at.step = at.loss_sum + loss * len(rows), at.rows + len(rows), step + 1
                 if self.threads.step_took(time.perf_counter() - step_start):  # slowed down: time the counts again
                     self.threads.choose(functools.partial(self.trial_step, rows))
                 bar.update()
                 if step % 20 == 0 or step == self.steps_per_epoch - 1:
-                    speed = rows_seen / max(seconds + time.perf_counter() - start, 1e-9)
-                    postfix = {"loss": f"{loss_sum / max(rows_seen, 1):.4f}", "samples/s": f"{speed:,.0f}"}
+                    speed = at.rows / max(seconds_before + time.perf_counter() - start, 1e-9)
+                    postfix = {"loss": f"{at.loss_sum / max(at.rows, 1):.4f}", "samples/s": f"{speed:,.0f}"}
                     bar.set_postfix(postfix, refresh=False)
                 if on_step is not None:
                     on_step(epoch, step + 1, self)
@@ -295,7 +292,8 @@ class Trainer:
         finally:
             bar.close()
             self.torch_rng = rng_state(self.world.device)
-        return Position(done, at.order, loss_sum, rows_seen, seconds + time.perf_counter() - start), stopping
+            at.seconds = seconds_before + time.perf_counter() - start
+        return at, stopping
 
     def clipped(self):
         """--dp: ``backward()`` leaves in ``.grad`` the clipped sum Σ_n min(1, C/‖g_n‖) g_n of the per-sample gradients

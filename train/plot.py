@@ -10,6 +10,9 @@ import math
 import os
 import sys
 
+from .errors import RunError
+from .files import write_atomically
+
 
 def title(metrics: dict) -> str:
     """E.g. "MLP 784-512-256-10, relu, dropout 0.1, impl fused; adamw lr 0.002, seed 0"."""
@@ -79,9 +82,6 @@ def curves_png(metrics: dict) -> bytes:
 
 def main(argv=None) -> int:
     """``python -m train.plot RUN_FOLDER``: (re)draw ``RUN_FOLDER/curves.png`` from its ``metrics.json``."""
-    from .errors import RunError
-    from .files import write_atomically
-
     parser = argparse.ArgumentParser(prog="python -m train.plot", description=main.__doc__)
     parser.add_argument("run_folder", help="a run folder of python -m train (it holds metrics.json)")
     parser.add_argument("--output", help="where to write the PNG (default: RUN_FOLDER/curves.png)")
