@@ -143,22 +143,21 @@ PRESETS: dict[str, dict] = {
 
 # ---- the options
 
-SWITCH = "switch"  # an option's kind: a flag without a value (--dp; --no-download when its default is True)
-
 
 def option(default, where: str, help: str, kind=None, shown: str | None = None, **argparse_kw):
     """A :class:`Config` field declaring an option. ``where``: its group in ``--help``, its role (``training``: a
     resumed run takes it from its checkpoint; ``run``: from the command line) and ``newer`` for a training option a
-    checkpoint of format 2 may lack (then it has its default). ``kind``: :data:`SWITCH`, the argparse ``type`` or the
-    ``choices``. ``shown``: the default as ``--help`` states it ("": not at all; None: the value)."""
+    checkpoint of format 2 may lack (then it has its default). ``kind``: the argparse ``type`` or the ``choices`` (a
+    bool default: a switch). ``shown``: the default in ``--help`` ("": not at all; None: the value, not None)."""
     group, role, newer = [*where.split(", "), None, None][:3]
-    flag = "--no-{}" if kind == SWITCH and default else "--{}"
-    if kind == SWITCH:
+    flag = "--no-{}" if default is True else "--{}"  # a switch without a value (--dp; --no-download: default True)
+    if isinstance(default, bool):
         argparse_kw["action"], shown = "store_false" if default else "store_true", ""
     elif callable(kind):
         argparse_kw["type"] = kind
     elif kind is not None:
         argparse_kw["choices"] = kind
+    shown = "" if default is None and shown is None else shown
     meta = dict(help=help, group=group, role=role, newer=bool(newer), shown=shown, flag=flag, argparse=argparse_kw)
     return dataclasses.field(default=default, metadata=meta)
 
@@ -185,7 +184,7 @@ class Config:
         MODELS,
     )
     data_dir: str = option("data/", "run", "MNIST IDX files: <dir>/MNIST/raw/ or <dir> (downloaded when missing)", path)
-    download: bool = option(True, "run, run", "never download; fail if the files are missing", SWITCH)
+    download: bool = option(True, "run, run", "never download; fail if the files are missing")
     epochs: int = option(15, "optimisation, training", "passes over the training set", positive_int)
     batch_size: int = option(128, "optimisation, training", "global batch size (split across processes)", positive_int)
     hidden: tuple = option((512, 256), "model, training", "hidden layer widths, e.g. 512,256", hidden_sizes)
@@ -223,7 +222,6 @@ class Config:
         "dp, training, newer",
         "train with DP-SGD: Poisson-sampled batches (rate batch-size/N), each image's gradient clipped to --clip, "
         "Gaussian noise calibrated so that the whole run is (--epsilon, --delta)-DP; needs pip install -e '.[dp]'",
-        SWITCH,
     )
     epsilon: float | None = option(
         None, "dp, training, newer", "the whole run's privacy budget", positive_float, shown="none; required with --dp"
@@ -238,7 +236,6 @@ class Config:
         "dp, training, newer",
         "seed the batches and the noise from the OS's entropy, not --seed (whoever knows the seed can recompute "
         "them: the guarantee does not hold against them); the run cannot be repeated, resuming stays exact",
-        SWITCH,
     )
     device: str = option("auto", "run, run", "auto: cuda when available, else cpu", ("auto", "cpu", "cuda"))
     threads: int | None = option(
@@ -255,24 +252,21 @@ class Config:
         "run folder (default: runs/<timestamp>; resuming: the checkpoint's). Refused while a run uses it, and if it "
         "holds a run's files (config.json, checkpoint.pt, metrics.json, curves.png) unless it is the resumed run's",
         path,
-        shown="",
     )
     resume: str | None = option(
         None,
         "run, run",
         "continue from a checkpoint.pt (or its run folder), with its options, on the same data",
         path,
-        shown="",
         metavar="PATH",
     )
     compare_native: bool = option(
         False,
         "checks, run",
         "also train it in plain torch.nn (same weights and batches, epochs alternating); print both and the time ratio",
-        SWITCH,
     )
-    check_grads: bool = option(False, "checks, run", "compare our gradients with autograd's on one batch first", SWITCH)
-    progress: bool = option(True, "run, run", "no progress bars (shown on a terminal only)", SWITCH)
+    check_grads: bool = option(False, "checks, run", "compare our gradients with autograd's on one batch first")
+    progress: bool = option(True, "run, run", "no progress bars (shown on a terminal only)")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -141,11 +141,7 @@ def compare_gradients(net: Net, x: Tensor, y: Tensor) -> tuple[float, str, float
             results.append((loss.detach(), torch.autograd.grad(loss, list(each.module.parameters())), coverage))
     net.module.train(was_training)
     (ours, our_grads, coverage), (ref, ref_grads, _) = results
-    worst_name, worst = "", -1.0
-    for (name, _), g, r in zip(net.module.named_parameters(), our_grads, ref_grads):
-        relative = ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-        if not relative <= worst:  # NaN counts as the worst
-            worst_name, worst = name, relative
-            if math.isnan(relative):
-                break
-    return worst, worst_name, abs(ours.item() - ref.item()), coverage
+    names = [name for name, _ in net.module.named_parameters()]
+    relative = [((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(our_grads, ref_grads)]
+    worst = max(range(len(names)), key=lambda i: math.inf if math.isnan(relative[i]) else relative[i])  # NaN: worst
+    return relative[worst], names[worst], abs(ours.item() - ref.item()), coverage
