@@ -284,10 +284,9 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
             like = expected[name]  # a 0-d tensor (the step count), or one of the parameter's shape (or None)
             shape = () if isinstance(like, torch.Tensor) and like.dim() == 0 else tuple(params[index].shape)
             fits = isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.is_floating_point()
-            if fits or (like is None and value is None):
-                continue
-            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-            return f"optimizer state {index} {name} is {got}, expected a tensor of shape {shape}"
+            if not fits and not (like is None and value is None):
+                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+                return f"optimizer state {index} {name} is {got}, expected a tensor of shape {shape}"
     if trainer.scheduler is None:
         return None if resumed["scheduler"] is None else "scheduler is there, but this run has none"
     fresh, saved = trainer.scheduler.state_dict(), resumed["scheduler"]

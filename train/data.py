@@ -3,6 +3,7 @@ the MLP). A missing, truncated or foreign IDX file is a one-line :class:`DataErr
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import math
@@ -95,11 +96,9 @@ def fetch(folder: str) -> None:
     from torchvision.datasets import MNIST as TorchvisionMNIST
     from torchvision.datasets.utils import download_and_extract_archive
 
-    created = []  # the folders made here, deepest last: removed again if the download fails and they are empty
-    parent = os.path.abspath(folder)
-    while not os.path.exists(parent):
-        created.insert(0, parent)
-        parent = os.path.dirname(parent)
+    folder = existed = os.path.abspath(folder)
+    while not os.path.exists(existed):  # the folders below it are made here: removed again if the download fails
+        existed = os.path.dirname(existed)
     os.makedirs(folder, exist_ok=True)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
@@ -117,11 +116,10 @@ def fetch(folder: str) -> None:
             else:
                 raise RuntimeError("; ".join(errors))
     except BaseException:
-        for path in reversed(created):  # an offline failure leaves no empty data/MNIST/raw/ behind
-            try:
-                os.rmdir(path)  # only if empty: a partial download stays
-            except OSError:
-                break
+        with contextlib.suppress(OSError):  # an offline failure leaves no empty data/MNIST/raw/ behind
+            while folder != existed:
+                os.rmdir(folder)  # only if empty: a partial download stays
+                folder = os.path.dirname(folder)
         raise
     finally:
         socket.setdefaulttimeout(previous)

@@ -67,14 +67,6 @@ def write_json(path: str, obj) -> None:
     write_atomically(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
 
 
-def remove_temporaries(folder: str, names) -> None:
-    """Delete the ``<name>.<8 characters>.tmp`` files a killed write left (only under the folder's lock)."""
-    pattern = re.compile(rf"(?:{'|'.join(re.escape(n) for n in names)})\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
-    for entry in os.scandir(folder):
-        if entry.is_file(follow_symlinks=False) and pattern.fullmatch(entry.name):
-            os.remove(entry.path)
-
-
 def lock(folder: str) -> int:
     """An exclusive ``flock`` on ``folder/.lock`` (holding our pid) until the returned descriptor closes or we die."""
     try:
@@ -108,7 +100,10 @@ class RunFolder:
         path = _create(out)
         fd = lock(path)
         try:
-            remove_temporaries(path, FILES)
+            stale = re.compile(rf"(?:{'|'.join(map(re.escape, FILES))})\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+            for entry in os.scandir(path):  # the temporary files a killed write left (we hold the lock)
+                if entry.is_file(follow_symlinks=False) and stale.fullmatch(entry.name):
+                    os.remove(entry.path)
             existing = os.path.join(path, "checkpoint.pt")
             own = False
             with contextlib.suppress(OSError):  # the folder of the run being resumed?
