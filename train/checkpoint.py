@@ -150,10 +150,9 @@ def _check(state: dict, bad) -> None:
     rng, per_rank = state["rng"], state["rng"].get("torch")
     if not isinstance(per_rank, list) or not per_rank or not all(isinstance(r, dict) for r in per_rank):
         raise bad("has incomplete RNG states")
-    for r in per_rank:  # a CUDA run's: checked by the device's own generator when it is set; here its type
-        cuda = r.get("cuda", torch.zeros(1, dtype=torch.uint8))
-        if not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8 or cuda.dim() != 1:
-            raise bad("has an invalid RNG state")
+    cuda = [r.get("cuda", torch.zeros(1, dtype=torch.uint8)) for r in per_rank]  # its generator checks it when set
+    if not all(isinstance(c, torch.Tensor) and c.dtype == torch.uint8 and c.dim() == 1 for c in cuda):
+        raise bad("has an invalid RNG state")
     streams = [rng.get("data"), *(r.get("cpu") for r in per_rank)]
     for stream in streams + ([rng["noise"]] if saved.dp and "noise" in rng else []):
         try:  # a state a generator takes

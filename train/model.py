@@ -8,7 +8,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import manualgrad
@@ -89,9 +88,10 @@ class Net:
         self.architecture = architecture  # for the log: e.g. "MLP 784-512-256-10, relu, dropout 0.1"
         self.image_shape = image_shape  # None: the model takes rows (N, 784); else images (N, *image_shape)
         self.impls = ("fused", "layers") if isinstance(module, mnn.MLP) else ("layers",)  # what --check-grads checks
-        if impl == "layers":  # "fused": the MLP's own loss; "native": torch.nn's
+        if impl != "fused":  # "fused": the MLP's own loss; "layers": one Function per layer; "native": torch.nn's
             self._sequential = module.per_layer() if isinstance(module, mnn.MLP) else module
-            self._criterion = mnn.CrossEntropyLoss(label_smoothing=label_smoothing)
+            criterion = mnn.CrossEntropyLoss if impl == "layers" else torch.nn.CrossEntropyLoss
+            self._criterion = criterion(label_smoothing=label_smoothing)
 
     def inputs(self, x: Tensor) -> Tensor:
         """Rows of normalised pixels ``(N, 784)``, or images ``(N, 1, 28, 28)`` for a CNN."""
@@ -102,12 +102,10 @@ class Net:
         x = self.inputs(x)
         if self.impl == "fused":
             return self.module.loss(x, y, label_smoothing=self.label_smoothing)
-        if self.impl == "layers":
-            return self._criterion(self._sequential(x), y)
-        return F.cross_entropy(self.module(x), y, label_smoothing=self.label_smoothing)
+        return self._criterion(self._sequential(x), y)
 
     def logits(self, x: Tensor) -> Tensor:
-        return (self._sequential if self.impl == "layers" else self.module)(self.inputs(x))
+        return (self.module if self.impl == "fused" else self._sequential)(self.inputs(x))
 
     def parameters(self):
         return self.module.parameters()
