@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -108,9 +108,6 @@ def secure_seed() -> int:
     return secrets.randbits(64)
 
 
-_SPENT: dict = {}  # (sigma, q, steps, delta, accountant) -> epsilon: the accountant's answers, computed once
-
-
 @dataclass
 class PrivatePlan:
     """A --dp run's plan: σ is the smallest noise multiplier for which the planned steps are (ε, δ)-DP."""
@@ -124,6 +121,10 @@ class PrivatePlan:
     delta: float
     accountant: str  # "pld" or "rdp"
     notes: tuple[str, ...] = ()  # what the calibration warned (a very large epsilon)
+    spent: privacy.Accountant = field(init=False, repr=False)  # its answers (epsilon after some steps) kept
+
+    def __post_init__(self):
+        self.spent = privacy.Accountant(self.accountant)
 
     @classmethod
     def plan(cls, cfg: Config, n: int, steps_per_epoch: int) -> PrivatePlan:
@@ -143,12 +144,8 @@ class PrivatePlan:
 
     def epsilon(self, steps: int) -> float:
         """ε spent after ``steps`` steps (at this plan's δ)."""
-        key = (self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant)
-        if key not in _SPENT:
-            accountant = privacy.Accountant(self.accountant)
-            accountant.history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
-            _SPENT[key] = accountant.get_epsilon(self.delta)
-        return _SPENT[key]
+        self.spent.history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
+        return self.spent.get_epsilon(self.delta)
 
     def optimizer(self, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> privacy.DPOptimizer:
         """``optimizer`` wrapped: its step adds σ C z (z drawn from ``generator``) and divides by B first."""
