@@ -89,7 +89,7 @@ def lock(folder: str) -> int:
 
 
 class RunFolder:
-    """An open, locked run folder; :meth:`close` (or ``with``) releases it. Rank 0 alone holds the lock."""
+    """An open, locked run folder; :meth:`close` releases it. Rank 0 alone holds the lock."""
 
     def __init__(self, path: str, lock_fd: int | None):
         self.path, self._lock_fd = path, lock_fd  # None: another process's view of rank 0's folder
@@ -129,12 +129,6 @@ class RunFolder:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
-
-    def __enter__(self) -> RunFolder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _create(out: str | None) -> str:

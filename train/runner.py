@@ -4,6 +4,7 @@ epochs (saving after each), finish. One step is :meth:`train.engine.Trainer.trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -90,7 +91,7 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
         distributed.on_main(world, check_gradients, trainer.net, mnist, cfg, world)
     check_coverage(trainer.net, mnist, cfg, world)
     progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
-    with open_run_folder(cfg, world) as folder:  # nothing is written before this point
+    with contextlib.closing(open_run_folder(cfg, world)) as folder:  # nothing is written before this point
         cfg = dataclasses.replace(cfg, out=folder.path)
         distributed.on_main(world, write_json, folder.file("config.json"), cfg.to_dict())
         log(world, f"run folder: {folder.path}")
