@@ -133,16 +133,13 @@ def read_idx(folder: str, name: str, digest) -> Tensor:
             data = f.read()
     except (OSError, EOFError) as e:
         raise _error(folder, f"cannot read {name}: {e}") from None
-    expected_magic = LABEL_MAGIC if "labels" in name else IMAGE_MAGIC
-    if len(data) < 8:
-        raise _error(folder, f"{name} is truncated ({len(data)} bytes)")
-    magic = struct.unpack(">I", data[:4])[0]
-    if magic != expected_magic:
-        raise _error(folder, f"{name} has magic number {magic}, expected {expected_magic}: not an MNIST IDX file")
+    magic = LABEL_MAGIC if "labels" in name else IMAGE_MAGIC
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
         raise _error(folder, f"{name} is truncated ({len(data)} bytes)")
+    if (found := struct.unpack(">I", data[:4])[0]) != magic:
+        raise _error(folder, f"{name} has magic number {found}, expected {magic}: not an MNIST IDX file")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     size = math.prod(shape)
     if len(data) != header + size:
