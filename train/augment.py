@@ -33,8 +33,7 @@ def draw(kind: str, n: int, generator: torch.Generator) -> tuple[Tensor, ...]:
 
     if kind == "shift":  # whole pixels only, so no interpolation blur
         t = torch.randint(-int(shift), int(shift) + 1, (n, 2), generator=generator).float()
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta = torch.eye(2, 3).repeat(n, 1, 1)
         theta[:, :, 2] = t * (2 / SIDE)
         return (theta,)
     angle = uniform(n, bound=math.radians(rotate))
@@ -44,9 +43,7 @@ def draw(kind: str, n: int, generator: torch.Generator) -> tuple[Tensor, ...]:
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
     rows = [torch.stack([cos, -sin + sh * cos, t[:, 0]], 1), torch.stack([sin, cos + sh * sin, t[:, 1]], 1)]
     theta = torch.stack(rows, 1)
-    if not elastic:
-        return (theta,)
-    return theta, uniform(n, 2, SIDE, SIDE)
+    return (theta, uniform(n, 2, SIDE, SIDE)) if elastic else (theta,)
 
 
 def apply(x: Tensor, params: tuple[Tensor, ...]) -> Tensor:

@@ -10,16 +10,13 @@ import io
 import math
 import os
 import re
-from typing import TYPE_CHECKING
 
 import torch
 
 from .config import RUN_OPTIONS, Config, check, check_values
+from .engine import Trainer, steps_per_epoch
 from .errors import ConfigError, RunError, first_line, short
 from .files import write_atomically
-
-if TYPE_CHECKING:
-    from .engine import Trainer
 
 FORMAT = 2
 FILENAME = "checkpoint.pt"
@@ -153,10 +150,9 @@ def _check(state: dict, bad) -> None:
     rng, per_rank = state["rng"], state["rng"].get("torch")
     if not isinstance(per_rank, list) or not per_rank or not all(isinstance(r, dict) for r in per_rank):
         raise bad("has incomplete RNG states")
-    for r in per_rank:  # a CUDA run's: checked by the device's own generator when it is set; here its type
-        cuda = r.get("cuda", torch.zeros(1, dtype=torch.uint8))
-        if not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8 or cuda.dim() != 1:
-            raise bad("has an invalid RNG state")
+    cuda = [r.get("cuda", torch.zeros(1, dtype=torch.uint8)) for r in per_rank]  # its generator checks it when set
+    if not all(isinstance(c, torch.Tensor) and c.dtype == torch.uint8 and c.dim() == 1 for c in cuda):
+        raise bad("has an invalid RNG state")
     streams = [rng.get("data"), *(r.get("cpu") for r in per_rank)]
     for stream in streams + ([rng["noise"]] if saved.dp and "noise" in rng else []):
         try:  # a state a generator takes
@@ -194,12 +190,10 @@ def _check_history(history: list, epochs: int, key: str, bad, complete: bool = T
 
 def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
     """A step inside an unfinished epoch, its batch order (--dp: empty), the loss, rows and seconds so far."""
-    from . import engine
-
     if set(position) != set(POSITION_KEYS):
         raise bad(f"has an incomplete position (needs {', '.join(POSITION_KEYS)}, nothing else)")
     n = state["data"]["train"]
-    steps = engine.steps_per_epoch(n, saved.batch_size, saved.dp)
+    steps = steps_per_epoch(n, saved.batch_size, saved.dp)
     step, order = position["step"], position["order"]
     if state["epoch"] >= saved.epochs or not _is_int(step) or not 1 <= step < steps:
         where = f"step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps"
@@ -289,10 +283,9 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
             like = expected[name]  # a 0-d tensor (the step count), or one of the parameter's shape (or None)
             shape = () if isinstance(like, torch.Tensor) and like.dim() == 0 else tuple(params[index].shape)
             fits = isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.is_floating_point()
-            if fits or (like is None and value is None):
-                continue
-            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-            return f"optimizer state {index} {name} is {got}, expected a tensor of shape {shape}"
+            if not fits and not (like is None and value is None):
+                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+                return f"optimizer state {index} {name} is {got}, expected a tensor of shape {shape}"
     if trainer.scheduler is None:
         return None if resumed["scheduler"] is None else "scheduler is there, but this run has none"
     fresh, saved = trainer.scheduler.state_dict(), resumed["scheduler"]

@@ -24,18 +24,14 @@ MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only slows down; far more crashe
 
 
 # ---- argparse types: an ArgumentTypeError is a usage error (exit 2)
-def _number(kind, text):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-
-
 def number_in(kind, ok, what: str):
     """An argparse type: ``text`` as a ``kind`` (int or float) for which ``ok`` holds, else "must be ``what``"."""
 
     def parse(text: str):
-        value = _number(kind, text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
         if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {value if kind is int else text}")
         return value
@@ -147,22 +143,21 @@ PRESETS: dict[str, dict] = {
 
 # ---- the options
 
-SWITCH = "switch"  # an option's kind: a flag without a value (--dp; --no-download when its default is True)
-
 
 def option(default, where: str, help: str, kind=None, shown: str | None = None, **argparse_kw):
     """A :class:`Config` field declaring an option. ``where``: its group in ``--help``, its role (``training``: a
     resumed run takes it from its checkpoint; ``run``: from the command line) and ``newer`` for a training option a
-    checkpoint of format 2 may lack (then it has its default). ``kind``: :data:`SWITCH`, the argparse ``type`` or the
-    ``choices``. ``shown``: the default as ``--help`` states it ("": not at all; None: the value)."""
+    checkpoint of format 2 may lack (then it has its default). ``kind``: the argparse ``type`` or the ``choices`` (a
+    bool default: a switch). ``shown``: the default in ``--help`` ("": not at all; None: the value, not None)."""
     group, role, newer = [*where.split(", "), None, None][:3]
-    flag = "--no-{}" if kind == SWITCH and default else "--{}"
-    if kind == SWITCH:
+    flag = "--no-{}" if default is True else "--{}"  # a switch without a value (--dp; --no-download: default True)
+    if isinstance(default, bool):
         argparse_kw["action"], shown = "store_false" if default else "store_true", ""
     elif callable(kind):
         argparse_kw["type"] = kind
     elif kind is not None:
         argparse_kw["choices"] = kind
+    shown = "" if default is None and shown is None else shown
     meta = dict(help=help, group=group, role=role, newer=bool(newer), shown=shown, flag=flag, argparse=argparse_kw)
     return dataclasses.field(default=default, metadata=meta)
 
@@ -189,7 +184,7 @@ class Config:
         MODELS,
     )
     data_dir: str = option("data/", "run", "MNIST IDX files: <dir>/MNIST/raw/ or <dir> (downloaded when missing)", path)
-    download: bool = option(True, "run, run", "never download; fail if the files are missing", SWITCH)
+    download: bool = option(True, "run, run", "never download; fail if the files are missing")
     epochs: int = option(15, "optimisation, training", "passes over the training set", positive_int)
     batch_size: int = option(128, "optimisation, training", "global batch size (split across processes)", positive_int)
     hidden: tuple = option((512, 256), "model, training", "hidden layer widths, e.g. 512,256", hidden_sizes)
@@ -227,7 +222,6 @@ class Config:
         "dp, training, newer",
         "train with DP-SGD: Poisson-sampled batches (rate batch-size/N), each image's gradient clipped to --clip, "
         "Gaussian noise calibrated so that the whole run is (--epsilon, --delta)-DP; needs pip install -e '.[dp]'",
-        SWITCH,
     )
     epsilon: float | None = option(
         None, "dp, training, newer", "the whole run's privacy budget", positive_float, shown="none; required with --dp"
@@ -242,7 +236,6 @@ class Config:
         "dp, training, newer",
         "seed the batches and the noise from the OS's entropy, not --seed (whoever knows the seed can recompute "
         "them: the guarantee does not hold against them); the run cannot be repeated, resuming stays exact",
-        SWITCH,
     )
     device: str = option("auto", "run, run", "auto: cuda when available, else cpu", ("auto", "cpu", "cuda"))
     threads: int | None = option(
@@ -259,24 +252,21 @@ class Config:
         "run folder (default: runs/<timestamp>; resuming: the checkpoint's). Refused while a run uses it, and if it "
         "holds a run's files (config.json, checkpoint.pt, metrics.json, curves.png) unless it is the resumed run's",
         path,
-        shown="",
     )
     resume: str | None = option(
         None,
         "run, run",
         "continue from a checkpoint.pt (or its run folder), with its options, on the same data",
         path,
-        shown="",
         metavar="PATH",
     )
     compare_native: bool = option(
         False,
         "checks, run",
         "also train it in plain torch.nn (same weights and batches, epochs alternating); print both and the time ratio",
-        SWITCH,
     )
-    check_grads: bool = option(False, "checks, run", "compare our gradients with autograd's on one batch first", SWITCH)
-    progress: bool = option(True, "run, run", "no progress bars (shown on a terminal only)", SWITCH)
+    check_grads: bool = option(False, "checks, run", "compare our gradients with autograd's on one batch first")
+    progress: bool = option(True, "run, run", "no progress bars (shown on a terminal only)")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -300,9 +290,7 @@ NEWER_OPTIONS = frozenset(f.name for f in OPTIONS if f.metadata["newer"])
 # Options that say only where and how a run runs: a resumed run takes them from the command line.
 RUN_OPTIONS = tuple(f.name for f in OPTIONS if f.metadata["role"] == "run")
 PRIVACY_OPTIONS = frozenset(f.name for f in OPTIONS if f.metadata["group"] == "dp") - {"dp"}
-GROUPS = dict(
-    run="run", model="model", optimisation="optimisation", dp="differential privacy (DP-SGD)", checks="checks"
-)
+GROUPS = {"dp": "differential privacy (DP-SGD)"}  # a group's title in --help, where it is not its name
 
 
 def flag(name: str) -> str:
@@ -319,7 +307,7 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
         epilog="Several processes: torchrun --nproc_per_node=2 -m train [options] (same results as one process).",
         add_help=defaults is not None,
     )
-    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    groups = {g: p.add_argument_group(GROUPS.get(g, g)) for g in dict.fromkeys(f.metadata["group"] for f in OPTIONS)}
     for f in OPTIONS:
         meta, kw = f.metadata, dict(f.metadata["argparse"])
         if callable(kw.get("metavar")):
@@ -366,39 +354,28 @@ def defaults(preset: str = "default", model: str | None = None) -> Config:
 def check_values(cfg: Config, skip: Collection[str] = ()) -> None:
     """Every option's value (but ``skip``'s) checked as the command line would take it, else a :class:`ConfigError`."""
     for action in build_parser(Config())._actions:
-        if not hasattr(cfg, action.dest) or action.dest in skip:  # not an option (--help), or skipped
-            continue
-        flag, value = action.option_strings[-1], getattr(cfg, action.dest)
+        flag, value = action.option_strings[-1], getattr(cfg, action.dest, None)
+        if not hasattr(cfg, action.dest) or action.dest in skip or (value is None and action.default is None):
+            continue  # not an option (--help), skipped, or not given (--epsilon without --dp, --out, --resume)
+        invalid = ConfigError(f"{flag}: {short(value)} is not a valid value")
         if action.nargs == 0:  # a switch (--dp, --no-download, ...)
             if not isinstance(value, bool):
                 raise ConfigError(f"{flag}: expected true or false, got {short(value)}")
-        elif value is None and action.default is None:  # "not given": --epsilon without --dp, --out, --resume
-            pass
         elif action.choices is not None:
-            if not isinstance(value, str) or value not in action.choices:
-                raise ConfigError(f"{flag}: {short(value)} is not one of {', '.join(map(str, action.choices))}")
-        elif action.type is not None:  # written as on the command line, parsed by its type: it must come back
-            _check_typed(flag, action.type, value)
-
-
-def _check_typed(flag: str, kind, value) -> None:
-    invalid = ConfigError(f"{flag}: {short(value)} is not a valid value")
-    if isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
-        raise invalid
-    if isinstance(value, tuple):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{flag}: {short(list(value))} is not a list of widths")
-        text = ",".join(map(str, value)) if value else "none"
-    else:
-        text = repr(value) if isinstance(value, float) else str(value)
-    if kind is activation_name and ":" in text:  # a stored run names its activation; it never imports a file
-        raise ConfigError(f"{flag}: {short(value)} is not a registered activation's name")
-    try:
-        parsed = kind(text)
-    except argparse.ArgumentTypeError as e:
-        raise (ConfigError(f"{flag} {text}: {e}") if len(text) <= 40 else invalid) from None
-    if parsed != value or (isinstance(value, str) and not isinstance(parsed, str)):
-        raise invalid
+            if value not in action.choices:
+                raise ConfigError(f"{flag}: {short(value)} is not one of {', '.join(action.choices)}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
+            raise invalid
+        else:  # written as on the command line, parsed by its type: it must come back
+            text = (",".join(map(str, value)) or "none") if isinstance(value, tuple) else str(value)
+            if action.type is activation_name and ":" in text:  # a stored run never imports a file
+                raise ConfigError(f"{flag}: {short(value)} is not a registered activation's name")
+            try:
+                parsed = action.type(text)
+            except argparse.ArgumentTypeError as e:
+                raise (ConfigError(f"{flag} {text}: {e}") if len(text) <= 40 else invalid) from None
+            if parsed != value:
+                raise invalid
 
 
 def check(cfg: Config) -> None:

@@ -3,6 +3,7 @@ the MLP). A missing, truncated or foreign IDX file is a one-line :class:`DataErr
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import math
@@ -95,11 +96,9 @@ def fetch(folder: str) -> None:
     from torchvision.datasets import MNIST as TorchvisionMNIST
     from torchvision.datasets.utils import download_and_extract_archive
 
-    created = []  # the folders made here, deepest last: removed again if the download fails and they are empty
-    parent = os.path.abspath(folder)
-    while not os.path.exists(parent):
-        created.insert(0, parent)
-        parent = os.path.dirname(parent)
+    folder = existed = os.path.abspath(folder)
+    while not os.path.exists(existed):  # the folders below it are made here: removed again if the download fails
+        existed = os.path.dirname(existed)
     os.makedirs(folder, exist_ok=True)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
@@ -117,11 +116,10 @@ def fetch(folder: str) -> None:
             else:
                 raise RuntimeError("; ".join(errors))
     except BaseException:
-        for path in reversed(created):  # an offline failure leaves no empty data/MNIST/raw/ behind
-            try:
-                os.rmdir(path)  # only if empty: a partial download stays
-            except OSError:
-                break
+        with contextlib.suppress(OSError):  # an offline failure leaves no empty data/MNIST/raw/ behind
+            while folder != existed:
+                os.rmdir(folder)  # only if empty: a partial download stays
+                folder = os.path.dirname(folder)
         raise
     finally:
         socket.setdefaulttimeout(previous)
@@ -135,25 +133,20 @@ def read_idx(folder: str, name: str, digest) -> Tensor:
             data = f.read()
     except (OSError, EOFError) as e:
         raise _error(folder, f"cannot read {name}: {e}") from None
-    expected_magic = LABEL_MAGIC if "labels" in name else IMAGE_MAGIC
-    if len(data) < 8:
-        raise _error(folder, f"{name} is truncated ({len(data)} bytes)")
-    magic = struct.unpack(">I", data[:4])[0]
-    if magic != expected_magic:
-        raise _error(folder, f"{name} has magic number {magic}, expected {expected_magic}: not an MNIST IDX file")
+    magic = LABEL_MAGIC if "labels" in name else IMAGE_MAGIC
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
         raise _error(folder, f"{name} is truncated ({len(data)} bytes)")
+    if (found := struct.unpack(">I", data[:4])[0]) != magic:
+        raise _error(folder, f"{name} has magic number {found}, expected {magic}: not an MNIST IDX file")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     size = math.prod(shape)
     if len(data) != header + size:
         what = "truncated" if len(data) < header + size else "longer than its header says"
         raise _error(folder, f"{name} is {what}: {len(data)} bytes, its header announces {header + size}")
     digest.update(data)
-    if size == 0:  # frombuffer refuses a count of 0
-        return torch.empty(shape, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header, count=size).reshape(shape)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)[header:].reshape(shape)
 
 
 def _error(folder: str, problem: str) -> DataError:

@@ -25,13 +25,8 @@ class World:
     local_size: int = 1  # processes on this machine (they share its cores)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
+    def __post_init__(self):
+        self.main, self.distributed = self.rank == 0, self.size > 1  # rank 0 logs and writes; collectives when > 1
 
 
 def setup(requested_device: str) -> World:

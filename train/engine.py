@@ -4,6 +4,7 @@ random streams, so that two (``--compare-native``) can alternate epochs and each
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import secrets
@@ -11,7 +12,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -68,24 +69,20 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous = {}
 
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     options = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **options)
-    optimizer = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return optimizer(params, **options)
+    return (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW)(params, **options)
 
 
 def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):  # stepped after every batch
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total) if cfg.schedule == "cosine" else None
 
 
 def rng_state(device: torch.device) -> dict:
@@ -111,9 +108,6 @@ def secure_seed() -> int:
     return secrets.randbits(64)
 
 
-_SPENT: dict = {}  # (sigma, q, steps, delta, accountant) -> epsilon: the accountant's answers, computed once
-
-
 @dataclass
 class PrivatePlan:
     """A --dp run's plan: σ is the smallest noise multiplier for which the planned steps are (ε, δ)-DP."""
@@ -127,6 +121,10 @@ class PrivatePlan:
     delta: float
     accountant: str  # "pld" or "rdp"
     notes: tuple[str, ...] = ()  # what the calibration warned (a very large epsilon)
+    spent: privacy.Accountant = field(init=False, repr=False)  # its answers (epsilon after some steps) kept
+
+    def __post_init__(self):
+        self.spent = privacy.Accountant(self.accountant)
 
     @classmethod
     def plan(cls, cfg: Config, n: int, steps_per_epoch: int) -> PrivatePlan:
@@ -146,12 +144,8 @@ class PrivatePlan:
 
     def epsilon(self, steps: int) -> float:
         """ε spent after ``steps`` steps (at this plan's δ)."""
-        key = (self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant)
-        if key not in _SPENT:
-            accountant = privacy.Accountant(self.accountant)
-            accountant.history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
-            _SPENT[key] = accountant.get_epsilon(self.delta)
-        return _SPENT[key]
+        self.spent.history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
+        return self.spent.get_epsilon(self.delta)
 
     def optimizer(self, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> privacy.DPOptimizer:
         """``optimizer`` wrapped: its step adds σ C z (z drawn from ``generator``) and divides by B first."""
@@ -248,11 +242,8 @@ class Trainer:
         weight = 1.0 if self.privacy is not None else share
         loss_value, stopping = distributed.reduce_step(self.params, loss, share, weight, stop, self.world)
         if math.isfinite(loss_value):
-            if self.privacy is not None:  # noise σ C z added once, to the global sum (same z everywhere), / B
-                self.dp_optimizer.step()
-                self.private_steps += 1
-            else:
-                self.optimizer.step()
+            (self.dp_optimizer or self.optimizer).step()  # --dp: noise σ C z added once, to the global sum, then / B
+            self.private_steps += self.dp_optimizer is not None
             if self.scheduler:
                 self.scheduler.step()
         return loss_value, stopping
@@ -262,15 +253,15 @@ class Trainer:
         Returns where it stopped (step ``steps_per_epoch``: at the end; before: on a stop request) and whether any
         process asked to stop. The thread timing and the progress bar sit beside the step."""
         n = len(self.data.train_y)  # a new epoch: a fresh order of the rows, batch i is order[iB:(i+1)B] (--dp: none)
-        at = resume or Position(
-            0, torch.zeros(0, dtype=torch.long) if self.privacy else torch.randperm(n, generator=self.generator)
-        )
-        order, loss_sum, rows_seen, seconds = at.order.to(self.world.device), at.loss_sum, at.rows, at.seconds
+        at = dataclasses.replace(resume) if resume else Position(0, torch.zeros(0, dtype=torch.long))
+        if not resume and not self.privacy:
+            at.order = torch.randperm(n, generator=self.generator)
+        order, seconds_before = at.order.to(self.world.device), at.seconds
         self.net.module.train()
         set_rng_state(self.torch_rng, self.world.device)
         desc, hide = f"epoch {epoch}/{self.cfg.epochs}", None if self.world.main and self.cfg.progress else True
         bar = tqdm(total=self.steps_per_epoch, initial=at.step, desc=desc, disable=hide, **PROGRESS_BAR)
-        start, stopping, done = time.perf_counter(), False, at.step
+        start, stopping = time.perf_counter(), False
         self.threads.steps.clear()  # time the thread counts on a batch of the first rows, drawn from no random stream
         self.threads.choose(functools.partial(self.trial_step, torch.arange(min(self.cfg.batch_size, n))))
         try:
@@ -283,13 +274,13 @@ class Trainer:
                 if not math.isfinite(loss):
                     problem = f"the training loss became {loss} at epoch {epoch}, step {step + 1}"
                     raise TrainingError(f"{problem}; stopped without taking that step")
-                loss_sum, rows_seen, done = loss_sum + loss * len(rows), rows_seen + len(rows), step + 1
+                at.loss_sum, at.rows, at.step = at.loss_sum + loss * len(rows), at.rows + len(rows), step + 1
                 if self.threads.step_took(time.perf_counter() - step_start):  # slowed down: time the counts again
                     self.threads.choose(functools.partial(self.trial_step, rows))
                 bar.update()
                 if step % 20 == 0 or step == self.steps_per_epoch - 1:
-                    speed = rows_seen / max(seconds + time.perf_counter() - start, 1e-9)
-                    postfix = {"loss": f"{loss_sum / max(rows_seen, 1):.4f}", "samples/s": f"{speed:,.0f}"}
+                    speed = at.rows / max(seconds_before + time.perf_counter() - start, 1e-9)
+                    postfix = {"loss": f"{at.loss_sum / max(at.rows, 1):.4f}", "samples/s": f"{speed:,.0f}"}
                     bar.set_postfix(postfix, refresh=False)
                 if on_step is not None:
                     on_step(epoch, step + 1, self)
@@ -298,7 +289,8 @@ class Trainer:
         finally:
             bar.close()
             self.torch_rng = rng_state(self.world.device)
-        return Position(done, at.order, loss_sum, rows_seen, seconds + time.perf_counter() - start), stopping
+            at.seconds = seconds_before + time.perf_counter() - start
+        return at, stopping
 
     def clipped(self):
         """--dp: ``backward()`` leaves in ``.grad`` the clipped sum Σ_n min(1, C/‖g_n‖) g_n of the per-sample gradients

@@ -3,6 +3,7 @@ and files that are never half-written: :func:`write_atomically` is the one way t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -66,14 +67,6 @@ def write_json(path: str, obj) -> None:
     write_atomically(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
 
 
-def remove_temporaries(folder: str, names) -> None:
-    """Delete the ``<name>.<8 characters>.tmp`` files a killed write left (only under the folder's lock)."""
-    pattern = re.compile(rf"(?:{'|'.join(re.escape(n) for n in names)})\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
-    for entry in os.scandir(folder):
-        if entry.is_file(follow_symlinks=False) and pattern.fullmatch(entry.name):
-            os.remove(entry.path)
-
-
 def lock(folder: str) -> int:
     """An exclusive ``flock`` on ``folder/.lock`` (holding our pid) until the returned descriptor closes or we die."""
     try:
@@ -96,7 +89,7 @@ def lock(folder: str) -> int:
 
 
 class RunFolder:
-    """An open, locked run folder; :meth:`close` (or ``with``) releases it. Rank 0 alone holds the lock."""
+    """An open, locked run folder; :meth:`close` releases it. Rank 0 alone holds the lock."""
 
     def __init__(self, path: str, lock_fd: int | None):
         self.path, self._lock_fd = path, lock_fd  # None: another process's view of rank 0's folder
@@ -107,12 +100,14 @@ class RunFolder:
         path = _create(out)
         fd = lock(path)
         try:
-            remove_temporaries(path, FILES)
+            stale = re.compile(rf"(?:{'|'.join(map(re.escape, FILES))})\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+            for entry in os.scandir(path):  # the temporary files a killed write left (we hold the lock)
+                if entry.is_file(follow_symlinks=False) and stale.fullmatch(entry.name):
+                    os.remove(entry.path)
             existing = os.path.join(path, "checkpoint.pt")
-            try:  # the folder of the run being resumed?
+            own = False
+            with contextlib.suppress(OSError):  # the folder of the run being resumed?
                 own = bool(resuming) and os.path.samefile(existing, resuming)
-            except OSError:
-                own = False
             if os.path.exists(existing) and not own:
                 what = "another run, which resuming would overwrite" if resuming else "a run"
                 advice = "" if resuming else f"continue it with --resume {path}, or "
@@ -135,37 +130,24 @@ class RunFolder:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def __enter__(self) -> RunFolder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def _create(out: str | None) -> str:
-    if out is None:  # a new folder of its own: mkdir fails rather than share one with a run started alike
-        base = os.path.join("runs", time.strftime("%Y-%m-%d_%H-%M-%S"))
-        for suffix in range(1000):
-            path = base if suffix == 0 else f"{base}-{suffix}"
-            try:
-                os.makedirs(path)
-                return path
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise FileError(f"cannot create the run folder {path}: {e.strerror or e}") from None
-        raise FileError(f"cannot find a free run folder name {base}-N; choose one with --out")
-    if os.path.exists(out) and not os.path.isdir(out):
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise FileError(f"--out {out} is a file, not a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise FileError(f"cannot create the run folder {out}: {e.strerror or e}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
+    base = os.path.join("runs", time.strftime("%Y-%m-%d_%H-%M-%S"))
+    for path in [out] if out is not None else [base, *(f"{base}-{n}" for n in range(1, 1000))]:
+        try:  # a new folder: mkdir fails rather than share one with a run started alike
+            os.makedirs(path, exist_ok=out is not None)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise FileError(f"cannot create the run folder {path}: {e.strerror or e}") from None
+    else:
+        raise FileError(f"cannot find a free run folder name {base}-N; choose one with --out")
+    if not os.access(path, os.W_OK | os.X_OK):
         why = "permission denied"
-        try:  # a file system mounted read-only allows no write, whatever the permissions
-            why = "it is on a read-only file system" if os.statvfs(out).f_flag & os.ST_RDONLY else why
-        except OSError:
-            pass
-        raise FileError(f"cannot write to the run folder {out}: {why}")
-    return out
+        with contextlib.suppress(OSError):  # a file system mounted read-only allows no write, whatever the permissions
+            why = "it is on a read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else why
+        raise FileError(f"cannot write to the run folder {path}: {why}")
+    return path

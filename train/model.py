@@ -8,7 +8,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import manualgrad
@@ -65,25 +64,20 @@ def torch_twin(model: torch.nn.Module) -> torch.nn.Sequential:
 
 def build(cfg, device) -> Net:
     """The Net that ``cfg`` trains, its weights drawn from the global RNG (seed it first)."""
-    widths = "-".join(str(h) for h in (*cfg.hidden, CLASSES))
     if cfg.model == "mlp":
         sizes = [IN_FEATURES, *cfg.hidden, CLASSES]
         mlp = mnn.MLP(sizes, activation=cfg.activation, dropout=cfg.dropout, device=device)
         architecture = f"MLP {'-'.join(map(str, sizes))}, {cfg.activation}, dropout {cfg.dropout}"
         return Net(mlp, cfg.impl, cfg.label_smoothing, architecture)
-    c1, c2 = cfg.channels
-    if cfg.model == "scatter-cnn":
-        cnn = build_scatter_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
-        architecture = f"ScatterNet + CNN groupnorm-conv{c1}-conv{c2}-{widths}, {cfg.activation}"
-        return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=scatter.SHAPE)
-    if cfg.model == "cnn":
-        cnn = build_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
-        dropout = f"dropout {cfg.dropout / 2:g}/{cfg.dropout:g}"
-        architecture = f"CNN conv{c1}-conv{c2}-pool-{widths}, {cfg.activation}, {dropout}"
-    else:
-        cnn = build_small_cnn(cfg.hidden, cfg.activation, cfg.dropout, device, cfg.channels)
-        architecture = f"small CNN conv{c1}-pool-conv{c2}-pool-{widths}, {cfg.activation}, dropout {cfg.dropout:g}"
-    return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=(1, SIDE, SIDE))
+    (c1, c2), act, p, head = cfg.channels, cfg.activation, cfg.dropout, "-".join(map(str, (*cfg.hidden, CLASSES)))
+    builder, architecture = {
+        "cnn": (build_cnn, f"CNN conv{c1}-conv{c2}-pool-{head}, {act}, dropout {p / 2:g}/{p:g}"),
+        "small-cnn": (build_small_cnn, f"small CNN conv{c1}-pool-conv{c2}-pool-{head}, {act}, dropout {p:g}"),
+        "scatter-cnn": (build_scatter_cnn, f"ScatterNet + CNN groupnorm-conv{c1}-conv{c2}-{head}, {act}"),
+    }[cfg.model]
+    shape = scatter.SHAPE if cfg.model == "scatter-cnn" else (1, SIDE, SIDE)  # the features' or the images'
+    cnn = builder(cfg.hidden, act, p, device, cfg.channels)
+    return Net(cnn, "layers", cfg.label_smoothing, architecture, image_shape=shape)
 
 
 class Net:
@@ -94,9 +88,10 @@ class Net:
         self.architecture = architecture  # for the log: e.g. "MLP 784-512-256-10, relu, dropout 0.1"
         self.image_shape = image_shape  # None: the model takes rows (N, 784); else images (N, *image_shape)
         self.impls = ("fused", "layers") if isinstance(module, mnn.MLP) else ("layers",)  # what --check-grads checks
-        if impl == "layers":  # "fused": the MLP's own loss; "native": torch.nn's
+        if impl != "fused":  # "fused": the MLP's own loss; "layers": one Function per layer; "native": torch.nn's
             self._sequential = module.per_layer() if isinstance(module, mnn.MLP) else module
-            self._criterion = mnn.CrossEntropyLoss(label_smoothing=label_smoothing)
+            criterion = mnn.CrossEntropyLoss if impl == "layers" else torch.nn.CrossEntropyLoss
+            self._criterion = criterion(label_smoothing=label_smoothing)
 
     def inputs(self, x: Tensor) -> Tensor:
         """Rows of normalised pixels ``(N, 784)``, or images ``(N, 1, 28, 28)`` for a CNN."""
@@ -107,12 +102,10 @@ class Net:
         x = self.inputs(x)
         if self.impl == "fused":
             return self.module.loss(x, y, label_smoothing=self.label_smoothing)
-        if self.impl == "layers":
-            return self._criterion(self._sequential(x), y)
-        return F.cross_entropy(self.module(x), y, label_smoothing=self.label_smoothing)
+        return self._criterion(self._sequential(x), y)
 
     def logits(self, x: Tensor) -> Tensor:
-        return (self._sequential if self.impl == "layers" else self.module)(self.inputs(x))
+        return (self.module if self.impl == "fused" else self._sequential)(self.inputs(x))
 
     def parameters(self):
         return self.module.parameters()
@@ -146,11 +139,7 @@ def compare_gradients(net: Net, x: Tensor, y: Tensor) -> tuple[float, str, float
             results.append((loss.detach(), torch.autograd.grad(loss, list(each.module.parameters())), coverage))
     net.module.train(was_training)
     (ours, our_grads, coverage), (ref, ref_grads, _) = results
-    worst_name, worst = "", -1.0
-    for (name, _), g, r in zip(net.module.named_parameters(), our_grads, ref_grads):
-        relative = ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-        if not relative <= worst:  # NaN counts as the worst
-            worst_name, worst = name, relative
-            if math.isnan(relative):
-                break
-    return worst, worst_name, abs(ours.item() - ref.item()), coverage
+    names = [name for name, _ in net.module.named_parameters()]
+    relative = [((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(our_grads, ref_grads)]
+    worst = max(range(len(names)), key=lambda i: math.inf if math.isnan(relative[i]) else relative[i])  # NaN: worst
+    return relative[worst], names[worst], abs(ours.item() - ref.item()), coverage

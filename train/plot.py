@@ -10,9 +10,8 @@ import math
 import os
 import sys
 
-
-def _value(x) -> float:
-    return math.nan if x is None else x  # a JSON null (a non-finite value) becomes a gap
+from .errors import RunError
+from .files import write_atomically
 
 
 def title(metrics: dict) -> str:
@@ -49,7 +48,7 @@ def curves_png(metrics: dict) -> bytes:
     for label, records, style in runs:
         x = [r["epoch"] for r in records]
         for ax, key, scale, color, name in curves:
-            y = [scale * _value(r[key]) for r in records]
+            y = [math.nan if r[key] is None else scale * r[key] for r in records]  # null (not finite): a gap
             ax.plot(x, y, style, color=color, marker="o", ms=3, label=f"{name} ({label})")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy")
@@ -83,9 +82,6 @@ def curves_png(metrics: dict) -> bytes:
 
 def main(argv=None) -> int:
     """``python -m train.plot RUN_FOLDER``: (re)draw ``RUN_FOLDER/curves.png`` from its ``metrics.json``."""
-    from .errors import RunError
-    from .files import write_atomically
-
     parser = argparse.ArgumentParser(prog="python -m train.plot", description=main.__doc__)
     parser.add_argument("run_folder", help="a run folder of python -m train (it holds metrics.json)")
     parser.add_argument("--output", help="where to write the PNG (default: RUN_FOLDER/curves.png)")

@@ -4,6 +4,7 @@ epochs (saving after each), finish. One step is :meth:`train.engine.Trainer.trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -90,7 +91,7 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
         distributed.on_main(world, check_gradients, trainer.net, mnist, cfg, world)
     check_coverage(trainer.net, mnist, cfg, world)
     progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
-    with open_run_folder(cfg, world) as folder:  # nothing is written before this point
+    with contextlib.closing(open_run_folder(cfg, world)) as folder:  # nothing is written before this point
         cfg = dataclasses.replace(cfg, out=folder.path)
         distributed.on_main(world, write_json, folder.file("config.json"), cfg.to_dict())
         log(world, f"run folder: {folder.path}")
@@ -188,23 +189,20 @@ def train_epochs(cfg, world, trainer: Trainer, native, progress: Progress, folde
             if (broken := trainer.non_finite()) is not None:
                 raise _diverged(f"the weights became non-finite ({broken}) in epoch {epoch}; not saved", folder)
             if at.step < trainer.steps_per_epoch:  # stopped mid-epoch: saved where it stopped
-                progress.position, progress.interrupted = at, True
-                save(cfg, world, trainer, native, progress, folder, mnist)
-                log(world, f"interrupted at epoch {epoch}, step {at.step}: checkpoint written")
-                return
-            progress.epoch, progress.position = epoch, None
-            progress.history.append(record(trainer, epoch, at))
-            if native is not None:  # the torch.nn twin's epoch, right after ours (it never sees Ctrl-C)
-                theirs, _ = native.train_epoch(epoch, StopRequest(world))
-                progress.native_history.append(record(native, epoch, theirs))
-            if world.main:  # the others have no test metrics
-                versus = f"  | torch.nn: {_summary(progress.native_history[-1], 0)}" if native is not None else ""
-                log(world, _summary(progress.history[-1], cfg.epochs) + versus)
-            if (stopping or (stop.requested and not world.distributed)) and epoch < cfg.epochs:
-                progress.interrupted = True
+                progress.position, progress.interrupted, where = at, True, f"at epoch {epoch}, step {at.step}"
+            else:
+                progress.epoch, progress.position, where = epoch, None, f"after epoch {epoch}"
+                progress.history.append(record(trainer, epoch, at))
+                if native is not None:  # the torch.nn twin's epoch, right after ours (it never sees Ctrl-C)
+                    theirs, _ = native.train_epoch(epoch, StopRequest(world))
+                    progress.native_history.append(record(native, epoch, theirs))
+                if world.main:  # the others have no test metrics
+                    versus = f"  | torch.nn: {_summary(progress.native_history[-1], 0)}" if native is not None else ""
+                    log(world, _summary(progress.history[-1], cfg.epochs) + versus)
+                progress.interrupted = (stopping or (stop.requested and not world.distributed)) and epoch < cfg.epochs
             save(cfg, world, trainer, native, progress, folder, mnist)
             if progress.interrupted:
-                log(world, f"interrupted after epoch {epoch}: checkpoint written")
+                log(world, f"interrupted {where}: checkpoint written")
                 return
 
 

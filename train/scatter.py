@@ -27,11 +27,9 @@ def scattering(device) -> torch.nn.Module:
 
 def features(rows: Tensor, transform: torch.nn.Module, chunk: int = 1000) -> Tensor:
     """Normalised pixel rows ``(N, 784)`` -> their scattering features, flattened: ``(N, 81 * 7 * 7)``."""
-    parts = [
-        transform(rows[i : i + chunk].reshape(-1, SIDE, SIDE)).reshape(-1, CHANNELS * FEATURE_SIDE**2)
-        for i in range(0, len(rows), chunk)
-    ]
-    return torch.cat(parts) if parts else rows.new_zeros(0, CHANNELS * FEATURE_SIDE**2)
+    flat = CHANNELS * FEATURE_SIDE**2
+    parts = [transform(part.reshape(-1, SIDE, SIDE)).reshape(-1, flat) for part in rows.split(chunk) if len(part)]
+    return torch.cat(parts) if parts else rows.new_zeros(0, flat)
 
 
 def transform(mnist: MNIST) -> MNIST:

@@ -31,21 +31,13 @@ class Threads:
 
     def __init__(self, requested: int | None, processes_here: int = 1, device: torch.device | None = None):
         mine = max(1, cores() // processes_here)  # the processes of this machine share its cores
-        if requested is not None:
-            self.candidates = (requested,)
-        elif mine == 1 or (device is not None and device.type != "cpu"):  # on a GPU, CPU threads hardly matter
-            self.candidates = (mine,)
-        else:
-            self.candidates = (1, mine)
-        self.current = self.candidates[-1]
+        on_cpu = device is None or device.type == "cpu"  # on a GPU, CPU threads hardly matter
+        self.candidates = (requested,) if requested is not None else (1, mine) if mine > 1 and on_cpu else (mine,)
+        self.current, self.auto = self.candidates[-1], len(self.candidates) > 1  # auto: chosen by timing
         self.steps = collections.Counter()  # steps taken with each count since the epoch began
         self._times: list[float] = []
         self._baseline: float | None = None
         torch.set_num_threads(self.current)
-
-    @property
-    def auto(self) -> bool:
-        return len(self.candidates) > 1
 
     def describe(self) -> str:
         if self.auto:
