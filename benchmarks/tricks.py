@@ -75,7 +75,6 @@ TRICKS = {
     "G_W by kernel offsets (conv.OFFSETS_AT)": lambda: _swapped(conv, "OFFSETS_AT", math.inf),
     "G_Y ⊙ h' into h' (activations.times)": lambda: _swapped(activations, "times", lambda g, h, fresh=False: g * h),
     "e^x through exp2 (base.exp)": _plain_exp,
-    "short softmax rows written out (softmax.exp_normalize)": lambda: _swapped(softmax, "_LANES", 0),
     "max pool in channels-last (pooling._torch_max_pool2d)": lambda: _swapped(
         pooling,
         "_torch_max_pool2d",

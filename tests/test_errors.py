@@ -139,6 +139,44 @@ def test_input_error_is_exported():
     assert issubclass(InputError, ValueError) and issubclass(InputError, RuntimeError)
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+def test_the_class_losses_fast_check_passes_only_what_the_detailed_checks_pass(name):
+    """_class_indices_fit settles the common case ((N, C) scores, int64 indices, no class weight) in one expression:
+    whatever it passes, the detailed checks pass, and it passes every common valid case."""
+    from manualgrad import _checks
+
+    x, t = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    common = [(x, t, None, -100, "mean", 0.0), (x.double(), t, None, 1, "none", 1), (x[:0], t[:0], None, 7, "sum", 0.3)]
+    others = [
+        (x, t, torch.ones(3), -100, "mean", 0.0),  # a class weight
+        (x, t.int(), None, -100, "mean", 0.0),
+        (x, t.to(torch.uint8), None, -100, "mean", 0.0),
+        (x, t[:3], None, -100, "mean", 0.0),
+        (x.reshape(4, 3, 1), t.reshape(4, 1), None, -100, "mean", 0.0),
+        (x[0], t[0], None, -100, "mean", 0.0),
+        (x.long(), t, None, -100, "mean", 0.0),
+        (x.to(torch.complex64), t, None, -100, "mean", 0.0),
+        (x, t, None, -100, "average", 0.0),
+        (x, t, None, -100, None, 0.0),
+        (x, t, None, None, "mean", 0.0),
+        (x, t, None, 2.0, "mean", 0.0),
+        (x, t, None, True, "mean", 0.0),
+        (x, t, None, -100, "mean", 1.5),
+        (x, t, None, -100, "mean", "0.1"),
+        (x, t.to("meta"), None, -100, "mean", 0.0),
+        (x, torch.rand(4, 3), None, -100, "mean", 0.0),  # class probabilities
+        ([[1.0, 2.0]], t, None, -100, "mean", 0.0),
+        (x, [0, 1, 2, 0], None, -100, "mean", 0.0),
+    ]
+    if name == "nll_loss":  # no label smoothing to pass
+        others = [case for case in others if case[5] == 0.0]
+    for case in common + others:
+        args = case if name == "cross_entropy" else case[:5]
+        if any(case is c for c in common):
+            getattr(_checks, name)(*args)  # the common cases pass the detailed checks
+        assert _checks._class_indices_fit(*args) == any(case is c for c in common), args
+
+
 def test_linears_fast_check_agrees_with_the_detailed_checks():
     """_linear_fits settles the common case in one expression: it must pass exactly the inputs the checks pass
     (with equal dtypes) and send everything else to them."""

@@ -15,7 +15,6 @@ from torch.autograd import gradcheck, gradgradcheck
 import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from manualgrad import InputError, _checks
-from manualgrad.functions import softmax
 from manualgrad.functions.losses import base as losses_base
 from manualgrad.functions.losses import pointwise
 
@@ -504,26 +503,6 @@ def test_an_elementwise_loss_of_input_and_target_apart_gets_its_backward_and_jvp
     wrong = type("Wrong", (_PoissonNLLFunction,), {"d_target": staticmethod(lambda x, t, in_place: (x, 1.0))})
     report = check(lambda x, t: apply(wrong, x, t, None, reduction), x, t, reference=reference, properties=properties)
     assert not report.ok  # a sign flipped in ∂ℓ/∂t is caught
-
-
-@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-def test_short_rows_written_out_are_torchs_softmax(log, monkeypatch):
-    """exp_normalize's formula (taken here whatever this CPU's vectors: torch's kernel is made to fail) against torch's
-    kernel and against float64; special values as torch; other tensors go to torch's kernel unchanged."""
-    monkeypatch.setattr(softmax, "_LANES", 16)
-    kernel = torch.log_softmax if log else torch.softmax
-    special = torch.tensor([[float("inf"), 1.0], [float("-inf"), 0.0], [float("nan"), 1.0], [-float("inf")] * 2])
-    inputs = [torch.randn(256, 10) * 30, torch.randn(128, 1), torch.randn(4, 64, 15), special.repeat(32, 1)]
-    expected = [kernel(z, -1) for z in inputs]
-    with monkeypatch.context() as m:
-        m.setattr(torch, "log_softmax" if log else "softmax", None)  # the formula must not call it
-        got = [softmax.exp_normalize(z, -1, log=log) for z in inputs]
-    for z, a, b in zip(inputs, got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
-        exact = kernel(z.double(), -1)
-        assert ((a.double() - exact).abs().nan_to_num(0) <= (b.double() - exact).abs().nan_to_num(0) + 1e-6).all()
-    for z, dim in ((torch.randn(256, 16), -1), (torch.randn(256, 10).double(), -1), (torch.randn(10, 256), 0)):
-        assert torch.equal(softmax.exp_normalize(z, dim, log=log), kernel(z, dim))  # torch's kernel itself
 
 
 def test_cross_entropy_on_many_short_rows_is_torchs():

@@ -51,7 +51,6 @@ from .activations import Elementwise
 from .base import ManualFunction, cast, opmath
 from .linear import rows
 from .losses.base import _minus_onehot
-from .softmax import exp_normalize
 
 __all__ = ["MLPCrossEntropyFunction", "MLPFunction", "MLPSpec"]
 
@@ -225,7 +224,7 @@ class MLPCrossEntropyFunction(ManualFunction):
         n, classes = logits.shape
         eps = spec.label_smoothing
         # R = (1/N) Σ_n [(1 - ε)(-log P[n, t_n]) + (ε/C) Σ_c (-log P[n, c])], in float32 for half logits
-        logp = exp_normalize(opmath(logits), 1, log=True)
+        logp = torch.log_softmax(opmath(logits), 1)
         loss = torch.nn.functional.nll_loss(logp, target)
         if eps:
             loss = (1 - eps) * loss - eps * logp.mean(1).mean()

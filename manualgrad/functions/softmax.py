@@ -20,8 +20,6 @@ Jacobian :math:`I - \mathbf 1\, \operatorname{softmax}(z)^\top`:
     \dot Y = \dot Z - \textstyle\sum_j e^{y_j} \dot Z_j
 
 Both keep only their output (:math:`e^y` is the softmax).
-
-The forwards are torch's kernels, except on short rows (:func:`exp_normalize`).
 """
 
 from __future__ import annotations
@@ -36,42 +34,7 @@ from ..errors import InputError
 from ..registry import operation
 from .base import ManualFunction, apply, cast, exp, opmath, save
 
-__all__ = ["LogSoftmaxFunction", "SoftmaxFunction", "exp_normalize", "log_softmax", "softmax"]
-
-#: floats per vector register of this CPU: torch's softmax kernels vectorize along rows at least this long
-_LANES = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 0)
-#: rows from which writing them out pays (:func:`exp_normalize`)
-_ROWS = 128
-
-
-def exp_normalize(z: Tensor, dim: int, log: bool = False) -> Tensor:
-    r"""``torch.softmax(z, dim)`` (``log``: ``torch.log_softmax``), written out for many short rows:
-    :math:`d = z - \max_j z_j`, :math:`\operatorname{softmax}(z) = e^d / \sum_j e^{d_j}`,
-    :math:`\log\operatorname{softmax}(z) = d - \log \sum_j e^{d_j}`.
-
-    Speed (the trick of this module): on the CPU, torch's kernels along the last dimension run a scalar loop on
-    rows shorter than one vector register (:data:`_LANES` floats), ~0.15 µs a row of 10 (1 thread, AVX-512):
-    256 rows of 10 classes take 39 µs (softmax) and 33 µs (log_softmax), against 15 and 16 µs for these four
-    passes, which cost ~10 µs however few the rows (break-even near 90 rows; on 16 classes, which the kernel
-    vectorizes, 256 rows take 4.5 µs). So float32 tensors of at least :data:`_ROWS` rows shorter than that along
-    the last dimension are written out; everything else is torch's kernel. ``tests/test_losses.py`` checks both
-    agree.
-    """
-    if not (
-        z.dtype == torch.float32
-        and z.dim() > 0
-        and 0 < z.shape[dim] < _LANES
-        and z.numel() >= _ROWS * z.shape[dim]
-        and dim % z.dim() == z.dim() - 1
-        and z.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-    ):
-        return torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
-    d = z - z.amax(dim, keepdim=True)
-    if log:
-        return d.sub_(exp(d).sum(dim, keepdim=True).log_())  # d − log Σ e^d
-    e = exp(d, reuse=True)
-    return e.div_(e.sum(dim, keepdim=True))  # e^d / Σ e^d
+__all__ = ["LogSoftmaxFunction", "SoftmaxFunction", "log_softmax", "softmax"]
 
 
 class _KeepsOutput(ManualFunction):
@@ -90,7 +53,7 @@ class SoftmaxFunction(_KeepsOutput):
 
     @staticmethod
     def forward(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
-        return exp_normalize(input if dtype is None else input.to(dtype), dim)
+        return torch.softmax(input, dim, dtype=dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -113,7 +76,7 @@ class LogSoftmaxFunction(_KeepsOutput):
 
     @staticmethod
     def forward(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
-        return exp_normalize(input if dtype is None else input.to(dtype), dim, log=True)
+        return torch.log_softmax(input, dim, dtype=dtype)
 
     @staticmethod
     def backward(ctx, grad_output):

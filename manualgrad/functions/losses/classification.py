@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import ManualFunction, apply, cast, opmath, recorded, save
-from ..softmax import LogSoftmaxFunction, SoftmaxFunction, exp_normalize
+from ..softmax import LogSoftmaxFunction, SoftmaxFunction
 from . import base
 from .base import ClassTarget, _minus_onehot, _reduce, _row_scale, _times, class_dim, loss
 
@@ -21,7 +21,7 @@ from .base import ClassTarget, _minus_onehot, _reduce, _row_scale, _times, class
 _NONE_IGNORED = -100
 
 # softmax and log-softmax inside a backward; through our Functions when a double backward records them
-_softmax = recorded(exp_normalize, lambda z, dim: apply(SoftmaxFunction, z, dim, None))
+_softmax = recorded(torch.softmax, lambda z, dim: apply(SoftmaxFunction, z, dim, None))
 _log_softmax = recorded(torch.log_softmax, lambda z, dim: apply(LogSoftmaxFunction, z, dim, None))
 
 
@@ -73,21 +73,16 @@ class _CrossEntropyTerms:
 
 class CrossEntropyFunction(ManualFunction):
     r"""Softmax cross-entropy (module docstring), :math:`P` recomputed from the saved logits (as many bytes as
-    PyTorch's saved log-softmax), stable for any logits; no one-hot matrix. Forward: PyTorch's ``cross_entropy``,
-    or for class indices without label smoothing what it computes: ``nll_loss`` of the log-softmax (that of
-    :func:`~manualgrad.functions.softmax.exp_normalize`, faster on many short rows).
+    PyTorch's saved log-softmax), stable for any logits; no one-hot matrix. Forward: PyTorch's ``cross_entropy``.
     Shape: input ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; target class indices ``()``, ``(N)``, ``(N, d1, ...)``
     or probabilities of the input's shape; weight ``(C)`` or None; output scalar, or the rows' shape (``"none"``)."""
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing):
         ignore_index = _NONE_IGNORED if ignore_index is None else ignore_index
-        if target.is_floating_point() or label_smoothing:
-            return F.cross_entropy(
-                input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-            )
-        logp = exp_normalize(input, class_dim(input), log=True)  # what F.cross_entropy computes, short rows faster
-        return F.nll_loss(logp, target, weight, ignore_index=ignore_index, reduction=reduction)
+        return F.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
