@@ -113,14 +113,6 @@ def _foreign_archive(raw: bytes) -> str:
     return "a torch.save file, not a checkpoint of this training program"
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check(state: dict, bad) -> None:
     if missing := [k for k in KEYS if k not in state]:
         raise bad(f"lacks {', '.join(missing)}")
@@ -140,7 +132,7 @@ def _check(state: dict, bad) -> None:
     facts = state["data"]
     if not isinstance(facts.get("fingerprint"), str):
         raise bad("lacks the fingerprint of its data")
-    if not all(_is_int(facts.get(k)) and 1 <= facts[k] < 2**31 for k in ("train", "test")):
+    if not all(type(facts.get(k)) is int and 1 <= facts[k] < 2**31 for k in ("train", "test")):  # not a bool
         raise bad("has no valid sizes of its training and test sets")
     for key in ("model", "optimizer"):
         if not all(isinstance(k, (str, int)) for k in state[key]):
@@ -166,10 +158,10 @@ def _check(state: dict, bad) -> None:
         _check_position(state["position"], state, saved, bad)
     if saved.dp:
         private = state.get("privacy")
-        if not isinstance(private, dict) or not _is_int(private.get("steps")) or "noise" not in state["rng"]:
+        if not isinstance(private, dict) or type(private.get("steps")) is not int or "noise" not in state["rng"]:
             raise bad("of a --dp run lacks its privacy state (steps taken, noise stream)")
         sigma = private.get("noise_multiplier")
-        if private["steps"] < 0 or not _is_number(sigma) or not 0 < sigma < math.inf:
+        if private["steps"] < 0 or type(sigma) not in (int, float) or not 0 < sigma < math.inf:
             raise bad("of a --dp run has an invalid privacy state (steps taken, noise multiplier)")
 
 
@@ -179,12 +171,12 @@ def _check_history(history: list, epochs: int, key: str, bad, complete: bool = T
         raise bad(f"has {len(history)} records in {key} for {epochs} finished epochs")
     needed, optional = ("train_loss", "seconds"), ("test_loss", "test_accuracy", "epsilon", "steps", "threads")
     for number, record in enumerate(history, 1):
-        if not isinstance(record, dict) or not _is_int(record.get("epoch")) or record["epoch"] != number:
+        if not isinstance(record, dict) or type(record.get("epoch")) is not int or record["epoch"] != number:
             raise bad(f"has an invalid record in {key} (epoch {number})")
         if not set(record) <= {"epoch", *needed, *optional}:
             raise bad(f"has an invalid record in {key} (epoch {number}: unknown entries)")
         present = [k for k in optional if record.get(k) is not None]
-        if not all(_is_number(record.get(k)) for k in (*needed, *present)):
+        if not all(type(record.get(k)) in (int, float) for k in (*needed, *present)):
             raise bad(f"has an invalid record in {key} (epoch {number})")
 
 
@@ -195,7 +187,7 @@ def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
     n = state["data"]["train"]
     steps = steps_per_epoch(n, saved.batch_size, saved.dp)
     step, order = position["step"], position["order"]
-    if state["epoch"] >= saved.epochs or not _is_int(step) or not 1 <= step < steps:
+    if state["epoch"] >= saved.epochs or type(step) is not int or not 1 <= step < steps:
         where = f"step {describe(step)} of epoch {state['epoch'] + 1}, which has {steps} steps"
         raise bad(f"has an invalid position ({where})")
     expected = torch.zeros(0, dtype=torch.long) if saved.dp else torch.arange(n)
@@ -203,7 +195,7 @@ def _check_position(position: dict, state: dict, saved: Config, bad) -> None:
     if not well_formed or not torch.equal(order.sort().values, expected):
         raise bad("has an invalid position (its batch order is not an order of the training rows)")
     numbers = [position[k] for k in ("loss_sum", "rows", "seconds")]
-    if not all(_is_number(v) and 0 <= v < math.inf for v in numbers) or not _is_int(position["rows"]):
+    if not all(type(v) in (int, float) and 0 <= v < math.inf for v in numbers) or type(position["rows"]) is not int:
         raise bad("has an invalid position (loss, rows or seconds so far)")
 
 
@@ -226,8 +218,9 @@ def mismatch(expected, actual, where: str) -> str | None:
         if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
             return f"{where} is {describe(actual)}, expected {len(expected)} entries"
         return next((m for i, e in enumerate(expected) if (m := mismatch(e, actual[i], f"{where}[{i}]"))), None)
-    if _is_number(expected):
-        return None if _is_number(actual) and math.isfinite(actual) else f"{where} is {describe(actual)}, not a number"
+    if type(expected) in (int, float):  # a number, not a bool (torch.load gives plain ints and floats)
+        number = type(actual) in (int, float) and math.isfinite(actual)
+        return None if number else f"{where} is {describe(actual)}, not a number"
     return None if type(actual) is type(expected) else f"{where} is {describe(actual)}"  # bool, str, None, ...
 
 

@@ -142,8 +142,6 @@ PRESETS: dict[str, dict] = {
 
 
 # ---- the options
-
-
 def option(default, where: str, help: str, kind=None, shown: str | None = None, **argparse_kw):
     """A :class:`Config` field declaring an option. ``where``: its group in ``--help``, its role (``training``: a
     resumed run takes it from its checkpoint; ``run``: from the command line) and ``newer`` for a training option a

@@ -164,8 +164,6 @@ class PrivatePlan:
 
 
 class Trainer:
-    """Trains one :class:`~train.model.Net` on ``mnist`` with the options of ``cfg``."""
-
     def __init__(self, net: Net, cfg: Config, mnist: data.MNIST, world: distributed.World, threads: Threads):
         self.net, self.cfg, self.data, self.world, self.threads = net, cfg, mnist, world, threads
         self.params = list(net.parameters())

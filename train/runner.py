@@ -161,7 +161,6 @@ def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distr
 
 
 def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.World) -> Progress:
-    """The trainer's state and the run's progress from the checkpoint."""
     path = checkpoint.checkpoint_path(cfg.resume)
     if not checkpoint.restore(trainer, resumed, path):
         written = f"the checkpoint was written by {len(resumed['rng']['torch'])} processes, this run has {world.size}"
