@@ -50,7 +50,6 @@ _thread_count = number_in(int, lambda v: 1 <= v <= MAX_THREADS, f"auto or from 1
 
 
 def threads(text: str) -> int | None:
-    """``auto`` -> None; otherwise a thread count from 1 to :data:`MAX_THREADS`."""
     return None if text.strip().lower() == "auto" else _thread_count(text)
 
 
@@ -186,9 +185,7 @@ class Config:
     epochs: int = option(15, "optimisation, training", "passes over the training set", positive_int)
     batch_size: int = option(128, "optimisation, training", "global batch size (split across processes)", positive_int)
     hidden: tuple = option((512, 256), "model, training", "hidden layer widths, e.g. 512,256", hidden_sizes)
-    channels: tuple = option(
-        (32, 64), "model, training, newer", "the CNNs' two convolutions' output channels, e.g. 32,64", channel_pair
-    )
+    channels: tuple = option((32, 64), "model, training, newer", "CNN convolution channels, e.g. 32,64", channel_pair)
     activation: str = option(
         "relu",
         "model, training",
@@ -202,9 +199,7 @@ class Config:
     lr: float = option(2e-3, "optimisation, training", "learning rate (the peak one for onecycle)", positive_float)
     momentum: float = option(0.9, "optimisation, training", "momentum for sgd", probability)
     weight_decay: float = option(0.05, "optimisation, training", "weight decay", nonnegative_float)
-    schedule: str = option(
-        "onecycle", "optimisation, training", "lr schedule, stepped every batch", ("onecycle", "cosine", "none")
-    )
+    schedule: str = option("onecycle", "optimisation, training", "per-step lr schedule", ("onecycle", "cosine", "none"))
     augment: str = option(
         "none",
         "optimisation, training",
@@ -252,16 +247,10 @@ class Config:
         path,
     )
     resume: str | None = option(
-        None,
-        "run, run",
-        "continue from a checkpoint.pt (or its run folder), with its options, on the same data",
-        path,
-        metavar="PATH",
+        None, "run, run", "resume a checkpoint.pt (or its run folder) with its options, same data", path, metavar="PATH"
     )
     compare_native: bool = option(
-        False,
-        "checks, run",
-        "also train it in plain torch.nn (same weights and batches, epochs alternating); print both and the time ratio",
+        False, "checks, run", "also train a torch.nn twin (same weights and batches); print both and the time ratio"
     )
     check_grads: bool = option(False, "checks, run", "compare our gradients with autograd's on one batch first")
     progress: bool = option(True, "run, run", "no progress bars (shown on a terminal only)")
@@ -312,9 +301,8 @@ def build_parser(defaults: Config | None = None) -> argparse.ArgumentParser:
             kw["metavar"] = kw["metavar"]()
         help, value = meta["help"], argparse.SUPPRESS
         if defaults is not None:
-            value = getattr(defaults, f.name)
-            shown = meta["shown"]
-            if shown is None:
+            value, shown = getattr(defaults, f.name), meta["shown"]
+            if shown is None:  # the value as written on the command line
                 shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
             help += f" (default: {shown})" if shown else ""
         name = meta["flag"].format(f.name.replace("_", "-"))
