@@ -150,7 +150,6 @@ def read_idx(folder: str, name: str, digest) -> Tensor:
 
 
 def _error(folder: str, problem: str) -> DataError:
-    """One line: what is wrong, and how to provide the files."""
     files = f"the four IDX files ({', '.join(FILES.values())}; plain or .gz)"
     where = "e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/, or point --data-dir at a folder that has them"
     return DataError(f"MNIST data in {folder} is unusable: {problem}; put {files} there, {where}")

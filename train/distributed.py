@@ -34,8 +34,7 @@ def setup(requested_device: str) -> World:
     device = torch.device("cpu")
     if requested_device == "cuda" or (requested_device == "auto" and torch.cuda.is_available()):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            visible = torch.cuda.device_count()
+        if local_rank >= (visible := torch.cuda.device_count()):
             problem = f"process {local_rank} of this machine has no GPU of its own ({visible} visible)"
             raise SetupError(f"{problem}; start fewer processes or use --device cpu")
         device = torch.device("cuda", local_rank)
@@ -86,7 +85,6 @@ def reduce_step(params, loss: Tensor, share: float, weight: float, stop: bool, w
 
 
 def gather_objects(obj, world: World) -> list:
-    """Every process's ``obj`` (e.g. RNG states for a checkpoint), in rank order."""
     if not world.distributed:
         return [obj]
     out = [None] * world.size
@@ -95,7 +93,6 @@ def gather_objects(obj, world: World) -> list:
 
 
 def broadcast_object(obj, world: World):
-    """Rank 0's ``obj`` on every process."""
     if not world.distributed:
         return obj
     box = [obj]

@@ -104,7 +104,6 @@ def steps_per_epoch(n: int, batch_size: int, dp: bool) -> int:
 
 
 def secure_seed() -> int:
-    """A seed from the operating system's entropy (``--secure-rng``)."""
     return secrets.randbits(64)
 
 

@@ -11,12 +11,10 @@ class ConfigError(RunError):
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of ``e``'s message (its type's name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
 def short(value) -> str:
-    """``repr(value)``, cut to a length a one-line message can hold."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

@@ -111,11 +111,9 @@ class Net:
         return self.module.parameters()
 
     def with_impl(self, impl: str) -> Net:
-        """The same module (same weights), its loss computed the ``impl`` way."""
         return Net(self.module, impl, self.label_smoothing, self.architecture, self.image_shape)
 
     def twin(self) -> Net:
-        """A torch.nn copy (same weights, torch autograd's backward)."""
         return Net(torch_twin(self.module), "native", self.label_smoothing, self.architecture, self.image_shape)
 
     def describe(self) -> str:

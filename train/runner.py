@@ -249,7 +249,6 @@ def finish(cfg, world, trainer: Trainer, native, progress: Progress, folder: Run
 
 
 def metrics_of(cfg: Config, world: distributed.World, trainer: Trainer, native, progress: Progress) -> dict:
-    """What metrics.json holds."""
     history, threads = progress.history, "auto" if trainer.threads.auto else trainer.threads.current
     environment = {"device": str(world.device), "threads": threads, "processes": world.size, "torch": torch.__version__}
     metrics = {

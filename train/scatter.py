@@ -17,7 +17,6 @@ SHAPE = (CHANNELS, FEATURE_SIDE, FEATURE_SIDE)
 
 
 def scattering(device) -> torch.nn.Module:
-    """kymatio's 2-D scattering of 28x28 images at J = 2, on ``device``."""
     try:  # the 2-D frontend alone: kymatio.torch also imports its 3-D one, which fails with scipy >= 1.17
         from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
     except ImportError as e:
@@ -33,6 +32,5 @@ def features(rows: Tensor, transform: torch.nn.Module, chunk: int = 1000) -> Ten
 
 
 def transform(mnist: MNIST) -> MNIST:
-    """The same data with the features in place of the pixels (training and test images)."""
     scatter = scattering(mnist.train_x.device)
     return dataclasses.replace(mnist, train_x=features(mnist.train_x, scatter), test_x=features(mnist.test_x, scatter))

@@ -35,8 +35,7 @@ class Threads:
         self.candidates = (requested,) if requested is not None else (1, mine) if mine > 1 and on_cpu else (mine,)
         self.current, self.auto = self.candidates[-1], len(self.candidates) > 1  # auto: chosen by timing
         self.steps = collections.Counter()  # steps taken with each count since the epoch began
-        self._times: list[float] = []
-        self._baseline: float | None = None
+        self._times, self._baseline = [], None  # step times since the last choice, and their first median
         torch.set_num_threads(self.current)
 
     def describe(self) -> str:
@@ -78,5 +77,4 @@ class Threads:
         return median > SLOWDOWN * self._baseline
 
     def most_used(self) -> int:
-        """The count used for most steps this epoch (for the epoch's record)."""
         return self.steps.most_common(1)[0][0] if self.steps else self.current
