@@ -128,11 +128,9 @@ PRESETS: dict[str, dict] = {
     "best": dict(model="cnn", epochs=20, augment="elastic"),
     # ~99.4% in ~6-10 min on 2 CPU cores: a wider MLP on elastic distortions (Simard et al. 2003), longer
     "best-mlp": dict(epochs=50, hidden=(1024, 1024), dropout=0.2, lr=1e-3, augment="elastic"),
-    # DP-SGD at epsilon 3, 2 and 1 (delta 1e-5): the CNN on ScatterNet features, DP_SCATTER above
     "dp3": dict(DP_SCATTER, epsilon=3.0),
     "dp2": dict(DP_SCATTER, epsilon=2.0),
     "dp1": dict(DP_SCATTER, epsilon=1.0, batch_size=4096, lr=4.0, epochs=30),
-    # the same from the pixels (end to end): the small CNN, DP_CNN above; and DP-SGD's MLP at epsilon 2
     "dp3-cnn": dict(DP_CNN, epsilon=3.0, batch_size=1024, lr=1.0, epochs=40),
     "dp2-cnn": dict(DP_CNN, epsilon=2.0, batch_size=1024, lr=1.0, epochs=40),
     "dp1-cnn": dict(DP_CNN, epsilon=1.0, batch_size=4096, lr=4.0, epochs=30),

@@ -235,7 +235,6 @@ class Trainer:
         for p in self.params:  # a process without rows adds zeros
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        # the gradients added over the processes, each weighted by its share of the batch (--dp: the clipped sums)
         weight = 1.0 if self.privacy is not None else share
         loss_value, stopping = distributed.reduce_step(self.params, loss, share, weight, stop, self.world)
         if math.isfinite(loss_value):
