@@ -21,8 +21,7 @@ def title(metrics: dict) -> str:
     text = f"{metrics.get('model', 'model')}; {training}"
     augment = config.get("augment", "none")
     text += f", {augment} augmentation" if augment != "none" else ""
-    private = metrics.get("privacy")
-    if private:
+    if private := metrics.get("privacy"):
         noise = f"clip {private['clip']:g}, noise multiplier {private['noise_multiplier']:.3f}"
         spent = f"({private['spent_epsilon']:.2f}, {private['delta']:g})-DP"
         text += f"\nDP-SGD: batch {config.get('batch_size')} expected, {noise}, {spent}"
@@ -52,16 +51,14 @@ def curves_png(metrics: dict) -> bytes:
             ax.plot(x, y, style, color=color, marker="o", ms=3, label=f"{name} ({label})")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy")
-    accuracies = [100 * r["test_accuracy"] for r in epochs if r.get("test_accuracy") is not None]
-    if accuracies:
+    if accuracies := [100 * r["test_accuracy"] for r in epochs if r.get("test_accuracy") is not None]:
         best, last = max(accuracies), epochs[-1]
         if last.get("test_accuracy") is not None:
             point = (last["epoch"], 100 * last["test_accuracy"])
             ax_acc.annotate(f"{point[1]:.2f}%", point, textcoords="offset points", xytext=(-10, -14), ha="right")
         low = min(accuracies[len(accuracies) // 4 :])  # skip the steep start
         ax_acc.set_ylim(max(low - 0.2, best - 3), min(100.0, best + 0.3))
-    spent = [(r["epoch"], r["epsilon"]) for r in epochs if r.get("epsilon") is not None]
-    if spent:
+    if spent := [(r["epoch"], r["epsilon"]) for r in epochs if r.get("epsilon") is not None]:
         ax_eps = ax_acc.twinx()
         ax_eps.plot(*zip(*spent), ":", color="tab:gray", marker=".", ms=3, label="epsilon spent")
         ax_eps.set(ylabel="epsilon spent", ylim=(0, 1.05 * max(e for _, e in spent)))
