@@ -99,6 +99,16 @@ GAP_COLUMNS = [
     ("Functions", "functions", "d"),
     ("Function floor µs", "floor_us", ".0f"),
 ]
+PROFILE_COLUMNS = [
+    ("step", "step", "s"),
+    ("batch", "batch", "d"),
+    ("variant", "variant", "s"),
+    ("µs", "wall_us", ".0f"),
+    ("/ torch.nn", "ratio", ".2f"),
+    ("aten calls", "ops", "d"),
+    ("in aten ops µs", "ops_us", ".0f"),
+    ("outside them µs", "rest_us", ".0f"),
+]
 TRICK_COLUMNS = [
     ("trick", "trick", "s"),
     ("step", "step", "s"),
@@ -167,6 +177,8 @@ def run(device: str, threads: list[int], quick: bool, rounds: int) -> dict:
         report["dp"] = dp.dp_steps(device, quick)
     print(f"[{device}, {min(thread_counts)} thread(s)] where a per-layer step's extra time goes ...", flush=True)
     report["step_gap"] = suites.step_gap(device, quick)
+    print(f"[{device}, {min(thread_counts)} thread(s)] a step's time inside and outside PyTorch's ops ...", flush=True)
+    report["step_profile"] = suites.step_profile(device, quick)
     print(f"[{device}, {min(thread_counts)} thread(s)] what each speed trick buys ...", flush=True)
     report["tricks"] = tricks.trick_gains(device, quick)
     return report
@@ -205,6 +217,13 @@ def markdown(report: dict) -> str:
             "Functions cost beyond their kernels, measured on a Function of one kernel each way)\n"
         )
         parts.append(table(report["step_gap"], GAP_COLUMNS))
+    if report.get("step_profile"):
+        parts.append(
+            f"\n**A step inside and outside PyTorch's ops, {report['per_sample_threads']} thread(s)** (torch.profiler: "
+            "the self time of every aten op per step, the kernels and their dispatch; outside them: the rest of the "
+            "wall time, Python, autograd's engine and the Functions' machinery)\n"
+        )
+        parts.append(table(report["step_profile"], PROFILE_COLUMNS))
     if report.get("tricks"):
         parts.append(
             f"\n**What each speed trick buys, {report['per_sample_threads']} thread(s)** "

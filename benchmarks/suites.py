@@ -248,6 +248,62 @@ def _step_gap(sizes, batch, device, rounds) -> dict:
     return row
 
 
+def step_profile(device: str, quick: bool = False, rounds: int = 30) -> list[dict]:
+    """Where a step's time goes: its wall time (interleaved), and under ``torch.profiler`` the time inside
+    PyTorch's operators (the self time of every ``aten::`` op: the kernels and their dispatch) against the rest
+    (wall time less that: Python, autograd's engine, the Functions' machinery). Per MLP: torch.nn, ours per layer
+    and the fused MLP+loss; and cross_entropy / nll_loss on 256 x 10 logits. CPU, float32."""
+    if device != "cpu":
+        return []
+    cases = [((6, 5, 3), 4)] if quick else [((784, 512, 256, 10), 128), ((64, 64, 64, 10), 64)]
+    rounds, rows = 2 if quick else rounds, []
+    for sizes, batch in cases:
+        variants, _, _ = _mlp_variants(sizes, batch, device, None)
+        steps = {
+            "torch.nn": variants["native"],
+            "per-layer": variants["layers"],
+            "fused MLP+loss": variants["mlp.loss"],
+        }
+        rows += _profiled("MLP " + "-".join(map(str, sizes)), batch, steps, rounds)
+    torch.manual_seed(0)
+    n = 4 if quick else 256
+    logits, target = torch.randn(n, 10, requires_grad=True), torch.randint(0, 10, (n,))
+
+    def loss_step(loss):
+        def run():
+            logits.grad = None
+            loss(logits, target).backward()
+
+        return run
+
+    for name in ("cross_entropy", "nll_loss"):
+        steps = {"torch.nn": loss_step(getattr(torch.nn.functional, name)), "ours": loss_step(getattr(MF, name))}
+        rows += _profiled(f"{name} {n}x10", n, steps, rounds)
+    return rows
+
+
+def _profiled(step: str, batch: int, steps: dict, rounds: int, calls: int = 20, repeats: int = 3) -> list[dict]:
+    """Rows for :func:`step_profile`: the first of ``steps`` is the native one."""
+    wall = interleaved(steps, rounds=rounds)
+    inside = {name: [] for name in steps}
+    for _ in range(repeats):  # alternating, the median of each step's repeats
+        for name, run in steps.items():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+                for _ in range(calls):
+                    run()
+            aten = [e for e in p.key_averages() if e.key.startswith("aten::")]
+            inside[name].append((sum(e.self_cpu_time_total for e in aten) / calls, sum(e.count for e in aten) / calls))
+    native = next(iter(steps))
+    rows = []
+    for name in steps:
+        ops_us, count = sorted(inside[name])[repeats // 2]  # µs per step, aten calls per step
+        row = {"step": step, "batch": batch, "variant": name, "wall_us": wall[name] * 1e6, "ops_us": ops_us}
+        row["ops"] = round(count)
+        row |= {"rest_us": wall[name] * 1e6 - ops_us, "ratio": wall[name] / wall[native]}
+        rows.append(row)
+    return rows
+
+
 def mnist_cnn(nn) -> torch.nn.Sequential:
     """The classic MNIST CNN (PyTorch's examples/mnist), built from ``nn``: ``torch.nn`` or ``manualgrad.nn``."""
     return nn.Sequential(

@@ -44,6 +44,19 @@ def test_benchmark_suite_runs_and_writes_results(tmp_path, monkeypatch):
     (gap,) = written["step_gap"]  # where a per-layer step's extra time goes
     assert gap["functions"] == 4 and gap["ours_us"] - gap["native_us"] == pytest.approx(gap["gap_us"])
     assert all(math.isfinite(gap[k]) for k in ("Linear_us", "ReLU_us", "CrossEntropyLoss_us", "floor_us"))
+    profile = written["step_profile"]  # a step's time inside and outside PyTorch's ops
+    assert [(row["step"], row["variant"]) for row in profile] == [
+        ("MLP 6-5-3", "torch.nn"),
+        ("MLP 6-5-3", "per-layer"),
+        ("MLP 6-5-3", "fused MLP+loss"),
+        ("cross_entropy 4x10", "torch.nn"),
+        ("cross_entropy 4x10", "ours"),
+        ("nll_loss 4x10", "torch.nn"),
+        ("nll_loss 4x10", "ours"),
+    ]
+    for row in profile:
+        assert row["ops"] > 0 and 0 < row["ops_us"] and row["ops_us"] + row["rest_us"] == pytest.approx(row["wall_us"])
+    assert "| in aten ops µs | outside them µs |" in quick.with_suffix(".md").read_text()
     assert "| MLP |" in quick.with_suffix(".md").read_text()
     assert "| Function floor µs |" in quick.with_suffix(".md").read_text()
     assert "| one-pass limit µs | ours / limit | fused µs | fused / native |" in quick.with_suffix(".md").read_text()
