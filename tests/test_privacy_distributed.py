@@ -35,7 +35,7 @@ SIGMA, NOISE_SEED, PHYSICAL = 0.7, 123, 3
 SAMPLER_SIZE, SAMPLER_RATE, SAMPLER_STEPS = 1000, 0.1, 400  # shares of 500: alike generators would draw alike
 WORKER = textwrap.dedent(
     f"""
-    import contextlib, sys, warnings
+    import contextlib, os, sys, warnings
     import torch, torch.distributed as dist
     import manualgrad
     from manualgrad import InputError
@@ -160,7 +160,13 @@ WORKER = textwrap.dedent(
     dist.all_gather_object(gathered, out)
     if rank == 0:
         torch.save(gathered, sys.argv[1])
+    del ddp, inner  # torch's DDP (its reducer) before the process group it uses
+    dist.barrier()
     dist.destroy_process_group()
+    # Everything asked is saved: no interpreter teardown, where gloo's threads can abort a process ("terminate called
+    # without an active exception", pytorch/pytorch#190489; once in a CI run here: rank 1, SIGABRT, exit -6).
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
