@@ -98,6 +98,8 @@ GAP_COLUMNS = [
     ("loss µs", "CrossEntropyLoss_us", ".0f"),
     ("Functions", "functions", "d"),
     ("Function floor µs", "floor_us", ".0f"),
+    ("formula-only Functions µs", "minimal_us", ".0f"),
+    ("formula-only / native", "minimal_ratio", ".3f"),
 ]
 PROFILE_COLUMNS = [
     ("step", "step", "s"),
@@ -214,7 +216,9 @@ def markdown(report: dict) -> str:
         parts.append(
             f"\n**Where a per-layer step's extra time goes, {report['per_sample_threads']} thread(s)** (each kind of "
             "our modules swapped for torch.nn's: its share of the gap; the Function floor: what the step's autograd "
-            "Functions cost beyond their kernels, measured on a Function of one kernel each way)\n"
+            "Functions cost beyond their kernels, measured on a Function of one kernel each way; formula-only "
+            "Functions: the step with Functions that are their backward formula alone, without our options, checks "
+            "but the loss's class indices, per-sample recording, autocast and jvp)\n"
         )
         parts.append(table(report["step_gap"], GAP_COLUMNS))
     if report.get("step_profile"):

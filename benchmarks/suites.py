@@ -201,6 +201,76 @@ class _Negate(manualgrad.functions.ManualFunction):
         return -grad_output
 
 
+class _MinimalLinear(manualgrad.functions.ManualFunction):
+    """Linear's formula alone (:func:`step_gap`): no checks, no per-sample recording, autocast or jvp."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return grad.mm(weight) if ctx.needs_input_grad[0] else None, grad.t().mm(x), grad.sum(0)
+
+
+class _MinimalReLU(manualgrad.functions.ManualFunction):
+    """ReLU's formula alone, G_Y ⊙ 1[Y ≠ 0] as ours computes it (:func:`step_gap`)."""
+
+    @staticmethod
+    def forward(z):
+        return torch.relu(z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return torch.ne(y, 0, out=torch.empty_like(y)).mul_(grad)
+
+
+class _MinimalCrossEntropy(manualgrad.functions.ManualFunction):
+    """Mean cross-entropy's formula alone, (softmax(Z) − onehot(t)) g / N (:func:`step_gap`)."""
+
+    @staticmethod
+    def forward(logits, target):
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, target = ctx.saved_tensors
+        p = torch.softmax(logits, 1)
+        p.scatter_add_(1, target.unsqueeze(1), p.new_full((), -1.0).expand(len(target), 1))
+        return p.mul_(grad / len(target)), None
+
+
+class _Minimal:
+    """The modules of :func:`step_gap`'s step of formula-only Functions; the loss keeps our class-index check."""
+
+    class Linear(torch.nn.Linear):
+        def forward(self, x):
+            return _MinimalLinear.apply(x, self.weight, self.bias)
+
+    class ReLU(torch.nn.Module):
+        def forward(self, z):
+            return _MinimalReLU.apply(z)
+
+    class CrossEntropyLoss(torch.nn.Module):
+        def forward(self, logits, target):
+            manualgrad._checks.class_indices("cross_entropy", logits, target, logits.shape[1])
+            return _MinimalCrossEntropy.apply(logits, target)
+
+
 def _per_layer_mlp(sizes, linear, activation, device):
     layers = []
     for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
@@ -212,7 +282,9 @@ def step_gap(device: str, quick: bool = False, rounds: int = 30) -> list[dict]:
     """Where a per-layer MLP step's extra time goes: the step with each kind of our modules swapped for torch.nn's
     (its share of the gap: ours minus that step), and the Function floor: a Function whose forward and backward are
     one torch kernel each (``-x``) against ``torch.neg`` under autograd, on the hidden layers' size, times the
-    step's Functions (each layer, each activation, the loss). CPU, float32."""
+    step's Functions (each layer, each activation, the loss); and the step with Functions that are their formula
+    alone (``_Minimal``: no options, checks but the loss's class indices, per-sample, autocast or jvp). CPU,
+    float32."""
     if device != "cpu":
         return []
     cases = [((6, 5, 3), 4)] if quick else [((784, 512, 256, 10), 128), ((64, 64, 64, 10), 64)]
@@ -225,6 +297,7 @@ def _step_gap(sizes, batch, device, rounds) -> dict:
     kinds = ("Linear", "ReLU", "CrossEntropyLoss")
     modules = {"native": (torch.nn,) * 3, "ours": (mnn,) * 3}
     modules |= {f"torch.nn {k}": tuple(torch.nn if i == j else mnn for j in range(3)) for i, k in enumerate(kinds)}
+    modules["minimal"] = (_Minimal,) * 3
 
     def step(lin, act, loss):
         model, criterion = _per_layer_mlp(sizes, lin.Linear, act.ReLU, device), loss.CrossEntropyLoss()
@@ -245,6 +318,7 @@ def _step_gap(sizes, batch, device, rounds) -> dict:
     row |= {"ours_us": t["ours"] * 1e6, "gap_us": (t["ours"] - t["native"]) * 1e6, "functions": functions}
     row |= {f"{kind}_us": (t["ours"] - t[f"torch.nn {kind}"]) * 1e6 for kind in kinds}
     row["floor_us"] = functions * (t["Function -x"] - t["torch.neg"]) * 1e6
+    row |= {"minimal_us": t["minimal"] * 1e6, "minimal_ratio": t["minimal"] / t["native"]}
     return row
 
 

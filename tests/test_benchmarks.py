@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import manualgrad.nn as mnn
 from benchmarks import suites
 from benchmarks.__main__ import main
 from manualgrad.registry import ops
@@ -44,6 +45,7 @@ def test_benchmark_suite_runs_and_writes_results(tmp_path, monkeypatch):
     (gap,) = written["step_gap"]  # where a per-layer step's extra time goes
     assert gap["functions"] == 4 and gap["ours_us"] - gap["native_us"] == pytest.approx(gap["gap_us"])
     assert all(math.isfinite(gap[k]) for k in ("Linear_us", "ReLU_us", "CrossEntropyLoss_us", "floor_us"))
+    assert gap["minimal_us"] > 0 and gap["minimal_ratio"] == pytest.approx(gap["minimal_us"] / gap["native_us"])
     profile = written["step_profile"]  # a step's time inside and outside PyTorch's ops
     assert [(row["step"], row["variant"]) for row in profile] == [
         ("MLP 6-5-3", "torch.nn"),
@@ -90,3 +92,18 @@ def test_saved_bytes_counts_distinct_storages():
     assert (
         saved_bytes(lambda: torch.relu(x @ w) * torch.relu(x @ w), []) == 3 * 48
     )  # x once; mul saves the two relu outputs again: no extra storage
+
+
+def test_the_formula_only_functions_give_our_gradients():
+    """step_gap's formula-only step computes what ours does: same loss, same gradients."""
+    sizes, x, y = (6, 5, 4, 3), torch.randn(8, 6), torch.tensor([0, 1, 2, 0, 1, 2, 2, 1])
+    grads = []
+    for nn in (suites._Minimal, mnn):
+        torch.manual_seed(0)
+        model = suites._per_layer_mlp(sizes, nn.Linear, nn.ReLU, "cpu")
+        loss = nn.CrossEntropyLoss()(model(x), y)
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad for p in model.parameters()])
+    assert len(grads[0]) == 7
+    for minimal, ours in zip(*grads):
+        torch.testing.assert_close(minimal, ours)
