@@ -100,6 +100,8 @@ GAP_COLUMNS = [
     ("Function floor µs", "floor_us", ".0f"),
     ("formula-only Functions µs", "minimal_us", ".0f"),
     ("formula-only / native", "minimal_ratio", ".3f"),
+    ("fused MLP+loss / native", "fused_ratio", ".3f"),
+    ("formula-only fused / native", "minimal_fused_ratio", ".3f"),
 ]
 PROFILE_COLUMNS = [
     ("step", "step", "s"),
@@ -218,7 +220,7 @@ def markdown(report: dict) -> str:
             "our modules swapped for torch.nn's: its share of the gap; the Function floor: what the step's autograd "
             "Functions cost beyond their kernels, measured on a Function of one kernel each way; formula-only "
             "Functions: the step with Functions that are their backward formula alone, without our options, checks "
-            "but the loss's class indices, per-sample recording, autocast and jvp)\n"
+            "but the loss's class indices, per-sample recording, autocast and jvp, per layer and fused)\n"
         )
         parts.append(table(report["step_gap"], GAP_COLUMNS))
     if report.get("step_profile"):

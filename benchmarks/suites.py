@@ -254,6 +254,40 @@ class _MinimalCrossEntropy(manualgrad.functions.ManualFunction):
         return p.mul_(grad / len(target)), None
 
 
+class _MinimalMLPLoss(manualgrad.functions.ManualFunction):
+    """``apply(x, t, W1, b1, ..., WL, bL)``: the fused ReLU MLP with its mean cross-entropy as its formulas alone
+    (:func:`step_gap`): G_Z = (softmax(Z) − onehot(t)) / N formed in the forward, then per layer G_W = G^T A,
+    G_b = Σ_rows G, G ← (G W) ⊙ 1[A ≠ 0]."""
+
+    @staticmethod
+    def forward(x, target, *params):
+        a, kept = x, [x.view_as(x)]
+        for weight, bias in zip(params[:-2:2], params[1:-2:2]):
+            a = torch.relu(torch.nn.functional.linear(a, weight, bias))
+            kept.append(a)
+        logp = torch.log_softmax(torch.nn.functional.linear(a, params[-2], params[-1]), 1)
+        grad = logp.exp().scatter_add_(1, target.unsqueeze(1), logp.new_full((), -1.0).expand(len(target), 1))
+        return torch.nn.functional.nll_loss(logp, target), grad.div_(len(target)), *kept
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, *saved = output
+        ctx.mark_non_differentiable(*saved)
+        ctx.save_for_backward(*saved, *inputs[2::2])
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad, *rest = ctx.saved_tensors
+        kept, weights = rest[: len(rest) // 2], rest[len(rest) // 2 :]
+        grad, grads = grad * grad_loss, []
+        for layer in range(len(weights) - 1, -1, -1):
+            a = kept[layer]
+            grads = [grad.t().mm(a), grad.sum(0), *grads]
+            if layer:
+                grad = grad.mm(weights[layer]).mul_(torch.ne(a, 0, out=torch.empty_like(a)))
+        return None, None, *grads
+
+
 class _Minimal:
     """The modules of :func:`step_gap`'s step of formula-only Functions; the loss keeps our class-index check."""
 
@@ -283,8 +317,8 @@ def step_gap(device: str, quick: bool = False, rounds: int = 30) -> list[dict]:
     (its share of the gap: ours minus that step), and the Function floor: a Function whose forward and backward are
     one torch kernel each (``-x``) against ``torch.neg`` under autograd, on the hidden layers' size, times the
     step's Functions (each layer, each activation, the loss); and the step with Functions that are their formula
-    alone (``_Minimal``: no options, checks but the loss's class indices, per-sample, autocast or jvp). CPU,
-    float32."""
+    alone (``_Minimal``: no options, checks but the loss's class indices, per-sample, autocast or jvp), per layer
+    and as the fused MLP with its loss (``MLP.loss`` beside it). CPU, float32."""
     if device != "cpu":
         return []
     cases = [((6, 5, 3), 4)] if quick else [((784, 512, 256, 10), 128), ((64, 64, 64, 10), 64)]
@@ -309,6 +343,19 @@ def _step_gap(sizes, batch, device, rounds) -> dict:
         return run
 
     steps = {name: step(*nns) for name, nns in modules.items()}
+    fused = mnn.MLP(sizes)
+    params = list(fused.parameters())
+
+    def fused_step(minimal: bool):
+        def run():
+            fused.zero_grad(set_to_none=True)
+            if minimal:  # with the class-index check ours makes
+                manualgrad._checks.class_indices("MLP.loss", x, y, sizes[-1])
+            (_MinimalMLPLoss.apply(x, y, *params)[0] if minimal else fused.loss(x, y)).backward()
+
+        return run
+
+    steps |= {"fused": fused_step(False), "minimal fused": fused_step(True)}
     hidden, grad = torch.randn(batch, sizes[1], requires_grad=True), torch.randn(batch, sizes[1])
     steps["torch.neg"] = lambda: torch.neg(hidden).backward(grad)
     steps["Function -x"] = lambda: _Negate.apply(hidden).backward(grad)
@@ -319,6 +366,7 @@ def _step_gap(sizes, batch, device, rounds) -> dict:
     row |= {f"{kind}_us": (t["ours"] - t[f"torch.nn {kind}"]) * 1e6 for kind in kinds}
     row["floor_us"] = functions * (t["Function -x"] - t["torch.neg"]) * 1e6
     row |= {"minimal_us": t["minimal"] * 1e6, "minimal_ratio": t["minimal"] / t["native"]}
+    row |= {"fused_ratio": t["fused"] / t["native"], "minimal_fused_ratio": t["minimal fused"] / t["native"]}
     return row
 
 

@@ -46,6 +46,7 @@ def test_benchmark_suite_runs_and_writes_results(tmp_path, monkeypatch):
     assert gap["functions"] == 4 and gap["ours_us"] - gap["native_us"] == pytest.approx(gap["gap_us"])
     assert all(math.isfinite(gap[k]) for k in ("Linear_us", "ReLU_us", "CrossEntropyLoss_us", "floor_us"))
     assert gap["minimal_us"] > 0 and gap["minimal_ratio"] == pytest.approx(gap["minimal_us"] / gap["native_us"])
+    assert gap["fused_ratio"] > 0 and gap["minimal_fused_ratio"] > 0
     profile = written["step_profile"]  # a step's time inside and outside PyTorch's ops
     assert [(row["step"], row["variant"]) for row in profile] == [
         ("MLP 6-5-3", "torch.nn"),
@@ -107,3 +108,18 @@ def test_the_formula_only_functions_give_our_gradients():
     assert len(grads[0]) == 7
     for minimal, ours in zip(*grads):
         torch.testing.assert_close(minimal, ours)
+
+
+def test_the_formula_only_fused_function_gives_our_gradients():
+    """step_gap's formula-only fused MLP with its loss computes what MLP.loss does."""
+    torch.manual_seed(0)
+    mlp, x, y = mnn.MLP([6, 5, 4, 3]), torch.randn(8, 6), torch.tensor([0, 1, 2, 0, 1, 2, 2, 1])
+    params = list(mlp.parameters())
+    loss = mlp.loss(x, y)
+    ours = torch.autograd.grad(loss, params)
+    minimal_loss = suites._MinimalMLPLoss.apply(x, y, *params)[0]
+    minimal = torch.autograd.grad(minimal_loss, params)
+    torch.testing.assert_close(minimal_loss, loss)
+    assert len(minimal) == 6
+    for a, b in zip(minimal, ours):
+        torch.testing.assert_close(a, b)
