@@ -317,12 +317,13 @@ def test_a_function_told_no_row_is_ignored_equals_one_told_the_index(function, o
     t = torch.randint(0, 4, shape[:1] + shape[2:] if len(shape) > 1 else ())
     w = torch.rand(4, dtype=F64) + 0.5 if weighted else None
     results = []
+    loss = (lambda *a: cls.apply(*a)[0]) if function == "CrossEntropyFunction" else cls.apply  # (loss, log P)
     for ignore_index in (None, -100):
-        out = cls.apply(x, t, w, ignore_index, *options)
+        out = loss(x, t, w, ignore_index, *options)
         (grad,) = torch.autograd.grad(out, x, torch.rand_like(out, generator=torch.Generator().manual_seed(1)))
         with torch.autograd.forward_ad.dual_level():
             tangent = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones_like(x))
-            jvp = torch.autograd.forward_ad.unpack_dual(cls.apply(tangent, t, w, ignore_index, *options)).tangent
+            jvp = torch.autograd.forward_ad.unpack_dual(loss(tangent, t, w, ignore_index, *options)).tangent
         results.append((out, grad, jvp))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
@@ -513,3 +514,39 @@ def test_cross_entropy_on_many_short_rows_is_torchs():
         theirs = outputs_and_grads(TF.cross_entropy, (x, t), {"reduction": reduction}, leaves=(0,))
         torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours[1][0], theirs[1][0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "target, options",
+    [
+        ("indices", (None, -100, "mean", 0.0)),
+        ("indices", ("weight", 1, "sum", 0.2)),
+        ("indices", (None, -100, "none", 0.0)),
+        ("probabilities", (None, -100, "mean", 0.1)),
+    ],
+)
+def test_cross_entropy_function_gives_log_p_with_its_derivatives(target, options):
+    """CrossEntropyFunction's second output is log_softmax(Z), which it keeps for its backward; gradients through
+    both outputs, second derivatives (P from the kept log P) and the jvp pass gradcheck in float64."""
+    from manualgrad.functions import CrossEntropyFunction
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, 3, dtype=F64, generator=g, requires_grad=True)
+    weight, *rest = options
+    w = torch.rand(4, dtype=F64, generator=g) + 0.5 if weight else None
+    if target == "indices":
+        t = torch.randint(0, 4, (5, 3), generator=g)
+    else:
+        t = torch.rand(5, 4, 3, dtype=F64, generator=g).softmax(1).requires_grad_()
+    loss, logp = CrossEntropyFunction.apply(x, t, w, *rest)
+    torch.testing.assert_close(logp, torch.log_softmax(x, 1), rtol=0, atol=0)
+    ignore_index, reduction, smoothing = rest
+    expected = TF.cross_entropy(x, t, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
+    torch.testing.assert_close(loss, expected, rtol=1e-14, atol=1e-14)
+    inputs = (x, t) if t.requires_grad else (x,)
+
+    def both(*xs):
+        return CrossEntropyFunction.apply(*xs, *((t,) if len(xs) == 1 else ()), w, *rest)
+
+    assert torch.autograd.gradcheck(both, inputs, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(both, inputs)

@@ -181,7 +181,8 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, refer
                 args[j] = float(args[j])
             if args[1].dtype == torch.uint8:  # class indices, which torch takes for a 1-D or 2-D input
                 args[1] = args[1].long()
-            return callee(*args)
+            out = callee(*args)
+            return out[0] if isinstance(out, tuple) else out  # the loss (CrossEntropyFunction's log P after it)
 
         return _with_signature(name, params, call, function.__doc__)
 

@@ -12,44 +12,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import ManualFunction, apply, cast, opmath, recorded, save
-from ..softmax import LogSoftmaxFunction, SoftmaxFunction
+from ..base import ManualFunction, apply, cast, exp, opmath, recorded, save
+from ..softmax import SoftmaxFunction
 from . import base
 from .base import ClassTarget, _minus_onehot, _reduce, _row_scale, _times, class_dim, loss
 
 #: ``ignore_index`` None (the checks found every index a class): the kernels get this one, which no index equals
 _NONE_IGNORED = -100
 
-# softmax and log-softmax inside a backward; through our Functions when a double backward records them
-_softmax = recorded(torch.softmax, lambda z, dim: apply(SoftmaxFunction, z, dim, None))
-_log_softmax = recorded(torch.log_softmax, lambda z, dim: apply(LogSoftmaxFunction, z, dim, None))
+# P = exp(log P) inside a backward; softmax(log P) through our Function when a double backward records it: the
+# same values, and on log-softmax outputs the same derivatives (the two differ by P Σ_c g_c, which the log-softmax's
+# own backward, G - P Σ_c G, takes away)
+_probabilities = recorded(lambda logp, dim: exp(logp), lambda logp, dim: apply(SoftmaxFunction, logp, dim, None))
 
 
 class _CrossEntropyTerms:
-    r"""One call's logits ``z`` (float32 for half inputs, promoted with a probability target), counted rows ``valid``
-    (None: all), ``reduction`` and its ``divisor``, and q: for class indices :math:`q_n = a_n \mathrm{onehot}(t_n) +
-    b w`, :math:`s_n = a_n + b \sum_c w_c`, :math:`a_n = (1 - \varepsilon) w_{t_n}`, :math:`b = \varepsilon / C`."""
+    r"""One call's log-probabilities ``logp`` (:math:`\log P`; float32 for half inputs, promoted with a probability
+    target), counted rows ``valid`` (None: all), ``reduction`` and its ``divisor``, and q: for class indices
+    :math:`q_n = a_n \mathrm{onehot}(t_n) + b w`, :math:`s_n = a_n + b \sum_c w_c`, :math:`a_n = (1 - \varepsilon)
+    w_{t_n}`, :math:`b = \varepsilon / C`."""
 
-    def __init__(self, input, target, weight, ignore_index, reduction, eps):
-        z = opmath(input)
+    def __init__(self, logp, target, weight, ignore_index, reduction, eps):
+        logp = opmath(logp)
         if target.is_floating_point():
-            z = cast(z, torch.promote_types(z.dtype, target.dtype))
-        dim = class_dim(z)
-        classes = z.shape[dim]
-        self.z, self.dim, self.eps, self.valid, self.reduction, self.q = z, dim, eps, None, reduction, None
-        self.w = None if weight is None else cast(weight, z.dtype).reshape((-1,) + (1,) * (z.dim() - dim - 1))
+            logp = cast(logp, torch.promote_types(logp.dtype, target.dtype))
+        dim = class_dim(logp)
+        classes = logp.shape[dim]
+        self.logp, self.dim, self.eps, self.valid, self.reduction, self.q = logp, dim, eps, None, reduction, None
+        self.w = None if weight is None else cast(weight, logp.dtype).reshape((-1,) + (1,) * (logp.dim() - dim - 1))
         if target.is_floating_point():
-            T = cast(target, z.dtype)
+            T = cast(target, logp.dtype)
             q = (1 - eps) * T + eps / classes if eps else T
             self.q = q if self.w is None else q * self.w
             self.s = self.q.sum(dim, keepdim=True)
-            self.divisor = z.numel() // classes if classes else 0
+            self.divisor = logp.numel() // classes if classes else 0
             return
-        rows = ClassTarget(target, weight, ignore_index, z.dtype, dim)
+        rows = ClassTarget(target, weight, ignore_index, logp.dtype, dim)
         self.valid, self.index, self.divisor = rows.valid, rows.index, rows.divisor
         # (an ignored row's q and s are those of class 0: its ∂R/∂ℓ_n is 0, so they never count)
         self.a, self.b = (1 - eps) * rows.w_t, eps / classes
-        self.s = self.a + self.b * (classes if weight is None else cast(weight, z.dtype).sum())
+        self.s = self.a + self.b * (classes if weight is None else cast(weight, logp.dtype).sum())
 
     def rows(self, v):
         """A number, or a tensor of the rows' shape made to broadcast along the class dimension."""
@@ -65,54 +67,80 @@ class _CrossEntropyTerms:
             g = g - (self.b if self.w is None else self.b * self.w)
         return _times(g, self.rows(scale), in_place)  # ⊙ scale
 
-    def log_p(self, log_softmax) -> Tensor:
+    def log_p(self) -> Tensor:
         """w ⊙ log P (log P without class weights)."""
-        logp = log_softmax(self.z, self.dim)
-        return logp if self.w is None else logp * self.w
+        return self.logp if self.w is None else self.logp * self.w
 
 
 class CrossEntropyFunction(ManualFunction):
-    r"""Softmax cross-entropy (module docstring), :math:`P` recomputed from the saved logits (as many bytes as
-    PyTorch's saved log-softmax), stable for any logits; no one-hot matrix. Forward: PyTorch's ``cross_entropy``.
-    Shape: input ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; target class indices ``()``, ``(N)``, ``(N, d1, ...)``
-    or probabilities of the input's shape; weight ``(C)`` or None; output scalar, or the rows' shape (``"none"``)."""
+    r"""``apply(input, target, weight, ignore_index, reduction, label_smoothing)`` → ``(loss, log P)``: softmax
+    cross-entropy (module docstring) and the log-probabilities :math:`\log P = \operatorname{log\_softmax}(Z)` it
+    keeps for the backward, as PyTorch keeps them (as many bytes as the logits): :math:`P = e^{\log P}` there, one
+    pass, stable for any logits; no one-hot matrix. Forward: PyTorch's ``log_softmax`` and ``nll_loss`` (its
+    ``cross_entropy``), label smoothing and probabilities as PyTorch's ``cross_entropy`` computes them. Shape: input
+    ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; target class indices ``()``, ``(N)``, ``(N, d1, ...)`` or
+    probabilities of the input's shape; weight ``(C)`` or None; loss scalar, or the rows' shape (``"none"``); log P
+    the input's shape."""
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing):
-        ignore_index = _NONE_IGNORED if ignore_index is None else ignore_index
-        return F.cross_entropy(
-            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-        )
+        dim, eps = class_dim(input), label_smoothing
+        logp = torch.log_softmax(input, dim)
+        w = None if weight is None else weight.reshape((-1,) + (1,) * (input.dim() - dim - 1))
+        if target.is_floating_point():  # ℓ_n = −Σ_c w_c q_nc log P_nc, q = (1 − ε) T + ε/C
+            q = target * (1 - eps) + eps / input.shape[dim] if eps else target
+            rows = -(logp * q if w is None else logp * q * w).sum(dim)
+            return _reduce(rows, reduction, rows.numel()), logp
+        none_ignored = _NONE_IGNORED if ignore_index is None else ignore_index
+        loss = F.nll_loss(logp, target, weight, ignore_index=none_ignored, reduction=reduction)  # −w_t log P_t
+        if eps:  # (1 − ε) of it and ε/C of ℓ_n = −Σ_c w_c log P_nc (0 on ignored rows), reduced alike
+            counted = ClassTarget(target, weight, ignore_index, logp.dtype, dim)
+            smooth = -(logp if w is None else logp * w).sum(dim)
+            smooth = smooth if counted.valid is None else smooth.masked_fill(~counted.valid, 0)
+            loss = (1 - eps) * loss + _reduce(smooth, reduction, counted.divisor) * (eps / input.shape[dim])
+        return loss, logp
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, target, weight, *options = inputs
-        save(ctx, input, target, weight)
-        ctx.options, ctx.dtype = options, output.dtype
+        loss, logp = output
+        save(ctx, logp, target, weight)
+        ctx.options, ctx.dtype, ctx.input_dtype = options, loss.dtype, input.dtype
+        ctx.set_materialize_grads(False)  # log P's gradient: None unless a double backward gives one
 
     @staticmethod
-    def backward(ctx, grad_output):
-        input, target, _ = ctx.saved_tensors
+    def backward(ctx, grad_output, grad_logp):
+        _, target, _ = ctx.saved_tensors
         terms = _CrossEntropyTerms(*ctx.saved_tensors, *ctx.options)
-        scale = _row_scale(opmath(grad_output), terms.reduction, terms.divisor, terms.valid)  # ∂R/∂ℓ_n
         grad_input = grad_target = None
-        if ctx.needs_input_grad[0]:  # G_Z = (s ⊙ P − q) ⊙ ∂R/∂ℓ
-            grad_input = cast(terms.grad(_softmax(terms.z, terms.dim), scale, base._in_place(grad_output)), input.dtype)
-        if ctx.needs_input_grad[1]:  # probabilities: G_T = −(1 − ε) w ⊙ log P ⊙ ∂R/∂ℓ
-            grad_target = cast(-(1 - terms.eps) * terms.log_p(_log_softmax) * terms.rows(scale), target.dtype)
+        if grad_output is not None:
+            scale = _row_scale(opmath(grad_output), terms.reduction, terms.divisor, terms.valid)  # ∂R/∂ℓ_n
+            if ctx.needs_input_grad[0]:  # G_Z = (s ⊙ P − q) ⊙ ∂R/∂ℓ
+                P = _probabilities(terms.logp, terms.dim)
+                grad_input = terms.grad(P, scale, base._in_place(grad_output))
+            if ctx.needs_input_grad[1]:  # probabilities: G_T = −(1 − ε) w ⊙ log P ⊙ ∂R/∂ℓ
+                grad_target = cast(-(1 - terms.eps) * terms.log_p() * terms.rows(scale), target.dtype)
+        if grad_logp is not None and ctx.needs_input_grad[0]:  # log P's own: G_Z += G − P Σ_c G
+            g = cast(grad_logp, terms.logp.dtype)
+            own = g - _probabilities(terms.logp, terms.dim) * g.sum(terms.dim, keepdim=True)
+            grad_input = own if grad_input is None else grad_input + own
+        grad_input = None if grad_input is None else cast(grad_input, ctx.input_dtype)
         return grad_input, grad_target, None, None, None, None
 
     @staticmethod
     def jvp(ctx, input_tangent, target_tangent, *_):
         terms = _CrossEntropyTerms(*ctx.saved_tensors, *ctx.options)
-        z, dim, rows = terms.z, terms.dim, 0
-        if input_tangent is not None:  # ℓ̇_n = Σ_c (s_n P_nc − q_nc) Ż_nc
-            rows = (terms.grad(torch.softmax(z, dim), 1.0, in_place=False) * cast(input_tangent, z.dtype)).sum(dim)
+        logp, dim, rows = terms.logp, terms.dim, 0
+        logp_tangent = torch.zeros_like(ctx.saved_tensors[0])
+        if input_tangent is not None:  # ℓ̇_n = Σ_c (s_n P_nc − q_nc) Ż_nc; (log P)˙ = Ż − Σ_c P Ż
+            P, z_tangent = logp.exp(), cast(input_tangent, logp.dtype)
+            rows = (terms.grad(P, 1.0, in_place=False) * z_tangent).sum(dim)
+            logp_tangent = cast(z_tangent - (P * z_tangent).sum(dim, keepdim=True), logp_tangent.dtype)
         if target_tangent is not None:  # ℓ̇_n = −(1 − ε) Σ_c w_c log P_nc Ṫ_nc
-            rows = rows - (1 - terms.eps) * (terms.log_p(torch.log_softmax) * cast(target_tangent, z.dtype)).sum(dim)
+            rows = rows - (1 - terms.eps) * (terms.log_p() * cast(target_tangent, logp.dtype)).sum(dim)
         if terms.valid is not None:  # ignored rows count nowhere
             rows = torch.where(terms.valid, rows, 0)
-        return cast(_reduce(rows, terms.reduction, terms.divisor), ctx.dtype)
+        return cast(_reduce(rows, terms.reduction, terms.divisor), ctx.dtype), logp_tangent
 
 
 class NLLLossFunction(ManualFunction):
