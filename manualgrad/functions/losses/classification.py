@@ -20,9 +20,8 @@ from .base import ClassTarget, _minus_onehot, _reduce, _row_scale, _times, class
 #: ``ignore_index`` None (the checks found every index a class): the kernels get this one, which no index equals
 _NONE_IGNORED = -100
 
-# P = exp(log P) inside a backward; softmax(log P) through our Function when a double backward records it: the
-# same values, and on log-softmax outputs the same derivatives (the two differ by P Σ_c g_c, which the log-softmax's
-# own backward, G - P Σ_c G, takes away)
+# P = exp(log P) in a backward; softmax(log P), our Function, when a double backward records it: the same values and,
+# on log P, the same derivatives (they differ by P Σ_c g_c, which log P's own backward G − P Σ_c G takes away)
 _probabilities = recorded(lambda logp, dim: exp(logp), lambda logp, dim: apply(SoftmaxFunction, logp, dim, None))
 
 
@@ -73,14 +72,11 @@ class _CrossEntropyTerms:
 
 
 class CrossEntropyFunction(ManualFunction):
-    r"""``apply(input, target, weight, ignore_index, reduction, label_smoothing)`` → ``(loss, log P)``: softmax
-    cross-entropy (module docstring) and the log-probabilities :math:`\log P = \operatorname{log\_softmax}(Z)` it
-    keeps for the backward, as PyTorch keeps them (as many bytes as the logits): :math:`P = e^{\log P}` there, one
-    pass, stable for any logits; no one-hot matrix. Forward: PyTorch's ``log_softmax`` and ``nll_loss`` (its
-    ``cross_entropy``), label smoothing and probabilities as PyTorch's ``cross_entropy`` computes them. Shape: input
-    ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; target class indices ``()``, ``(N)``, ``(N, d1, ...)`` or
-    probabilities of the input's shape; weight ``(C)`` or None; loss scalar, or the rows' shape (``"none"``); log P
-    the input's shape."""
+    r"""``apply(input, target, weight, ignore_index, reduction, label_smoothing)`` → ``(loss, log P)``: the softmax
+    cross-entropy (module docstring) as PyTorch's ``cross_entropy`` computes it, and :math:`\log P`, which it keeps
+    (as PyTorch does: the logits' bytes) for :math:`P = e^{\log P}` in one pass. Shape: input ``(C)``, ``(N, C)`` or
+    ``(N, C, d1, ...)``, as log P; target class indices ``()``, ``(N)``, ``(N, d1, ...)`` or probabilities of the
+    input's shape; weight ``(C)`` or None; loss scalar, or the rows' shape (``"none"``)."""
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing):
@@ -102,8 +98,7 @@ class CrossEntropyFunction(ManualFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, target, weight, *options = inputs
-        loss, logp = output
+        (input, target, weight, *options), (loss, logp) = inputs, output
         save(ctx, logp, target, weight)
         ctx.options, ctx.dtype, ctx.input_dtype = options, loss.dtype, input.dtype
         ctx.set_materialize_grads(False)  # log P's gradient: None unless a double backward gives one
