@@ -20,6 +20,7 @@ from .base import ClassTarget, _minus_onehot, _reduce, _row_scale, _times, class
 #: ``ignore_index`` None (the checks found every index a class): the kernels get this one, which no index equals
 _NONE_IGNORED = -100
 
+
 # P = exp(log P) in a backward; softmax(log P), our Function, when a double backward records it: the same values and,
 # on log P, the same derivatives (they differ by P Σ_c g_c, which log P's own backward G − P Σ_c G takes away)
 _probabilities = recorded(lambda logp, dim: exp(logp), lambda logp, dim: apply(SoftmaxFunction, logp, dim, None))
@@ -126,15 +127,17 @@ class CrossEntropyFunction(ManualFunction):
     def jvp(ctx, input_tangent, target_tangent, *_):
         terms = _CrossEntropyTerms(*ctx.saved_tensors, *ctx.options)
         logp, dim, rows = terms.logp, terms.dim, 0
-        logp_tangent = torch.zeros_like(ctx.saved_tensors[0])
+        logp_tangent = None
         if input_tangent is not None:  # ℓ̇_n = Σ_c (s_n P_nc − q_nc) Ż_nc; (log P)˙ = Ż − Σ_c P Ż
             P, z_tangent = logp.exp(), cast(input_tangent, logp.dtype)
             rows = (terms.grad(P, 1.0, in_place=False) * z_tangent).sum(dim)
-            logp_tangent = cast(z_tangent - (P * z_tangent).sum(dim, keepdim=True), logp_tangent.dtype)
+            logp_tangent = cast(z_tangent - (P * z_tangent).sum(dim, keepdim=True), ctx.saved_tensors[0].dtype)
         if target_tangent is not None:  # ℓ̇_n = −(1 − ε) Σ_c w_c log P_nc Ṫ_nc
             rows = rows - (1 - terms.eps) * (terms.log_p() * cast(target_tangent, logp.dtype)).sum(dim)
         if terms.valid is not None:  # ignored rows count nowhere
             rows = torch.where(terms.valid, rows, 0)
+        if logp_tangent is None:  # only the target has a tangent: log P has none
+            logp_tangent = torch.zeros_like(ctx.saved_tensors[0])
         return cast(_reduce(rows, terms.reduction, terms.divisor), ctx.dtype), logp_tangent
 
 
