@@ -177,8 +177,9 @@ def test_broadcasting_warns_and_differentiates_like_torch(name, kwargs, shapes):
     x = torch.randn(shapes[0], dtype=F64, requires_grad=True) * 2
     t = torch.randn(shapes[1], dtype=F64, requires_grad=True) * 2
     fn = getattr(MF, name)
-    with pytest.warns(UserWarning, match="different to the input size"):
+    with pytest.warns(UserWarning, match="different to the input size") as caught:
         fn(x, t, **kwargs)
+    assert [w.filename for w in caught] == [__file__]  # ours once, at the caller; torch's own silenced
     for reduction in ("mean", "none"):
         assert_same_as_torch(name, (x, t), {**kwargs, "reduction": reduction})
     with warnings.catch_warnings():
@@ -550,3 +551,13 @@ def test_cross_entropy_function_gives_log_p_with_its_derivatives(target, options
 
     assert torch.autograd.gradcheck(both, inputs, check_forward_ad=True)
     assert torch.autograd.gradgradcheck(both, inputs)
+
+
+def test_reduce_for_a_forward_written_out():
+    """PointwiseLoss.reduce (the README's pseudo-Huber forward): Σ w ℓ / Σ w for ``mean``, in the terms' dtype."""
+    terms, weight = torch.rand(4, 3, dtype=torch.float16), torch.rand(4, 3, dtype=torch.float16) + 0.5
+    got = losses_base.PointwiseLoss.reduce(terms, weight, "mean")
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, ((terms.float() * weight.float()).sum() / weight.float().sum()).half())
+    torch.testing.assert_close(losses_base.PointwiseLoss.reduce(terms, None, "sum"), terms.sum())
+    torch.testing.assert_close(losses_base.PointwiseLoss.reduce(terms, weight, "none"), terms * weight)

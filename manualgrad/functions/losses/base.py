@@ -1,10 +1,7 @@
-r"""What every loss shares: the reduction, the elementwise-loss base, the wrapper helper, the class-target helper.
-
-A loss is a sum of terms :math:`\ell_n`, reduced: ``"sum"`` (:math:`R = \sum_n \ell_n`), ``"mean"``
-(:math:`R = \sum_n \ell_n / D`) or ``"none"``: :math:`\partial R/\partial \ell_n` is :math:`g`, :math:`g/D` or
+r"""What every loss shares. A loss reduces its terms :math:`\ell_n`: ``"sum"`` :math:`R = \sum_n \ell_n`, ``"mean"``
+:math:`R = \sum_n \ell_n / D` or ``"none"``, so :math:`\partial R/\partial \ell_n` is :math:`g`, :math:`g/D` or
 :math:`g_n` (:func:`_row_scale`). Weights are constants. A tensor a backward makes only to scale it is scaled in
-place while nothing records it (:func:`_in_place`).
-"""
+place while nothing records it (:func:`_in_place`)."""
 
 from __future__ import annotations
 
@@ -35,7 +32,9 @@ def _row_scale(grad: Tensor, reduction: str, divisor, valid: Tensor | None = Non
     return scale if valid is None else torch.where(valid, scale, 0)
 
 
-def _reduce(terms: Tensor, reduction: str, divisor) -> Tensor:
+def _reduce(terms: Tensor, reduction: str, divisor, valid: Tensor | None = None) -> Tensor:
+    """R of the terms ℓ_n, a row outside ``valid`` (None: every row counts) as 0."""
+    terms = terms if valid is None else torch.where(valid, terms, 0)
     return terms if reduction == "none" else terms.sum() / divisor if reduction == "mean" else terms.sum()
 
 
@@ -51,27 +50,15 @@ def _times(t: Tensor, factor, in_place: bool) -> Tensor:
     return t.mul_(factor) if in_place else t * factor
 
 
-def _without_size_warning(loss, input: Tensor, target: Tensor, *args, **kwargs) -> Tensor:
-    """PyTorch's ``loss(input, target, ...)``, its warning about a target of another shape silenced (ours gave it)."""
-    if input.shape == target.shape:
-        return loss(input, target, *args, **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return loss(input, target, *args, **kwargs)
-
-
 class ElementwiseLoss(ManualFunction):
-    r"""Base of the losses :math:`\ell = w \odot \ell(x, t)` elementwise (:math:`w = 1` without a weight), reduced.
-
-    .. math:: G_X = w \odot \partial_x\ell \odot \partial_\ell R,\ G_T = w \odot \partial_t\ell \odot \partial_\ell R
-        \quad \dot\ell = w \odot (\partial_x\ell\, \dot x + \partial_t\ell\, \dot t)
-
-    each summed to its own shape. ``apply(input, target, weight, <more tensors>, reduction, <options>)``,
-    ``tensors`` (3) of them, all kept. A subclass defines ``forward`` (PyTorch's kernel), ``d_input(x, t, *rest,
-    in_place)``: ``(r, c)`` with :math:`\partial\ell/\partial x = c\, r`, ``c`` a number, ``rest`` the other tensors
-    and the options (``in_place``: it may overwrite what it makes, never x or t), and ``d_target`` the same for
-    :math:`\partial\ell/\partial t` (None: a loss of :math:`x - t`). Half precision is computed in float32.
-    """
+    r"""Base of the losses :math:`\ell = w \odot \ell(x, t)` elementwise (:math:`w = 1` without a weight), reduced:
+    :math:`G_X = w \odot \partial_x\ell \odot \partial_\ell R`, :math:`G_T = w \odot \partial_t\ell \odot \partial_\ell
+    R`, each summed to its own shape, :math:`\dot\ell = w \odot (\partial_x\ell\, \dot x + \partial_t\ell\, \dot t)`.
+    ``apply(input, target, weight, <more tensors>, reduction, <options>)``, ``tensors`` (3) of them, all kept. A
+    subclass defines ``forward`` (PyTorch's kernel), ``d_input(x, t, *rest, in_place)``: ``(r, c)`` with
+    :math:`\partial\ell/\partial x = c\, r`, ``c`` a number, ``rest`` the other tensors and the options (``in_place``:
+    it may overwrite what it makes, never x or t), and ``d_target`` the same for :math:`\partial\ell/\partial t`
+    (None: a loss of :math:`x - t`). Half precision is computed in float32."""
 
     tensors = 3
     mean_over_weights = False
@@ -83,6 +70,12 @@ class ElementwiseLoss(ManualFunction):
         if weight is not None and cls.mean_over_weights:
             return opmath(weight).sum()
         return math.prod(torch.broadcast_shapes(input.shape, target.shape))
+
+    @classmethod
+    def reduce(cls, terms: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
+        """R of ℓ = w ⊙ terms (D: :meth:`divisor`), in the terms' dtype; for a ``forward`` written out, and the jvp."""
+        terms = terms if weight is None else terms * weight
+        return cast(_reduce(terms, reduction, cls.divisor(terms, terms, weight)), terms.dtype)
 
     def __init_subclass__(cls, **kwargs):
         # closures over this subclass's ∂ℓ (as Elementwise's), so that vmap's and Dynamo's ctx need no attribute
@@ -124,8 +117,7 @@ class ElementwiseLoss(ManualFunction):
                 if tangent is not None:  # ℓ̇ = w ⊙ (∂ℓ/∂x ẋ + ∂ℓ/∂t ṫ)
                     r, c = partials(ctx, input, target, others, False, i)
                     terms = terms + c * r * opmath(tangent)
-            terms = terms if weight is None else terms * weight
-            return cast(_reduce(terms, ctx.reduction, cls.divisor(input, target, weight)), ctx.dtype)
+            return cast(cls.reduce(terms, weight, ctx.reduction), ctx.dtype)
 
         cls.setup_context = staticmethod(setup_context)
         cls.backward = staticmethod(backward)
@@ -135,11 +127,10 @@ class ElementwiseLoss(ManualFunction):
 
 
 class PointwiseLoss(ElementwiseLoss):
-    r"""Base of the losses of the difference :math:`d = \hat y - t`: :math:`\ell = w \odot \rho(d)`, :math:`\partial
-    \ell/\partial\hat y = \rho'(d) = -\partial\ell/\partial t`. ``apply(input, target, weight, reduction, parameter)``;
-    a subclass defines ``forward`` and ``derivative(d, parameter, out)``: ``(r, c)``, :math:`\rho'(d) = c\, r(d)`,
-    ``r`` may be written into ``out`` (``d``, or None). Shape: input ``(*)``, target broadcastable with it, weight
-    the input's shape or None; output scalar, or the broadcast shape for ``"none"``."""
+    r"""Base of the losses :math:`\ell = w \odot \rho(d)` of :math:`d = \hat y - t`, :math:`\partial\ell/\partial\hat y
+    = \rho'(d) = -\partial\ell/\partial t`. ``apply(input, target, weight, reduction, parameter)``; a subclass gives
+    ``forward`` and ``derivative(d, parameter, out)``: ``(r, c)``, :math:`\rho'(d) = c\, r(d)`, ``r`` into ``out`` if
+    given. Shape: input ``(*)``, target broadcastable, weight ``(*)`` or None; output ``()``, or broadcast (none)."""
 
     mean_over_weights = True
 
@@ -148,26 +139,20 @@ class PointwiseLoss(ElementwiseLoss):
         d = x - t  # D = Ŷ − T
         return cls.derivative(d, parameter, d if in_place else None)
 
-    @staticmethod
-    def reduce(terms: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
-        """R of ℓ = w ⊙ terms, for a ``forward`` written out: ``mean`` divides by Σw with a weight."""
-        if weight is None:
-            return _reduce(terms, reduction, terms.numel())
-        return _reduce(terms * weight, reduction, weight.sum())
-
 
 def loss(function: type[ManualFunction], module, name: str, check=None, *, reference=None):
     """Declare and return ``function``'s wrapper ``name``, with the signature of torch's function of that name (or
     ``mse_loss``'s): legacy ``size_average``/``reduce`` to ``reduction``, ``check(*forward's arguments, layer=name)``
     (default ``_checks.pointwise_loss`` or ``_checks.<name>``; it may return arguments it settled, by name, e.g.
-    ``{"ignore_index": None}``), float options as floats, uint8 class indices as int64,
-    then ``function``. No torch module nor ``reference``: the checks compare with ``function.forward``."""
+    ``{"ignore_index": None}``), float options as floats, uint8 class indices as int64, then ``function``. No torch
+    module nor ``reference``: the checks compare with ``function.forward``."""
     params = list(inspect.signature(getattr(F, name, F.mse_loss)).parameters.values())[1:]
     names, order = ["input", *(p.name for p in params)], list(inspect.signature(function.forward).parameters)
     take = [names.index(k) if k in names else len(names) for k in order]  # forward's arguments among torch's
     floats = [j for j, i in enumerate(take) if 0 < i < len(names) and isinstance(params[i - 1].default, float)]
     legacy = "reduce" in names and (names.index("size_average"), names.index("reduce"), order.index("reduction"))
-    check = check or (_checks.pointwise_loss if issubclass(function, PointwiseLoss) else getattr(_checks, name))
+    pointwise = issubclass(function, PointwiseLoss)
+    check = check or (_checks.pointwise_loss if pointwise else getattr(_checks, name))
 
     def wrapper(callee):
         def call(*values):
@@ -181,6 +166,9 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, refer
                 args[j] = float(args[j])
             if args[1].dtype == torch.uint8:  # class indices, which torch takes for a 1-D or 2-D input
                 args[1] = args[1].long()
+            if pointwise and args[0].shape != args[1].shape:  # ours warned of a target of another shape; not torch
+                with warnings.catch_warnings(action="ignore"):
+                    return callee(*args)
             out = callee(*args)
             return out[0] if isinstance(out, tuple) else out  # the loss (CrossEntropyFunction's log P after it)
 
@@ -192,19 +180,16 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, refer
 
 
 class ClassTarget:
-    """A class-index target's rows: ``valid`` (not ``ignore_index``; None: all, as for ``ignore_index`` None, which
-    says that no row is ignored), ``index`` (t, ignored rows at 0, class dimension kept), ``w_t`` (:math:`w_{t_n}`,
-    1.0 without class weights), ``divisor`` (the count of valid rows, or Σ w_t)."""
+    """A class-index target's rows: ``valid`` (not ``ignore_index``; None: all), ``index`` (t, ignored rows at 0, class
+    dimension kept), ``w_t`` (:math:`w_{t_n}`; 1.0 without class weights), ``divisor`` (rows counted, or Σw_t)."""
 
     def __init__(self, target: Tensor, weight: Tensor | None, ignore_index: int | None, dtype: torch.dtype, dim: int):
         self.valid = None if ignore_index is None else target != ignore_index  # the rows that count
         index = target if ignore_index is None else target.masked_fill(~self.valid, 0)  # an ignored row's: e.g. -100
         self.index = index.unsqueeze(dim)
         self.w_t = 1.0 if weight is None else cast(weight, dtype)[index]
-        if weight is None:
-            self.divisor = target.numel() if self.valid is None else self.valid.sum()
-        else:
-            self.divisor = (self.w_t if self.valid is None else self.w_t * self.valid).sum()
+        counts = self.valid if weight is None else self.w_t if self.valid is None else self.w_t * self.valid
+        self.divisor = target.numel() if counts is None else counts.sum()
 
 
 def _minus_onehot(g: Tensor, index: Tensor, coefficient, dim: int, in_place: bool) -> Tensor:

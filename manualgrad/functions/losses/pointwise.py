@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..activations import _sigmoid
 from ..base import recorded
-from .base import ElementwiseLoss, PointwiseLoss, _without_size_warning, loss
+from .base import ElementwiseLoss, PointwiseLoss, loss
 
 
 class MSELossFunction(PointwiseLoss):
@@ -16,7 +16,7 @@ class MSELossFunction(PointwiseLoss):
 
     @staticmethod
     def forward(input, target, weight, reduction, parameter):
-        return _without_size_warning(F.mse_loss, input, target, reduction=reduction, weight=weight)
+        return F.mse_loss(input, target, reduction=reduction, weight=weight)
 
     @staticmethod
     def derivative(d, parameter, out):
@@ -28,7 +28,7 @@ class L1LossFunction(PointwiseLoss):
 
     @staticmethod
     def forward(input, target, weight, reduction, parameter):
-        return _without_size_warning(F.l1_loss, input, target, reduction=reduction, weight=weight)
+        return F.l1_loss(input, target, reduction=reduction, weight=weight)
 
     @staticmethod
     def derivative(d, parameter, out):
@@ -41,7 +41,7 @@ class SmoothL1LossFunction(PointwiseLoss):
 
     @staticmethod
     def forward(input, target, weight, reduction, beta):
-        return _without_size_warning(F.smooth_l1_loss, input, target, reduction=reduction, beta=beta)
+        return F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)
 
     @staticmethod
     def derivative(d, beta, out):
@@ -58,15 +58,14 @@ class HuberLossFunction(PointwiseLoss):
 
     @staticmethod
     def forward(input, target, weight, reduction, delta):
-        return _without_size_warning(F.huber_loss, input, target, reduction=reduction, delta=delta, weight=weight)
+        return F.huber_loss(input, target, reduction=reduction, delta=delta, weight=weight)
 
     @staticmethod
     def derivative(d, delta, out):
         return torch.clamp(d, -delta, delta, out=out), 1.0
 
 
-#: PyTorch's floor on (1 − x)x in the derivative: 1e-12 as a float32 constant, as in its kernel
-_BCE_EPSILON = torch.tensor(1e-12, dtype=torch.float32).item()
+_BCE_EPSILON = torch.tensor(1e-12, dtype=torch.float32).item()  # PyTorch's floor on (1 − x)x: 1e-12 in float32
 
 
 class BinaryCrossEntropyFunction(ElementwiseLoss):
@@ -115,8 +114,7 @@ class BinaryCrossEntropyWithLogitsFunction(ElementwiseLoss):
         return (-z if p is None else _log_sigmoid(-z) - p * _log_sigmoid(z)), 1.0  # log σ(−z) − p log σ(z)
 
 
-# log(x / (1 − x)) and log σ(z) inside a backward: PyTorch's kernels, or, when a double backward records them,
-# plain arithmetic (not ``logit_backward`` or ``log_sigmoid_backward``); log σ(z) = −(max(−z, 0) + log(1 + e^{−|z|}))
+# log(x / (1 − x)) and log σ(z) in a backward: PyTorch's kernels, or plain arithmetic when a double backward records
 _logit = recorded(torch.logit, lambda x: torch.log(x) - torch.log1p(-x))
 _log_sigmoid = recorded(F.logsigmoid, lambda z: -(torch.clamp(-z, min=0) + torch.log1p(torch.exp(-z.abs()))))
 
