@@ -183,10 +183,12 @@ def train_epochs(cfg, world, trainer: Trainer, native, progress: Progress, folde
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             try:
                 at, stopping = trainer.train_epoch(epoch, stop, resume=progress.position, on_step=on_step)
-            except TrainingError as e:  # a non-finite loss: the checkpoint on disk stays the last good one
-                raise _diverged(str(e), folder) from None
-            if (broken := trainer.non_finite()) is not None:
-                raise _diverged(f"the weights became non-finite ({broken}) in epoch {epoch}; not saved", folder)
+                if (broken := trainer.non_finite()) is not None:
+                    raise TrainingError(f"the weights became non-finite ({broken}) in epoch {epoch}; not saved")
+            except TrainingError as e:  # a non-finite loss or weights: the checkpoint on disk stays the last good one
+                last = folder.file(checkpoint.FILENAME)
+                kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
+                raise TrainingError(f"{e}; {kept}. A lower --lr may help.") from None
             if at.step < trainer.steps_per_epoch:  # stopped mid-epoch: saved where it stopped
                 progress.position, progress.interrupted, where = at, True, f"at epoch {epoch}, step {at.step}"
             else:
@@ -287,12 +289,6 @@ def log(world: distributed.World | None, *args) -> None:
     """A line on rank 0's standard output (None: this process's), beside the progress bar."""
     if world is None or world.main:
         tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
-
-
-def _diverged(problem: str, folder: RunFolder) -> TrainingError:
-    last = folder.file(checkpoint.FILENAME)
-    kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
-    return TrainingError(f"{problem}; {kept}. A lower --lr may help.")
 
 
 def _plural(n: int, one: str, many: str | None = None) -> str:
