@@ -87,9 +87,6 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
         shape = "x".join(map(str, scatter.SHAPE))
         log(world, f"features: the images' scattering transform, {shape} each, in {time.perf_counter() - start:.0f} s")
     trainer, native = build(cfg, world, threads, mnist)
-    if cfg.check_grads:
-        distributed.on_main(world, check_gradients, trainer.net, mnist, cfg, world)
-    check_coverage(trainer.net, mnist, cfg, world)
     progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
     with contextlib.closing(open_run_folder(cfg, world)) as folder:  # nothing is written before this point
         cfg = dataclasses.replace(cfg, out=folder.path)
@@ -116,7 +113,8 @@ def open_run_folder(cfg: Config, world: distributed.World) -> RunFolder:
 
 
 def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.MNIST):
-    """The run's trainer (seeded initial weights), and with --compare-native the torch.nn twin's (same weights)."""
+    """The run's trainer (seeded initial weights), and with --compare-native the torch.nn twin's (same weights), its
+    model checked: --check-grads first, then its loss's whole backward graph (first rows) must be manualgrad's."""
     torch.manual_seed(cfg.seed)
     net = model.build(cfg, world.device)
     distributed.broadcast_parameters(net.module, world)
@@ -131,17 +129,15 @@ def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.M
     if trainer.privacy is not None:
         rng = "the OS's entropy (--secure-rng)" if cfg.secure_rng else "--seed (reproducible: see --secure-rng)"
         log(world, f"privacy: {trainer.privacy.describe()}; batches and noise seeded from {rng}")
-    return trainer, native
-
-
-def check_coverage(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
-    """The whole backward graph of the model's loss (training mode, first rows) must be manualgrad's."""
+    if cfg.check_grads:
+        distributed.on_main(world, check_gradients, net, mnist, cfg, world)
     x, y = mnist.train_x[: cfg.batch_size], mnist.train_y[: cfg.batch_size]
     with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
         net.module.train()
         coverage = manualgrad.manual_coverage(net.loss(x, y))
     if not coverage.complete:
         raise TrainingError(f"the model's backward is not all manualgrad's Functions: {coverage}")
+    return trainer, native
 
 
 def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
