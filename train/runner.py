@@ -88,7 +88,11 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
         log(world, f"features: the images' scattering transform, {shape} each, in {time.perf_counter() - start:.0f} s")
     trainer, native = build(cfg, world, threads, mnist)
     progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
-    with contextlib.closing(open_run_folder(cfg, world)) as folder:  # nothing is written before this point
+    resuming = checkpoint.checkpoint_path(cfg.resume) if cfg.resume else None  # its folder is the default --out
+    out = cfg.out if cfg.out is not None or resuming is None else os.path.dirname(os.path.abspath(resuming))
+    opened = distributed.on_main(world, RunFolder.open, out, resuming)  # rank 0 creates and locks the run folder;
+    path = distributed.broadcast_object(opened.path if opened else None, world)  # the others only write via on_main
+    with contextlib.closing(opened or RunFolder(path, None)) as folder:  # nothing is written before this point
         cfg = dataclasses.replace(cfg, out=folder.path)
         distributed.on_main(world, write_json, folder.file("config.json"), cfg.to_dict())
         log(world, f"run folder: {folder.path}")
@@ -103,15 +107,6 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
 
 
 # ---- the steps before training
-def open_run_folder(cfg: Config, world: distributed.World) -> RunFolder:
-    """Rank 0 opens (creates, locks) the run folder; the other processes learn its path."""
-    resuming = checkpoint.checkpoint_path(cfg.resume) if cfg.resume else None
-    out = cfg.out if cfg.out is not None or resuming is None else os.path.dirname(os.path.abspath(resuming))
-    folder = distributed.on_main(world, RunFolder.open, out, resuming)
-    path = distributed.broadcast_object(folder.path if folder else None, world)
-    return folder or RunFolder(path, None)  # other ranks never write: everything goes through on_main
-
-
 def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.MNIST):
     """The run's trainer (seeded initial weights), and with --compare-native the torch.nn twin's (same weights), its
     model checked: --check-grads first, then its loss's whole backward graph (first rows) must be manualgrad's."""
