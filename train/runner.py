@@ -69,6 +69,7 @@ def run(cfg: Config, on_step=None, given: Collection[str] | None = None) -> dict
 def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     if cfg.resume and cfg.compare_native:  # the command line's and Python's one check, before any file is read
         raise ConfigError("--compare-native cannot be combined with --resume")
+    resuming = checkpoint.checkpoint_path(cfg.resume) if cfg.resume else None  # its folder: the default --out
     resumed = checkpoint.load(cfg.resume) if cfg.resume else None
     if resumed is not None:
         cfg = resume_config(cfg, Config.from_dict(resumed["config"]), given)
@@ -79,16 +80,14 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     log(world, f"data: {len(mnist.train_y):,} training and {len(mnist.test_y):,} test images from {mnist.folder}")
     if resumed is not None and resumed["data"]["fingerprint"] != mnist.fingerprint:  # its order indexes its data
         other = f"it was trained on other data than the files in {mnist.folder} (their fingerprints differ)"
-        path = checkpoint.checkpoint_path(cfg.resume)
-        raise checkpoint.CheckpointError(f"cannot resume from {path}: {other}; resume with the same MNIST files")
+        raise checkpoint.CheckpointError(f"cannot resume from {resuming}: {other}; resume with the same MNIST files")
     if cfg.model == "scatter-cnn":  # fixed features in place of the pixels, computed once
         start = time.perf_counter()
         mnist = scatter.transform(mnist)
         shape = "x".join(map(str, scatter.SHAPE))
         log(world, f"features: the images' scattering transform, {shape} each, in {time.perf_counter() - start:.0f} s")
     trainer, native = build(cfg, world, threads, mnist)
-    progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
-    resuming = checkpoint.checkpoint_path(cfg.resume) if cfg.resume else None  # its folder is the default --out
+    progress = restore(trainer, resumed, resuming, world) if resumed is not None else Progress()
     out = cfg.out if cfg.out is not None or resuming is None else os.path.dirname(os.path.abspath(resuming))
     opened = distributed.on_main(world, RunFolder.open, out, resuming)  # rank 0 creates and locks the run folder;
     path = distributed.broadcast_object(opened.path if opened else None, world)  # the others only write via on_main
@@ -151,8 +150,7 @@ def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distr
             raise TrainingError(f"--check-grads: {differ}")
 
 
-def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.World) -> Progress:
-    path = checkpoint.checkpoint_path(cfg.resume)
+def restore(trainer: Trainer, resumed: dict, path: str, world: distributed.World) -> Progress:
     if not checkpoint.restore(trainer, resumed, path):
         written = f"the checkpoint was written by {len(resumed['rng']['torch'])} processes, this run has {world.size}"
         log(world, f"warning: {written}: dropout masks will differ from an uninterrupted run")
