@@ -69,6 +69,7 @@ def run(cfg: Config, on_step=None, given: Collection[str] | None = None) -> dict
 def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     if cfg.resume and cfg.compare_native:  # the command line's and Python's one check, before any file is read
         raise ConfigError("--compare-native cannot be combined with --resume")
+    resuming = checkpoint.checkpoint_path(cfg.resume) if cfg.resume else None  # its folder: the default --out
     resumed = checkpoint.load(cfg.resume) if cfg.resume else None
     if resumed is not None:
         cfg = resume_config(cfg, Config.from_dict(resumed["config"]), given)
@@ -79,19 +80,18 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
     log(world, f"data: {len(mnist.train_y):,} training and {len(mnist.test_y):,} test images from {mnist.folder}")
     if resumed is not None and resumed["data"]["fingerprint"] != mnist.fingerprint:  # its order indexes its data
         other = f"it was trained on other data than the files in {mnist.folder} (their fingerprints differ)"
-        path = checkpoint.checkpoint_path(cfg.resume)
-        raise checkpoint.CheckpointError(f"cannot resume from {path}: {other}; resume with the same MNIST files")
+        raise checkpoint.CheckpointError(f"cannot resume from {resuming}: {other}; resume with the same MNIST files")
     if cfg.model == "scatter-cnn":  # fixed features in place of the pixels, computed once
         start = time.perf_counter()
         mnist = scatter.transform(mnist)
         shape = "x".join(map(str, scatter.SHAPE))
         log(world, f"features: the images' scattering transform, {shape} each, in {time.perf_counter() - start:.0f} s")
     trainer, native = build(cfg, world, threads, mnist)
-    if cfg.check_grads:
-        distributed.on_main(world, check_gradients, trainer.net, mnist, cfg, world)
-    check_coverage(trainer.net, mnist, cfg, world)
-    progress = restore(trainer, resumed, cfg, world) if resumed is not None else Progress()
-    with contextlib.closing(open_run_folder(cfg, world)) as folder:  # nothing is written before this point
+    progress = restore(trainer, resumed, resuming, world) if resumed is not None else Progress()
+    out = cfg.out if cfg.out is not None or resuming is None else os.path.dirname(os.path.abspath(resuming))
+    opened = distributed.on_main(world, RunFolder.open, out, resuming)  # rank 0 creates and locks the run folder;
+    path = distributed.broadcast_object(opened.path if opened else None, world)  # the others only write via on_main
+    with contextlib.closing(opened or RunFolder(path, None)) as folder:  # nothing is written before this point
         cfg = dataclasses.replace(cfg, out=folder.path)
         distributed.on_main(world, write_json, folder.file("config.json"), cfg.to_dict())
         log(world, f"run folder: {folder.path}")
@@ -106,17 +106,9 @@ def _run(cfg: Config, world: distributed.World, on_step, given) -> dict:
 
 
 # ---- the steps before training
-def open_run_folder(cfg: Config, world: distributed.World) -> RunFolder:
-    """Rank 0 opens (creates, locks) the run folder; the other processes learn its path."""
-    resuming = checkpoint.checkpoint_path(cfg.resume) if cfg.resume else None
-    out = cfg.out if cfg.out is not None or resuming is None else os.path.dirname(os.path.abspath(resuming))
-    folder = distributed.on_main(world, RunFolder.open, out, resuming)
-    path = distributed.broadcast_object(folder.path if folder else None, world)
-    return folder or RunFolder(path, None)  # other ranks never write: everything goes through on_main
-
-
 def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.MNIST):
-    """The run's trainer (seeded initial weights), and with --compare-native the torch.nn twin's (same weights)."""
+    """The run's trainer (seeded initial weights), and with --compare-native the torch.nn twin's (same weights), its
+    model checked: --check-grads first, then its loss's whole backward graph (first rows) must be manualgrad's."""
     torch.manual_seed(cfg.seed)
     net = model.build(cfg, world.device)
     distributed.broadcast_parameters(net.module, world)
@@ -131,17 +123,15 @@ def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.M
     if trainer.privacy is not None:
         rng = "the OS's entropy (--secure-rng)" if cfg.secure_rng else "--seed (reproducible: see --secure-rng)"
         log(world, f"privacy: {trainer.privacy.describe()}; batches and noise seeded from {rng}")
-    return trainer, native
-
-
-def check_coverage(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
-    """The whole backward graph of the model's loss (training mode, first rows) must be manualgrad's."""
+    if cfg.check_grads:
+        distributed.on_main(world, check_gradients, net, mnist, cfg, world)
     x, y = mnist.train_x[: cfg.batch_size], mnist.train_y[: cfg.batch_size]
     with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
         net.module.train()
         coverage = manualgrad.manual_coverage(net.loss(x, y))
     if not coverage.complete:
         raise TrainingError(f"the model's backward is not all manualgrad's Functions: {coverage}")
+    return trainer, native
 
 
 def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
@@ -160,8 +150,7 @@ def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distr
             raise TrainingError(f"--check-grads: {differ}")
 
 
-def restore(trainer: Trainer, resumed: dict, cfg: Config, world: distributed.World) -> Progress:
-    path = checkpoint.checkpoint_path(cfg.resume)
+def restore(trainer: Trainer, resumed: dict, path: str, world: distributed.World) -> Progress:
     if not checkpoint.restore(trainer, resumed, path):
         written = f"the checkpoint was written by {len(resumed['rng']['torch'])} processes, this run has {world.size}"
         log(world, f"warning: {written}: dropout masks will differ from an uninterrupted run")
@@ -183,10 +172,12 @@ def train_epochs(cfg, world, trainer: Trainer, native, progress: Progress, folde
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             try:
                 at, stopping = trainer.train_epoch(epoch, stop, resume=progress.position, on_step=on_step)
-            except TrainingError as e:  # a non-finite loss: the checkpoint on disk stays the last good one
-                raise _diverged(str(e), folder) from None
-            if (broken := trainer.non_finite()) is not None:
-                raise _diverged(f"the weights became non-finite ({broken}) in epoch {epoch}; not saved", folder)
+                if (broken := trainer.non_finite()) is not None:
+                    raise TrainingError(f"the weights became non-finite ({broken}) in epoch {epoch}; not saved")
+            except TrainingError as e:  # a non-finite loss or weights: the checkpoint on disk stays the last good one
+                last = folder.file(checkpoint.FILENAME)
+                kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
+                raise TrainingError(f"{e}; {kept}. A lower --lr may help.") from None
             if at.step < trainer.steps_per_epoch:  # stopped mid-epoch: saved where it stopped
                 progress.position, progress.interrupted, where = at, True, f"at epoch {epoch}, step {at.step}"
             else:
@@ -287,12 +278,6 @@ def log(world: distributed.World | None, *args) -> None:
     """A line on rank 0's standard output (None: this process's), beside the progress bar."""
     if world is None or world.main:
         tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
-
-
-def _diverged(problem: str, folder: RunFolder) -> TrainingError:
-    last = folder.file(checkpoint.FILENAME)
-    kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
-    return TrainingError(f"{problem}; {kept}. A lower --lr may help.")
 
 
 def _plural(n: int, one: str, many: str | None = None) -> str:
