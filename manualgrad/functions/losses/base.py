@@ -151,8 +151,7 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, refer
     take = [names.index(k) if k in names else len(names) for k in order]  # forward's arguments among torch's
     floats = [j for j, i in enumerate(take) if 0 < i < len(names) and isinstance(params[i - 1].default, float)]
     legacy = "reduce" in names and (names.index("size_average"), names.index("reduce"), order.index("reduction"))
-    pointwise = issubclass(function, PointwiseLoss)
-    check = check or (_checks.pointwise_loss if pointwise else getattr(_checks, name))
+    check = check or (_checks.pointwise_loss if issubclass(function, PointwiseLoss) else getattr(_checks, name))
 
     def wrapper(callee):
         def call(*values):
@@ -166,8 +165,9 @@ def loss(function: type[ManualFunction], module, name: str, check=None, *, refer
                 args[j] = float(args[j])
             if args[1].dtype == torch.uint8:  # class indices, which torch takes for a 1-D or 2-D input
                 args[1] = args[1].long()
-            if pointwise and args[0].shape != args[1].shape:  # ours warned of a target of another shape; not torch
-                with warnings.catch_warnings(action="ignore"):
+            if check is _checks.pointwise_loss and args[0].shape != args[1].shape:  # it warned: torch would again
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Using a target size")
                     return callee(*args)
             out = callee(*args)
             return out[0] if isinstance(out, tuple) else out  # the loss (CrossEntropyFunction's log P after it)
