@@ -265,20 +265,8 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
                     return f"optimizer param_groups[{number}][{key!r}] is {value!r}, out of range"
             elif value != ours[key]:
                 return f"optimizer param_groups[{number}][{key!r}] is {value!r}, this run's is {ours[key]!r}"
-    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-    expected = _optimizer_state_of_one_step(trainer.optimizer)
-    for index, state in saved["state"].items():
-        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(state, dict):
-            return f"optimizer state {describe(index)} is not a parameter's"
-        if set(state) != set(expected):
-            return f"optimizer state {index} has entries {sorted(map(str, state))}, expected {sorted(expected)}"
-        for name, value in state.items():
-            like = expected[name]  # a 0-d tensor (the step count), or one of the parameter's shape (or None)
-            shape = () if isinstance(like, torch.Tensor) and like.dim() == 0 else tuple(params[index].shape)
-            fits = isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.is_floating_point()
-            if not fits and not (like is None and value is None):
-                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-                return f"optimizer state {index} {name} is {got}, expected a tensor of shape {shape}"
+    if found := mismatch(_state_after_one_step(trainer.optimizer), saved["state"], "optimizer state"):
+        return found
     if trainer.scheduler is None:
         return None if resumed["scheduler"] is None else "scheduler is there, but this run has none"
     fresh, saved = trainer.scheduler.state_dict(), resumed["scheduler"]
@@ -294,11 +282,13 @@ def misfit(trainer: Trainer, resumed: dict) -> str | None:
     return None
 
 
-def _optimizer_state_of_one_step(optimizer: torch.optim.Optimizer) -> dict:
-    """The state one step of ``optimizer``'s kind gives a throwaway parameter: its entries, and the 0-d ones."""
-    probe = torch.nn.Parameter(torch.zeros(1))
-    probe.grad = torch.zeros(1)
+def _state_after_one_step(optimizer: torch.optim.Optimizer) -> dict:
+    """The state one step of ``optimizer``'s kind and options leaves: on zeros of its parameters' shapes, on the CPU."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    probes = [torch.nn.Parameter(torch.zeros_like(p, device="cpu")) for p in params]
+    for probe in probes:
+        probe.grad = torch.zeros_like(probe)
     accepted = inspect.signature(type(optimizer)).parameters
-    throwaway = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+    throwaway = type(optimizer)(probes, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
     throwaway.step()
-    return dict(throwaway.state[probe])
+    return throwaway.state_dict()["state"]
