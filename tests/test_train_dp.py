@@ -30,7 +30,7 @@ import manualgrad.functional as MF
 from manualgrad import privacy
 from train import checkpoint, data, engine
 from train import model as train_model
-from train.config import parse_args
+from train.config import Config, parse_args
 from train.errors import ConfigError
 
 
@@ -143,7 +143,8 @@ def test_a_tiny_clip_bounds_every_update(tiny, tmp_path, monkeypatch):
 
 
 def test_the_noise_is_sigma_clip_z_over_the_expected_batch():
-    plan = engine.PrivatePlan(0.1, 1.7, 0.5, 32.0, 10, 2.0, 1e-5, "rdp")
+    cfg = dataclasses.replace(Config(), dp=True, epsilon=2.0, clip=0.5, batch_size=32, accountant="rdp")
+    plan = engine.PrivatePlan(cfg, sample_rate=0.1, noise_multiplier=1.7, steps=10)
     params = [torch.nn.Parameter(torch.zeros(300, 400)), torch.nn.Parameter(torch.zeros(50))]
     for p in params:
         p.grad = torch.full_like(p, 3.0)

@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -109,21 +109,16 @@ def secure_seed() -> int:
 
 @dataclass
 class PrivatePlan:
-    """A --dp run's plan: σ is the smallest noise multiplier for which the planned steps are (ε, δ)-DP."""
+    """A --dp run's plan: σ is the smallest noise multiplier for which the planned steps are ``cfg``'s (ε, δ)-DP."""
 
+    cfg: Config
     sample_rate: float  # q = B / N
     noise_multiplier: float  # σ: the noise's std is σ C
-    clip: float  # C
-    expected_batch: float  # q N = B: what the noisy sum is divided by
     steps: int  # planned steps: epochs x steps per epoch
-    target_epsilon: float
-    delta: float
-    accountant: str  # "pld" or "rdp"
     notes: tuple[str, ...] = ()  # what the calibration warned (a very large epsilon)
-    spent: privacy.Accountant = field(init=False, repr=False)  # its answers (epsilon after some steps) kept
 
     def __post_init__(self):
-        self.spent = privacy.Accountant(self.accountant)
+        self.spent = privacy.Accountant(self.cfg.accountant)  # its answers (epsilon after some steps) kept
 
     @classmethod
     def plan(cls, cfg: Config, n: int, steps_per_epoch: int) -> PrivatePlan:
@@ -139,27 +134,27 @@ class PrivatePlan:
         except manualgrad.InputError as e:
             raise ConfigError(f"--dp: {e}") from None
         notes = tuple(str(w.message) for w in caught if issubclass(w.category, privacy.PrivacyWarning))
-        return cls(rate, sigma, cfg.clip, float(cfg.batch_size), steps, cfg.epsilon, cfg.delta, cfg.accountant, notes)
+        return cls(cfg, rate, sigma, steps, notes)
 
     def epsilon(self, steps: int) -> float:
         """ε spent after ``steps`` steps (at this plan's δ)."""
         self.spent.history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
-        return self.spent.get_epsilon(self.delta)
+        return self.spent.get_epsilon(self.cfg.delta)
 
     def optimizer(self, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> privacy.DPOptimizer:
         """``optimizer`` wrapped: its step adds σ C z (z drawn from ``generator``) and divides by B first."""
-        sizes = dict(max_grad_norm=self.clip, expected_batch_size=self.expected_batch)
+        sizes = dict(max_grad_norm=self.cfg.clip, expected_batch_size=float(self.cfg.batch_size))
         return privacy.DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, generator=generator, **sizes)
 
     def describe(self) -> str:
-        plan = f"({self.target_epsilon:g}, {self.delta:g})-DP over {self.steps} steps"
-        noise = f"clip {self.clip:g}, noise multiplier {self.noise_multiplier:.4f} ({self.accountant} accountant)"
+        cfg, sigma = self.cfg, self.noise_multiplier
+        plan = f"({cfg.epsilon:g}, {cfg.delta:g})-DP over {self.steps} steps, sampling rate {self.sample_rate:.4g}"
         notes = "".join(f"; {note}" for note in self.notes)
-        return f"DP-SGD: {plan}, sampling rate {self.sample_rate:.4g}, {noise}{notes}"
+        return f"DP-SGD: {plan}, clip {cfg.clip:g}, noise multiplier {sigma:.4f} ({cfg.accountant} accountant){notes}"
 
     def to_dict(self) -> dict:
-        names = ("delta", "noise_multiplier", "sample_rate", "clip", "accountant")
-        return {"epsilon": self.target_epsilon, **{k: getattr(self, k) for k in names}, "planned_steps": self.steps}
+        fitted = dict(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, planned_steps=self.steps)
+        return {k: getattr(self.cfg, k) for k in ("epsilon", "delta", "clip", "accountant")} | fitted
 
 
 class Trainer:
@@ -293,7 +288,7 @@ class Trainer:
         of the mean loss (:func:`manualgrad.per_sample`); else nothing."""
         if self.privacy is None:
             return contextlib.nullcontext()
-        return manualgrad.per_sample(self.net.module, clip=self.privacy.clip, loss_reduction="mean")
+        return manualgrad.per_sample(self.net.module, clip=self.cfg.clip, loss_reduction="mean")
 
     def trial_step(self, rows: Tensor) -> None:
         """Forward and backward on this process's share of ``rows``, thrown away, random streams untouched."""
