@@ -77,7 +77,7 @@ FORGERIES = {
     "CUDA RNG state": (("rng", "torch", 0, "cuda"), "x", "invalid RNG state"),
     "long string": (("config", "activation"), "x" * 10_000, "--activation: 'xxxx"),
     "long number": (("config", "lr"), "9" * 10_000, "--lr: '9999"),
-    "model entry not a tensor": (("model", "0.weight"), [[0.0]], "model state holding something other"),
+    "model entry not a tensor": (("model", "0.weight"), [[0.0]], "model['0.weight'] is a list"),
     "model entry wrong shape": (("model", "0.weight"), torch.zeros(3, 3), "model['0.weight'] is (3, 3)"),
     "model entry wrong dtype": (("model", "0.bias"), torch.zeros(32, dtype=torch.float64), "torch.float64"),
     "optimizer lr a string": (("optimizer", "param_groups", 0, "lr"), "fast", "param_groups"),

@@ -134,11 +134,6 @@ def _check(state: dict, bad) -> None:
         raise bad("lacks the fingerprint of its data")
     if not all(type(facts.get(k)) is int and 1 <= facts[k] < 2**31 for k in ("train", "test")):  # not a bool
         raise bad("has no valid sizes of its training and test sets")
-    for key in ("model", "optimizer"):
-        if not all(isinstance(k, (str, int)) for k in state[key]):
-            raise bad(f"has a {key} state with keys that are not names")
-    if not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
-        raise bad("has a model state holding something other than tensors")
     rng, per_rank = state["rng"], state["rng"].get("torch")
     if not isinstance(per_rank, list) or not per_rank or not all(isinstance(r, dict) for r in per_rank):
         raise bad("has incomplete RNG states")
