@@ -180,16 +180,16 @@ def test_out_cannot_be_created(tiny, tmp_path, capsys, monkeypatch):
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tiny, tmp_path, capsys, monkeypatch):
-    real_write, writes = os.write, []
+    real_fsync, syncs = os.fsync, []
 
-    def write(fd, data):
+    def fsync(fd):  # where a full disk shows (or on the write before it)
         if ".tmp" in os.readlink(f"/proc/self/fd/{fd}") and "checkpoint.pt" in os.readlink(f"/proc/self/fd/{fd}"):
-            writes.append(fd)
-            if len(writes) > 1:  # the second checkpoint: the disk is full
+            syncs.append(fd)
+            if len(syncs) > 1:  # the second checkpoint: the disk is full
                 raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
+        return real_fsync(fd)
 
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
     out = tmp_path / "run"
     status, _, err = run_main(tiny_argv(tiny, out, "--epochs", "2"), capsys)
     monkeypatch.undo()

@@ -29,14 +29,10 @@ def write_atomically(path: str, data: bytes | str) -> None:
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f"{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the mode a plain open() gives
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(tmp, "xb") as f:  # x: a new file, never another's
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         fd = os.open(folder, os.O_RDONLY)  # make the rename durable: a power cut must not bring the old file back
         try:
