@@ -23,18 +23,11 @@ FILENAME = "checkpoint.pt"
 MAGIC = b"manualgrad-train checkpoint"
 _HEADER = re.compile(rb"manualgrad-train checkpoint format (\d+) bytes (\d+) sha256 ([0-9a-f]{64})\n")
 _ZIP = b"PK\x03\x04"  # how a torch.save archive begins
-KEYS = {  # every key a checkpoint holds and its type (--dp: also privacy; --compare-native: native_history)
-    "config": dict,
-    "data": dict,
-    "epoch": int,
-    "position": (dict, type(None)),  # written mid-epoch (Ctrl-C): the epoch's batch order, next step, loss so far
-    "history": list,
-    "rng": dict,  # the data generator's state, and every process's torch RNG (dropout)
-    "world_size": int,
-    "model": dict,
-    "optimizer": dict,
-    "scheduler": (dict, type(None)),
-}
+# Every key a checkpoint holds, and its type (--dp: also privacy; --compare-native: native_history). position: where
+# an interrupted epoch stopped (its batch order, next step, loss so far); rng: the data generator's state and every
+# process's torch RNG (dropout).
+KEYS = dict(config=dict, data=dict, epoch=int, position=(dict, type(None)), history=list, rng=dict, world_size=int)
+KEYS.update(model=dict, optimizer=dict, scheduler=(dict, type(None)))
 POSITION_KEYS = ("step", "order", "loss_sum", "rows", "seconds")
 # An optimizer's hyperparameters that a learning-rate schedule moves, and the bound of their range.
 _SCHEDULED = {"lr": math.inf, "betas": 1.0, "momentum": 1.0}

@@ -18,12 +18,8 @@ from torch import Tensor
 from .errors import RunError, first_line
 
 # The four files torchvision's MNIST keeps in <root>/MNIST/raw/.
-FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
+FILES = dict(train_images="train-images-idx3-ubyte", train_labels="train-labels-idx1-ubyte")
+FILES.update(test_images="t10k-images-idx3-ubyte", test_labels="t10k-labels-idx1-ubyte")
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # IDX: 0x0000 08 (ubyte) 03/01 (dimensions)
 SIDE = 28
 MEAN, STD = 0.1307, 0.3081  # of the training pixels scaled to [0, 1]; pytorch/examples uses the same
