@@ -164,18 +164,16 @@ class Config:
     preset: str = option(
         "default",
         "run",
-        "named set of defaults (explicit options override it): default: the MLP 784-512-256-10, 15 epochs; best: "
-        "the CNN, elastic distortions, 20 epochs; best-mlp: 784-1024-1024-10, elastic, 50 epochs; dp3, dp2, dp1: "
-        "DP-SGD at epsilon 3, 2, 1 (delta 1e-5), a CNN on ScatterNet features; dp3-cnn, dp2-cnn, dp1-cnn: the same "
-        "from the pixels, the small tanh CNN; dp2-mlp: DP-SGD at 2, a tanh MLP 784-512-10",
+        "named set of defaults, explicit options override it (--preset NAME --help shows them): best, best-mlp: the "
+        "CNN or 784-1024-1024-10 on elastic distortions; dp3, dp2, dp1: DP-SGD at epsilon 3, 2, 1 (delta 1e-5), a CNN "
+        "on ScatterNet features; dp3-cnn, dp2-cnn, dp1-cnn: the small tanh CNN; dp2-mlp: a tanh MLP 784-512-10",
         tuple(sorted(PRESETS)),
     )
     model: str = option(
         "mlp",
         "model, training, newer",
-        "mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN (Conv2d 1->32 3x3, Conv2d 32->64 3x3, max-pool "
-        "2, Linear 9216 -> hidden... -> 10); small-cnn: DP-SGD's small CNN (Papernot et al. 2021); scatter-cnn: a CNN "
-        "on ScatterNet features (Tramer & Boneh 2021; needs kymatio; no --augment); own defaults: --model NAME --help",
+        "mlp: 784 -> hidden... -> 10; cnn: pytorch/examples' MNIST CNN; small-cnn: DP-SGD's small CNN (Papernot et al. "
+        "2021); scatter-cnn: one on ScatterNet features (Tramer & Boneh 2021; needs kymatio); see --model NAME --help",
         MODELS,
     )
     data_dir: str = option("data/", "run", "MNIST IDX files: <dir>/MNIST/raw/ or <dir> (downloaded when missing)", path)
