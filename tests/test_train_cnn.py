@@ -129,10 +129,10 @@ def test_channels_option(capsys):
     assert parse_args(["--model", "cnn"])[0].channels == (32, 64)
     cfg, given = parse_args(["--model", "small-cnn", "--channels", "8,4"])
     assert cfg.channels == (8, 4) and given == {"model", "channels"}
-    shapes = [tuple(p.shape) for p in model.build(cfg, "cpu").parameters()]
+    shapes = [tuple(p.shape) for p in model.build(cfg, "cpu").module.parameters()]
     assert shapes[:4] == [(8, 1, 8, 8), (8,), (4, 8, 4, 4), (4,)] and shapes[4] == (32, 4 * 4 * 4)
     cnn = model.build(dataclasses.replace(parse_args(["--model", "cnn"])[0], channels=(3, 5)), "cpu")
-    assert [tuple(p.shape) for p in cnn.parameters()][:3] == [(3, 1, 3, 3), (3,), (5, 3, 3, 3)]
+    assert [tuple(p.shape) for p in cnn.module.parameters()][:3] == [(3, 1, 3, 3), (3,), (5, 3, 3, 3)]
     for bad in ("8", "8,4,2", "0,4", "a,b"):
         with pytest.raises(SystemExit):
             parse_args(["--channels", bad])

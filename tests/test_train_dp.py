@@ -265,7 +265,7 @@ def test_secure_rng_is_not_the_seed(tiny, tmp_path):
 @pytest.mark.slow
 def test_secure_rng_resume_continues_the_saved_streams(tiny, tmp_path, monkeypatch):
     seeds = iter(range(1000, 2000))
-    monkeypatch.setattr(engine, "secure_seed", lambda: next(seeds))  # the same entropy for both runs
+    monkeypatch.setattr(engine.secrets, "randbits", lambda bits: next(seeds))  # the same entropy for both runs
     cfg = dp_config(tiny, tmp_path / "whole", epochs=2, secure_rng=True)
     whole = run(cfg)
     seeds = iter(range(1000, 2000))

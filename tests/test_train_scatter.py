@@ -101,7 +101,7 @@ def test_scatter_cnn_options(capsys):
     assert cfg.augment == "none"
     shapes = [
         tuple(p.shape)
-        for p in model.build(parse_args(["--model", "scatter-cnn", "--channels", "8,4"])[0], "cpu").parameters()
+        for p in model.build(parse_args(["--model", "scatter-cnn", "--channels", "8,4"])[0], "cpu").module.parameters()
     ]
     assert shapes[:4] == [(8, 81, 3, 3), (8,), (4, 8, 3, 3), (4,)] and shapes[4] == (32, 4 * 16)
     with pytest.raises(SystemExit) as exit:  # a usage error

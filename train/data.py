@@ -49,21 +49,21 @@ def load(data_dir: str, device: torch.device, download: bool = True) -> MNIST:
     """Find (or download) the four IDX files under ``data_dir``, check them and move them to ``device``."""
     folder = locate(data_dir, download)
     digest = hashlib.sha256()
-    arrays = {key: read_idx(folder, name, digest) for key, name in FILES.items()}
+    arrays = {key: read_idx(folder, name, digest) for key, name in FILES.items()}  # images (N, h, w), labels (N,)
+    tensors = []
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         image_file, label_file = FILES[f"{split}_images"], FILES[f"{split}_labels"]
-        if images.dim() != 3 or images.shape[1:] != (SIDE, SIDE):
+        if images.shape[1:] != (SIDE, SIDE):
             raise _error(folder, f"{image_file} holds images of shape {tuple(images.shape[1:])}, expected 28x28")
         if len(images) == 0:
             raise _error(folder, f"{image_file} holds no images")
-        if labels.dim() != 1 or len(labels) != len(images):
+        if len(labels) != len(images):
             raise _error(folder, f"{label_file} has {len(labels)} labels for {len(images)} images")
-        if len(labels) and int(labels.max()) > 9:
+        if int(labels.max()) > 9:
             raise _error(folder, f"{label_file} has a label {int(labels.max())}, expected 0-9")
-    x = {split: normalise(arrays[f"{split}_images"]).to(device) for split in ("train", "test")}
-    y = {split: arrays[f"{split}_labels"].long().to(device) for split in ("train", "test")}
-    return MNIST(x["train"], y["train"], x["test"], y["test"], folder=folder, fingerprint=digest.hexdigest())
+        tensors += [normalise(images).to(device), labels.long().to(device)]
+    return MNIST(*tensors, folder=folder, fingerprint=digest.hexdigest())
 
 
 def _present(folder: str) -> list[str]:

@@ -103,10 +103,6 @@ def steps_per_epoch(n: int, batch_size: int, dp: bool) -> int:
     return max(1, round(n / batch_size)) if dp else (n + batch_size - 1) // batch_size
 
 
-def secure_seed() -> int:
-    return secrets.randbits(64)
-
-
 @dataclass
 class PrivatePlan:
     """A --dp run's plan: σ is the smallest noise multiplier for which the planned steps are ``cfg``'s (ε, δ)-DP."""
@@ -160,7 +156,7 @@ class PrivatePlan:
 class Trainer:
     def __init__(self, net: Net, cfg: Config, mnist: data.MNIST, world: distributed.World, threads: Threads):
         self.net, self.cfg, self.data, self.world, self.threads = net, cfg, mnist, world, threads
-        self.params = list(net.parameters())
+        self.params = list(net.module.parameters())
         n, dp = len(mnist.train_y), cfg.dp and net.impl != "native"
         self.steps_per_epoch = steps_per_epoch(n, cfg.batch_size, dp)
         self.privacy = PrivatePlan.plan(cfg, n, self.steps_per_epoch) if dp else None
@@ -172,7 +168,7 @@ class Trainer:
         # another (with --secure-rng both from rank 0's OS entropy). Dropout: torch's RNG, seed + rank.
         data_seed, noise_seed = cfg.seed, (cfg.seed + NOISE_SEED_OFFSET) % 2**64
         if dp and cfg.secure_rng:
-            data_seed, noise_seed = distributed.broadcast_object((secure_seed(), secure_seed()), world)
+            data_seed, noise_seed = distributed.broadcast_object((secrets.randbits(64), secrets.randbits(64)), world)
         self.generator = torch.Generator().manual_seed(data_seed)
         self.noise_generator = torch.Generator().manual_seed(noise_seed) if dp else None
         self.dp_optimizer = self.privacy.optimizer(self.optimizer, self.noise_generator) if dp else None

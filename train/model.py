@@ -81,7 +81,7 @@ def build(cfg, device) -> Net:
 
 
 class Net:
-    """A module (parameters, ``train()``/``eval()``, ``state_dict``) and how to compute its loss and logits."""
+    """A model, ``module`` (parameters, ``train()``/``eval()``, ``state_dict``), and how to compute its loss, logits."""
 
     def __init__(self, module, impl: str, label_smoothing: float = 0.0, architecture: str = "", image_shape=None):
         self.module, self.impl, self.label_smoothing = module, impl, label_smoothing
@@ -107,9 +107,6 @@ class Net:
     def logits(self, x: Tensor) -> Tensor:
         return (self.module if self.impl == "fused" else self._sequential)(self.inputs(x))
 
-    def parameters(self):
-        return self.module.parameters()
-
     def with_impl(self, impl: str) -> Net:
         return Net(self.module, impl, self.label_smoothing, self.architecture, self.image_shape)
 
@@ -117,7 +114,7 @@ class Net:
         return Net(torch_twin(self.module), "native", self.label_smoothing, self.architecture, self.image_shape)
 
     def describe(self) -> str:
-        count = sum(p.numel() for p in self.parameters())
+        count = sum(p.numel() for p in self.module.parameters())
         return f"{self.architecture}, impl {self.impl}, {count:,} parameters"
 
 
