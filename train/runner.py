@@ -123,9 +123,9 @@ def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.M
     if trainer.privacy is not None:
         rng = "the OS's entropy (--secure-rng)" if cfg.secure_rng else "--seed (reproducible: see --secure-rng)"
         log(world, f"privacy: {trainer.privacy.describe()}; batches and noise seeded from {rng}")
+    x, y = mnist.train_x[: cfg.batch_size], mnist.train_y[: cfg.batch_size]  # both checks' batch: the first rows
     if cfg.check_grads:
-        distributed.on_main(world, check_gradients, net, mnist, cfg, world)
-    x, y = mnist.train_x[: cfg.batch_size], mnist.train_y[: cfg.batch_size]
+        distributed.on_main(world, check_gradients, net, x, y, world)
     with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
         net.module.train()
         coverage = manualgrad.manual_coverage(net.loss(x, y))
@@ -134,11 +134,8 @@ def build(cfg: Config, world: distributed.World, threads: Threads, mnist: data.M
     return trainer, native
 
 
-def check_gradients(net: model.Net, mnist: data.MNIST, cfg: Config, world: distributed.World) -> None:
-    """--check-grads (rank 0): our gradients on the first batch against torch autograd's, for every impl."""
-    order = torch.randperm(len(mnist.train_y), generator=torch.Generator().manual_seed(cfg.seed))
-    batch = order[: cfg.batch_size].to(world.device)
-    x, y = mnist.train_x[batch], mnist.train_y[batch]
+def check_gradients(net: model.Net, x: torch.Tensor, y: torch.Tensor, world: distributed.World) -> None:
+    """--check-grads (rank 0): our gradients on one batch against torch autograd's, for every impl."""
     for impl in dict.fromkeys((net.impl, *net.impls)):  # the run's way first
         worst, name, loss_difference, coverage = model.compare_gradients(net.with_impl(impl), x, y)
         verdict = "OK" if worst <= TOLERANCE else f"MISMATCH (tolerance {TOLERANCE:g})"
