@@ -81,10 +81,9 @@ def _unpack(raw: bytes, bad) -> dict:
     if version != FORMAT:
         raise bad(f"written in checkpoint format {version}; this version reads format {FORMAT}")
     payload = raw[end + 1 :]
-    if len(payload) < size:
-        raise bad(f"truncated ({len(payload):,} of {size:,} bytes)")
-    if len(payload) > size:
-        raise bad(f"checkpoint is corrupt ({len(payload) - size:,} bytes more than its header says)")
+    if len(payload) != size:
+        too_long = f"checkpoint is corrupt ({len(payload) - size:,} bytes more than its header says)"
+        raise bad(f"truncated ({len(payload):,} of {size:,} bytes)" if len(payload) < size else too_long)
     if hashlib.sha256(payload).hexdigest() != digest:
         raise bad("checkpoint is corrupt (checksum mismatch)")
     try:

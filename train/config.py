@@ -117,8 +117,7 @@ DP_CNN = dict(model="small-cnn", channels=(32, 64), dp=True, optimizer="sgd", mo
 DP_CNN.update(schedule="none", clip=0.1)
 
 # DP-SGD on ScatterNet features (train/scatter.py) as Tramer & Boneh 2021 trained their CNN on them: the same SGD
-# recipe, batch 1024, lr 1, 40 epochs (epsilon 1: batch 4096, lr 4, 30 epochs, as for the small CNN), at their
-# larger width (channels 32,64: 98.69% against 98.58% for 16,32 at epsilon 3 in one run each; see the README).
+# recipe, at their larger width (32,64: 98.69% against 98.58% for 16,32 at epsilon 3, one run each; see the README).
 DP_SCATTER = dict(DP_CNN, model="scatter-cnn", channels=(32, 64), batch_size=1024, lr=1.0, epochs=40)
 
 # A preset only lists what differs from the defaults of its model (the `default` preset is the MLP's).
@@ -238,8 +237,7 @@ class Config:
     out: str | None = option(
         None,
         "run",
-        "run folder (default: runs/<timestamp>; resuming: the checkpoint's). Refused while a run uses it, and if it "
-        "holds a run's files (config.json, checkpoint.pt, metrics.json, curves.png) unless it is the resumed run's",
+        "run folder (default: runs/<timestamp>; resuming: the checkpoint's); refused if in use or another run's",
         path,
     )
     resume: str | None = option(
@@ -252,9 +250,7 @@ class Config:
     progress: bool = option(True, "run, run", "no progress bars (shown on a terminal only)")
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["hidden"], d["channels"] = list(self.hidden), list(self.channels)
-        return d
+        return {**dataclasses.asdict(self), "hidden": list(self.hidden), "channels": list(self.channels)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:

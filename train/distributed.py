@@ -74,8 +74,7 @@ def reduce_step(params, loss: Tensor, share: float, weight: float, stop: bool, w
     if not world.distributed:
         return loss.item(), stop
     grads = [p.grad for p in params if p.grad is not None]
-    stop_flag = torch.ones(1, device=loss.device) * stop
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1), stop_flag])
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1), loss.new_full((1,), float(stop))])
     flat[:-2].mul_(weight)
     flat[-2].mul_(share)
     dist.all_reduce(flat)

@@ -179,9 +179,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """Model, optimizer, scheduler and random streams. Collective: every process adds its dropout stream."""
         rng = {"data": self.generator.get_state(), "torch": distributed.gather_objects(self.torch_rng, self.world)}
-        model, optimizer = self.net.module.state_dict(), self.optimizer.state_dict()
-        scheduler = self.scheduler.state_dict() if self.scheduler else None
-        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": rng}
+        state = {"model": self.net.module.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng}
+        state["scheduler"] = self.scheduler.state_dict() if self.scheduler else None
         if self.privacy is not None:
             rng["noise"] = self.noise_generator.get_state()
             state["privacy"] = {"steps": self.private_steps, "noise_multiplier": self.privacy.noise_multiplier}

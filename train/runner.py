@@ -152,10 +152,9 @@ def restore(trainer: Trainer, resumed: dict, path: str, world: distributed.World
         written = f"the checkpoint was written by {len(resumed['rng']['torch'])} processes, this run has {world.size}"
         log(world, f"warning: {written}: dropout masks will differ from an uninterrupted run")
     position = Position(**resumed["position"]) if resumed["position"] is not None else None
-    native_history = resumed.get("native_history", [])
-    progress = Progress(resumed["epoch"], position, resumed["history"], native_history)
-    if native_history:
-        record = f"the checkpoint's --compare-native record (torch.nn epochs 1-{len(native_history)})"
+    progress = Progress(resumed["epoch"], position, resumed["history"], resumed.get("native_history", []))
+    if progress.native_history:
+        record = f"the checkpoint's --compare-native record (torch.nn epochs 1-{len(progress.native_history)})"
         log(world, f"{record} is kept in metrics.json; a resumed run does not train the torch.nn twin further")
     where = f"epoch {progress.epoch + 1}" + (f", step {position.step + 1}" if position else "")
     log(world, f"resumed from {path}: continuing at {where}")
