@@ -3,6 +3,7 @@ throw-away timing steps leave the training itself untouched."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -20,6 +21,12 @@ def two_cores(monkeypatch):
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+def test_cores_are_the_affinity_on_linux_and_the_machine_s_elsewhere(monkeypatch):
+    assert threads_module.cores() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS
+    assert threads_module.cores() == (os.cpu_count() or 1)
 
 
 def sleeper(seconds_by_count: dict, calls: list):

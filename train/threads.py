@@ -19,11 +19,8 @@ SLOWDOWN = 2.0  # that many times slower: choose again
 
 
 def cores() -> int:
-    """The cores this process may run on (its CPU affinity; all of the machine's when unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """The cores this process may run on: its CPU affinity on Linux, elsewhere all of the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Threads:
