@@ -86,6 +86,21 @@ def test_plot_command_redraws_the_curves(tiny, tmp_path, capsys):
     assert "no metrics.json" in capsys.readouterr().err
 
 
+def test_drawing_the_curves_leaves_the_callers_matplotlib_as_it_was(tiny, tmp_path):
+    """A run drawn from a notebook keeps its backend (not switched to Agg) and adds no pyplot figure."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        run(tiny_config(tiny, tmp_path / "run", epochs=1))
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "run" / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_learns_the_tiny_problem(tiny, tmp_path):
     metrics = run(tiny_config(tiny, tmp_path / "run", epochs=10, lr=1e-2))
     losses = [r["train_loss"] for r in metrics["epochs"]]

@@ -30,17 +30,15 @@ def title(metrics: dict) -> str:
 
 def curves_png(metrics: dict) -> bytes:
     """The PNG of ``metrics``: train and test loss, test accuracy (the torch.nn run's dashed; --dp: epsilon spent)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global figures, and the caller's backend stays as it is
 
     config = metrics.get("config", {})
     smoothing = config.get("label_smoothing") or 0.0
     train_name = f"train, smoothed {smoothing:g}" if smoothing else "train"
     epochs = metrics.get("epochs", [])
     native = (metrics.get("native") or {}).get("epochs")
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig = Figure(figsize=(10, 4), constrained_layout=True)
+    ax_loss, ax_acc = fig.subplots(1, 2)
     runs = [("manualgrad", epochs, "-")] + ([("torch.nn", native, "--")] if native else [])
     curves = [(ax_loss, "train_loss", 1, "tab:blue", train_name), (ax_loss, "test_loss", 1, "tab:orange", "test")]
     curves.append((ax_acc, "test_accuracy", 100, "tab:green", "test"))  # in percent
@@ -70,10 +68,7 @@ def curves_png(metrics: dict) -> bytes:
     if config:
         fig.suptitle(title(metrics), fontsize=10)
     png = io.BytesIO()
-    try:
-        fig.savefig(png, format="png", dpi=110)
-    finally:
-        plt.close(fig)
+    fig.savefig(png, format="png", dpi=110)
     return png.getvalue()
 
 
