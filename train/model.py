@@ -81,7 +81,7 @@ def build(cfg, device) -> Net:
 
 
 class Net:
-    """A model, ``module`` (parameters, ``train()``/``eval()``, ``state_dict``), and how to compute its loss, logits."""
+    """``module`` (parameters, ``train()``/``eval()``, ``state_dict``) and how to compute its loss and logits."""
 
     def __init__(self, module, impl: str, label_smoothing: float = 0.0, architecture: str = "", image_shape=None):
         self.module, self.impl, self.label_smoothing = module, impl, label_smoothing
